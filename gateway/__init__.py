@@ -1,0 +1,3 @@
+"""sandgate: a serverless-style gateway for running untrusted code."""
+
+__version__ = "0.1.0"
