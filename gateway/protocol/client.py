@@ -1,0 +1,104 @@
+"""The client leg: WebSocket subprotocols and message codecs (docs/protocol.md §5).
+
+Two subprotocols carry the same messages: `sandgate.v1.json` (text frames, binary fields base64) and
+`sandgate.v1.msgpack` (binary frames). A browser authenticates by offering one more subprotocol,
+`sandgate.bearer.<base64url(key)>`, because it cannot set headers on a WebSocket.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from guest_agent.wire import ProtocolError, pack, unpack_message
+
+JSON = "sandgate.v1.json"
+MSGPACK = "sandgate.v1.msgpack"
+SUBPROTOCOLS = (JSON, MSGPACK)
+BEARER_PREFIX = "sandgate.bearer."
+MAX_CLIENT_MESSAGE = 1 << 20
+
+#: Fields that carry bytes; JSON base64-encodes exactly these.
+BINARY_FIELDS = ("data", "stdin")
+
+
+def choose_subprotocol(offered: Iterable[str]) -> str:
+    """The first data subprotocol the client offered; JSON when it offered none (curl, websocat)."""
+    offered = list(offered)
+    for name in offered:
+        if name in SUBPROTOCOLS:
+            return name
+    if any(not name.startswith(BEARER_PREFIX) for name in offered):
+        raise ProtocolError("unsupported", f"offer one of {', '.join(SUBPROTOCOLS)}")
+    return JSON
+
+
+def bearer_from_subprotocols(offered: Iterable[str]) -> str | None:
+    """The API key a browser put in `sandgate.bearer.<base64url>`, or None."""
+    for name in offered:
+        if name.startswith(BEARER_PREFIX):
+            encoded = name[len(BEARER_PREFIX) :]
+            try:
+                raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+                return raw.decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+    return None
+
+
+def bearer_subprotocol(key: str) -> str:
+    """The subprotocol entry carrying `key` (what a browser client offers)."""
+    return BEARER_PREFIX + base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+
+
+class ClientCodec:
+    """Encodes and decodes client messages for one negotiated subprotocol."""
+
+    def __init__(self, subprotocol: str) -> None:
+        if subprotocol not in SUBPROTOCOLS:
+            raise ValueError(subprotocol)
+        self.subprotocol = subprotocol
+        self.binary = subprotocol == MSGPACK
+
+    def decode(self, payload: str | bytes) -> dict[str, Any]:
+        """One client message; `ProtocolError` for anything malformed."""
+        if self.binary:
+            if not isinstance(payload, bytes):
+                raise ProtocolError("bad_frame", f"{MSGPACK} takes binary frames")
+            return unpack_message(payload, max_size=MAX_CLIENT_MESSAGE)
+        if not isinstance(payload, str):
+            raise ProtocolError("bad_frame", f"{JSON} takes text frames")
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            raise ProtocolError("bad_frame", "not JSON") from None
+        if not isinstance(message, dict):
+            raise ProtocolError("bad_frame", "a message must be a JSON object")
+        for name in BINARY_FIELDS:
+            value = message.get(name)
+            if isinstance(value, str):
+                try:
+                    message[name] = base64.b64decode(value, validate=True)
+                except binascii.Error:
+                    raise ProtocolError("bad_request", f"field {name!r} must be base64") from None
+        return message
+
+    def encode(self, message: Mapping[str, Any]) -> str | bytes:
+        if self.binary:
+            return pack(message)
+        if any(isinstance(message.get(name), bytes | bytearray) for name in BINARY_FIELDS):
+            message = dict(message)
+            for name in BINARY_FIELDS:
+                value = message.get(name)
+                if isinstance(value, bytes | bytearray):
+                    message[name] = base64.b64encode(value).decode("ascii")
+        return json.dumps(message, separators=(",", ":"), default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray):  # a binary value outside BINARY_FIELDS (nested)
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")

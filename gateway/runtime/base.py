@@ -1,0 +1,192 @@
+"""The async runtime ABC, in the style of jupyter_client's kernel provisioners.
+
+A `Runtime` is a factory registered once per process (one per runtime id); it makes one `Backend` per
+sandbox. Required steps are abstract; optional steps are concrete and either do nothing or refuse
+with `unsupported`, so a runtime offers exactly what it declares in `capabilities`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from guest_agent.wire import ProtocolError
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """What the gateway asks a runtime to create.
+
+    `options` are the runtime-specific fields of the create request, already checked by
+    `Runtime.validate_options`.
+    """
+
+    sandbox_id: str
+    tenant: str
+    memory_mb: int
+    cpu_seconds: float
+    disk_mb: int
+    network: bool = False
+    template: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ByteChannel(ABC):
+    """A reliable, ordered byte stream to a guest agent: pipes, a unix socket, a k8s exec stream."""
+
+    @abstractmethod
+    async def read(self) -> bytes:
+        """Some bytes, or b"" at end of stream. Called from the gateway's AgentClient reader task."""
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None:
+        """All of `data`, waiting while the peer is slow (that wait is the backpressure)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close both directions; safe to call twice."""
+
+
+class StreamChannel(ByteChannel):
+    """A ByteChannel over an asyncio StreamReader/StreamWriter pair (subprocess pipes, sockets)."""
+
+    READ_SIZE = 256 * 1024
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter | Any) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def read(self) -> bytes:
+        return await self._reader.read(self.READ_SIZE)
+
+    async def write(self, data: bytes) -> None:
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def close(self) -> None:
+        if not self._writer.is_closing():
+            self._writer.close()
+        try:
+            await self._writer.wait_closed()
+        except (ConnectionError, BrokenPipeError):
+            pass  # the guest is already gone; closing is all that was asked
+
+
+class Backend(ABC):
+    """One sandbox, as its runtime sees it. Created by `Runtime.create`."""
+
+    #: Host directory that is the sandbox's file system root, when the runtime has one on the host.
+    host_root: Path | None = None
+
+    @abstractmethod
+    def channel(self) -> ByteChannel:
+        """The byte channel to the guest agent. Called by SandboxManager right after `create` and
+        after every `restart_agent`; the agent has not necessarily said hello yet."""
+
+    @abstractmethod
+    async def destroy(self) -> None:
+        """Stop the guest and remove every process, file and directory the sandbox had. Called
+        once by SandboxManager.destroy (API delete, ttl, idle reaper, shutdown). Must not raise
+        for a guest that is already dead."""
+
+    async def wait_exited(self) -> str:
+        """Wait until the guest stops by itself and return why (for error messages). Called by
+        SandboxManager's watcher; the default never returns (the channel's EOF is then the only
+        sign of death)."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def restart_agent(self) -> None:
+        """Replace a wedged guest agent (an exec that ran past its timeout in an agent that cannot
+        interrupt itself). Called by SandboxManager's exec watchdog; files survive, in-memory
+        state does not. The default refuses, and the sandbox is then marked failed."""
+        raise ProtocolError("unsupported", "this runtime cannot restart its agent")
+
+    async def host_metrics(self) -> dict[str, Any]:
+        """Host-side figures (rss_bytes, cpu_s of the sandbox's processes). Called for `metrics`."""
+        return {}
+
+    def oneshot_languages(self) -> frozenset[str]:
+        """Languages this runtime runs itself, outside the agent (e.g. WASM's QuickJS)."""
+        return frozenset()
+
+    def run_oneshot(
+        self, language: str, code: str, *, stdin: bytes, env: Mapping[str, str], timeout: float | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Run `code` once and yield exec stream events (start/data/end, without id/seq). Called
+        by SandboxManager.start_exec for a language in `oneshot_languages()`."""
+        raise ProtocolError("unsupported", f"this runtime does not run {language} itself")
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-able state from which `Runtime.load_state` can reattach after a gateway restart."""
+        return {}
+
+
+class Runtime(ABC):
+    """A runtime backend factory. Subclasses set a stable `id` and their `capabilities`."""
+
+    #: Stable id used in `{"runtime": id}`; never reuse one for a different runtime.
+    id: ClassVar[str]
+    #: What sandboxes of this runtime can do beyond what the agent says in hello (docs/protocol.md §2).
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    #: One line for `GET /v1/runtimes`.
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        """`config` is this runtime's table from the gateway config file (`[runtimes.<id>]`)."""
+        self.config = dict(config)
+
+    def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Check the runtime-specific fields of a create request; raise ProtocolError('bad_request').
+        Called by SandboxManager.create before any quota is taken. The default accepts none."""
+        if options:
+            raise ProtocolError("bad_request", f"unknown options for {self.id}: {sorted(options)}")
+        return {}
+
+    async def start(self) -> None:
+        """Prepare (fill warm pools, check host support). Called once at gateway start-up; a
+        runtime that cannot work here raises, and the gateway serves without it."""
+
+    async def stop(self) -> None:
+        """Release what `start` made (pools). Called once at gateway shutdown, after every
+        sandbox of this runtime was destroyed."""
+
+    @abstractmethod
+    async def create(self, spec: SandboxSpec) -> Backend:
+        """Make a sandbox whose agent is reachable through `Backend.channel()`. Called by
+        SandboxManager.create; raise ProtocolError('unavailable') when the host cannot."""
+
+    async def load_state(self, state: Mapping[str, Any]) -> Backend | None:
+        """Reattach to a sandbox from `Backend.get_state()`, or None if it is gone."""
+        return None
+
+
+class RuntimeRegistry:
+    """Runtime classes by id, filled by the `sandgate_register_runtimes` hook."""
+
+    def __init__(self) -> None:
+        self._runtimes: dict[str, type[Runtime]] = {}
+
+    def add(self, runtime: type[Runtime]) -> None:
+        runtime_id = getattr(runtime, "id", None)
+        if not isinstance(runtime_id, str) or not runtime_id:
+            raise TypeError(f"{runtime!r} has no string `id`")
+        if not (isinstance(runtime, type) and issubclass(runtime, Runtime)):
+            raise TypeError(f"{runtime!r} is not a gateway.runtime.Runtime subclass")
+        existing = self._runtimes.get(runtime_id)
+        if existing is not None and existing is not runtime:
+            raise ValueError(f"runtime id {runtime_id!r} registered twice ({existing!r}, {runtime!r})")
+        self._runtimes[runtime_id] = runtime
+
+    def get(self, runtime_id: str) -> type[Runtime]:
+        return self._runtimes[runtime_id]
+
+    def ids(self) -> list[str]:
+        return sorted(self._runtimes)
+
+    def __contains__(self, runtime_id: object) -> bool:
+        return runtime_id in self._runtimes

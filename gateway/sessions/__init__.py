@@ -1,0 +1,1 @@
+"""Sandboxes, tenants, quotas, lifecycle, exec streams and their replay buffers."""

@@ -1,0 +1,172 @@
+"""One exec's event stream as the gateway keeps it: numbered, buffered for replay, fanned out.
+
+Every exec, whether run by the agent or by the runtime itself (one-shot languages), goes through an
+`ExecRecord`: the pump numbers its events, keeps them in a bounded `ReplayBuffer`, and delivers them
+to each subscriber (WebSocket sessions, a REST collector) in order. Delivery awaits the subscriber,
+so a slow client slows the sandbox's output instead of growing the gateway's memory; a client that
+takes nothing for `send_timeout` seconds is dropped and can re-attach from its last sequence number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+from gateway.sessions.replay import ReplayBuffer
+from guest_agent.wire import ProtocolError
+
+log = logging.getLogger(__name__)
+
+
+class Subscriber(Protocol):
+    async def deliver(self, event: dict[str, Any]) -> None:
+        """Send one event (no `id`; the subscriber adds its own). Raising drops the subscriber."""
+
+    def dropped(self, reason: str) -> None:
+        """Called once when the record stops delivering to this subscriber because it failed."""
+
+
+class ExecRecord:
+    def __init__(self, exec_id: str, tag: str | None, *, replay_bytes: int, send_timeout: float) -> None:
+        self.exec_id = exec_id
+        self.tag = tag
+        self.pid: int | None = None
+        self.buffer = ReplayBuffer(replay_bytes)
+        self.send_timeout = send_timeout
+        self.subscribers: list[Subscriber] = []
+        self.done = asyncio.Event()
+        self.end: dict[str, Any] | None = None
+        self.started = time.monotonic()
+        #: Set by the watchdog: an end caused by the agent's restart is reported as a timeout.
+        self.timed_out_after: float | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def running(self) -> bool:
+        return not self.done.is_set()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "exec_id": self.exec_id,
+            "tag": self.tag,
+            "pid": self.pid,
+            "running": self.running,
+            "exit_code": self.end.get("exit_code") if self.end else None,
+        }
+
+    async def attach(
+        self,
+        subscriber: Subscriber,
+        from_seq: int,
+        before_replay: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        """Replay buffered events from `from_seq` to `subscriber`, then keep it subscribed.
+
+        `before_replay` gets the attach result (`first_seq`, `lost`) first. Holding the lock orders
+        the result and the replay before any live event."""
+        async with self._lock:
+            events, lost = self.buffer.since(from_seq)
+            await before_replay({"exec_id": self.exec_id,
+                                 "first_seq": events[0]["seq"] if events else self.buffer.next_seq,
+                                 "lost": list(lost) if lost else None})
+            self.subscribers.append(subscriber)
+            for event in events:
+                if not await self._deliver(subscriber, event):
+                    break
+
+    def detach(self, subscriber: Subscriber) -> None:
+        if subscriber in self.subscribers:
+            self.subscribers.remove(subscriber)
+
+    async def _deliver(self, subscriber: Subscriber, event: dict[str, Any]) -> bool:
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await subscriber.deliver(event)
+            return True
+        except Exception as exc:  # a gone or slow client: drop it, keep the exec going
+            reason = "too slow" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            self.detach(subscriber)
+            subscriber.dropped(reason)
+            return False
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        async with self._lock:
+            self.buffer.append(event)
+            for subscriber in list(self.subscribers):
+                await self._deliver(subscriber, event)
+
+    async def pump(self, events: AsyncIterator[dict[str, Any]]) -> None:
+        """Move a stream's events into this record until its `end` (or a synthetic one)."""
+        try:
+            async for raw in events:
+                ev = raw.get("ev")
+                if ev == "keepalive":
+                    continue
+                event = {k: v for k, v in raw.items() if k not in ("id", "seq")}
+                if ev == "start":
+                    event["exec_id"] = self.exec_id
+                    pid = event.get("pid")
+                    self.pid = pid if isinstance(pid, int) and not isinstance(pid, bool) else None
+                elif ev == "end":
+                    await self._finish(event)
+                    return
+                await self.publish(event)
+            await self._finish(_end_with(ProtocolError("guest_protocol", "the stream stopped without an end")))
+        except ProtocolError as exc:
+            await self._finish(_end_with(exc))
+        except asyncio.CancelledError:
+            await asyncio.shield(self._finish(_end_with(ProtocolError("guest_died", "the sandbox was closed"))))
+            raise
+        except Exception as exc:
+            log.exception("exec %s pump failed", self.exec_id)
+            await self._finish(_end_with(ProtocolError("internal", f"{type(exc).__name__}: {exc}")))
+
+    async def _finish(self, end: dict[str, Any]) -> None:
+        if self.done.is_set():
+            return
+        if self.timed_out_after is not None:
+            end["error"] = ProtocolError(
+                "timeout",
+                f"the exec ran past its {self.timed_out_after:g} s timeout and was stopped "
+                "(the sandbox's agent was restarted: files are kept, interpreter state is not)",
+            ).to_wire()
+            end.setdefault("exit_code", None)
+        end.setdefault("exit_code", None)
+        end.setdefault("signal", None)
+        end.setdefault("duration_ms", round((time.monotonic() - self.started) * 1000, 3))
+        self.end = end
+        self.done.set()  # before delivering: a stalled client must not hold the exec "running"
+        await self.publish(end)
+
+
+def _end_with(error: ProtocolError) -> dict[str, Any]:
+    return {"ev": "end", "exit_code": None, "signal": None, "error": error.to_wire()}
+
+
+class OutputCollector:
+    """A subscriber that gathers an exec's output for a REST reply, up to a byte cap."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.taken = 0
+        self.out: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray(), "pty": bytearray()}
+        self.truncated = False
+        self.start: dict[str, Any] | None = None
+
+    async def deliver(self, event: dict[str, Any]) -> None:
+        if event["ev"] == "start":
+            self.start = event
+        elif event["ev"] == "data":
+            data = event["data"]
+            room = self.max_bytes - self.taken
+            if len(data) > room:
+                data = data[: max(room, 0)]
+                self.truncated = True
+            self.taken += len(data)
+            self.out.setdefault(event["fd"], bytearray()).extend(data)
+
+    def dropped(self, reason: str) -> None:  # never raises, so never dropped
+        pass

@@ -1,0 +1,557 @@
+"""The sandbox registry: tenants, quotas, lifecycle, and routing of ops to the agent.
+
+This is where the gateway decides things: which ops a sandbox supports, what a request may ask for,
+when a sandbox is idle or expired, when an exec is wedged. The web layer only translates HTTP and
+WebSocket messages into calls here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from gateway.config import Settings
+from gateway.runtime.agent_client import AgentClient, AgentStream
+from gateway.runtime.base import Backend, Runtime, SandboxSpec
+from gateway.sessions.execs import ExecRecord, OutputCollector, Subscriber
+from guest_agent.wire import MAX_WRITE_CHUNK, ProtocolError
+from guest_agent.wire import field as wire_field
+
+log = logging.getLogger(__name__)
+
+#: Which capability each forwarded op needs (docs/protocol.md §2). One table, used for every check.
+OP_CAPABILITY = {
+    "ping": None,
+    "exec.input": "exec.stdin",
+    "exec.close_stdin": "exec.stdin",
+    "exec.signal": "exec.signal",
+    "exec.resize": "exec.pty",
+    "fs.stat": "fs",
+    "fs.list": "fs",
+    "fs.read": "fs",
+    "fs.write": "fs",
+    "fs.mkdir": "fs",
+    "fs.move": "fs",
+    "fs.remove": "fs",
+    "metrics": "metrics",
+}
+EXEC_CONTROL_OPS = ("exec.input", "exec.close_stdin", "exec.signal", "exec.resize")
+#: Signals a runtime without in-guest signals can still honour by restarting its agent.
+KILLING_SIGNALS = {"SIGKILL", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", 9, 15, 2, 1, 3}
+MAX_FINISHED_EXECS = 64
+CREATE_FIELDS = ("runtime", "ttl", "idle_timeout", "memory_mb", "cpu_seconds", "disk_mb", "network",
+                 "template", "metadata")
+
+
+@dataclass
+class Sandbox:
+    id: str
+    tenant: str
+    runtime: Runtime
+    spec: SandboxSpec
+    backend: Backend
+    agent: AgentClient
+    ttl: float
+    idle_timeout: float
+    metadata: dict[str, str]
+    created_at: float = field(default_factory=time.time)
+    created_mono: float = field(default_factory=time.monotonic)
+    last_activity: float = field(default_factory=time.monotonic)
+    state: str = "running"
+    sessions: int = 0
+    execs: dict[str, ExecRecord] = field(default_factory=dict)
+    exec_ids: Any = field(default_factory=lambda: itertools.count(1))
+    restarts: int = 0
+    destroyed: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _restart_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        oneshot = {f"exec.{lang}" for lang in self.backend.oneshot_languages()}
+        return self.agent.capabilities | self.runtime.capabilities | oneshot
+
+    def running_execs(self) -> list[ExecRecord]:
+        return [r for r in self.execs.values() if r.running]
+
+    @property
+    def active(self) -> bool:
+        """Open sessions and running execs are activity: the idle reaper leaves the sandbox be."""
+        return self.sessions > 0 or bool(self.running_execs())
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "runtime": self.runtime.id,
+            "state": self.state,
+            "created_at": self.created_at,
+            "expires_at": self.created_at + self.ttl,
+            "ttl": self.ttl,
+            "idle_timeout": self.idle_timeout,
+            "memory_mb": self.spec.memory_mb,
+            "cpu_seconds": self.spec.cpu_seconds,
+            "disk_mb": self.spec.disk_mb,
+            "network": self.spec.network,
+            "template": self.spec.template,
+            "capabilities": sorted(self.capabilities),
+            "metadata": self.metadata,
+            "execs_running": len(self.running_execs()),
+            "ws_url": f"/v1/sandboxes/{self.id}/ws",
+        }
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+
+class _CreateRate:
+    """A token bucket per tenant for creates."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = float(per_minute)
+        self.tokens: dict[str, tuple[float, float]] = {}
+
+    def take(self, tenant: str) -> float:
+        """0 if a create may go ahead now, else the seconds until one may."""
+        now = time.monotonic()
+        tokens, at = self.tokens.get(tenant, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - at) * self.rate)
+        if tokens < 1:
+            self.tokens[tenant] = (tokens, now)
+            return (1 - tokens) / self.rate if self.rate else 60.0
+        self.tokens[tenant] = (tokens - 1, now)
+        return 0.0
+
+
+class QuotaExceeded(ProtocolError):
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__("quota_exceeded", message)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+
+class SandboxManager:
+    def __init__(self, settings: Settings, runtimes: Mapping[str, Runtime], pm: pluggy.PluginManager) -> None:
+        self.settings = settings
+        self.runtimes = dict(runtimes)
+        self.pm = pm
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._creating: dict[str, int] = {}
+        self._rate = _CreateRate(settings.quotas.creates_per_minute)
+        self._reaper: asyncio.Task[None] | None = None
+        self.draining = False
+        self.unavailable: dict[str, str] = {}
+
+    # -- start and stop ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for runtime_id, runtime in list(self.runtimes.items()):
+            try:
+                await runtime.start()
+            except Exception as exc:
+                log.error("runtime %s unavailable: %s", runtime_id, exc)
+                self.unavailable[runtime_id] = str(exc)
+                del self.runtimes[runtime_id]
+        self._reaper = asyncio.create_task(self._reap_forever(), name="sandbox-reaper")
+
+    async def close(self) -> None:
+        """Drain: refuse new sandboxes, destroy every sandbox, stop the runtimes."""
+        self.draining = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        await asyncio.gather(*(self.destroy(s, "shutdown") for s in list(self._sandboxes.values())),
+                             return_exceptions=True)
+        for runtime in self.runtimes.values():
+            try:
+                await runtime.stop()
+            except Exception:
+                log.exception("runtime %s failed to stop", runtime.id)
+
+    # -- create, find, destroy ---------------------------------------------------------------
+
+    def _bounded(self, body: Mapping[str, Any], name: str, default: float, maximum: float, kind: type) -> Any:
+        value = wire_field(body, name, (int, float) if kind is float else int, default)
+        if not 0 < value <= maximum:
+            raise ProtocolError("bad_request", f"{name} must be > 0 and <= {maximum:g}")
+        return kind(value)
+
+    async def create(self, tenant: str, body: Mapping[str, Any]) -> Sandbox:
+        if self.draining:
+            raise ProtocolError("unavailable", "the gateway is shutting down")
+        limits = self.settings.limits
+        runtime_id = wire_field(body, "runtime", str, self.settings.default_runtime)
+        runtime = self.runtimes.get(runtime_id)
+        if runtime is None:
+            why = self.unavailable.get(runtime_id)
+            if why is not None:
+                raise ProtocolError("unavailable", f"runtime {runtime_id!r} is unavailable here: {why}")
+            raise ProtocolError("bad_request", f"unknown runtime {runtime_id!r}; have {sorted(self.runtimes)}")
+        ttl = self._bounded(body, "ttl", limits.ttl_s, limits.max_ttl_s, float)
+        idle = self._bounded(body, "idle_timeout", limits.idle_timeout_s, limits.max_idle_timeout_s, float)
+        memory = self._bounded(body, "memory_mb", limits.memory_mb, limits.max_memory_mb, int)
+        cpu = self._bounded(body, "cpu_seconds", limits.cpu_seconds, limits.max_cpu_seconds, float)
+        disk = self._bounded(body, "disk_mb", limits.disk_mb, limits.max_disk_mb, int)
+        network = wire_field(body, "network", bool, False)
+        template = wire_field(body, "template", str, None)
+        metadata = wire_field(body, "metadata", dict, {})
+        if len(metadata) > 32 or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 256 for k, v in metadata.items()
+        ):
+            raise ProtocolError("bad_request", "metadata: at most 32 string keys (<= 64) to strings (<= 256)")
+        options = runtime.validate_options({k: v for k, v in body.items() if k not in CREATE_FIELDS})
+
+        # Quotas are checked after validation, so a bad request never costs a token.
+        count = sum(1 for s in self._sandboxes.values() if s.tenant == tenant) + self._creating.get(tenant, 0)
+        if count >= self.settings.quotas.max_sandboxes:
+            raise QuotaExceeded(f"tenant has {count} sandboxes, the quota is {self.settings.quotas.max_sandboxes}", 5)
+        wait = self._rate.take(tenant)
+        if wait:
+            raise QuotaExceeded("sandbox creation rate quota exceeded", wait)
+
+        sandbox_id = "sb_" + secrets.token_urlsafe(16)
+        spec = SandboxSpec(sandbox_id=sandbox_id, tenant=tenant, memory_mb=memory, cpu_seconds=cpu,
+                           disk_mb=disk, network=network, template=template, options=options)
+        self._creating[tenant] = self._creating.get(tenant, 0) + 1
+        try:
+            backend = await runtime.create(spec)
+            try:
+                agent = await self._connect(backend)
+            except BaseException:
+                await backend.destroy()
+                raise
+        finally:
+            self._creating[tenant] -= 1
+        sandbox = Sandbox(id=sandbox_id, tenant=tenant, runtime=runtime, spec=spec, backend=backend,
+                          agent=agent, ttl=ttl, idle_timeout=idle, metadata=metadata)
+        self._sandboxes[sandbox_id] = sandbox
+        sandbox.spawn(self._watch(sandbox), f"watch-{sandbox_id}")
+        self.pm.hook.sandgate_sandbox_created(sandbox_id=sandbox_id, tenant=tenant, runtime=runtime.id)
+        return sandbox
+
+    async def _connect(self, backend: Backend) -> AgentClient:
+        agent = AgentClient(backend.channel(), request_timeout=self.settings.limits.agent_request_timeout_s,
+                            death_reason=backend.wait_exited)
+        try:
+            await agent.start()
+        except BaseException:
+            await agent.close()
+            raise
+        return agent
+
+    def get(self, tenant: str, sandbox_id: str) -> Sandbox:
+        """The tenant's sandbox; another tenant's answers exactly like a missing one (404)."""
+        sandbox = self._sandboxes.get(sandbox_id)
+        if sandbox is None or not secrets.compare_digest(sandbox.tenant, tenant):
+            raise ProtocolError("not_found", "no such sandbox")
+        return sandbox
+
+    def list_for(self, tenant: str) -> list[Sandbox]:
+        return [s for s in self._sandboxes.values() if s.tenant == tenant]
+
+    def all(self) -> list[Sandbox]:
+        return list(self._sandboxes.values())
+
+    async def destroy(self, sandbox: Sandbox, reason: str) -> None:
+        if self._sandboxes.pop(sandbox.id, None) is None:
+            return
+        sandbox.state = "destroyed"
+        sandbox.destroyed.set()
+        await sandbox.agent.close()
+        for task in list(sandbox.tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        await asyncio.gather(*(t for t in sandbox.tasks if t is not asyncio.current_task()),
+                             return_exceptions=True)
+        try:
+            await sandbox.backend.destroy()
+        except Exception:
+            log.exception("runtime %s failed to destroy %s", sandbox.runtime.id, sandbox.id)
+        self.pm.hook.sandgate_sandbox_destroyed(sandbox_id=sandbox.id, tenant=sandbox.tenant,
+                                                runtime=sandbox.runtime.id, reason=reason)
+
+    # -- liveness ----------------------------------------------------------------------------
+
+    async def _watch(self, sandbox: Sandbox) -> None:
+        """Notice an agent that died on its own; restart it where the runtime can, else fail."""
+        while sandbox.state != "destroyed":
+            agent = sandbox.agent
+            error = await asyncio.shield(agent.closed)
+            if sandbox.state == "destroyed" or sandbox.agent is not agent:
+                continue  # destroyed, or already replaced by the watchdog
+            log.warning("sandbox %s: agent stopped: %s", sandbox.id, error.message)
+            try:
+                await self.restart_agent(sandbox, agent)
+            except ProtocolError as exc:
+                log.warning("sandbox %s failed: %s", sandbox.id, exc.message)
+                sandbox.state = "failed"
+                return
+
+    async def restart_agent(self, sandbox: Sandbox, agent: AgentClient) -> None:
+        """Replace `agent` with a fresh one from the runtime (files are kept)."""
+        async with sandbox._restart_lock:
+            if sandbox.agent is not agent or sandbox.state == "destroyed":
+                return
+            await agent.close()
+            await sandbox.backend.restart_agent()
+            sandbox.agent = await self._connect(sandbox.backend)
+            sandbox.restarts += 1
+            sandbox.state = "running"
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reap_interval_s)
+            await self.reap()
+
+    async def reap(self) -> list[str]:
+        """Destroy expired and idle sandboxes; returns their ids (the reaper's one step)."""
+        now = time.monotonic()
+        reaped = []
+        for sandbox in list(self._sandboxes.values()):
+            if now - sandbox.created_mono >= sandbox.ttl:
+                reason = "ttl"
+            elif not sandbox.active and now - sandbox.last_activity >= sandbox.idle_timeout:
+                reason = "idle"
+            else:
+                continue
+            reaped.append(sandbox.id)
+            await self.destroy(sandbox, reason)
+        return reaped
+
+    # -- ops ---------------------------------------------------------------------------------
+
+    def _check_usable(self, sandbox: Sandbox, op: str) -> None:
+        if sandbox.state != "running":
+            raise ProtocolError("guest_died", f"the sandbox is {sandbox.state}")
+        needed = OP_CAPABILITY.get(op)
+        if needed is not None and needed not in sandbox.capabilities:
+            raise ProtocolError("unsupported", f"{op} needs {needed}, which runtime {sandbox.runtime.id} lacks")
+        if "exec.concurrent" not in sandbox.capabilities and op not in EXEC_CONTROL_OPS and op != "exec.start":
+            running = sandbox.running_execs()
+            if running:
+                raise ProtocolError("busy", f"the agent runs one thing at a time and exec {running[0].exec_id} "
+                                            "is running")
+
+    def find_exec(self, sandbox: Sandbox, message: Mapping[str, Any]) -> ExecRecord:
+        exec_id = wire_field(message, "exec_id", str, None)
+        tag = wire_field(message, "tag", str, None)
+        if exec_id is not None:
+            record = sandbox.execs.get(exec_id)
+        elif tag is not None:
+            matches = [r for r in sandbox.execs.values() if r.tag == tag]
+            record = matches[-1] if matches else None
+        else:
+            raise ProtocolError("bad_request", "name the exec with 'exec_id' or 'tag'")
+        if record is None:
+            raise ProtocolError("not_found", "no such exec")
+        return record
+
+    async def request(self, sandbox: Sandbox, op: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Forward a non-stream op to the agent after the gateway's own checks."""
+        if op not in OP_CAPABILITY or op == "fs.read":
+            raise ProtocolError("unknown_op", f"unknown op {op!r}")
+        self._check_usable(sandbox, op)
+        sandbox.touch()
+        fields = dict(fields)
+        if op in EXEC_CONTROL_OPS:
+            record = self.find_exec(sandbox, fields)
+            if not record.running:
+                raise ProtocolError("not_found", f"exec {record.exec_id} has ended")
+            fields.pop("tag", None)
+            fields["exec_id"] = record.exec_id
+        if op == "fs.write":
+            data = wire_field(fields, "data", bytes)
+            if len(data) > MAX_WRITE_CHUNK:
+                raise ProtocolError("frame_too_large", f"fs.write takes at most {MAX_WRITE_CHUNK} bytes per request")
+        return await sandbox.agent.request(op, **fields)
+
+    async def signal(self, sandbox: Sandbox, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """exec.signal; where the agent has no signals, a killing signal restarts the agent."""
+        if "exec.signal" in sandbox.capabilities:
+            return await self.request(sandbox, "exec.signal", fields)
+        record = self.find_exec(sandbox, fields)
+        sig = fields.get("signal")
+        if sig not in KILLING_SIGNALS:
+            raise ProtocolError("unsupported", f"runtime {sandbox.runtime.id} can only stop an exec (SIGKILL, "
+                                               "SIGTERM, SIGINT), not deliver other signals")
+        if record.running:
+            record.timed_out_after = None
+            await self.restart_agent(sandbox, sandbox.agent)
+        return {}
+
+    async def metrics(self, sandbox: Sandbox) -> dict[str, Any]:
+        self._check_usable(sandbox, "metrics")
+        guest = await sandbox.agent.request("metrics")
+        host = await sandbox.backend.host_metrics()
+        return {"guest": guest, "host": host, "restarts": sandbox.restarts}
+
+    async def read_file(self, sandbox: Sandbox, path: str, offset: int = 0, length: int | None = None) -> AgentStream:
+        self._check_usable(sandbox, "fs.read")
+        sandbox.touch()
+        fields: dict[str, Any] = {"path": path, "offset": offset}
+        if length is not None:
+            fields["length"] = length
+        return await sandbox.agent.stream("fs.read", **fields)
+
+    def _exec_fields(
+        self, sandbox: Sandbox, message: Mapping[str, Any], default_timeout: float | None
+    ) -> dict[str, Any]:
+        """The checked exec.start request to forward; refuses what the sandbox cannot do."""
+        limits = self.settings.limits
+        code = wire_field(message, "code", str, None)
+        command = wire_field(message, "command", (list, str), None)
+        if (code is None) == (command is None):
+            raise ProtocolError("bad_request", "give exactly one of 'code' (with 'language') or 'command'")
+        out: dict[str, Any] = {}
+        if code is not None:
+            language = wire_field(message, "language", str, "python")
+            out.update(language=language, code=code)
+            namespace = wire_field(message, "namespace", str, None)
+            if namespace is not None:
+                out["namespace"] = namespace
+        else:
+            if isinstance(command, list) and (not command or not all(isinstance(a, str) for a in command)):
+                raise ProtocolError("bad_request", "'command' must be a non-empty list of strings or a string")
+            if "exec.process" not in sandbox.capabilities:
+                raise ProtocolError("unsupported", f"runtime {sandbox.runtime.id} runs no processes; "
+                                                   "use 'code' with 'language'")
+            out["command"] = command
+        stdin = wire_field(message, "stdin", (bytes, str), None)
+        if stdin is not None:
+            out["stdin"] = stdin.encode() if isinstance(stdin, str) else stdin
+        stdin_open = wire_field(message, "stdin_open", bool, False)
+        if stdin_open:
+            if "exec.stdin" not in sandbox.capabilities:
+                raise ProtocolError("unsupported", "this sandbox takes no stdin after start")
+            out["stdin_open"] = True
+        env = wire_field(message, "env", dict, None)
+        if env is not None:
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+                raise ProtocolError("bad_request", "'env' must map strings to strings")
+            out["env"] = env
+        cwd = wire_field(message, "cwd", str, None)
+        if cwd is not None:
+            out["cwd"] = cwd
+        pty = wire_field(message, "pty", dict, None)
+        if pty is not None:
+            if "exec.pty" not in sandbox.capabilities:
+                raise ProtocolError("unsupported", f"runtime {sandbox.runtime.id} has no PTY")
+            rows, cols = wire_field(pty, "rows", int, 24), wire_field(pty, "cols", int, 80)
+            if not (0 < rows < 1000 and 0 < cols < 1000):
+                raise ProtocolError("bad_request", "pty rows and cols must be 1..999")
+            out["pty"] = {"rows": rows, "cols": cols}
+        timeout = wire_field(message, "timeout", (int, float), default_timeout)
+        if timeout is not None:
+            if not 0 < timeout <= limits.max_exec_timeout_s:
+                raise ProtocolError("bad_request", f"timeout must be > 0 and <= {limits.max_exec_timeout_s:g}")
+            out["timeout"] = float(timeout)
+        return out
+
+    async def start_exec(
+        self,
+        sandbox: Sandbox,
+        message: Mapping[str, Any],
+        subscriber: Subscriber | None = None,
+        *,
+        default_timeout: float | None = None,
+    ) -> ExecRecord:
+        """Start an exec and subscribe `subscriber` before its first event can be delivered."""
+        self._check_usable(sandbox, "exec.start")
+        fields = self._exec_fields(sandbox, message, default_timeout)
+        tag = wire_field(message, "tag", str, None)
+        if tag is not None and len(tag) > 128:
+            raise ProtocolError("bad_request", "'tag' is at most 128 characters")
+        oneshot = fields.get("language") in sandbox.backend.oneshot_languages()
+        if "language" in fields and not oneshot and f"exec.{fields['language']}" not in sandbox.capabilities:
+            raise ProtocolError("unsupported", f"runtime {sandbox.runtime.id} does not run {fields['language']}")
+        if "exec.concurrent" not in sandbox.capabilities and not oneshot and sandbox.running_execs():
+            raise ProtocolError("busy", "the agent runs one exec at a time; wait for the running one")
+        requested = wire_field(message, "exec_id", str, None)
+        if requested is not None and (requested in sandbox.execs or not 0 < len(requested) <= 64):
+            raise ProtocolError("bad_request", "exec_id must be new and 1..64 characters")
+        exec_id = requested or f"e{next(sandbox.exec_ids)}"
+        record = ExecRecord(exec_id, tag, replay_bytes=self.settings.limits.replay_bytes,
+                            send_timeout=self.settings.client_send_timeout_s)
+        if subscriber is not None:
+            record.subscribers.append(subscriber)
+        timeout = fields.get("timeout")
+        events: AsyncIterator[dict[str, Any]]
+        if oneshot:
+            events = sandbox.backend.run_oneshot(fields["language"], fields["code"], stdin=fields.get("stdin", b""),
+                                                 env=fields.get("env", {}), timeout=timeout)
+        else:
+            agent = sandbox.agent
+            events = aiter(await agent.stream("exec.start", exec_id=exec_id, **fields))
+            if timeout is not None:
+                # The agent enforces timeouts where it can signal; the watchdog catches the rest.
+                grace = self.settings.limits.exec_grace_s if "exec.signal" in sandbox.capabilities else 0.0
+                sandbox.spawn(self._watchdog(sandbox, agent, record, timeout, grace), f"watchdog-{exec_id}")
+        self._remember(sandbox, record)
+        sandbox.touch()
+        sandbox.spawn(self._pump(sandbox, record, events), f"exec-{exec_id}")
+        return record
+
+    async def _pump(self, sandbox: Sandbox, record: ExecRecord, events: AsyncIterator[dict[str, Any]]) -> None:
+        await record.pump(events)
+        sandbox.touch()
+        assert record.end is not None
+        self.pm.hook.sandgate_exec_finished(sandbox_id=sandbox.id, tenant=sandbox.tenant,
+                                            exec_id=record.exec_id, end=record.end)
+
+    async def _watchdog(self, sandbox: Sandbox, agent: AgentClient, record: ExecRecord, timeout: float,
+                        grace: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout + grace):
+                await record.done.wait()
+        if record.running and sandbox.agent is agent:
+            record.timed_out_after = timeout
+            try:
+                await self.restart_agent(sandbox, agent)
+            except ProtocolError as exc:
+                log.warning("sandbox %s: restart after timeout failed: %s", sandbox.id, exc.message)
+                sandbox.state = "failed"
+
+    def _remember(self, sandbox: Sandbox, record: ExecRecord) -> None:
+        sandbox.execs[record.exec_id] = record
+        finished = deque(r for r in sandbox.execs.values() if not r.running)
+        while len(finished) > MAX_FINISHED_EXECS:
+            del sandbox.execs[finished.popleft().exec_id]
+
+    async def run_collected(self, sandbox: Sandbox, message: Mapping[str, Any]) -> dict[str, Any]:
+        """The REST exec: run to the end and return the collected output."""
+        collector = OutputCollector(self.settings.limits.exec_output_bytes)
+        record = await self.start_exec(sandbox, message, collector,
+                                       default_timeout=self.settings.limits.exec_timeout_s)
+        await record.done.wait()
+        end = record.end or {}
+        result: dict[str, Any] = {
+            "exec_id": record.exec_id,
+            "exit_code": end.get("exit_code"),
+            "signal": end.get("signal"),
+            "duration_ms": end.get("duration_ms"),
+            "stdout": collector.out["stdout"].decode("utf-8", "replace"),
+            "stderr": collector.out["stderr"].decode("utf-8", "replace"),
+            "truncated": collector.truncated,
+        }
+        if collector.out["pty"]:
+            result["pty"] = collector.out["pty"].decode("utf-8", "replace")
+        if "error" in end:
+            result["error"] = end["error"]
+        return result

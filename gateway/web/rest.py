@@ -1,0 +1,161 @@
+"""The REST API (a fixed contract: README and docs/protocol.md)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from aiohttp import web
+
+from gateway import __version__
+from gateway.protocol.paths import check_path
+from gateway.sessions.manager import Sandbox
+from gateway.web.app import MANAGER, authenticate, bearer_token, json_body
+from guest_agent.wire import CHUNK_SIZE, MAX_WRITE_CHUNK, ProtocolError
+
+routes = web.RouteTableDef()
+
+
+def _tenant(request: web.Request) -> str:
+    return authenticate(request, bearer_token(request))
+
+
+def _sandbox(request: web.Request) -> Sandbox:
+    return request.app[MANAGER].get(_tenant(request), request.match_info["sandbox_id"])
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    status = 503 if manager.draining else 200
+    return web.json_response({"status": "draining" if manager.draining else "ok", "version": __version__},
+                             status=status)
+
+
+@routes.get("/v1/runtimes")
+async def list_runtimes(request: web.Request) -> web.Response:
+    _tenant(request)
+    manager = request.app[MANAGER]
+    runtimes = [{"id": r.id, "description": r.description, "capabilities": sorted(r.capabilities)}
+                for r in manager.runtimes.values()]
+    return web.json_response({"runtimes": runtimes, "unavailable": manager.unavailable})
+
+
+@routes.post("/v1/sandboxes")
+async def create_sandbox(request: web.Request) -> web.Response:
+    tenant = _tenant(request)
+    sandbox = await request.app[MANAGER].create(tenant, await json_body(request))
+    return web.json_response(sandbox.describe(), status=201)
+
+
+@routes.get("/v1/sandboxes")
+async def list_sandboxes(request: web.Request) -> web.Response:
+    tenant = _tenant(request)
+    return web.json_response({"sandboxes": [s.describe() for s in request.app[MANAGER].list_for(tenant)]})
+
+
+@routes.get("/v1/sandboxes/{sandbox_id}")
+async def get_sandbox(request: web.Request) -> web.Response:
+    return web.json_response(_sandbox(request).describe())
+
+
+@routes.delete("/v1/sandboxes/{sandbox_id}")
+async def delete_sandbox(request: web.Request) -> web.Response:
+    await request.app[MANAGER].destroy(_sandbox(request), "api")
+    return web.Response(status=204)
+
+
+@routes.post("/v1/sandboxes/{sandbox_id}/exec")
+async def exec_sandbox(request: web.Request) -> web.Response:
+    sandbox = _sandbox(request)
+    body = await json_body(request)
+    return web.json_response(await request.app[MANAGER].run_collected(sandbox, body))
+
+
+@routes.get("/v1/sandboxes/{sandbox_id}/metrics")
+async def sandbox_metrics(request: web.Request) -> web.Response:
+    sandbox = _sandbox(request)
+    return web.json_response(await request.app[MANAGER].metrics(sandbox))
+
+
+@routes.get("/v1/sandboxes/{sandbox_id}/files/{path:.+}")
+async def download(request: web.Request) -> web.StreamResponse:
+    sandbox = _sandbox(request)
+    path = check_path(request.match_info["path"], allow_absolute=False)
+    stream = await request.app[MANAGER].read_file(sandbox, path)
+    response: web.StreamResponse | None = None
+    try:
+        async for event in stream:
+            if event["ev"] == "start":
+                response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+                size = event.get("size")
+                if isinstance(size, int):
+                    response.content_length = size
+                await response.prepare(request)
+            elif event["ev"] == "data" and response is not None:
+                await response.write(event["data"])
+            elif event["ev"] == "end":
+                if "error" in event:
+                    error = ProtocolError.from_wire(event["error"])
+                    if response is None:
+                        raise error
+                    # Headers are out: the honest signal is a broken transfer, never a short file.
+                    raise ConnectionResetError(f"download failed: {error.message}")
+                break
+    finally:
+        if not stream.finished:
+            stream.discard()
+    if response is None:
+        raise ProtocolError("guest_protocol", "the agent ended the read without starting it")
+    await response.write_eof()
+    return response
+
+
+@routes.put("/v1/sandboxes/{sandbox_id}/files/{path:.+}")
+async def upload(request: web.Request) -> web.Response:
+    """Stream the body into a temporary file next to the target, then move it into place, so a
+    failed upload (quota, dropped connection) never leaves a half-written target behind."""
+    manager = request.app[MANAGER]
+    sandbox = _sandbox(request)
+    path = check_path(request.match_info["path"], allow_absolute=False)
+    used = (await manager.request(sandbox, "metrics", {})).get("disk_bytes") or 0
+    quota = (sandbox.spec.disk_mb << 20) - used
+    if request.content_length is not None and request.content_length > quota:
+        raise ProtocolError("disk_quota", f"{request.content_length} bytes exceed the {sandbox.spec.disk_mb} MB quota")
+    head, _, name = path.rpartition("/")
+    temp = f"{head}/" if head else ""
+    temp += f".{name}.upload-{secrets.token_hex(4)}"
+    if head:
+        await manager.request(sandbox, "fs.mkdir", {"path": head, "parents": True})
+    written = 0
+    moved = False
+    try:
+        await manager.request(sandbox, "fs.write", {"path": temp, "data": b"", "truncate": True})
+        buffer = bytearray()
+        async for chunk in request.content.iter_chunked(CHUNK_SIZE):
+            buffer += chunk
+            if len(buffer) >= MAX_WRITE_CHUNK:
+                written = await _write(manager, sandbox, temp, buffer[:MAX_WRITE_CHUNK], written, quota)
+                del buffer[:MAX_WRITE_CHUNK]
+        if buffer:
+            written = await _write(manager, sandbox, temp, buffer, written, quota)
+        await manager.request(sandbox, "fs.move", {"src": temp, "dst": path})
+        moved = True
+    finally:
+        if not moved and sandbox.state == "running":
+            try:
+                await manager.request(sandbox, "fs.remove", {"path": temp})
+            except ProtocolError:
+                pass  # best effort: the upload already failed with its own error
+    return web.json_response({"path": path, "bytes": written}, status=201)
+
+
+async def _write(manager: Any, sandbox: Sandbox, path: str, data: bytearray, offset: int, quota: int) -> int:
+    if offset + len(data) > quota:
+        raise ProtocolError("disk_quota", f"the upload exceeds the sandbox's {sandbox.spec.disk_mb} MB disk quota")
+    await manager.request(sandbox, "fs.write", {"path": path, "data": bytes(data), "offset": offset})
+    return offset + len(data)
+
+
+def add_routes(app: web.Application) -> None:
+    app.add_routes(routes)

@@ -1,0 +1,249 @@
+"""The WebSocket session (docs/protocol.md §5): one connection, bound to one sandbox.
+
+The handler authenticates and checks the Origin before the upgrade, then decodes each client message
+with the sans-I/O `ClientCodec` and hands it to the manager. Each request runs in its own task, so a
+long stream never blocks stdin, signals or other requests on the same connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import WSMsgType, web
+
+from gateway import __version__
+from gateway.protocol.client import (
+    MAX_CLIENT_MESSAGE,
+    ClientCodec,
+    bearer_from_subprotocols,
+    choose_subprotocol,
+)
+from gateway.protocol.paths import check_path
+from gateway.sessions.manager import Sandbox, SandboxManager
+from gateway.web.app import MANAGER, SETTINGS, SOCKETS, authenticate, bearer_token
+from guest_agent.wire import PROTOCOL_VERSION, ProtocolError, field, message_kind
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_S = 15.0
+MAX_PROTOCOL_ERRORS = 100
+CLOSE_PROTOCOL_ERROR = 4400
+CLOSE_DESTROYED = 4404
+CLOSE_TOO_SLOW = 4408
+PATH_FIELDS = ("path", "src", "dst")
+
+
+def origin_allowed(request: web.Request, allowed: tuple[str, ...]) -> bool:
+    """No Origin (not a browser), the gateway's own origin, or one on the allowlist."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    if origin in allowed or "*" in allowed:
+        return True
+    return urlsplit(origin).netloc == request.host
+
+
+class Subscription:
+    """Delivers one exec's events to this session under the client's request id."""
+
+    def __init__(self, session: Session, client_id: int) -> None:
+        self.session = session
+        self.client_id = client_id
+        self.last_seq: int | None = None
+        self.last_sent = time.monotonic()
+
+    async def deliver(self, event: dict[str, Any]) -> None:
+        await self.session.send({"id": self.client_id, **event})
+        self.last_seq = event["seq"]
+        self.last_sent = time.monotonic()
+
+    async def deliver_keepalive(self) -> None:
+        await self.session.send({"id": self.client_id, "ev": "keepalive", "seq": self.last_seq})
+        self.last_sent = time.monotonic()
+
+    def dropped(self, reason: str) -> None:
+        self.session.subscriptions.discard(self)
+        if reason == "too slow":
+            self.session.close_later(CLOSE_TOO_SLOW, "too slow to take output; re-attach with exec.attach")
+
+
+class Session:
+    def __init__(self, ws: web.WebSocketResponse, codec: ClientCodec, manager: SandboxManager,
+                 sandbox: Sandbox) -> None:
+        self.ws = ws
+        self.codec = codec
+        self.manager = manager
+        self.sandbox = sandbox
+        self.subscriptions: set[Subscription] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.errors = 0
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        payload = self.codec.encode(message)
+        async with self._send_lock:
+            if isinstance(payload, bytes):
+                await self.ws.send_bytes(payload)
+            else:
+                await self.ws.send_str(payload)
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def close_later(self, code: int, message: str) -> None:
+        self.spawn(self.ws.close(code=code, message=message.encode()))
+
+    async def reply_error(self, request_id: Any, error: ProtocolError) -> None:
+        self.errors += 1
+        rid = request_id if isinstance(request_id, int) and not isinstance(request_id, bool) else None
+        await self.send({"id": rid, "error": error.to_wire()})
+        if self.errors >= MAX_PROTOCOL_ERRORS:
+            self.close_later(CLOSE_PROTOCOL_ERROR, "too many protocol errors")
+
+    async def handle(self, payload: str | bytes) -> None:
+        request_id = None
+        try:
+            message = self.codec.decode(payload)
+            request_id = message.get("id")
+            if message_kind(message) != "request":
+                raise ProtocolError("bad_request", "clients send requests (with 'op')")
+        except ProtocolError as exc:
+            await self.reply_error(request_id, exc)
+            return
+        self.spawn(self.run(message))
+
+    async def run(self, message: dict[str, Any]) -> None:
+        request_id, op = message["id"], message["op"]
+        try:
+            for name in PATH_FIELDS:
+                if name in message and op.startswith("fs."):
+                    check_path(field(message, name, str), allow_absolute=True)
+            result = await self.dispatch(request_id, op, message)
+            if result is not None:
+                await self.send({"id": request_id, "result": result})
+        except ProtocolError as exc:
+            await self.reply_error(request_id, exc)
+        except (ConnectionError, RuntimeError) as exc:
+            log.debug("session send failed: %s", exc)  # the socket is going away; the loop ends
+
+    async def dispatch(self, request_id: int, op: str, message: dict[str, Any]) -> dict[str, Any] | None:
+        """Run one op; returns its result, or None when it answered with a stream."""
+        manager, sandbox = self.manager, self.sandbox
+        fields = {k: v for k, v in message.items() if k not in ("id", "op")}
+        if op == "hello":
+            return {"version": PROTOCOL_VERSION, "gateway": f"sandgate/{__version__}",
+                    "subprotocol": self.codec.subprotocol, "sandbox": sandbox.describe(),
+                    "capabilities": sorted(sandbox.capabilities)}
+        if op == "sandbox.info":
+            return sandbox.describe()
+        if op == "sandbox.destroy":
+            await manager.destroy(sandbox, "api")
+            return {}
+        if op == "exec.start":
+            subscription = Subscription(self, request_id)
+            self.subscriptions.add(subscription)
+            try:
+                await manager.start_exec(sandbox, fields, subscription)
+            except BaseException:
+                self.subscriptions.discard(subscription)
+                raise
+            return None
+        if op == "exec.attach":
+            record = manager.find_exec(sandbox, fields)
+            subscription = Subscription(self, request_id)
+            self.subscriptions.add(subscription)
+            from_seq = field(fields, "from_seq", int, 0)
+
+            async def reply_first(result: dict[str, Any]) -> None:
+                # The client learns what was lost before the replay arrives.
+                await self.send({"id": request_id, "result": result})
+
+            await record.attach(subscription, from_seq, reply_first)
+            return None
+        if op == "exec.list":
+            return {"execs": [r.summary() for r in sandbox.execs.values()]}
+        if op == "exec.signal":
+            return await manager.signal(sandbox, fields)
+        if op == "metrics":
+            return await manager.metrics(sandbox)
+        if op == "fs.read":
+            await self.forward_stream(request_id, await manager.read_file(
+                sandbox, field(fields, "path", str), field(fields, "offset", int, 0),
+                field(fields, "length", int, None)))
+            return None
+        return await manager.request(sandbox, op, fields)
+
+    async def forward_stream(self, request_id: int, stream: Any) -> None:
+        try:
+            async for event in stream:
+                await self.send({**event, "id": request_id})
+        finally:
+            if not stream.finished:
+                stream.discard()
+
+    async def keepalive(self) -> None:
+        """Tell clients that a quiet exec stream is still alive (they can then use read deadlines)."""
+        while True:
+            await asyncio.sleep(KEEPALIVE_S)
+            now = time.monotonic()
+            for sub in list(self.subscriptions):
+                if now - sub.last_sent >= KEEPALIVE_S and sub.last_seq is not None:
+                    await sub.deliver_keepalive()
+
+    async def close(self) -> None:
+        for record in self.sandbox.execs.values():
+            for sub in list(self.subscriptions):
+                record.detach(sub)
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    manager = request.app[MANAGER]
+    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    # Everything is checked before the upgrade, so a refused client gets a plain HTTP error.
+    if not origin_allowed(request, settings.allowed_origins):
+        raise ProtocolError("forbidden_origin", f"Origin {request.headers.get('Origin')!r} is not allowed")
+    tenant = authenticate(request, bearer_token(request) or bearer_from_subprotocols(offered))
+    sandbox = manager.get(tenant, request.match_info["sandbox_id"])
+    subprotocol = choose_subprotocol(offered)
+    ws = web.WebSocketResponse(protocols=(subprotocol,), max_msg_size=MAX_CLIENT_MESSAGE, heartbeat=30.0)
+    await ws.prepare(request)
+    request.app[SOCKETS].add(ws)
+    session = Session(ws, ClientCodec(subprotocol), manager, sandbox)
+    sandbox.sessions += 1
+    sandbox.touch()
+    session.spawn(session.keepalive())
+    session.spawn(_close_on_destroy(session))
+    try:
+        async for msg in ws:
+            sandbox.touch()
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                await session.handle(msg.data)
+            elif msg.type == WSMsgType.ERROR:
+                break
+    finally:
+        request.app[SOCKETS].discard(ws)
+        sandbox.sessions -= 1
+        sandbox.touch()
+        await session.close()
+    return ws
+
+
+async def _close_on_destroy(session: Session) -> None:
+    await session.sandbox.destroyed.wait()
+    with contextlib.suppress(Exception):
+        await session.ws.close(code=CLOSE_DESTROYED, message=b"sandbox destroyed")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/sandboxes/{sandbox_id}/ws", websocket)

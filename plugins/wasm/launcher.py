@@ -1,0 +1,433 @@
+"""One WASM sandbox per process: `python -m plugins.wasm.launcher [options] -- argv...`.
+
+python mode runs CPython-for-WASI with the given argv; its stdin/stdout are this process's fd 0/1
+(wasmtime reads and writes them directly, so the guest agent talks to the gateway over the pipes
+with no copy here). javascript mode evaluates one JS source with QuickJS and exits.
+
+Options:
+  --work DIR          host folder preopened read-write at /work (the only writable place)
+  --agent-dir DIR     host folder preopened read-only at /sandgate (python: PYTHONPATH=/sandgate)
+  --memory-bytes N    cap on the guest's linear memory
+  --cpu-seconds S     CPU the guest thread may consume over the sandbox's whole life
+  --mode python|javascript
+  --code SRC / --code-file PATH   the JS source (javascript mode)
+  --env K=V           guest environment (repeatable; overrides the defaults)
+
+Exit status: the guest's exit code, or when the guest stopped abnormally one of the EXIT_*
+codes below, and then the last line on stderr is one JSON object:
+  {"sandgate_launcher": "exit", "reason": "trap"|"cpu_limit"|"memory"|"stack_overflow"|"error",
+   "message": "..."}
+
+Startup time matters (cold create -> ready), so module level imports only what every start
+needs; the compiled module is mapped with `deserialize_file`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from plugins.wasm import artifacts
+
+if TYPE_CHECKING:
+    import argparse
+
+    import wasmtime
+
+# Exit codes for abnormal ends (a guest may exit with these too: the JSON line tells them apart).
+EXIT_ERROR = 110  # the launcher failed (bad options, missing artifacts, instantiation error)
+EXIT_TRAP = 111  # the guest trapped (unreachable, out-of-bounds access, abort(), ...)
+EXIT_CPU_LIMIT = 112  # --cpu-seconds consumed
+EXIT_MEMORY = 113  # the memory cap stopped the guest outright (not a MemoryError it handled)
+EXIT_STACK_OVERFLOW = 114  # the wasm stack (artifacts.MAX_WASM_STACK) overflowed
+
+EXIT_CODES = {
+    "error": EXIT_ERROR,
+    "trap": EXIT_TRAP,
+    "cpu_limit": EXIT_CPU_LIMIT,
+    "memory": EXIT_MEMORY,
+    "stack_overflow": EXIT_STACK_OVERFLOW,
+}
+
+TICK_SECONDS = 0.01  # one epoch tick per 10 ms of guest CPU
+IDLE_POLL_MAX = 0.2  # the CPU ticker backs off to this while the guest is idle
+NO_DEADLINE = 1 << 62
+WASI_EPERM = 63
+HOST_CALL_UNAVAILABLE = -1  # what `host.call` answers: this runtime offers no host calls
+
+PYTHON_ARGV0_DEFAULT = ("python",)
+ZIP_GUEST = "/usr/local/lib"
+WORK_GUEST = "/work"
+AGENT_GUEST = "/sandgate"
+
+
+@dataclass
+class Outcome:
+    """How the guest ended: an exit code, plus a reason when it ended abnormally."""
+
+    exit_code: int
+    reason: str | None = None
+    message: str = ""
+
+
+class LauncherError(Exception):
+    """A problem to report with reason "error" (bad options, missing artifacts)."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m plugins.wasm.launcher",
+        description="Run one WASM sandbox (CPython-for-WASI or QuickJS) with wasmtime.",
+    )
+    p.add_argument("--mode", choices=("python", "javascript"), default="python")
+    p.add_argument("--work", help="host folder preopened read-write at /work")
+    p.add_argument("--agent-dir", help="host folder preopened read-only at /sandgate")
+    p.add_argument("--memory-bytes", type=int, help="cap on the guest's linear memory")
+    p.add_argument("--cpu-seconds", type=float, help="guest CPU allowed over the sandbox's life")
+    p.add_argument("--code", help="javascript mode: the JS source")
+    p.add_argument("--code-file", help="javascript mode: a host file holding the JS source")
+    p.add_argument("--env", action="append", default=[], metavar="K=V", help="guest env")
+    p.add_argument("argv", nargs="*", help="python mode: the guest argv, after --")
+    args = p.parse_args(argv)
+    if args.mode == "javascript" and (args.code is None) == (args.code_file is None):
+        p.error("javascript mode needs exactly one of --code and --code-file")
+    if args.mode == "python" and not args.argv:
+        args.argv = list(PYTHON_ARGV0_DEFAULT)
+    for item in args.env:
+        if "=" not in item:
+            p.error(f"--env wants K=V, got {item!r}")
+    if args.memory_bytes is not None and args.memory_bytes <= 0:
+        p.error("--memory-bytes must be positive")
+    if args.cpu_seconds is not None and args.cpu_seconds <= 0:
+        p.error("--cpu-seconds must be positive")
+    return args
+
+
+def guest_env(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The guest's environment: defaults that make CPython-for-WASI usable in the sandbox, then
+    the caller's --env entries, which win."""
+    env: dict[str, str] = {}
+    if args.mode == "python":
+        env["MSGPACK_PUREPYTHON"] = "1"  # no C extensions in the guest
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # no __pycache__ litter in /work
+        if args.agent_dir:
+            env["PYTHONPATH"] = AGENT_GUEST
+    if args.work:
+        env["HOME"] = WORK_GUEST
+        env["TMPDIR"] = WORK_GUEST  # the only writable place
+    for item in args.env:
+        key, _, value = item.partition("=")
+        env[key] = value
+    return sorted(env.items())
+
+
+# The guest thread and the CPU deadline.
+
+
+class CpuTicker:
+    """Advances the engine's epoch by one per TICK_SECONDS of CPU the guest thread has used, so
+    a store deadline of N ticks is N * TICK_SECONDS of guest CPU; time the guest spends blocked
+    (on stdin, say) costs nothing. It polls the guest thread's CPU clock every tick while the
+    guest runs and backs off while it idles, never sleeping past the remaining budget."""
+
+    def __init__(self, engine: wasmtime.Engine, budget_ticks: int | None) -> None:
+        self.engine = engine
+        self.budget_ticks = budget_ticks
+        self.ticks = 0
+        self.stop = threading.Event()
+        self.clock: int | None = None
+        self.thread = threading.Thread(target=self._run, name="cpu-ticker", daemon=True)
+
+    def attach(self, guest_ident: int) -> None:
+        """Start measuring the guest thread (called on the guest thread as it starts)."""
+        self.clock = time.pthread_getcpuclockid(guest_ident)
+        self.thread.start()
+
+    def _run(self) -> None:
+        assert self.clock is not None
+        interval = TICK_SECONDS
+        while not self.stop.is_set():
+            try:
+                used = int(time.clock_gettime(self.clock) / TICK_SECONDS)
+            except OSError:  # the guest thread has ended
+                return
+            if used > self.ticks:
+                for _ in range(used - self.ticks):
+                    self.engine.increment_epoch()
+                self.ticks = used
+                interval = TICK_SECONDS
+            else:
+                interval = min(interval * 2, IDLE_POLL_MAX)
+            wait = interval
+            if self.budget_ticks is not None:
+                wait = min(wait, max(TICK_SECONDS, (self.budget_ticks - self.ticks) * TICK_SECONDS))
+            self.stop.wait(wait)
+
+
+def run_on_guest_thread(body: Any, ticker: CpuTicker) -> Outcome:
+    """Run `body()` on a thread with room for the 8 MiB wasm stack (wasm runs on the calling
+    native thread's stack; the main thread's may be smaller) and return its Outcome."""
+    result: list[Outcome] = []
+
+    def guest() -> None:
+        ticker.attach(threading.get_ident())
+        try:
+            result.append(body())
+        except BaseException as e:  # reported, never lost on this thread
+            result.append(classify(e))
+        finally:
+            ticker.stop.set()
+
+    old = threading.stack_size(artifacts.MAX_WASM_STACK + artifacts.HOST_STACK_ROOM)
+    try:
+        thread = threading.Thread(target=guest, name="guest", daemon=True)
+        thread.start()
+    finally:
+        threading.stack_size(old)
+    thread.join()
+    return result[0] if result else Outcome(EXIT_ERROR, "error", "the guest thread vanished")
+
+
+def classify(e: BaseException) -> Outcome:
+    """An exception from wasmtime (or the launcher) as an Outcome."""
+    import wasmtime
+
+    if isinstance(e, wasmtime.ExitTrap):
+        return Outcome(e.code & 0xFF)
+    if isinstance(e, wasmtime.Trap):
+        code = e.trap_code
+        message = _first_line(e.message)
+        if code == wasmtime.TrapCode.INTERRUPT:
+            return _abnormal("cpu_limit", "the sandbox used up its CPU time (--cpu-seconds)")
+        if code == wasmtime.TrapCode.STACK_OVERFLOW:
+            return _abnormal("stack_overflow", message)
+        return _abnormal("trap", message)
+    if isinstance(e, wasmtime.WasmtimeError):
+        message = _first_line(str(e))
+        if "memory" in message and ("limit" in message or "exceeds" in message):
+            return _abnormal("memory", message)
+        return _abnormal("error", message)
+    if isinstance(e, LauncherError | OSError):
+        return _abnormal("error", str(e))
+    return _abnormal("error", f"{type(e).__name__}: {e}")
+
+
+def _abnormal(reason: str, message: str) -> Outcome:
+    return Outcome(EXIT_CODES[reason], reason, message)
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+# Building the store and linker.
+
+
+def _linker(engine: wasmtime.Engine) -> wasmtime.Linker:
+    """WASI, plus refusals that close holes in wasmtime's WASI, plus the `host.call` stub."""
+    import wasmtime
+
+    i32 = wasmtime.ValType.i32()
+    linker = wasmtime.Linker(engine)
+    linker.define_wasi()
+    linker.allow_shadowing = True
+
+    def refuse(*_args: int) -> int:
+        return WASI_EPERM
+
+    # wasmtime lets a guest create a relative symlink that points out of a preopen, and a hard
+    # link could make a read-only file (the shared agent folder, the stdlib zip) writable
+    # through /work: both are refused.
+    linker.define_func("wasi_snapshot_preview1", "path_symlink", _ft([i32] * 5, [i32]), refuse)
+    linker.define_func("wasi_snapshot_preview1", "path_link", _ft([i32] * 7, [i32]), refuse)
+    linker.define_func(
+        "host", "call", _ft([i32] * 4, [i32]), lambda *_a: HOST_CALL_UNAVAILABLE
+    )
+    return linker
+
+
+def _ft(params: list[wasmtime.ValType], results: list[wasmtime.ValType]) -> wasmtime.FuncType:
+    import wasmtime
+
+    return wasmtime.FuncType(params, results)
+
+
+def _store(
+    engine: wasmtime.Engine, args: argparse.Namespace, wasi_argv: list[str]
+) -> wasmtime.Store:
+    import wasmtime
+
+    wasi = wasmtime.WasiConfig()
+    wasi.argv = wasi_argv
+    wasi.env = guest_env(args)
+    wasi.inherit_stdin()
+    wasi.inherit_stdout()
+    wasi.inherit_stderr()
+    if args.mode == "python":
+        wasi.preopen_dir(str(artifacts.stdlib_dir()), ZIP_GUEST, False)
+    if args.work:
+        if not os.path.isdir(args.work):
+            raise LauncherError(f"--work {args.work!r} is not a folder")
+        wasi.preopen_dir(os.path.abspath(args.work), WORK_GUEST, True)
+    if args.agent_dir:
+        if not os.path.isdir(args.agent_dir):
+            raise LauncherError(f"--agent-dir {args.agent_dir!r} is not a folder")
+        wasi.preopen_dir(os.path.abspath(args.agent_dir), AGENT_GUEST, False)
+    store = wasmtime.Store(engine)
+    store.set_wasi(wasi)
+    if args.memory_bytes is not None:
+        store.set_limits(memory_size=args.memory_bytes)
+    if args.cpu_seconds is not None:
+        store.set_epoch_deadline(max(1, round(args.cpu_seconds / TICK_SECONDS)))
+    else:
+        store.set_epoch_deadline(NO_DEADLINE)
+    return store
+
+
+def _budget_ticks(args: argparse.Namespace) -> int | None:
+    if args.cpu_seconds is None:
+        return None
+    return max(1, round(args.cpu_seconds / TICK_SECONDS))
+
+
+# The two modes.
+
+
+# The snapshot's CPython runs isolated (-I: PYTHONPATH is ignored and sys.path was fixed when
+# the snapshot was made), so a `-c` prelude appends $PYTHONPATH's entries to sys.path and hands
+# the caller's argv to the reactor's own command-line handling (`_reactor.run(argv, environ)`,
+# which runs it in a fresh __main__ and returns the exit status). Its own source is dropped from
+# linecache so tracebacks and inspect never show it.
+PYTHON_PRELUDE = (
+    "import sys as _s, os as _o, linecache as _l; "
+    "getattr(_l, '_interactive_cache', {}).clear(); "
+    "_s.path.extend(p for p in _o.environ.get('PYTHONPATH', '').split(':') if p); "
+    "_s.exit(__import__('_reactor').run([_s.executable, *_s.argv[1:]], dict(_o.environ)))"
+)
+
+
+def python_argv(argv: list[str]) -> list[str]:
+    """The WASI argv for the caller's `python ...` command line (argv[0] is ignored)."""
+    return [argv[0], "-c", PYTHON_PRELUDE, *argv[1:]]
+
+
+def run_python(args: argparse.Namespace) -> Outcome:
+    """CPython-for-WASI: the snapshot is a reactor; `_initialize`, then `run` runs CPython with
+    the WASI argv and returns its exit status (sys.exit may also end it through proc_exit)."""
+    engine = artifacts.new_engine()
+    module = artifacts.load_module(engine, "python", artifacts.TerminalProgress())
+    store = _store(engine, args, python_argv(args.argv))
+    linker = _linker(engine)
+    ticker = CpuTicker(engine, _budget_ticks(args))
+
+    def body() -> Outcome:
+        instance = linker.instantiate(store, module)
+        exports = instance.exports(store)
+        if "_initialize" in exports:
+            exports["_initialize"](store)  # type: ignore[operator]
+        status = exports["run"](store)  # type: ignore[operator]
+        return Outcome(int(status) & 0xFF)
+
+    return run_on_guest_thread(body, ticker)
+
+
+def run_javascript(args: argparse.Namespace) -> Outcome:
+    """QuickJS one-shot: the reactor exports `qjs_init_argv(argc, argv)`, which parses a qjs
+    command line, makes the runtime and evaluates `-e SOURCE` there (returning 0, or -1 after
+    printing the exception). There is no event-loop export, so pending jobs and timers do not
+    run after the script's synchronous part."""
+    if args.code_file is not None:
+        with open(args.code_file, encoding="utf-8") as f:
+            code = f.read()
+    else:
+        code = args.code
+    if "\0" in code:
+        raise LauncherError("the JS source contains a NUL character")
+    engine = artifacts.new_engine()
+    module = artifacts.load_module(engine, "javascript", artifacts.TerminalProgress())
+    store = _store(engine, args, ["qjs"])
+    linker = _linker(engine)
+    ticker = CpuTicker(engine, _budget_ticks(args))
+    qjs_argv = ["qjs", "--std", "-e", _flushing(code)]
+
+    def body() -> Outcome:
+        import wasmtime
+
+        instance = linker.instantiate(store, module)
+        exports = instance.exports(store)
+        exports["_initialize"](store)  # type: ignore[operator]
+        memory = exports["memory"]
+        malloc = exports["malloc"]
+        assert isinstance(memory, wasmtime.Memory) and isinstance(malloc, wasmtime.Func)
+        pointers = []
+        for arg in qjs_argv:
+            data = arg.encode() + b"\0"
+            ptr = malloc(store, len(data))
+            if not ptr:
+                return _abnormal("memory", "no guest memory for the JS source")
+            memory.write(store, data, ptr)
+            pointers.append(ptr)
+        table = b"".join(p.to_bytes(4, "little") for p in [*pointers, 0])
+        argv_ptr = malloc(store, len(table))
+        if not argv_ptr:
+            return _abnormal("memory", "no guest memory for the JS source")
+        memory.write(store, table, argv_ptr)
+        status = exports["qjs_init_argv"](store, len(qjs_argv), argv_ptr)  # type: ignore[operator]
+        return Outcome(0 if status == 0 else 1)
+
+    return run_on_guest_thread(body, ticker)
+
+
+def _flushing(code: str) -> str:
+    """The source wrapped so the guest's stdio buffers are flushed however it ends: qjs_init_argv
+    returns without exiting, so nothing else would flush what `std.out.puts` buffered. An indirect
+    eval runs the source as a global script, as `qjs -e` would."""
+    import json
+
+    return (
+        "(function (s) { try { (0, eval)(" + json.dumps(code) + "); }"
+        " finally { s.out.flush(); s.err.flush(); } })(std);"
+    )
+
+
+def report(outcome: Outcome) -> None:
+    """The JSON line for an abnormal end: the last thing written to stderr."""
+    if outcome.reason is None:
+        return
+    import json
+
+    line = json.dumps(
+        {"sandgate_launcher": "exit", "reason": outcome.reason, "message": outcome.message}
+    )
+    try:
+        sys.stderr.write("\n" + line + "\n")
+        sys.stderr.flush()
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    args = parse_args(argv)
+    try:
+        if args.mode == "python":
+            outcome = run_python(args)
+        else:
+            outcome = run_javascript(args)
+    except BaseException as e:  # any failure before the guest ran is still one JSON line
+        if isinstance(e, SystemExit | KeyboardInterrupt):
+            raise
+        outcome = classify(e)
+    report(outcome)
+    # os._exit: nothing is left to flush (wasmtime wrote the guest's output straight to the
+    # fds) and tearing down the store and engine would only cost time.
+    os._exit(outcome.exit_code)
+
+
+if __name__ == "__main__":
+    main()
