@@ -42,8 +42,8 @@ def bearer_from_subprotocols(offered: Iterable[str]) -> str | None:
         if name.startswith(BEARER_PREFIX):
             encoded = name[len(BEARER_PREFIX) :]
             try:
-                raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
-                return raw.decode("utf-8")
+                raw = base64.b64decode(encoded + "=" * (-len(encoded) % 4), altchars=b"-_", validate=True)
+                return raw.decode("utf-8") or None
             except (binascii.Error, UnicodeDecodeError):
                 return None
     return None

@@ -1,0 +1,83 @@
+"""`sandgate`: serve the gateway, build runtime images, print the version."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from gateway import __version__
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from gateway.config import load_settings
+    from gateway.web.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings(args.config, host=args.host, port=args.port).with_generated_key_if_needed()
+    if settings.generated_key is not None:
+        print(
+            f"sandgate {__version__}: no API keys configured, serving on loopback only.\n"
+            f"  API key for this run (tenant 'default'): {settings.generated_key}\n"
+            f"  try: curl -H 'Authorization: Bearer {settings.generated_key}' "
+            f"http://{settings.host}:{settings.port}/v1/runtimes",
+            flush=True,
+        )
+    # run_app turns SIGINT/SIGTERM into a graceful shutdown: sessions closed, every sandbox destroyed.
+    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=_ready_line,
+                shutdown_timeout=30.0)
+    return 0
+
+
+def _ready_line(text: str) -> None:
+    print(text.strip(), flush=True)
+
+
+def _images_build(args: argparse.Namespace) -> int:
+    if args.runtime == "wasm":
+        from plugins.wasm.artifacts import TerminalProgress, ensure_compiled
+
+        for kind in ("python", "javascript"):
+            path = ensure_compiled(kind, progress=TerminalProgress())
+            print(f"{kind}: {path}", flush=True)
+        return 0
+    print(f"no image builder for runtime {args.runtime!r}", file=sys.stderr)
+    return 2
+
+
+def _version(args: argparse.Namespace) -> int:
+    print(f"sandgate {__version__}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sandgate", description="A gateway for running untrusted code.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8080)")
+    serve.add_argument("--config", default=None, help="a TOML settings file (docs/configuration.md)")
+    serve.set_defaults(func=_serve)
+
+    images = sub.add_parser("images", help="build runtime images")
+    images_sub = images.add_subparsers(dest="images_command", required=True)
+    build = images_sub.add_parser("build", help="build (and cache) what a runtime needs")
+    build.add_argument("runtime", choices=["wasm"], help="the runtime")
+    build.set_defaults(func=_images_build)
+
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(func=_version)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,333 @@
+"""The WASM runtime: one launcher process per sandbox, CPython-for-WASI running the guest agent.
+
+The launcher (`plugins.wasm.launcher`) owns wasmtime; this module owns processes and directories:
+spawning launchers, a warm pool of launchers whose agent already answered, the per-sandbox host
+directory preopened as /work, one-shot JavaScript runs, and cleaning all of it up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from gateway.runtime.base import Backend, ByteChannel, Runtime, SandboxSpec, StreamChannel
+from guest_agent.wire import CHUNK_SIZE, FrameDecoder, ProtocolError, encode_frame
+from plugins.wasm import artifacts
+from plugins.wasm.agent_dir import stage_agent_dir
+
+log = logging.getLogger(__name__)
+
+#: How much of a launcher's stderr the gateway keeps (the guest could write without end).
+STDERR_TAIL = 16 * 1024
+READY_TIMEOUT_S = 30.0
+
+
+def _work_root() -> Path:
+    return Path(os.environ.get("SANDGATE_STATE_DIR") or Path(tempfile.gettempdir()) / f"sandgate-{os.getuid()}") / "wasm"
+
+
+class Launcher:
+    """One launcher process and its bounded stderr tail."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.tail = bytearray()
+        assert proc.stderr is not None
+        self._stderr_task = asyncio.create_task(self._drain(proc.stderr))
+
+    @classmethod
+    async def spawn(cls, args: list[str]) -> Launcher:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "plugins.wasm.launcher", *args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # a terminal's ^C reaches the gateway, which then cleans up
+        )
+        return cls(proc)
+
+    async def _drain(self, stream: asyncio.StreamReader) -> None:
+        while chunk := await stream.read(4096):
+            self.tail += chunk
+            del self.tail[:-STDERR_TAIL]
+
+    def channel(self) -> StreamChannel:
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        return StreamChannel(self.proc.stdout, self.proc.stdin)
+
+    async def reason(self) -> str:
+        """Why the launcher exited, from its exit code and its last JSON stderr line."""
+        code = await self.proc.wait()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._stderr_task), 2)
+        for line in reversed(self.tail.decode("utf-8", "replace").splitlines()):
+            if line.startswith("{") and "sandgate_launcher" in line:
+                try:
+                    info = json.loads(line)
+                    return f"{info.get('reason')}: {info.get('message')}"
+                except ValueError:
+                    break
+        return f"the WASM launcher exited with code {code}"
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        await self.proc.wait()
+        self._stderr_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._stderr_task
+
+    async def wait_ready(self) -> None:
+        """Ping the agent once so a pooled launcher is known to answer at once."""
+        channel = self.channel()
+        decoder = FrameDecoder()
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            await channel.write(encode_frame({"id": 0, "op": "ping"}))
+            while True:
+                data = await channel.read()
+                if not data:
+                    raise ProtocolError("guest_died", await self.reason())
+                decoder.receive_data(data)
+                if any(message.get("id") == 0 for message in decoder.messages_received()):
+                    return
+
+
+class WasmBackend(Backend):
+    def __init__(self, runtime: WasmRuntime, work: Path, memory_mb: int, cpu_seconds: float) -> None:
+        self.runtime = runtime
+        self.host_root = work
+        self.memory_mb = memory_mb
+        self.cpu_seconds = cpu_seconds
+        self.launcher: Launcher | None = None
+        self._channel: ByteChannel | None = None
+
+    def launcher_args(self, mode: str = "python") -> list[str]:
+        return ["--mode", mode, "--work", str(self.host_root), "--agent-dir", str(self.runtime.agent_dir),
+                "--memory-bytes", str(self.memory_mb << 20), "--cpu-seconds", str(self.cpu_seconds)]
+
+    async def start(self) -> None:
+        self.launcher = await Launcher.spawn([*self.launcher_args(), "--", "python", "-m", "guest_agent",
+                                              "--root", "/work"])
+        self._channel = self.launcher.channel()
+
+    def channel(self) -> ByteChannel:
+        assert self._channel is not None
+        return self._channel
+
+    async def wait_exited(self) -> str:
+        assert self.launcher is not None
+        return await self.launcher.reason()
+
+    async def restart_agent(self) -> None:
+        if self.launcher is not None:
+            await self.launcher.kill()
+        await self.start()
+
+    async def destroy(self) -> None:
+        if self.launcher is not None:
+            await self.launcher.kill()
+        await asyncio.to_thread(shutil.rmtree, self.host_root, True)
+
+    async def host_metrics(self) -> dict[str, Any]:
+        if self.launcher is None:
+            return {}
+        return await asyncio.to_thread(process_metrics, self.launcher.proc.pid)
+
+    def oneshot_languages(self) -> frozenset[str]:
+        return frozenset({"javascript"})
+
+    async def run_oneshot(
+        self, language: str, code: str, *, stdin: bytes, env: Mapping[str, str], timeout: float | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """QuickJS, one launcher per run, sharing the sandbox's /work and limits."""
+        if language != "javascript":
+            raise ProtocolError("unsupported", f"the WASM runtime does not run {language} itself")
+        started = time.monotonic()
+        with tempfile.NamedTemporaryFile("w", suffix=".js", dir=self.runtime.private_dir, delete=False) as f:
+            f.write(code)
+        env_args = [arg for k, v in env.items() for arg in ("--env", f"{k}={v}")]
+        launcher = await Launcher.spawn([*self.launcher_args("javascript"), "--code-file", f.name, *env_args])
+        try:
+            assert launcher.proc.stdin is not None and launcher.proc.stdout is not None
+            launcher.proc.stdin.close()  # QuickJS one-shots read no stdin
+            yield {"ev": "start", "pid": None}
+            error = None
+            try:
+                async with asyncio.timeout(timeout):
+                    while chunk := await launcher.proc.stdout.read(CHUNK_SIZE):
+                        yield {"ev": "data", "fd": "stdout", "data": chunk}
+                    code_ = await launcher.proc.wait()
+            except TimeoutError:
+                await launcher.kill()
+                code_ = None
+                error = ProtocolError("timeout", f"the script ran past its {timeout:g} s timeout").to_wire()
+            await launcher.kill()
+            err = _without_launcher_line(bytes(launcher.tail))
+            if err:
+                yield {"ev": "data", "fd": "stderr", "data": err}
+            end: dict[str, Any] = {"ev": "end", "exit_code": code_, "signal": None,
+                                   "duration_ms": round((time.monotonic() - started) * 1000, 3)}
+            if error is not None:
+                end["error"] = error
+            elif code_ is not None and code_ >= 110:
+                end["error"] = ProtocolError("guest_died", await launcher.reason()).to_wire()
+            yield end
+        finally:
+            await launcher.kill()
+            with contextlib.suppress(OSError):
+                os.unlink(f.name)
+
+
+def _without_launcher_line(err: bytes) -> bytes:
+    lines = err.splitlines(keepends=True)
+    kept = [line for line in lines if not line.startswith(b'{"sandgate_launcher"')]
+    return b"".join(kept).strip(b"\n") + (b"\n" if kept and b"".join(kept).strip() else b"")
+
+
+def process_metrics(pid: int) -> dict[str, Any]:
+    """RSS, private memory and CPU of one host process, from /proc."""
+    metrics: dict[str, Any] = {"pid": pid}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        kb = {k.strip(): int(v.split()[0]) for k, v in fields.items() if v.strip().endswith("kB")}
+        metrics["rss_bytes"] = kb.get("Rss", 0) * 1024
+        metrics["private_bytes"] = (kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)) * 1024
+        with open(f"/proc/{pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        metrics["cpu_s"] = (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass  # the process is gone; report what we have
+    return metrics
+
+
+class WarmPool:
+    """Launchers whose agent already answered, made with the runtime's default limits.
+
+    A create that asks for other limits, or finds the pool empty, starts cold. Refills are capped at
+    `refill_per_s` so a burst of creates cannot turn into a fork storm.
+    """
+
+    def __init__(self, runtime: WasmRuntime, size: int, refill_per_s: float) -> None:
+        self.runtime = runtime
+        self.size = size
+        self.interval = 1.0 / refill_per_s if refill_per_s > 0 else 0.0
+        self.ready: list[WasmBackend] = []
+        self._wanted = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.size > 0:
+            self._task = asyncio.create_task(self._refill_forever(), name="wasm-pool")
+            self._wanted.set()
+
+    def take(self) -> WasmBackend | None:
+        while self.ready:
+            backend = self.ready.pop(0)
+            self._wanted.set()
+            assert backend.launcher is not None
+            if backend.launcher.proc.returncode is None:
+                return backend
+        self._wanted.set()
+        return None
+
+    async def _refill_forever(self) -> None:
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            while len(self.ready) < self.size:
+                backend = self.runtime.new_backend(self.runtime.default_memory_mb, self.runtime.default_cpu_seconds)
+                try:
+                    await backend.start()
+                    assert backend.launcher is not None
+                    await backend.launcher.wait_ready()
+                except (ProtocolError, OSError, TimeoutError) as exc:
+                    log.error("warm pool: a launcher failed to start: %s", exc)
+                    await backend.destroy()
+                    await asyncio.sleep(1.0)  # back off: a broken host must not spin
+                    continue
+                self.ready.append(backend)
+                await asyncio.sleep(self.interval)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await asyncio.gather(*(b.destroy() for b in self.ready))
+        self.ready.clear()
+
+
+class WasmRuntime(Runtime):
+    """Settings (`[runtimes.wasm]`): pool_size (default 2), pool_refill_per_s (default 4),
+    memory_mb and cpu_seconds of pooled sandboxes (defaults 256 and 600)."""
+
+    id = "wasm"
+    description = "CPython 3.15 and QuickJS on wasmtime; in-process Python, one-shot JavaScript"
+    capabilities = frozenset()
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        super().__init__(config)
+        self.default_memory_mb = int(config.get("memory_mb", 256))
+        self.default_cpu_seconds = float(config.get("cpu_seconds", 600.0))
+        self.pool = WarmPool(self, int(config.get("pool_size", 2)), float(config.get("pool_refill_per_s", 4.0)))
+        self.work_root = _work_root() / f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.private_dir = self.work_root / ".private"
+        self.agent_dir = Path()
+
+    async def start(self) -> None:
+        for kind in ("python", "javascript"):
+            if not artifacts.compiled_module_path(kind).exists():
+                log.warning("compiling the WASM %s module once (1-3 minutes; `sandgate images build wasm` "
+                            "does this ahead of time)", kind)
+            await asyncio.to_thread(artifacts.ensure_compiled, kind, artifacts.TerminalProgress())
+        self.agent_dir = await asyncio.to_thread(stage_agent_dir)
+        await asyncio.to_thread(self._remove_orphans)
+        self.private_dir.mkdir(parents=True, mode=0o700)
+        self.pool.start()
+
+    def _remove_orphans(self) -> None:
+        """Work directories of gateways that died without cleaning up (their pid is gone)."""
+        root = self.work_root.parent
+        if not root.is_dir():
+            return
+        for entry in root.iterdir():
+            pid, _, _ = entry.name.partition("-")
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(entry, ignore_errors=True)
+
+    async def stop(self) -> None:
+        await self.pool.stop()
+        await asyncio.to_thread(shutil.rmtree, self.work_root, True)
+
+    def new_backend(self, memory_mb: int, cpu_seconds: float) -> WasmBackend:
+        work = self.work_root / secrets.token_hex(8)
+        work.mkdir(parents=True, mode=0o700)
+        return WasmBackend(self, work, memory_mb, cpu_seconds)
+
+    async def create(self, spec: SandboxSpec) -> Backend:
+        if spec.network:
+            raise ProtocolError("unsupported", "WASM sandboxes have no network")
+        if spec.template is not None:
+            raise ProtocolError("unsupported", "the WASM runtime has no templates")
+        if (spec.memory_mb, spec.cpu_seconds) == (self.default_memory_mb, self.default_cpu_seconds):
+            warm = self.pool.take()
+            if warm is not None:
+                return warm
+        backend = self.new_backend(spec.memory_mb, spec.cpu_seconds)
+        try:
+            await backend.start()
+        except BaseException:
+            await backend.destroy()
+            raise
+        return backend
