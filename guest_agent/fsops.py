@@ -1,0 +1,312 @@
+"""File-system ops confined to the sandbox root (docs/protocol.md §3, fs).
+
+Every path is checked twice: lexically (no NUL, no `..`, absolute paths must lie under the root)
+and then by its real location (`os.path.realpath`), so a symlink cannot lead outside the root.
+Ops that act on a name itself (stat, move, remove) resolve only the parent directory and act on
+the link, not on what it points to; everything else resolves the whole path. The agent then
+works on the resolved real path, which narrows (but inside a guest cannot close) the window in
+which a process could swap a symlink: the guest's own processes are the sandbox anyway, and the
+hard boundary is the runtime's (WASI preopens, the microVM, the pod).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat as stat_mod
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .wire import CHUNK_SIZE, MAX_WRITE_CHUNK, ProtocolError, field
+
+#: fs.list stops after this many entries (and says `truncated`).
+MAX_LIST_ENTRIES = 10_000
+#: ...or once the entries would need about this many bytes, so the reply fits in one frame.
+MAX_LIST_BYTES = 768 * 1024
+MAX_LIST_DEPTH = 16
+
+_OS_ERROR_CODES: tuple[tuple[type[OSError], str], ...] = (
+    (FileNotFoundError, "not_found"),
+    (FileExistsError, "exists"),
+    (NotADirectoryError, "not_a_directory"),
+    (IsADirectoryError, "is_a_directory"),
+)
+_QUOTA_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def os_error(exc: OSError, path: str | None = None) -> ProtocolError:
+    """The wire error for an OSError. The message is the strerror and the path as the client
+    gave it: never a host path (the exception's own filename may lie outside the root)."""
+    for kind, code in _OS_ERROR_CODES:
+        if isinstance(exc, kind):
+            break
+    else:
+        code = "disk_quota" if exc.errno in _QUOTA_ERRNOS else "io_error"
+    message = exc.strerror or type(exc).__name__
+    if path is not None:
+        message = f"{message}: {path!r:.300}"
+    return ProtocolError(code, message)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    real: str  #: the host path to operate on
+    rel: str  #: the path relative to the root, as shown to clients ("." for the root)
+
+
+class Root:
+    """The sandbox root, and path resolution confined to it."""
+
+    def __init__(self, path: str) -> None:
+        self.given = os.path.abspath(path)
+        self.real = os.path.realpath(path)
+
+    def _inside(self, path: str) -> bool:
+        base = self.real
+        return path == base or path.startswith(base if base.endswith(os.sep) else base + os.sep)
+
+    def resolve(self, path: str, *, follow: bool = True) -> Resolved:
+        """Map a client path to a real path inside the root.
+
+        Args:
+            path: relative to the root, or absolute under it ("" and "." are the root).
+            follow: resolve the final component too. With False, only its parent is resolved,
+                for ops that act on the name itself (a symlink is stat'ed, moved or removed,
+                never followed).
+
+        Raises:
+            ProtocolError: `path_escape` for NUL, `..`, or a location outside the root.
+        """
+        if "\0" in path:
+            raise ProtocolError("path_escape", "NUL byte in path")
+        if ".." in path.split("/"):
+            raise ProtocolError("path_escape", "'..' is not allowed in paths")
+        if path.startswith("/"):
+            absolute = os.path.normpath(path)
+            for base in (self.given, self.real):
+                if absolute == base or absolute.startswith(base.rstrip("/") + "/"):
+                    rel = os.path.relpath(absolute, base)
+                    break
+            else:
+                raise ProtocolError("path_escape", f"{path!r:.300} is outside the sandbox root")
+        else:
+            rel = os.path.normpath(path) if path else "."
+        lexical = self.real if rel == "." else os.path.join(self.real, rel)
+        if follow or rel == ".":
+            real = os.path.realpath(lexical)
+        else:
+            parent, name = os.path.split(lexical)
+            real = os.path.join(os.path.realpath(parent), name)
+        if not self._inside(real if follow or rel == "." else os.path.dirname(real)):
+            raise ProtocolError("path_escape", f"{path!r:.300} leads outside the sandbox root")
+        return Resolved(real, rel)
+
+
+def stat_entry(name: str, path: str, st: os.stat_result) -> dict[str, Any]:
+    mode = st.st_mode
+    if stat_mod.S_ISREG(mode):
+        kind = "file"
+    elif stat_mod.S_ISDIR(mode):
+        kind = "dir"
+    elif stat_mod.S_ISLNK(mode):
+        kind = "symlink"
+    else:
+        kind = "other"
+    return {
+        "name": name,
+        "path": path,
+        "type": kind,
+        "size": st.st_size,
+        "mtime": st.st_mtime,
+        "mode": stat_mod.S_IMODE(mode),
+    }
+
+
+def _path(message: Mapping[str, Any], name: str = "path") -> str:
+    return field(message, name, str)  # type: ignore[no-any-return]
+
+
+def _non_negative(message: Mapping[str, Any], name: str, default: int | None) -> int | None:
+    value = field(message, name, int, default)
+    if value is not None and value < 0:
+        raise ProtocolError("bad_request", f"field {name!r} must not be negative")
+    return value  # type: ignore[no-any-return]
+
+
+class FileOps:
+    """The fs.* ops except fs.read's streaming, which the agent drives (see `open_read`)."""
+
+    def __init__(self, root: Root) -> None:
+        self.root = root
+
+    def stat(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        path = _path(message)
+        target = self.root.resolve(path, follow=False)
+        try:
+            st = os.lstat(target.real)
+        except OSError as exc:
+            raise os_error(exc, path) from None
+        name = "." if target.rel == "." else os.path.basename(target.rel)
+        return stat_entry(name, target.rel, st)
+
+    def list(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        path = _path(message)
+        depth = field(message, "depth", int, 1)
+        if not 1 <= depth <= MAX_LIST_DEPTH:
+            raise ProtocolError("bad_request", f"'depth' must be between 1 and {MAX_LIST_DEPTH}")
+        target = self.root.resolve(path)
+        entries: list[dict[str, Any]] = []
+        budget = MAX_LIST_BYTES
+        truncated = False
+        # Breadth first, so a truncated listing keeps the shallow entries.
+        queue: deque[tuple[str, str, int]] = deque([(target.real, "", 1)])
+        while queue and not truncated:
+            directory, prefix, level = queue.popleft()
+            room = MAX_LIST_ENTRIES - len(entries)
+            try:
+                with os.scandir(directory) as it:
+                    batch = []
+                    for item in it:  # bounded: never hold a huge directory in memory
+                        if len(batch) == room:
+                            truncated = True
+                            break
+                        batch.append(item)
+            except OSError as exc:
+                if level == 1:
+                    raise os_error(exc, path) from None
+                continue  # an unreadable subdirectory is skipped, its entry is listed
+            for item in sorted(batch, key=lambda e: e.name):
+                try:
+                    st = item.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # removed meanwhile
+                rel = prefix + item.name
+                budget -= len(item.name) + len(rel) + 96
+                if budget < 0:
+                    truncated = True
+                    break
+                entries.append(stat_entry(item.name, rel, st))
+                if level < depth and stat_mod.S_ISDIR(st.st_mode):
+                    queue.append((item.path, rel + "/", level + 1))
+        return {"entries": entries, "truncated": truncated}
+
+    def open_read(self, message: Mapping[str, Any]) -> tuple[int, int, int, int | None]:
+        """Open a file for an fs.read stream: (fd, file size, offset, length or None).
+
+        Errors surface here, before the stream starts, so they are plain error replies.
+        """
+        path = _path(message)
+        offset = _non_negative(message, "offset", 0) or 0
+        length = _non_negative(message, "length", None)
+        target = self.root.resolve(path)
+        try:
+            fd = os.open(target.real, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise os_error(exc, path) from None
+        try:
+            st = os.fstat(fd)
+            if stat_mod.S_ISDIR(st.st_mode):
+                raise os_error(IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)), path)
+            if offset:
+                os.lseek(fd, offset, os.SEEK_SET)
+        except OSError as exc:
+            os.close(fd)
+            raise os_error(exc, path) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st.st_size, offset, length
+
+    def write(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        path = _path(message)
+        data = field(message, "data", bytes)
+        if len(data) > MAX_WRITE_CHUNK:
+            raise ProtocolError(
+                "frame_too_large", f"fs.write takes at most {MAX_WRITE_CHUNK} bytes per request"
+            )
+        offset = _non_negative(message, "offset", 0) or 0
+        truncate = field(message, "truncate", bool, False)
+        target = self.root.resolve(path)
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+        if truncate:
+            flags |= os.O_TRUNC
+        try:
+            fd = os.open(target.real, flags, 0o644)
+            try:
+                if offset:
+                    os.lseek(fd, offset, os.SEEK_SET)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise os_error(exc, path) from None
+        return {"bytes": len(data), "size": size}
+
+    def mkdir(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        path = _path(message)
+        parents = field(message, "parents", bool, True)
+        target = self.root.resolve(path)
+        try:
+            if parents:
+                os.makedirs(target.real, exist_ok=True)
+            else:
+                os.mkdir(target.real)
+        except OSError as exc:
+            raise os_error(exc, path) from None
+        return {}
+
+    def move(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        src_path, dst_path = _path(message, "src"), _path(message, "dst")
+        src = self.root.resolve(src_path, follow=False)
+        dst = self.root.resolve(dst_path, follow=False)
+        if src.rel == "." or dst.rel == ".":
+            raise ProtocolError("bad_request", "the sandbox root cannot be moved or replaced")
+        try:
+            os.lstat(src.real)
+            try:
+                os.replace(src.real, dst.real)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                shutil.move(src.real, dst.real)  # another file system inside the root
+        except OSError as exc:
+            raise os_error(exc, src_path) from None
+        return {}
+
+    def remove(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        path = _path(message)
+        recursive = field(message, "recursive", bool, False)
+        target = self.root.resolve(path, follow=False)
+        if target.rel == ".":
+            raise ProtocolError("bad_request", "the sandbox root cannot be removed")
+        try:
+            st = os.lstat(target.real)
+            if stat_mod.S_ISDIR(st.st_mode):
+                if recursive:
+                    shutil.rmtree(target.real)
+                else:
+                    os.rmdir(target.real)
+            else:
+                os.unlink(target.real)
+        except OSError as exc:
+            raise os_error(exc, path) from None
+        return {}
+
+
+def read_chunks(fd: int, length: int | None) -> Any:
+    """Yield the file's bytes from its current position in chunks of at most CHUNK_SIZE."""
+    remaining = length
+    while remaining is None or remaining > 0:
+        want = CHUNK_SIZE if remaining is None else min(CHUNK_SIZE, remaining)
+        data = os.read(fd, want)
+        if not data:
+            return
+        if remaining is not None:
+            remaining -= len(data)
+        yield data

@@ -1,0 +1,22 @@
+"""Shared fixtures. Everything here starts real things: gateways, agents, wasmtime."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# The example third-party runtime, importable for tests that register it directly; one test also
+# installs it with pip and finds it through its entry point (tests/examples/test_third_party.py).
+sys.path.insert(0, str(ROOT / "examples" / "sandgate-example-runtime"))
+
+
+@pytest.fixture(scope="session")
+def wasm_compiled() -> None:
+    """Compile (once, cached across runs) the WASM modules; the first time takes minutes."""
+    from plugins.wasm.artifacts import TerminalProgress, ensure_compiled
+
+    for kind in ("python", "javascript"):
+        ensure_compiled(kind, progress=TerminalProgress())
