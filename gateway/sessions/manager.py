@@ -320,9 +320,11 @@ class SandboxManager:
             await asyncio.sleep(self.settings.reap_interval_s)
             await self.reap()
 
-    async def reap(self) -> list[str]:
-        """Destroy expired and idle sandboxes; returns their ids (the reaper's one step)."""
-        now = time.monotonic()
+    async def reap(self, now: float | None = None) -> list[str]:
+        """Destroy expired and idle sandboxes; returns their ids (the reaper's one step).
+
+        `now` (a time.monotonic() value) lets tests look into the future instead of sleeping."""
+        now = time.monotonic() if now is None else now
         reaped = []
         for sandbox in list(self._sandboxes.values()):
             if now - sandbox.created_mono >= sandbox.ttl:

@@ -85,7 +85,7 @@ class WsClient:
         while True:
             message = await self.receive_for(request_id)
             events.append(message)
-            if message.get("ev") == "end" or "error" in message and "ev" not in message:
+            if message.get("ev") == "end" or ("error" in message and "ev" not in message):
                 return events
 
 
@@ -123,8 +123,8 @@ class Gateway:
         return WsClient(ws, subprotocol)
 
 
-class RuntimeConformance:
-    """Subclass with `runtime = "<id>"`; every test here must pass for a conforming runtime."""
+class GatewayFixtures:
+    """The suite's fixtures alone (a real gateway for `runtime`, a sandbox), for a runtime's own tests."""
 
     runtime: ClassVar[str]
     plugins: ClassVar[tuple[object, ...]] = ()
@@ -146,6 +146,10 @@ class RuntimeConformance:
         sandbox = await gateway.create()
         yield sandbox
         await gateway.client.delete(f"/v1/sandboxes/{sandbox['id']}", headers=AUTH)
+
+
+class RuntimeConformance(GatewayFixtures):
+    """Subclass with `runtime = "<id>"`; every test here must pass for a conforming runtime."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -49,7 +49,8 @@ def test_binary_fields_stay_bytes() -> None:
     frame = encode_frame({"id": 2, "ev": "data", "seq": 0, "data": b"\x00\xff"})
     decoder = FrameDecoder()
     decoder.receive_data(frame)
-    assert list(decoder.messages_received())[0]["data"] == b"\x00\xff"
+    (message,) = decoder.messages_received()
+    assert message["data"] == b"\x00\xff"
 
 
 def test_oversized_header_fails_before_buffering_the_body() -> None:

@@ -1,0 +1,430 @@
+"""Process execs (`exec.start` with `command`): pipes or a pty, one pump thread per exec.
+
+Each process gets its own session and process group (`start_new_session=True`, which keeps
+`subprocess` on its fast vfork path: ordinary execs have no `preexec_fn`), so exec.signal, the
+timeout and the agent's final kill reach everything it started, not only the first process.
+
+One thread per exec (`ProcessExec.pump`) moves all its bytes with a selector: stdout and stderr
+(or the pty master) to `data` events, buffered exec.input to the stdin pipe, and the process's
+exit (a pidfd where the kernel has them, else a short poll). Output is read only as fast as the
+channel takes it, so a slow gateway stalls the process instead of filling the agent's memory.
+
+End of an exec: when the process has exited, the output already in the pipes is read and the
+`end` event sent. Descendants that still hold the pipes keep running; whatever they write after
+the end is read and discarded (not SIGPIPE'd) until they close them. The agent kills every
+process group it started when it exits.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import signal as signal_mod
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .wire import CHUNK_SIZE, ProtocolError
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: exec.input beyond this much unwritten stdin is answered `busy` (retryable).
+STDIN_LIMIT = 1 << 20
+#: After the process exits, read at most this much more before sending `end`.
+_DRAIN_LIMIT = 4 << 20
+#: Without pidfds, how often a process whose pipes are still open is polled for its exit.
+_POLL_INTERVAL = 0.05
+_EOF_CHAR = b"\x04"
+
+Emit = Callable[..., Any]
+
+
+def signal_number(value: Any) -> int:
+    """A signal given as a name ("SIGTERM", "TERM") or a number.
+
+    Raises:
+        ProtocolError: `bad_request` for anything this platform does not know.
+    """
+    try:
+        if isinstance(value, str):
+            name = value.upper()
+            return int(signal_mod.Signals[name if name.startswith("SIG") else "SIG" + name])
+        if isinstance(value, int) and not isinstance(value, bool):
+            return int(signal_mod.Signals(value))
+    except (KeyError, ValueError):
+        pass
+    raise ProtocolError("bad_request", f"unknown signal {value!r:.40}")
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal_mod.Signals(number).name
+    except ValueError:
+        return f"SIG{number}"
+
+
+def build_env(root: str, extra: Mapping[str, str], *, pty: bool) -> dict[str, str]:
+    env = {"PATH": DEFAULT_PATH, "HOME": root, "LANG": "C.UTF-8"}
+    if pty:
+        env["TERM"] = "xterm-256color"
+    env.update(extra)
+    return env
+
+
+def _set_winsize(fd: int, rows: int, cols: int) -> None:
+    import fcntl
+    import termios
+
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _become_terminal_owner() -> None:
+    """preexec_fn of pty execs only: a new session whose controlling terminal is the pty (fd 0).
+
+    Runs in the forked child; fcntl and termios are imported by the parent beforehand.
+    """
+    import fcntl
+    import termios
+
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class ProcessExec:
+    """One running process and its pump.
+
+    Args:
+        argv: the program and its arguments (a shell string is already `/bin/sh -c` here).
+        emit: sends the exec's stream events (`data`, `end`); thread-safe.
+        on_end: called (on the pump thread) after `end` was sent, with (exit_code, signal).
+        pty: (rows, cols) to run on a pseudo-terminal, else None.
+    """
+
+    def __init__(
+        self,
+        argv: list[str],
+        *,
+        cwd: str,
+        env: dict[str, str],
+        emit: Emit,
+        on_end: Callable[[int | None, str | None], None],
+        stdin: bytes = b"",
+        stdin_open: bool = False,
+        timeout: float | None = None,
+        pty: tuple[int, int] | None = None,
+    ) -> None:
+        self._emit = emit
+        self._on_end = on_end
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._stdin_data = bytearray(stdin)
+        self._stdin_closing = not stdin_open
+        self._stdin_closed = False
+        self._stdin_fd: int | None = None
+        self._outputs: dict[int, str] = {}
+        self._master: int | None = None
+        self.started = time.monotonic()
+        self.finished = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        try:
+            self.proc = self._spawn(argv, cwd, env, pty)
+        except BaseException:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            raise
+        self.pid = self.proc.pid
+        self.pgid = self.proc.pid  # its own session leader, hence group leader
+
+    def _spawn(
+        self, argv: list[str], cwd: str, env: dict[str, str], pty: tuple[int, int] | None
+    ) -> subprocess.Popen[bytes]:
+        if pty is None:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                bufsize=0,
+            )
+            assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+            # The pump owns these fds from here; detach so the file objects never close them.
+            self._stdin_fd = proc.stdin.detach().fileno() if False else os.dup(proc.stdin.fileno())
+            proc.stdin.close()
+            proc.stdin = None
+            for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+                fd = os.dup(pipe.fileno())
+                pipe.close()
+                self._outputs[fd] = name
+            proc.stdout = proc.stderr = None
+        else:
+            import fcntl  # noqa: F401  (imported before the fork: the preexec_fn uses them)
+            import termios  # noqa: F401
+
+            master, slave = os.openpty()
+            try:
+                _set_winsize(master, *pty)
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=slave,
+                    stdout=slave,
+                    stderr=slave,
+                    cwd=cwd,
+                    env=env,
+                    preexec_fn=_become_terminal_owner,
+                )
+            except BaseException:
+                os.close(master)
+                raise
+            finally:
+                os.close(slave)
+            self._master = master
+            self._stdin_fd = master
+            self._outputs[master] = "pty"
+        for fd in {*self._outputs, self._stdin_fd}:
+            if fd is not None:
+                os.set_blocking(fd, False)
+        return proc
+
+    # -- control, from the request loop -------------------------------------------------------
+
+    def write_input(self, data: bytes) -> None:
+        with self._lock:
+            if self._stdin_closing or self._stdin_closed:
+                if self._stdin_closed and not self._stdin_closing:
+                    return  # the process closed its stdin: like a pipe nobody reads, dropped
+                raise ProtocolError("bad_request", "stdin of this exec is closed")
+            if len(self._stdin_data) + len(data) > STDIN_LIMIT:
+                raise ProtocolError(
+                    "busy",
+                    f"the process has not read {len(self._stdin_data)} bytes of stdin; retry later",
+                )
+            self._stdin_data += data
+        self._wake()
+
+    def close_stdin(self) -> None:
+        with self._lock:
+            if self._master is not None:
+                # A terminal has no half-close: send its EOF character, as a typed ^D would.
+                if not self._stdin_closing:
+                    self._stdin_data += _EOF_CHAR
+            self._stdin_closing = True
+        self._wake()
+
+    def send_signal(self, number: int) -> None:
+        if self.finished:
+            return
+        try:
+            os.killpg(self.pgid, number)
+        except ProcessLookupError:
+            pass
+
+    def resize(self, rows: int, cols: int) -> None:
+        if self._master is None:
+            raise ProtocolError("bad_request", "this exec has no pty")
+        try:
+            _set_winsize(self._master, rows, cols)
+        except OSError as exc:
+            raise ProtocolError("io_error", exc.strerror or "resize failed") from None
+
+    def kill(self) -> None:
+        """Kill the whole process group (the agent is exiting)."""
+        try:
+            os.killpg(self.pgid, signal_mod.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except (BlockingIOError, OSError):
+            pass  # already woken, or the pump is gone
+
+    # -- the pump, on its own thread ----------------------------------------------------------
+
+    def pump(self) -> None:
+        sel = selectors.DefaultSelector()
+        pidfd = self._open_pidfd()
+        try:
+            exit_code, sig, timed_out = self._run_live(sel, pidfd)
+            self._drain(_DRAIN_LIMIT)
+            fields: dict[str, Any] = {
+                "exit_code": exit_code,
+                "signal": sig,
+                "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
+            }
+            if timed_out:
+                fields["error"] = ProtocolError(
+                    "timeout", f"the exec ran past its timeout of {self._timeout:g} s and was killed"
+                ).to_wire()
+            self.finished = True
+            self._emit("end", **fields)
+            self._on_end(exit_code, sig)
+            self._close_stdin_fd()
+            self._discard_until_eof(sel)
+        finally:
+            sel.close()
+            for fd in list(self._outputs):
+                self._close_output(fd)
+            self._close_stdin_fd()
+            for fd in (self._wake_r, self._wake_w) + ((pidfd,) if pidfd is not None else ()):
+                os.close(fd)
+
+    def _open_pidfd(self) -> int | None:
+        opener = getattr(os, "pidfd_open", None)
+        if opener is None:
+            return None
+        try:
+            return opener(self.pid)  # type: ignore[no-any-return]
+        except OSError:
+            return None
+
+    def _run_live(
+        self, sel: selectors.BaseSelector, pidfd: int | None
+    ) -> tuple[int | None, str | None, bool]:
+        deadline = None if self._timeout is None else self.started + self._timeout
+        timed_out = False
+        registered: dict[int, int] = {}
+        while True:
+            if self.proc.poll() is not None:
+                break
+            wanted = {fd: selectors.EVENT_READ for fd in self._outputs}
+            wanted[self._wake_r] = selectors.EVENT_READ
+            if pidfd is not None:
+                wanted[pidfd] = selectors.EVENT_READ
+            with self._lock:
+                want_write = bool(self._stdin_data) or (self._stdin_closing and self._master is None)
+            if self._stdin_fd is not None and want_write:
+                wanted[self._stdin_fd] = wanted.get(self._stdin_fd, 0) | selectors.EVENT_WRITE
+            _sync(sel, registered, wanted)
+            timeout: float | None = None
+            if deadline is not None and not timed_out:
+                timeout = max(0.0, deadline - time.monotonic())
+            if pidfd is None:
+                if not self._outputs:
+                    # Nothing left to read: just wait for the exit (or the deadline).
+                    try:
+                        self.proc.wait(timeout)
+                    except subprocess.TimeoutExpired:
+                        pass
+                else:
+                    timeout = _POLL_INTERVAL if timeout is None else min(timeout, _POLL_INTERVAL)
+            for key, mask in sel.select(timeout) if self._outputs or pidfd is not None else ():
+                fd = key.fd
+                if fd == self._wake_r:
+                    _drain_wake(fd)
+                    continue
+                if mask & selectors.EVENT_WRITE:
+                    self._write_stdin()
+                if mask & selectors.EVENT_READ and fd in self._outputs:
+                    self._read_output(fd)
+            if deadline is not None and not timed_out and time.monotonic() >= deadline:
+                timed_out = True
+                self.kill()
+        for fd in list(registered):
+            sel.unregister(fd)
+        rc = self.proc.returncode
+        if rc < 0:
+            return None, signal_name(-rc), timed_out
+        return rc, None, timed_out
+
+    def _read_output(self, fd: int, *, emit: bool = True) -> int:
+        """Read one chunk; returns its size (0 at EOF, -1 if nothing was ready)."""
+        try:
+            data = os.read(fd, CHUNK_SIZE)
+        except BlockingIOError:
+            return -1
+        except OSError as exc:
+            if exc.errno != errno.EIO:  # EIO: the pty's last slave closed
+                raise
+            data = b""
+        if not data:
+            self._close_output(fd)
+            return 0
+        if emit:
+            self._emit("data", fd=self._outputs[fd], data=data)
+        return len(data)
+
+    def _drain(self, limit: int) -> None:
+        """The process has exited: send what its pipes still hold, without waiting for more."""
+        for fd in list(self._outputs):
+            while limit > 0 and fd in self._outputs:
+                got = self._read_output(fd)
+                if got <= 0:
+                    break
+                limit -= got
+
+    def _discard_until_eof(self, sel: selectors.BaseSelector) -> None:
+        if not self._outputs:
+            return
+        for fd in self._outputs:
+            sel.register(fd, selectors.EVENT_READ)
+        while self._outputs:
+            for key, _ in sel.select():
+                if self._read_output(key.fd, emit=False) == 0:
+                    sel.unregister(key.fd)
+
+    def _write_stdin(self) -> None:
+        fd = self._stdin_fd
+        if fd is None:
+            return
+        with self._lock:
+            if self._stdin_data:
+                try:
+                    written = os.write(fd, self._stdin_data)
+                except BlockingIOError:
+                    written = 0
+                except OSError:  # EPIPE: the process closed its stdin
+                    self._stdin_data.clear()
+                    self._stdin_closed = True
+                    self._stdin_closing = False
+                    written = 0
+                del self._stdin_data[:written]
+            close_now = self._stdin_closing and not self._stdin_data and self._master is None
+        if close_now:
+            self._close_stdin_fd()
+
+    def _close_stdin_fd(self) -> None:
+        with self._lock:
+            fd, self._stdin_fd = self._stdin_fd, None
+            self._stdin_closed = True
+        if fd is not None and fd != self._master:
+            os.close(fd)
+
+    def _close_output(self, fd: int) -> None:
+        if self._outputs.pop(fd, None) is not None:
+            if fd == self._master:
+                self._master = None
+                with self._lock:
+                    if self._stdin_fd == fd:
+                        self._stdin_fd = None
+            os.close(fd)
+
+
+def _sync(sel: selectors.BaseSelector, registered: dict[int, int], wanted: dict[int, int]) -> None:
+    """Make the selector's registrations match `wanted` (fd -> events)."""
+    for fd in list(registered):
+        if fd not in wanted:
+            sel.unregister(fd)
+            del registered[fd]
+    for fd, events in wanted.items():
+        if fd not in registered:
+            sel.register(fd, events)
+        elif registered[fd] != events:
+            sel.modify(fd, events)
+        registered[fd] = events
+
+
+def _drain_wake(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
