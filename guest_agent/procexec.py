@@ -122,7 +122,7 @@ class ProcessExec:
         self._lock = threading.Lock()
         self._stdin_data = bytearray(stdin)
         self._stdin_closing = not stdin_open
-        self._stdin_closed = False
+        self._stdin_broken = False
         self._stdin_fd: int | None = None
         self._outputs: dict[int, str] = {}
         self._master: int | None = None
@@ -144,26 +144,29 @@ class ProcessExec:
         self, argv: list[str], cwd: str, env: dict[str, str], pty: tuple[int, int] | None
     ) -> subprocess.Popen[bytes]:
         if pty is None:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=cwd,
-                env=env,
-                start_new_session=True,
-                bufsize=0,
-            )
-            assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-            # The pump owns these fds from here; detach so the file objects never close them.
-            self._stdin_fd = proc.stdin.detach().fileno() if False else os.dup(proc.stdin.fileno())
-            proc.stdin.close()
-            proc.stdin = None
-            for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
-                fd = os.dup(pipe.fileno())
-                pipe.close()
-                self._outputs[fd] = name
-            proc.stdout = proc.stderr = None
+            # Our own pipes (os.pipe fds are close-on-exec; Popen dup2s the child's ends onto
+            # 0, 1 and 2), so the pump owns plain fds and no file object ever closes them.
+            pipes = [os.pipe() for _ in range(3)]
+            child_ends = [pipes[0][0], pipes[1][1], pipes[2][1]]
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=child_ends[0],
+                    stdout=child_ends[1],
+                    stderr=child_ends[2],
+                    cwd=cwd,
+                    env=env,
+                    start_new_session=True,
+                )
+            except BaseException:
+                for fd in (pipes[0][1], pipes[1][0], pipes[2][0]):
+                    os.close(fd)
+                raise
+            finally:
+                for fd in child_ends:
+                    os.close(fd)
+            self._stdin_fd = pipes[0][1]
+            self._outputs = {pipes[1][0]: "stdout", pipes[2][0]: "stderr"}
         else:
             import fcntl  # noqa: F401  (imported before the fork: the preexec_fn uses them)
             import termios  # noqa: F401
@@ -187,7 +190,7 @@ class ProcessExec:
                 os.close(slave)
             self._master = master
             self._stdin_fd = master
-            self._outputs[master] = "pty"
+            self._outputs = {master: "pty"}
         for fd in {*self._outputs, self._stdin_fd}:
             if fd is not None:
                 os.set_blocking(fd, False)
@@ -197,10 +200,10 @@ class ProcessExec:
 
     def write_input(self, data: bytes) -> None:
         with self._lock:
-            if self._stdin_closing or self._stdin_closed:
-                if self._stdin_closed and not self._stdin_closing:
-                    return  # the process closed its stdin: like a pipe nobody reads, dropped
+            if self._stdin_closing:
                 raise ProtocolError("bad_request", "stdin of this exec is closed")
+            if self._stdin_broken:
+                return  # the process closed its stdin: dropped, like writes to a dead pipe
             if len(self._stdin_data) + len(data) > STDIN_LIMIT:
                 raise ProtocolError(
                     "busy",
@@ -211,10 +214,9 @@ class ProcessExec:
 
     def close_stdin(self) -> None:
         with self._lock:
-            if self._master is not None:
+            if self._master is not None and not self._stdin_closing:
                 # A terminal has no half-close: send its EOF character, as a typed ^D would.
-                if not self._stdin_closing:
-                    self._stdin_data += _EOF_CHAR
+                self._stdin_data += _EOF_CHAR
             self._stdin_closing = True
         self._wake()
 
@@ -292,31 +294,32 @@ class ProcessExec:
         deadline = None if self._timeout is None else self.started + self._timeout
         timed_out = False
         registered: dict[int, int] = {}
-        while True:
-            if self.proc.poll() is not None:
-                break
+        while self.proc.poll() is None:
+            with self._lock:
+                pending = bool(self._stdin_data)
+                close_now = self._stdin_closing and not pending and self._master is None
+            if close_now:
+                self._close_stdin_fd()
             wanted = {fd: selectors.EVENT_READ for fd in self._outputs}
             wanted[self._wake_r] = selectors.EVENT_READ
             if pidfd is not None:
                 wanted[pidfd] = selectors.EVENT_READ
-            with self._lock:
-                want_write = bool(self._stdin_data) or (self._stdin_closing and self._master is None)
-            if self._stdin_fd is not None and want_write:
+            if self._stdin_fd is not None and pending:
                 wanted[self._stdin_fd] = wanted.get(self._stdin_fd, 0) | selectors.EVENT_WRITE
             _sync(sel, registered, wanted)
             timeout: float | None = None
             if deadline is not None and not timed_out:
                 timeout = max(0.0, deadline - time.monotonic())
             if pidfd is None:
-                if not self._outputs:
-                    # Nothing left to read: just wait for the exit (or the deadline).
+                timeout = _POLL_INTERVAL if timeout is None else min(timeout, _POLL_INTERVAL)
+                if not self._outputs and not pending:
+                    # Nothing to read or write: block in waitpid, which returns at the exit.
                     try:
                         self.proc.wait(timeout)
                     except subprocess.TimeoutExpired:
                         pass
-                else:
-                    timeout = _POLL_INTERVAL if timeout is None else min(timeout, _POLL_INTERVAL)
-            for key, mask in sel.select(timeout) if self._outputs or pidfd is not None else ():
+                    timeout = 0
+            for key, mask in sel.select(timeout):
                 fd = key.fd
                 if fd == self._wake_r:
                     _drain_wake(fd)
@@ -376,25 +379,22 @@ class ProcessExec:
         if fd is None:
             return
         with self._lock:
-            if self._stdin_data:
-                try:
-                    written = os.write(fd, self._stdin_data)
-                except BlockingIOError:
-                    written = 0
-                except OSError:  # EPIPE: the process closed its stdin
-                    self._stdin_data.clear()
-                    self._stdin_closed = True
-                    self._stdin_closing = False
-                    written = 0
-                del self._stdin_data[:written]
-            close_now = self._stdin_closing and not self._stdin_data and self._master is None
-        if close_now:
+            try:
+                written = os.write(fd, self._stdin_data)
+            except BlockingIOError:
+                written = 0
+            except OSError:  # EPIPE: the process closed its stdin
+                self._stdin_broken = True
+                written = len(self._stdin_data)
+            del self._stdin_data[:written]
+            broken = self._stdin_broken and self._master is None
+        if broken:
             self._close_stdin_fd()
 
     def _close_stdin_fd(self) -> None:
         with self._lock:
             fd, self._stdin_fd = self._stdin_fd, None
-            self._stdin_closed = True
+            self._stdin_broken = True
         if fd is not None and fd != self._master:
             os.close(fd)
 

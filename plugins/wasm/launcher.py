@@ -28,7 +28,6 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from plugins.wasm import artifacts
@@ -65,13 +64,16 @@ WORK_GUEST = "/work"
 AGENT_GUEST = "/sandgate"
 
 
-@dataclass
 class Outcome:
-    """How the guest ended: an exit code, plus a reason when it ended abnormally."""
+    """How the guest ended: an exit code, plus a reason when it ended abnormally. (A plain
+    class: importing dataclasses costs ~10 ms at every sandbox start.)"""
 
-    exit_code: int
-    reason: str | None = None
-    message: str = ""
+    __slots__ = ("exit_code", "message", "reason")
+
+    def __init__(self, exit_code: int, reason: str | None = None, message: str = "") -> None:
+        self.exit_code = exit_code
+        self.reason = reason
+        self.message = message
 
 
 class LauncherError(Exception):
@@ -145,7 +147,10 @@ class CpuTicker:
         self.thread = threading.Thread(target=self._run, name="cpu-ticker", daemon=True)
 
     def attach(self, guest_ident: int) -> None:
-        """Start measuring the guest thread (called on the guest thread as it starts)."""
+        """Start measuring the guest thread (called on the guest thread as it starts); without
+        a budget there is nothing to measure, and no thread."""
+        if self.budget_ticks is None:
+            return
         self.clock = time.pthread_getcpuclockid(guest_ident)
         self.thread.start()
 
@@ -203,10 +208,15 @@ def classify(e: BaseException) -> Outcome:
     if isinstance(e, wasmtime.Trap):
         code = e.trap_code
         message = _first_line(e.message)
+        where = _top_frame(e.message)
+        at = f" (in {where})" if where else ""
         if code == wasmtime.TrapCode.INTERRUPT:
-            return _abnormal("cpu_limit", "the sandbox used up its CPU time (--cpu-seconds)")
+            return _abnormal("cpu_limit", "the guest used up its CPU time (--cpu-seconds)")
         if code == wasmtime.TrapCode.STACK_OVERFLOW:
-            return _abnormal("stack_overflow", message)
+            limit = artifacts.MAX_WASM_STACK >> 20
+            return _abnormal("stack_overflow", f"the guest overflowed its {limit} MiB stack{at}")
+        if code is not None:
+            return _abnormal("trap", f"wasm trap: {code.name.lower().replace('_', ' ')}{at}")
         return _abnormal("trap", message)
     if isinstance(e, wasmtime.WasmtimeError):
         message = _first_line(str(e))
@@ -220,6 +230,15 @@ def classify(e: BaseException) -> Outcome:
 
 def _abnormal(reason: str, message: str) -> Outcome:
     return Outcome(EXIT_CODES[reason], reason, message)
+
+
+def _top_frame(trap_message: str) -> str:
+    """The innermost function of a trap's backtrace ("python.wasm!tb_dealloc"), or ""."""
+    lines = trap_message.splitlines()
+    for i, line in enumerate(lines):
+        if line.rstrip().endswith("wasm backtrace:") and i + 1 < len(lines):
+            return lines[i + 1].split(" - ")[-1].split(": ", 1)[-1].strip()
+    return ""
 
 
 def _first_line(text: str) -> str:
