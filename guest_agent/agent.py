@@ -28,7 +28,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any
 
 from . import __version__
@@ -45,6 +46,7 @@ from .pyexec import (
     StreamRouter,
     run_cell,
 )
+from .signals import signal_name, signal_number
 from .timers import Scheduler, Timer
 from .wire import (
     DEFAULT_MAX_FRAME,
@@ -70,9 +72,7 @@ PYTHON_KILL_GRACE = 1.0
 #: Unsent output bytes a Python exec may have queued before its writes block.
 PYTHON_OUTPUT_WINDOW = 1 << 20
 #: Ops a single-threaded agent answers while an exec waits for stdin (see the module doc).
-NESTED_OPS = frozenset(
-    {"ping", "metrics", "exec.list", "exec.input", "exec.close_stdin", "exec.signal", "exec.resize"}
-)
+NESTED_OPS = frozenset({"ping", "metrics", "exec.list", "exec.input", "exec.close_stdin", "exec.signal", "exec.resize"})
 _MAX_MESSAGE = 2000
 _TERMINATING = ("SIGTERM", "SIGKILL", "SIGHUP", "SIGQUIT")
 
@@ -224,9 +224,7 @@ class Agent:
         if self.features.threads:
             self._scheduler = Scheduler()
             self._scheduler.start()
-            self._output_thread = threading.Thread(
-                target=self._output_loop, name="agent-python-output", daemon=True
-            )
+            self._output_thread = threading.Thread(target=self._output_loop, name="agent-python-output", daemon=True)
             self._output_thread.start()
             self._schedule_keepalives()
 
@@ -306,9 +304,7 @@ class Agent:
     def _hello(self, rid: int, message: Mapping[str, Any]) -> dict[str, Any]:
         version = field(message, "version", int)
         if version != PROTOCOL_VERSION:
-            raise ProtocolError(
-                "unsupported", f"protocol version {version} (this agent speaks {PROTOCOL_VERSION})"
-            )
+            raise ProtocolError("unsupported", f"protocol version {version} (this agent speaks {PROTOCOL_VERSION})")
         return {
             "version": PROTOCOL_VERSION,
             "agent": AGENT,
@@ -438,10 +434,8 @@ class Agent:
         value = message.get("signal")
         if not isinstance(value, str | int) or isinstance(value, bool):
             raise ProtocolError("bad_request", "field 'signal' must be a name or a number")
-        record = self._find(message)
-        from .procexec import signal_name, signal_number
-
         number = signal_number(value)
+        record = self._find(message)
         if record.python is None:
             record.process.send_signal(number)
             return {}
@@ -537,8 +531,8 @@ class Agent:
             record.process.kill()
             error = ProtocolError("internal", f"{type(exc).__name__}: {exc}").to_wire()
             duration = round((time.monotonic() - record.started) * 1000, 3)
-            record.stream.emit("end", exit_code=None, signal=None, duration_ms=duration, error=error)
             self._exec_ended(record, None, None)
+            record.stream.emit("end", exit_code=None, signal=None, duration_ms=duration, error=error)
 
     def _spawn_thread(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -586,9 +580,7 @@ class Agent:
         record.stream.emit("start", exec_id=record.exec_id, pid=None)
         if threaded:
             if record.timeout is not None and self._scheduler is not None:
-                run.timers.append(
-                    self._scheduler.call_later(record.timeout, lambda: self._python_timeout(record))
-                )
+                run.timers.append(self._scheduler.call_later(record.timeout, lambda: self._python_timeout(record)))
             self._spawn_thread(f"exec-{record.exec_id}", lambda: self._python_thread(record))
             return
         self._router.bind(streams)
@@ -684,9 +676,10 @@ class Agent:
             ).to_wire()
         for timer in run.timers:
             timer.cancel()
-        if record.stream.emit("end", **fields):
+        if not record.stream.ended:  # only this thread ends python streams
             self._exec_ended(record, outcome.exit_code, outcome.signal)
             self._router.finished(run.streams)
+            record.stream.emit("end", **fields)
         with run.credit:
             run.credit.notify_all()  # an abandoned thread waiting for credit: it is dropped now
 
@@ -713,9 +706,7 @@ class Agent:
         run = record.python
         if run is not None and self._scheduler is not None:
             run.timers.append(
-                self._scheduler.call_later(
-                    PYTHON_KILL_GRACE, lambda: self._outq.put((record, "abandon", None))
-                )
+                self._scheduler.call_later(PYTHON_KILL_GRACE, lambda: self._outq.put((record, "abandon", None)))
             )
 
     def _pump_for(self, record: ExecRecord) -> None:
@@ -845,4 +836,3 @@ def serve(channel: Channel, agent: Agent) -> int:
         return 2
     finally:
         agent.shutdown()
-

@@ -16,7 +16,7 @@ import os
 import shutil
 import stat as stat_mod
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +24,10 @@ from .wire import CHUNK_SIZE, MAX_WRITE_CHUNK, ProtocolError, field
 
 #: fs.list stops after this many entries (and says `truncated`).
 MAX_LIST_ENTRIES = 10_000
-#: ...or once the entries would need about this many bytes, so the reply fits in one frame.
-MAX_LIST_BYTES = 768 * 1024
+#: ...or once the entries would need more than this many bytes, so the reply fits in one frame.
+MAX_LIST_BYTES = 960 * 1024
+#: An entry's encoded size beyond its name and path (at most 63 bytes, measured; with margin).
+_ENTRY_OVERHEAD = 68
 MAX_LIST_DEPTH = 16
 
 _OS_ERROR_CODES: tuple[tuple[type[OSError], str], ...] = (
@@ -40,10 +42,8 @@ _QUOTA_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 def os_error(exc: OSError, path: str | None = None) -> ProtocolError:
     """The wire error for an OSError. The message is the strerror and the path as the client
     gave it: never a host path (the exception's own filename may lie outside the root)."""
-    for kind, code in _OS_ERROR_CODES:
-        if isinstance(exc, kind):
-            break
-    else:
+    code = next((code for kind, code in _OS_ERROR_CODES if isinstance(exc, kind)), None)
+    if code is None:
         code = "disk_quota" if exc.errno in _QUOTA_ERRNOS else "io_error"
     message = exc.strerror or type(exc).__name__
     if path is not None:
@@ -100,9 +100,33 @@ class Root:
         else:
             parent, name = os.path.split(lexical)
             real = os.path.join(os.path.realpath(parent), name)
-        if not self._inside(real if follow or rel == "." else os.path.dirname(real)):
+        resolved = real if follow or rel == "." else os.path.dirname(real)
+        if not self._inside(resolved) or self._unresolved_link(resolved):
             raise ProtocolError("path_escape", f"{path!r:.300} leads outside the sandbox root")
         return Resolved(real, rel)
+
+    def _unresolved_link(self, real: str) -> bool:
+        """Whether a realpath() result still holds a symlink: one it could not read. WASI
+        refuses to read links that point out of the preopened root, and a non-strict realpath
+        then leaves them in place, looking as if they were inside."""
+        path = self.real
+        for part in os.path.relpath(real, self.real).split(os.sep):
+            if part == ".":
+                continue
+            path = os.path.join(path, part)
+            if os.path.islink(path):
+                return True
+        return False
+
+
+def _text(name: str) -> str:
+    """A file name as wire text: names that are not UTF-8 get U+FFFD where they are not (msgpack
+    cannot encode the surrogates Python keeps them in)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return name
 
 
 def stat_entry(name: str, path: str, st: os.stat_result) -> dict[str, Any]:
@@ -116,8 +140,8 @@ def stat_entry(name: str, path: str, st: os.stat_result) -> dict[str, Any]:
     else:
         kind = "other"
     return {
-        "name": name,
-        "path": path,
+        "name": _text(name),
+        "path": _text(path),
         "type": kind,
         "size": st.st_size,
         "mtime": st.st_mtime,
@@ -168,7 +192,7 @@ class FileOps:
             room = MAX_LIST_ENTRIES - len(entries)
             try:
                 with os.scandir(directory) as it:
-                    batch = []
+                    batch: list[os.DirEntry[str]] = []
                     for item in it:  # bounded: never hold a huge directory in memory
                         if len(batch) == room:
                             truncated = True
@@ -184,7 +208,7 @@ class FileOps:
                 except OSError:
                     continue  # removed meanwhile
                 rel = prefix + item.name
-                budget -= len(item.name) + len(rel) + 96
+                budget -= 2 * len(_text(item.name)) + len(_text(prefix)) + _ENTRY_OVERHEAD
                 if budget < 0:
                     truncated = True
                     break
@@ -224,9 +248,7 @@ class FileOps:
         path = _path(message)
         data = field(message, "data", bytes)
         if len(data) > MAX_WRITE_CHUNK:
-            raise ProtocolError(
-                "frame_too_large", f"fs.write takes at most {MAX_WRITE_CHUNK} bytes per request"
-            )
+            raise ProtocolError("frame_too_large", f"fs.write takes at most {MAX_WRITE_CHUNK} bytes per request")
         offset = _non_negative(message, "offset", 0) or 0
         truncate = field(message, "truncate", bool, False)
         target = self.root.resolve(path)
@@ -299,7 +321,7 @@ class FileOps:
         return {}
 
 
-def read_chunks(fd: int, length: int | None) -> Any:
+def read_chunks(fd: int, length: int | None) -> Iterator[bytes]:
     """Yield the file's bytes from its current position in chunks of at most CHUNK_SIZE."""
     remaining = length
     while remaining is None or remaining > 0:

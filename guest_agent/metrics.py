@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -12,9 +13,9 @@ _WALK_LIMIT = 50_000
 
 def guest_metrics(root: str, started: float, execs_running: int) -> dict[str, Any]:
     """Args:
-        root: the sandbox root (its file system's usage is `disk_bytes`).
-        started: the agent's start, `time.monotonic()`.
-        execs_running: the agent's running execs.
+    root: the sandbox root (its file system's usage is `disk_bytes`).
+    started: the agent's start, `time.monotonic()`.
+    execs_running: the agent's running execs.
     """
     return {
         "uptime_s": round(time.monotonic() - started, 3),
@@ -26,7 +27,10 @@ def guest_metrics(root: str, started: float, execs_running: int) -> dict[str, An
 
 
 def _cpu_seconds() -> float | None:
-    """CPU time of the agent and the children it has reaped."""
+    """CPU time of the agent and the children it has reaped. None on WASI, whose clocks give
+    the host's time, not the guest's CPU (the runtime reports that from the host side)."""
+    if sys.platform == "wasi":
+        return None
     try:
         t = os.times()
         return round(t.user + t.system + t.children_user + t.children_system, 3)
@@ -62,14 +66,8 @@ def _memory_bytes() -> int | None:
 
 
 def _disk_bytes(root: str) -> int | None:
-    """Bytes used on the root's file system, or (without statvfs, as on WASI) by its files."""
-    statvfs = getattr(os, "statvfs", None)
-    if statvfs is not None:
-        try:
-            st = statvfs(root)
-            return int((st.f_blocks - st.f_bfree) * st.f_frsize)
-        except OSError:
-            pass
+    """Bytes of the files under the root (what a sandbox's disk quota counts): the root may share
+    its file system with others (WASM's host directory), so the file system's usage would lie."""
     total, seen = 0, 0
     stack = [root]
     while stack:

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .signals import signal_name
 from .wire import CHUNK_SIZE, ProtocolError
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -40,30 +41,6 @@ _POLL_INTERVAL = 0.05
 _EOF_CHAR = b"\x04"
 
 Emit = Callable[..., Any]
-
-
-def signal_number(value: Any) -> int:
-    """A signal given as a name ("SIGTERM", "TERM") or a number.
-
-    Raises:
-        ProtocolError: `bad_request` for anything this platform does not know.
-    """
-    try:
-        if isinstance(value, str):
-            name = value.upper()
-            return int(signal_mod.Signals[name if name.startswith("SIG") else "SIG" + name])
-        if isinstance(value, int) and not isinstance(value, bool):
-            return int(signal_mod.Signals(value))
-    except (KeyError, ValueError):
-        pass
-    raise ProtocolError("bad_request", f"unknown signal {value!r:.40}")
-
-
-def signal_name(number: int) -> str:
-    try:
-        return signal_mod.Signals(number).name
-    except ValueError:
-        return f"SIG{number}"
 
 
 def build_env(root: str, extra: Mapping[str, str], *, pty: bool) -> dict[str, str]:
@@ -99,7 +76,7 @@ class ProcessExec:
     Args:
         argv: the program and its arguments (a shell string is already `/bin/sh -c` here).
         emit: sends the exec's stream events (`data`, `end`); thread-safe.
-        on_end: called (on the pump thread) after `end` was sent, with (exit_code, signal).
+        on_end: called (on the pump thread) just before `end` is sent, with (exit_code, signal).
         pty: (rows, cols) to run on a pseudo-terminal, else None.
     """
 
@@ -267,8 +244,8 @@ class ProcessExec:
                     "timeout", f"the exec ran past its timeout of {self._timeout:g} s and was killed"
                 ).to_wire()
             self.finished = True
+            self._on_end(exit_code, sig)  # first: a client that saw `end` finds the exec ended
             self._emit("end", **fields)
-            self._on_end(exit_code, sig)
             self._close_stdin_fd()
             self._discard_until_eof(sel)
         finally:
@@ -288,9 +265,7 @@ class ProcessExec:
         except OSError:
             return None
 
-    def _run_live(
-        self, sel: selectors.BaseSelector, pidfd: int | None
-    ) -> tuple[int | None, str | None, bool]:
+    def _run_live(self, sel: selectors.BaseSelector, pidfd: int | None) -> tuple[int | None, str | None, bool]:
         deadline = None if self._timeout is None else self.started + self._timeout
         timed_out = False
         registered: dict[int, int] = {}

@@ -63,8 +63,9 @@ def compile_cell(source: str, filename: str) -> tuple[CodeType | None, CodeType 
     """
     tree = ast.parse(source, filename, "exec")
     last: ast.Expression | None = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = ast.Expression(tree.body.pop().value)
+    if tree.body and isinstance(tail := tree.body[-1], ast.Expr):
+        tree.body.pop()
+        last = ast.Expression(tail.value)
     body = compile(tree, filename, "exec") if tree.body else None
     expr = compile(last, filename, "eval") if last is not None else None
     return body, expr
@@ -209,15 +210,16 @@ class TextWriter(io.TextIOBase):
         self._binary = _BinaryWriter(output, fd)
 
     @property
-    def buffer(self) -> _BinaryWriter:  # type: ignore[override]
+    def buffer(self) -> _BinaryWriter:
         return self._binary
 
+    # Properties: io.TextIOBase's own attributes are read-only descriptors.
     @property
-    def encoding(self) -> str:
+    def encoding(self) -> str:  # type: ignore[override]
         return "utf-8"
 
     @property
-    def errors(self) -> str:
+    def errors(self) -> str:  # type: ignore[override]
         return "backslashreplace"
 
     def writable(self) -> bool:
@@ -263,9 +265,7 @@ class StdinBuffer(io.RawIOBase):
             if self._eof:
                 raise ProtocolError("bad_request", "stdin of this exec is closed")
             if not force and len(self._data) + len(data) > self._limit:
-                raise ProtocolError(
-                    "busy", f"the exec has {len(self._data)} bytes of unread stdin; retry later"
-                )
+                raise ProtocolError("busy", f"the exec has {len(self._data)} bytes of unread stdin; retry later")
             self._data += data
             self._cond.notify_all()
 

@@ -41,13 +41,17 @@ class AgentStream:
         self.finished = False
 
     async def _put(self, message: dict[str, Any]) -> None:
-        if message.get("ev") != "keepalive":
+        if "ev" not in message:  # a reply: the agent refused the stream before it started
+            self._client._streams.pop(self.request_id, None)
+            await self._queue.put(message)
+            return
+        if message["ev"] != "keepalive":
             if message["seq"] != self._next_seq:
                 raise ProtocolError(
                     "guest_protocol", f"stream {self.request_id}: seq {message['seq']}, expected {self._next_seq}"
                 )
             self._next_seq += 1
-        if message.get("ev") == "end" or "error" in message:
+        if message["ev"] == "end":
             self._client._streams.pop(self.request_id, None)
         await self._queue.put(message)
 
@@ -177,6 +181,9 @@ class AgentClient:
             error = ProtocolError(code, f"the agent broke the protocol: {exc.message}")
         except (ConnectionError, OSError) as exc:
             error = ProtocolError("guest_died", f"channel to the agent failed: {exc}")
+        except Exception as exc:  # a bug here must still end every stream, never hang them
+            log.exception("agent reader failed")
+            error = ProtocolError("internal", f"agent reader failed: {type(exc).__name__}")
         except asyncio.CancelledError:
             error = ProtocolError("guest_died", "the sandbox was closed")
             self._fail_all(error)

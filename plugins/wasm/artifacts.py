@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TextIO
 
 if TYPE_CHECKING:
     import wasmtime
@@ -225,10 +225,7 @@ def compiled_module_path(kind: Kind) -> Path:
     digest, wasmtime's version, the machine and the engine flags' hash, so any change to them
     misses the cache instead of loading incompatible code."""
     digest = file_sha256(wasm_path(kind))
-    name = (
-        f"{kind}-{digest[:24]}-wasmtime{wasmtime_version()}-{os.uname().machine}-"
-        f"{flags_hash()}.cwasm"
-    )
+    name = f"{kind}-{digest[:24]}-wasmtime{wasmtime_version()}-{os.uname().machine}-{flags_hash()}.cwasm"
     return wasm_cache_dir() / name
 
 
@@ -240,7 +237,8 @@ def engine_config() -> wasmtime.Config:
     cfg = wasmtime.Config()
     for name, value in ENGINE_FLAGS:
         if name == "async_stack_size":
-            _set_async_stack_size(cfg, int(value))  # type: ignore[call-overload]
+            assert isinstance(value, int)
+            _set_async_stack_size(cfg, value)
         else:
             setattr(cfg, name, value)
     return cfg
@@ -309,6 +307,15 @@ def _tick(progress: Progress, start: float, phase: list[str], stop: threading.Ev
         progress(time.monotonic() - start, phase[0])
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment for a `python -m plugins.wasm...` child, with the folder
+    holding `plugins` on PYTHONPATH (the child may not share our working directory)."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return env
+
+
 def _compile_in_child(kind: Kind, dest: Path) -> None:
     """Compile in a fresh interpreter into a temporary file, then rename it to `dest`."""
     import subprocess
@@ -317,12 +324,9 @@ def _compile_in_child(kind: Kind, dest: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     try:
-        root = str(Path(__file__).resolve().parents[2])  # the folder holding `plugins`
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         proc = subprocess.run(
             [sys.executable, "-m", "plugins.wasm.artifacts", "--compile-into", kind, tmp],
-            env=env,
+            env=child_env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -350,9 +354,7 @@ def _compile_into(kind: Kind, out: Path) -> None:
         os.fsync(f.fileno())
 
 
-def load_module(
-    engine: wasmtime.Engine, kind: Kind, progress: Progress | None = None
-) -> wasmtime.Module:
+def load_module(engine: wasmtime.Engine, kind: Kind, progress: Progress | None = None) -> wasmtime.Module:
     """The compiled module, loaded with `deserialize_file` (mapped, ~10 ms), compiled first if
     the cache lacks it. A cached file wasmtime refuses (a different CPU, a corrupt file) is
     removed and compiled again."""
@@ -406,7 +408,7 @@ class TerminalProgress:
 
     FRAMES = "|/-\\"
 
-    def __init__(self, stream: object = None, every: float = 10.0) -> None:
+    def __init__(self, stream: TextIO | None = None, every: float = 10.0) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.every = every
         self.frame = 0
@@ -414,34 +416,32 @@ class TerminalProgress:
 
     def __call__(self, elapsed: float, phase: str) -> None:
         stream = self.stream
-        tty = bool(getattr(stream, "isatty", lambda: False)())
+        tty = stream.isatty()
         if phase == "done":
             text = f"sandgate: ready after {elapsed:.1f}s"
-            print(("\r\033[K" if tty else "") + text, file=stream, flush=True)  # type: ignore[call-overload]
+            print(("\r\033[K" if tty else "") + text, file=stream, flush=True)
             return
         if tty:
             spin = self.FRAMES[self.frame % len(self.FRAMES)]
             self.frame += 1
             text = f"\r\033[K{spin} sandgate: {phase} {elapsed:5.1f}s"
-            print(text, end="", file=stream, flush=True)  # type: ignore[call-overload]
+            print(text, end="", file=stream, flush=True)
         elif elapsed - self.last_line >= self.every:
             self.last_line = elapsed
-            print(f"sandgate: {phase} ({elapsed:.0f}s)", file=stream, flush=True)  # type: ignore[call-overload]
+            print(f"sandgate: {phase} ({elapsed:.0f}s)", file=stream, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["--compile-into"] and len(args) == 3 and args[1] in KINDS:
-        _compile_into(args[1], Path(args[2]))  # type: ignore[arg-type]
+    kinds = [k for k in KINDS if k in args]
+    if args[:1] == ["--compile-into"] and len(args) == 3 and kinds:
+        _compile_into(kinds[0], Path(args[2]))  # the child ensure_compiled starts
         return 0
-    kinds = args or list(KINDS)
-    for kind in kinds:
-        if kind not in KINDS:
-            print(f"usage: python -m plugins.wasm.artifacts [{'|'.join(KINDS)} ...]")
-            return 2
-    for kind in kinds:
-        path = ensure_compiled(kind, TerminalProgress())  # type: ignore[arg-type]
-        print(path)
+    if len(kinds) != len(args):
+        print(f"usage: python -m plugins.wasm.artifacts [{'|'.join(KINDS)} ...]", file=sys.stderr)
+        return 2
+    for kind in kinds or KINDS:
+        print(ensure_compiled(kind, TerminalProgress()))
     return 0
 
 

@@ -28,7 +28,8 @@ import os
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NoReturn
 
 from plugins.wasm import artifacts
 
@@ -175,7 +176,7 @@ class CpuTicker:
             self.stop.wait(wait)
 
 
-def run_on_guest_thread(body: Any, ticker: CpuTicker) -> Outcome:
+def run_on_guest_thread(body: Callable[[], Outcome], ticker: CpuTicker) -> Outcome:
     """Run `body()` on a thread with room for the 8 MiB wasm stack (wasm runs on the calling
     native thread's stack; the main thread's may be smaller) and return its Outcome."""
     result: list[Outcome] = []
@@ -221,6 +222,11 @@ def classify(e: BaseException) -> Outcome:
     if isinstance(e, wasmtime.WasmtimeError):
         message = _first_line(str(e))
         if "memory" in message and ("limit" in message or "exceeds" in message):
+            import re
+
+            pages = re.search(r"minimum size of (\d+) pages", message)
+            if pages:  # instantiation: the cap is below the guest's initial memory
+                message += f" (the guest starts with {int(pages[1]) * 65536} bytes; raise --memory-bytes)"
             return _abnormal("memory", message)
         return _abnormal("error", message)
     if isinstance(e, LauncherError | OSError):
@@ -265,9 +271,7 @@ def _linker(engine: wasmtime.Engine) -> wasmtime.Linker:
     # through /work: both are refused.
     linker.define_func("wasi_snapshot_preview1", "path_symlink", _ft([i32] * 5, [i32]), refuse)
     linker.define_func("wasi_snapshot_preview1", "path_link", _ft([i32] * 7, [i32]), refuse)
-    linker.define_func(
-        "host", "call", _ft([i32] * 4, [i32]), lambda *_a: HOST_CALL_UNAVAILABLE
-    )
+    linker.define_func("host", "call", _ft([i32] * 4, [i32]), lambda *_a: HOST_CALL_UNAVAILABLE)
     return linker
 
 
@@ -277,9 +281,7 @@ def _ft(params: list[wasmtime.ValType], results: list[wasmtime.ValType]) -> wasm
     return wasmtime.FuncType(params, results)
 
 
-def _store(
-    engine: wasmtime.Engine, args: argparse.Namespace, wasi_argv: list[str]
-) -> wasmtime.Store:
+def _store(engine: wasmtime.Engine, args: argparse.Namespace, wasi_argv: list[str]) -> wasmtime.Store:
     import wasmtime
 
     wasi = wasmtime.WasiConfig()
@@ -302,17 +304,16 @@ def _store(
     store.set_wasi(wasi)
     if args.memory_bytes is not None:
         store.set_limits(memory_size=args.memory_bytes)
-    if args.cpu_seconds is not None:
-        store.set_epoch_deadline(max(1, round(args.cpu_seconds / TICK_SECONDS)))
-    else:
-        store.set_epoch_deadline(NO_DEADLINE)
+    budget = _budget_ticks(args)
+    # With epoch interruption on, a store without a deadline would trap at once.
+    store.set_epoch_deadline(NO_DEADLINE if budget is None else budget)
     return store
 
 
 def _budget_ticks(args: argparse.Namespace) -> int | None:
     if args.cpu_seconds is None:
         return None
-    return max(1, round(args.cpu_seconds / TICK_SECONDS))
+    return max(1, round(float(args.cpu_seconds) / TICK_SECONDS))
 
 
 # The two modes.
@@ -421,9 +422,7 @@ def report(outcome: Outcome) -> None:
         return
     import json
 
-    line = json.dumps(
-        {"sandgate_launcher": "exit", "reason": outcome.reason, "message": outcome.message}
-    )
+    line = json.dumps({"sandgate_launcher": "exit", "reason": outcome.reason, "message": outcome.message})
     try:
         sys.stderr.write("\n" + line + "\n")
         sys.stderr.flush()

@@ -44,10 +44,14 @@ def test_installed_example_runtime_is_found_through_its_entry_point(tmp_path: Pa
     env = {**os.environ, "PYTHONPATH": str(target), "SANDGATE_API_KEYS": "tp-key:tenant"}
     config = tmp_path / "sandgate.toml"
     config.write_text('[plugins]\nblocked = ["wasm"]\n')  # only the installed runtime, for speed
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--config", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-    )
+    ) as proc:
+        _use_gateway(proc, port)
+
+
+def _use_gateway(proc: subprocess.Popen[str], port: int) -> None:
     try:
         assert proc.stdout is not None
         for line in proc.stdout:  # aiohttp prints this once it listens

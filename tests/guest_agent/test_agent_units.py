@@ -1,0 +1,80 @@
+"""Pieces of the agent on their own: path confinement, REPL compilation, streams, the channel."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guest_agent.channel import Channel
+from guest_agent.features import detect
+from guest_agent.fsops import Root
+from guest_agent.pyexec import compile_cell
+from guest_agent.wire import ProtocolError, encode_frame
+
+
+def test_root_resolve(tmp_path: Path) -> None:
+    root = Root(str(tmp_path))
+    real = os.path.realpath(tmp_path)
+    assert root.resolve("").rel == "." and root.resolve("").real == real
+    assert root.resolve("./a//b/").rel == "a/b"
+    assert root.resolve(f"{tmp_path}/a").real == f"{real}/a"
+    for bad in ["..", "a/../..", "/etc", "a\0"]:
+        with pytest.raises(ProtocolError) as info:
+            root.resolve(bad)
+        assert info.value.code == "path_escape"
+
+
+def test_root_reached_through_a_symlink(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    root = Root(str(tmp_path / "alias"))
+    # Absolute paths may name the root as given or as it really is.
+    assert root.resolve(f"{tmp_path}/alias/x").rel == "x"
+    assert root.resolve(f"{os.path.realpath(tmp_path)}/real/x").rel == "x"
+
+
+def test_compile_cell_splits_off_the_last_expression() -> None:
+    body, expr = compile_cell("x = 1\nx + 1", "<t>")
+    assert body is not None and expr is not None
+    namespace: dict[str, Any] = {}
+    exec(body, namespace)
+    assert eval(expr, namespace) == 2
+    assert compile_cell("x = 1", "<t>")[1] is None
+    assert compile_cell("1", "<t>")[0] is None
+    with pytest.raises(SyntaxError):
+        compile_cell("(", "<t>")
+
+
+def test_channel_receives_split_frames_and_stops_at_a_bad_one() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        channel = Channel(theirs.fileno(), theirs.fileno())
+        frames = encode_frame({"id": 1, "op": "a"}) + encode_frame({"id": 2, "op": "b"})
+        ours.sendall(frames[:3])
+        ours.sendall(frames[3:] + b"\x00\x00\x00\x01\xc1")
+        assert channel.receive() == {"id": 1, "op": "a"}
+        assert channel.receive() == {"id": 2, "op": "b"}
+        with pytest.raises(ProtocolError) as info:
+            channel.receive()
+        assert info.value.code == "bad_frame"
+
+
+def test_channel_eof_and_send() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        channel = Channel(theirs.fileno(), theirs.fileno())
+        channel.send({"id": 3, "result": {}})
+        assert ours.recv(100) == encode_frame({"id": 3, "result": {}})
+        ours.shutdown(socket.SHUT_WR)
+        assert channel.receive() is None
+        assert channel.receive() is None
+
+
+def test_detect_single_thread() -> None:
+    features = detect(single_thread=True)
+    assert features.capabilities == ["exec.python", "exec.stdin", "fs", "metrics"]
+    assert "exec.pty" in detect().capabilities
