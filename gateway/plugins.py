@@ -27,7 +27,8 @@ def get_plugin_manager(
         pm.set_blocked(name)
     pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     for plugin in extra_plugins:
-        pm.register(plugin)
+        if not pm.is_registered(plugin):  # it may also be installed under its entry point
+            pm.register(plugin)
     pm.check_pending()
     return pm
 

@@ -45,9 +45,11 @@ def _channel_fds(args: argparse.Namespace, parser: argparse.ArgumentParser) -> t
         fd = os.open(args.device, os.O_RDWR | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
         if os.isatty(fd):
             try:  # a serial console: no echo, no line editing, every byte as it is
+                import termios
                 import tty
 
-                tty.setraw(fd)
+                # TCSANOW: TCSAFLUSH (the default) would drop frames the peer already sent.
+                tty.setraw(fd, termios.TCSANOW)
             except ImportError:
                 pass
         return fd, fd

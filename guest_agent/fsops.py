@@ -149,6 +149,18 @@ def stat_entry(name: str, path: str, st: os.stat_result) -> dict[str, Any]:
     }
 
 
+#: O_NONBLOCK: opening a FIFO must not block the request loop (regular files ignore it).
+_OPEN_FLAGS = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def _check_regular(st: os.stat_result, path: str) -> None:
+    """fs.read and fs.write take regular files only: a FIFO or a device could block forever."""
+    if stat_mod.S_ISDIR(st.st_mode):
+        raise os_error(IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)), path)
+    if not stat_mod.S_ISREG(st.st_mode):
+        raise ProtocolError("io_error", f"not a regular file: {path!r:.300}")
+
+
 def _path(message: Mapping[str, Any], name: str = "path") -> str:
     return field(message, name, str)  # type: ignore[no-any-return]
 
@@ -227,13 +239,12 @@ class FileOps:
         length = _non_negative(message, "length", None)
         target = self.root.resolve(path)
         try:
-            fd = os.open(target.real, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(target.real, os.O_RDONLY | _OPEN_FLAGS)
         except OSError as exc:
             raise os_error(exc, path) from None
         try:
             st = os.fstat(fd)
-            if stat_mod.S_ISDIR(st.st_mode):
-                raise os_error(IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)), path)
+            _check_regular(st, path)
             if offset:
                 os.lseek(fd, offset, os.SEEK_SET)
         except OSError as exc:
@@ -252,12 +263,13 @@ class FileOps:
         offset = _non_negative(message, "offset", 0) or 0
         truncate = field(message, "truncate", bool, False)
         target = self.root.resolve(path)
-        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+        flags = os.O_WRONLY | os.O_CREAT | _OPEN_FLAGS | getattr(os, "O_NOFOLLOW", 0)
         if truncate:
             flags |= os.O_TRUNC
         try:
             fd = os.open(target.real, flags, 0o644)
             try:
+                _check_regular(os.fstat(fd), path)
                 if offset:
                     os.lseek(fd, offset, os.SEEK_SET)
                 view = memoryview(data)

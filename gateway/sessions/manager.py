@@ -299,21 +299,25 @@ class SandboxManager:
             log.warning("sandbox %s: agent stopped: %s", sandbox.id, error.message)
             try:
                 await self.restart_agent(sandbox, agent)
-            except ProtocolError as exc:
-                log.warning("sandbox %s failed: %s", sandbox.id, exc.message)
-                sandbox.state = "failed"
+            except ProtocolError:
                 return
 
     async def restart_agent(self, sandbox: Sandbox, agent: AgentClient) -> None:
-        """Replace `agent` with a fresh one from the runtime (files are kept)."""
+        """Replace `agent` with a fresh one from the runtime (files are kept). A runtime that
+        cannot restart leaves the sandbox `failed`, and this raises guest_died."""
         async with sandbox._restart_lock:
-            if sandbox.agent is not agent or sandbox.state == "destroyed":
+            if sandbox.agent is not agent or sandbox.state != "running":
                 return
             await agent.close()
-            await sandbox.backend.restart_agent()
-            sandbox.agent = await self._connect(sandbox.backend)
+            try:
+                await sandbox.backend.restart_agent()
+                sandbox.agent = await self._connect(sandbox.backend)
+            except ProtocolError as exc:
+                log.warning("sandbox %s failed: %s", sandbox.id, exc.message)
+                sandbox.state = "failed"
+                raise ProtocolError("guest_died", f"the sandbox's agent stopped and could not restart: "
+                                                  f"{exc.message}") from None
             sandbox.restarts += 1
-            sandbox.state = "running"
 
     async def _reap_forever(self) -> None:
         while True:
@@ -338,6 +342,17 @@ class SandboxManager:
         return reaped
 
     # -- ops ---------------------------------------------------------------------------------
+
+    async def _agent(self, sandbox: Sandbox) -> AgentClient:
+        """The sandbox's live agent: waits out a restart in progress, and restarts a dead agent
+        itself rather than racing the watcher (whoever comes first restarts, once)."""
+        agent = sandbox.agent
+        if agent.closed.done() and sandbox.state == "running":
+            await self.restart_agent(sandbox, agent)
+        async with sandbox._restart_lock:
+            if sandbox.state != "running":
+                raise ProtocolError("guest_died", f"the sandbox is {sandbox.state}")
+            return sandbox.agent
 
     def _check_usable(self, sandbox: Sandbox, op: str) -> None:
         if sandbox.state != "running":
@@ -382,7 +397,7 @@ class SandboxManager:
             data = wire_field(fields, "data", bytes)
             if len(data) > MAX_WRITE_CHUNK:
                 raise ProtocolError("frame_too_large", f"fs.write takes at most {MAX_WRITE_CHUNK} bytes per request")
-        return await sandbox.agent.request(op, **fields)
+        return await (await self._agent(sandbox)).request(op, **fields)
 
     async def signal(self, sandbox: Sandbox, fields: Mapping[str, Any]) -> dict[str, Any]:
         """exec.signal; where the agent has no signals, a killing signal restarts the agent."""
@@ -400,7 +415,7 @@ class SandboxManager:
 
     async def metrics(self, sandbox: Sandbox) -> dict[str, Any]:
         self._check_usable(sandbox, "metrics")
-        guest = await sandbox.agent.request("metrics")
+        guest = await (await self._agent(sandbox)).request("metrics")
         host = await sandbox.backend.host_metrics()
         return {"guest": guest, "host": host, "restarts": sandbox.restarts}
 
@@ -410,7 +425,7 @@ class SandboxManager:
         fields: dict[str, Any] = {"path": path, "offset": offset}
         if length is not None:
             fields["length"] = length
-        return await sandbox.agent.stream("fs.read", **fields)
+        return await (await self._agent(sandbox)).stream("fs.read", **fields)
 
     def _exec_fields(
         self, sandbox: Sandbox, message: Mapping[str, Any], default_timeout: float | None
@@ -499,7 +514,7 @@ class SandboxManager:
             events = sandbox.backend.run_oneshot(fields["language"], fields["code"], stdin=fields.get("stdin", b""),
                                                  env=fields.get("env", {}), timeout=timeout)
         else:
-            agent = sandbox.agent
+            agent = await self._agent(sandbox)
             events = aiter(await agent.stream("exec.start", exec_id=exec_id, **fields))
             if timeout is not None:
                 # The agent enforces timeouts where it can signal; the watchdog catches the rest.
@@ -524,11 +539,8 @@ class SandboxManager:
                 await record.done.wait()
         if record.running and sandbox.agent is agent:
             record.timed_out_after = timeout
-            try:
+            with contextlib.suppress(ProtocolError):  # a failed restart already marked the sandbox
                 await self.restart_agent(sandbox, agent)
-            except ProtocolError as exc:
-                log.warning("sandbox %s: restart after timeout failed: %s", sandbox.id, exc.message)
-                sandbox.state = "failed"
 
     def _remember(self, sandbox: Sandbox, record: ExecRecord) -> None:
         sandbox.execs[record.exec_id] = record

@@ -46,6 +46,7 @@ class WsClient:
         self.ws = ws
         self.codec = ClientCodec(subprotocol)
         self._ids = iter(range(1, 1 << 30))
+        self._backlog: list[dict[str, Any]] = []  # messages for other requests, kept in order
 
     async def send(self, op: str, **fields: Any) -> int:
         request_id = next(self._ids)
@@ -64,10 +65,14 @@ class WsClient:
         return self.codec.decode(msg.data)
 
     async def receive_for(self, request_id: int) -> dict[str, Any]:
+        for i, message in enumerate(self._backlog):
+            if message.get("id") == request_id:
+                return self._backlog.pop(i)
         while True:
             message = await self.receive()
             if message.get("id") == request_id:
                 return message
+            self._backlog.append(message)
 
     async def call(self, op: str, **fields: Any) -> dict[str, Any]:
         """A request and its reply: the result, or AssertionError carrying the error."""

@@ -324,10 +324,19 @@ def _budget_ticks(args: argparse.Namespace) -> int | None:
 # the caller's argv to the reactor's own command-line handling (`_reactor.run(argv, environ)`,
 # which runs it in a fresh __main__ and returns the exit status). Its own source is dropped from
 # linecache so tracebacks and inspect never show it.
+#
+# It also caps sys.setrecursionlimit at MAX_RECURSION_LIMIT. Python-to-Python calls use no C
+# stack, but freeing a traceback recurses once per level (tb_dealloc), and the 8 MiB wasm stack
+# holds about 40,000 of those (measured): with a higher limit, a deep recursion's RecursionError
+# is raised cleanly and then freeing its traceback kills the whole sandbox (stack_overflow).
+# Capped, the guest (and the agent serving it) survives with a RecursionError.
+MAX_RECURSION_LIMIT = 25_000
 PYTHON_PRELUDE = (
     "import sys as _s, os as _o, linecache as _l; "
     "getattr(_l, '_interactive_cache', {}).clear(); "
     "_s.path.extend(p for p in _o.environ.get('PYTHONPATH', '').split(':') if p); "
+    "_s.setrecursionlimit = lambda limit, _set=_s.setrecursionlimit: "
+    f"_set(limit if limit < {MAX_RECURSION_LIMIT} else {MAX_RECURSION_LIMIT}); "
     "_s.exit(__import__('_reactor').run([_s.executable, *_s.argv[1:]], dict(_o.environ)))"
 )
 

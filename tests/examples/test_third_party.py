@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,9 +35,11 @@ def _call(port: int, method: str, path: str, body: dict[str, Any] | None = None)
 
 def test_installed_example_runtime_is_found_through_its_entry_point(tmp_path: Path) -> None:
     target = tmp_path / "site"
+    source = tmp_path / "src"  # a copy: building in place would leave egg-info on the test path
+    shutil.copytree(ROOT / "examples" / "sandgate-example-runtime", source)
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(ROOT / "examples" / "sandgate-example-runtime")],
+         "--target", str(target), str(source)],
         check=True, timeout=300,
     )
     assert list(target.glob("sandgate_example_runtime-*.dist-info"))

@@ -179,21 +179,21 @@ def test_device_channel(root: Path) -> None:
     # A pty stands in for a serial port, opened by path.
     master, slave = os.openpty()
     tty.setraw(slave)  # before the agent is up too: else the pty echoes our first request back
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "guest_agent", "--root", str(root), "--device", os.ttyname(slave)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        env=agent_env(),
+    )
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "guest_agent", "--root", str(root), "--device", os.ttyname(slave)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            env=agent_env(),
-        )
         client = AgentClient(master, master)
         assert client.request("ping") == {}
         binary = bytes(range(256)) * 4  # every byte value survives: no line discipline
         client.request("fs.write", path="b", data=binary)
         assert client.python("open('b', 'rb').read() == bytes(range(256)) * 4").stdout == "True\n"
+    finally:
         proc.kill()
         proc.wait(READ_TIMEOUT)
-    finally:
         os.close(master)
         os.close(slave)
 

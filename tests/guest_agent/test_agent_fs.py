@@ -216,3 +216,10 @@ def test_names_that_are_not_utf8_are_listed(client: AgentClient, root: Path) -> 
     os.close(os.open(os.path.join(os.fsencode(root), b"bad-\xff-name"), os.O_CREAT | os.O_WRONLY))
     entries = client.request("fs.list", path=".")["entries"]
     assert [e["name"] for e in entries] == ["bad-\ufffd-name"]
+
+
+def test_fifos_are_refused_without_blocking(client: AgentClient, root: Path) -> None:
+    os.mkfifo(root / "fifo")
+    assert client.error("fs.read", path="fifo")["code"] == "io_error"
+    assert client.error("fs.write", path="fifo", data=b"x")["code"] == "io_error"
+    assert client.request("fs.stat", path="fifo")["type"] == "other"

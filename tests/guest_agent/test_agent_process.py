@@ -178,16 +178,21 @@ def test_sigwinch_reaches_the_foreground_process(client: AgentClient) -> None:
 
 
 def test_ctrl_c_typed_into_the_pty_interrupts_the_foreground_job(client: AgentClient) -> None:
-    rid, _ = client.start(exec_id="cc", command="echo go; sleep 100", pty={"rows": 24, "cols": 80})
+    # The job says "go" once it runs: a ^C typed before the shell forked it would be caught and
+    # deferred by the shell (dash does under -c) and so would not show that it reached the job.
+    job = "import time; print('go', flush=True); time.sleep(100)"
+    script = f'"$0" -c "{job}"; echo not reached'
+    rid, _ = client.start(
+        exec_id="cc", command=["/bin/sh", "-c", script, sys.executable], pty={"rows": 24, "cols": 80}
+    )
     out = b""
     while b"go" not in out:
         out += client.event(rid)["data"]
     client.request("exec.input", exec_id="cc", data=b"\x03")
-    while True:
-        ev = client.event(rid)
-        if ev["ev"] == "end":
-            break
+    while (ev := client.event(rid))["ev"] != "end":
+        out += ev["data"]
     assert ev["signal"] == "SIGINT" or ev["exit_code"] == 130
+    assert b"not reached" not in out
 
 
 def test_resize_without_pty_is_refused(client: AgentClient) -> None:

@@ -20,13 +20,13 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="session")
-def compiled() -> dict[str, Path]:
+def compiled() -> dict[artifacts.Kind, Path]:
     """Both modules compiled once (cached across runs: the first compile takes minutes)."""
     return {kind: artifacts.ensure_compiled(kind, artifacts.TerminalProgress()) for kind in artifacts.KINDS}
 
 
 @pytest.fixture(scope="session")
-def agent_dir(compiled: dict[str, Path]) -> Path:
+def agent_dir(compiled: dict[artifacts.Kind, Path]) -> Path:
     return stage_agent_dir()
 
 
@@ -147,22 +147,21 @@ class TestPython:
         code = (
             "import os\n"
             "open('/work/f', 'w').close()\n"
-            "for make, src, dst in [(os.symlink, '../../etc', '/work/x'), (os.symlink, 'f', '/work/y'),\n"
-            "                       (os.link, '/sandgate/msgpack/ext.py', '/work/h'), (os.link, '/work/f', '/work/g')]:\n"
+            "for make, src, dst in [\n"
+            "    (os.symlink, '../../etc', '/work/x'),\n"
+            "    (os.symlink, 'f', '/work/y'),\n"
+            "    (os.link, '/sandgate/msgpack/ext.py', '/work/h'),\n"
+            "    (os.link, '/work/f', '/work/g'),\n"
+            "]:\n"
             "    try:\n"
             "        make(src, dst)\n"
             "        print('MADE', dst)\n"
-            "    except PermissionError as e:\n"
+            "    except PermissionError:\n"
             "        print('refused', dst)\n"
         )
         proc = python(code, "--work", str(tmp_path), "--agent-dir", str(agent_dir))
         assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.decode().split() == ["refused", "/work/x", "refused", "/work/y"] + [
-            "refused",
-            "/work/h",
-            "refused",
-            "/work/g",
-        ]
+        assert proc.stdout.decode().splitlines() == [f"refused /work/{n}" for n in "xyhg"]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
 
     def test_memory_cap_raises_memory_error_in_the_guest(self) -> None:
@@ -195,14 +194,29 @@ class TestPython:
         proc = python("import time; time.sleep(1); print('woke')", "--cpu-seconds", "0.3")
         assert (proc.returncode, proc.stdout) == (0, b"woke\n"), proc.stderr
 
-    def test_deep_python_recursion_ends_with_stack_overflow_not_a_crash(self) -> None:
-        # CPython raises a clean RecursionError at depth 10**6; then freeing the million-frame
-        # traceback (tb_dealloc -> _Py_Dealloc, recursing) overflows the 8 MiB wasm stack, which
-        # wasmtime turns into a trap. (Left uncaught, the traceback's formatting alone would take
-        # minutes of CPU: it parses the source line of every one of the 10**6 frames.)
+    def test_deep_python_recursion_is_a_clean_recursion_error(self) -> None:
         code = (
             "import sys\n"
             "sys.setrecursionlimit(10**6)\n"
+            "print(sys.getrecursionlimit())\n"
+            "def f(n): return f(n+1)\n"
+            "try:\n"
+            "    f(0)\n"
+            "except RecursionError:\n"
+            "    print('RecursionError')\n"
+            "print('alive')\n"
+        )
+        proc = python(code)
+        expected = f"{launcher.MAX_RECURSION_LIMIT}\nRecursionError\nalive\n".encode()
+        assert (proc.returncode, proc.stdout) == (0, expected), proc.stderr
+
+    def test_stack_overflow_ends_the_guest_cleanly(self) -> None:
+        # Past the cap (the original setter, reached around it): CPython raises RecursionError
+        # at depth 10**6, then freeing the million-level traceback (tb_dealloc recursing)
+        # overflows the 8 MiB wasm stack, which wasmtime turns into a trap, not a SIGSEGV.
+        code = (
+            "import sys\n"
+            "sys.setrecursionlimit.__defaults__[0](10**6)\n"
             "def f(n): return f(n+1)\n"
             "try:\n"
             "    f(0)\n"
@@ -281,7 +295,7 @@ class TestJavaScript:
 
 
 class TestArtifacts:
-    def test_compiled_modules_are_reused(self, compiled: dict[str, Path]) -> None:
+    def test_compiled_modules_are_reused(self, compiled: dict[artifacts.Kind, Path]) -> None:
         for kind, path in compiled.items():
             stamp = path.stat().st_mtime_ns
             assert artifacts.ensure_compiled(kind) == path == artifacts.compiled_module_path(kind)
@@ -289,7 +303,7 @@ class TestArtifacts:
             assert path.stat().st_mode & 0o777 == 0o600
             assert path.parent.stat().st_mode & 0o777 == 0o700
 
-    def test_module_name_keys(self, compiled: dict[str, Path]) -> None:
+    def test_module_name_keys(self, compiled: dict[artifacts.Kind, Path]) -> None:
         name = compiled["python"].name
         digest = artifacts.file_sha256(artifacts.wasm_path("python"))
         assert name.startswith(f"python-{digest[:24]}-wasmtime{artifacts.wasmtime_version()}-")
@@ -308,7 +322,8 @@ class TestArtifacts:
         monkeypatch.setenv(artifacts.CACHE_ENV, str(tmp_path / "mine"))
         assert artifacts.cache_root() == tmp_path / "mine"
 
-    def test_stage_agent_dir(self, agent_dir: Path) -> None:
+    def test_stage_agent_dir(self) -> None:
+        agent_dir = stage_agent_dir()
         assert stage_agent_dir() == agent_dir  # content-keyed: staged once
         for name in MSGPACK_FILES:
             assert (agent_dir / "msgpack" / name).is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -117,11 +118,17 @@ class TestWasmRuntime(GatewayFixtures):
         assert done["error"]["code"] == "guest_died" and "cpu_limit" in done["error"]["message"], done
 
     async def test_deep_recursion_does_not_kill_the_launcher(self, gateway: Gateway, sandbox: dict[str, Any]) -> None:
-        done = await gateway.exec(sandbox["id"], language="python",
-                                  code="import sys\nsys.setrecursionlimit(10**6)\ndef f(n): return f(n + 1)\nf(0)")
-        assert done["exit_code"] != 0 or "error" in done
+        managed = gateway.client.app[MANAGER].get("tenant-a", sandbox["id"])
+        old_agent = managed.agent
+        await gateway.exec(sandbox["id"], language="python",
+                           code="import sys\nsys.setrecursionlimit(10**6)\ndef f(n): return f(n + 1)\nf(0)")
+        # The guest overflows its wasm stack (while recursing, or while freeing the frames after it
+        # reported the RecursionError): wasmtime traps, the launcher reports it and exits cleanly.
+        error = await asyncio.wait_for(asyncio.shield(old_agent.closed), 60)
+        assert "stack_overflow" in error.message, error.message
         after = await gateway.exec(sandbox["id"], language="python", code="print('alive')")
-        assert after["stdout"] == "alive\n"
+        assert after["stdout"] == "alive\n", after.get("error")
+        assert managed.restarts == 1
 
     async def test_busy_agent_refuses_other_ops_clearly(self, gateway: Gateway, sandbox: dict[str, Any]) -> None:
         ws = await gateway.ws(sandbox["id"])
