@@ -287,8 +287,11 @@ class Agent:
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + 5.0
+        python_deadline = time.monotonic() + PYTHON_KILL_GRACE
         for thread in list(self._threads):
-            thread.join(max(0.0, deadline - time.monotonic()))
+            # A Python exec stuck in a C call cannot be stopped: do not wait long for it.
+            limit = python_deadline if thread.name.startswith("python-") else deadline
+            thread.join(max(0.0, limit - time.monotonic()))
         if self._scheduler is not None:
             self._scheduler.stop()
         if self._output_thread is not None:
@@ -581,7 +584,7 @@ class Agent:
         if threaded:
             if record.timeout is not None and self._scheduler is not None:
                 run.timers.append(self._scheduler.call_later(record.timeout, lambda: self._python_timeout(record)))
-            self._spawn_thread(f"exec-{record.exec_id}", lambda: self._python_thread(record))
+            self._spawn_thread(f"python-{record.exec_id}", lambda: self._python_thread(record))
             return
         self._router.bind(streams)
         try:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from guest_agent.agent import Stream
 from guest_agent.channel import Channel
 from guest_agent.features import detect
 from guest_agent.fsops import Root
@@ -78,3 +79,23 @@ def test_detect_single_thread() -> None:
     features = detect(single_thread=True)
     assert features.capabilities == ["exec.python", "exec.stdin", "fs", "metrics"]
     assert "exec.pty" in detect().capabilities
+
+
+def test_stream_numbers_events_and_keepalives_repeat_the_last_seq() -> None:
+    sent: list[dict[str, Any]] = []
+    stream = Stream(sent.append, 7)
+    stream.keepalive(0.0)  # nothing before start
+    assert stream.emit("start", exec_id="e", pid=None)
+    assert stream.emit("data", fd="stdout", data=b"x")
+    stream.keepalive(0.0)
+    stream.keepalive(3600.0)  # not idle that long: nothing
+    assert stream.emit("end", exit_code=0, signal=None, duration_ms=1.0)
+    assert not stream.emit("data", fd="stdout", data=b"late")
+    stream.keepalive(0.0)
+    assert [(m["ev"], m["seq"]) for m in sent] == [
+        ("start", 0),
+        ("data", 1),
+        ("keepalive", 1),
+        ("end", 2),
+    ]
+    assert all(m["id"] == 7 for m in sent)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from pathlib import Path
@@ -119,16 +118,20 @@ class TestWasmRuntime(GatewayFixtures):
 
     async def test_deep_recursion_does_not_kill_the_launcher(self, gateway: Gateway, sandbox: dict[str, Any]) -> None:
         managed = gateway.client.app[MANAGER].get("tenant-a", sandbox["id"])
-        old_agent = managed.agent
-        await gateway.exec(sandbox["id"], language="python",
-                           code="import sys\nsys.setrecursionlimit(10**6)\ndef f(n): return f(n + 1)\nf(0)")
-        # The guest overflows its wasm stack (while recursing, or while freeing the frames after it
-        # reported the RecursionError): wasmtime traps, the launcher reports it and exits cleanly.
-        error = await asyncio.wait_for(asyncio.shield(old_agent.closed), 60)
-        assert "stack_overflow" in error.message, error.message
-        after = await gateway.exec(sandbox["id"], language="python", code="print('alive')")
-        assert after["stdout"] == "alive\n", after.get("error")
-        assert managed.restarts == 1
+        launcher = managed.backend.launcher
+        done = await gateway.exec(sandbox["id"], language="python",
+                                  code="import sys\nsys.setrecursionlimit(10**6)\ndef f(n): return f(n + 1)\nf(0)")
+        assert done["exit_code"] != 0
+        # Two outcomes are right: CPython stops with RecursionError, or the wasm stack overflows
+        # (while recursing, or while freeing the frames after the exec reported) and wasmtime
+        # traps; the launcher then exits with its stack_overflow code. A SIGSEGV never is.
+        probe = await gateway.exec(sandbox["id"], language="python", code="print('alive')")
+        if probe.get("error"):
+            assert "stack_overflow" in probe["error"]["message"], probe["error"]
+            assert launcher.proc.returncode == 114
+            probe = await gateway.exec(sandbox["id"], language="python", code="print('alive')")
+        assert probe["stdout"] == "alive\n", probe.get("error")
+        assert launcher.proc.returncode in (None, 114)
 
     async def test_busy_agent_refuses_other_ops_clearly(self, gateway: Gateway, sandbox: dict[str, Any]) -> None:
         ws = await gateway.ws(sandbox["id"])
