@@ -34,7 +34,8 @@ READY_TIMEOUT_S = 30.0
 
 
 def _work_root() -> Path:
-    return Path(os.environ.get("SANDGATE_STATE_DIR") or Path(tempfile.gettempdir()) / f"sandgate-{os.getuid()}") / "wasm"
+    state = os.environ.get("SANDGATE_STATE_DIR") or Path(tempfile.gettempdir()) / f"sandgate-{os.getuid()}"
+    return Path(state) / "wasm"
 
 
 class Launcher:
@@ -105,6 +106,7 @@ class Launcher:
 class WasmBackend(Backend):
     def __init__(self, runtime: WasmRuntime, work: Path, memory_mb: int, cpu_seconds: float) -> None:
         self.runtime = runtime
+        self.work = work
         self.host_root = work
         self.memory_mb = memory_mb
         self.cpu_seconds = cpu_seconds
@@ -112,7 +114,7 @@ class WasmBackend(Backend):
         self._channel: ByteChannel | None = None
 
     def launcher_args(self, mode: str = "python") -> list[str]:
-        return ["--mode", mode, "--work", str(self.host_root), "--agent-dir", str(self.runtime.agent_dir),
+        return ["--mode", mode, "--work", str(self.work), "--agent-dir", str(self.runtime.agent_dir),
                 "--memory-bytes", str(self.memory_mb << 20), "--cpu-seconds", str(self.cpu_seconds)]
 
     async def start(self) -> None:
@@ -136,7 +138,7 @@ class WasmBackend(Backend):
     async def destroy(self) -> None:
         if self.launcher is not None:
             await self.launcher.kill()
-        await asyncio.to_thread(shutil.rmtree, self.host_root, True)
+        await asyncio.to_thread(shutil.rmtree, self.work, True)
 
     async def host_metrics(self) -> dict[str, Any]:
         if self.launcher is None:

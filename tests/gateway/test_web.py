@@ -6,6 +6,7 @@ runtime has its own tests in tests/plugins/wasm.
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -141,13 +142,12 @@ async def test_exec_controls_and_pty_over_ws(client: TestClient[Any, Any]) -> No
     start = await ws.receive_json()
     assert start["ev"] == "start" and start["pid"] > 0
     await ws.send_json({"id": 2, "op": "exec.resize", "tag": "term", "rows": 33, "cols": 77})
-    await ws.send_json({"id": 3, "op": "exec.input", "tag": "term", "data": "c3R0eSBzaXplOyBleGl0IDcK"})  # stty size; exit 7
+    typed = base64.b64encode(b"stty size; exit 7\n").decode()
+    await ws.send_json({"id": 3, "op": "exec.input", "tag": "term", "data": typed})
     screen, end = b"", None
     while end is None:
         message = await ws.receive_json()
         if message.get("ev") == "data":
-            import base64
-
             screen += base64.b64decode(message["data"])
         elif message.get("ev") == "end":
             end = message

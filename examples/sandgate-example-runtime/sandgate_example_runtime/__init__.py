@@ -58,12 +58,16 @@ class LocalBackend(Backend):
     async def host_metrics(self) -> dict[str, Any]:
         if self._proc is None:
             return {}
-        try:
-            status = Path(f"/proc/{self._proc.pid}/status").read_text()
-        except OSError:
-            return {}
-        rss = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), None)
-        return {"rss_bytes": rss}
+        return await asyncio.to_thread(_rss, self._proc.pid)
+
+
+def _rss(pid: int) -> dict[str, Any]:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    rss = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), None)
+    return {"rss_bytes": rss}
 
 
 class LocalProcessRuntime(Runtime):
