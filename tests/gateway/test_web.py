@@ -163,3 +163,22 @@ async def test_sigterm_signal_to_a_process(client: TestClient[Any, Any]) -> None
     messages = [await ws.receive_json(), await ws.receive_json()]
     end = next(m for m in messages if m.get("ev") == "end")
     assert end["signal"] == "SIGTERM" and end["exit_code"] is None
+
+
+async def test_reattach_reports_exactly_what_fell_out_of_the_replay_buffer(aiohttp_client: Any) -> None:
+    settings = Settings(api_keys={KEY: "tenant"}, blocked_plugins=("wasm",), default_runtime="example-local",
+                        limits=Limits(replay_bytes=4096), reap_interval_s=3600.0)
+    client = await aiohttp_client(create_app(settings, plugins=[sandgate_example_runtime]))
+    sid = await _create(client)
+    done = await client.post(f"/v1/sandboxes/{sid}/exec", headers=AUTH, json={
+        "tag": "noisy", "command": ["sh", "-c", "for i in $(seq 1 200); do echo line $i; done"]})
+    assert (await done.json())["exit_code"] == 0
+    ws = await client.ws_connect(f"/v1/sandboxes/{sid}/ws", headers=AUTH)
+    await ws.send_json({"id": 1, "op": "exec.attach", "tag": "noisy", "from_seq": 0})
+    reply = await ws.receive_json()
+    first_seq, lost = reply["result"]["first_seq"], reply["result"]["lost"]
+    assert lost == [0, first_seq - 1] and first_seq > 1
+    replayed = []
+    while not replayed or replayed[-1]["ev"] != "end":
+        replayed.append(await ws.receive_json())
+    assert [e["seq"] for e in replayed] == list(range(first_seq, first_seq + len(replayed)))
