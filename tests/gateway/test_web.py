@@ -171,7 +171,7 @@ async def test_reattach_reports_exactly_what_fell_out_of_the_replay_buffer(aioht
     client = await aiohttp_client(create_app(settings, plugins=[sandgate_example_runtime]))
     sid = await _create(client)
     done = await client.post(f"/v1/sandboxes/{sid}/exec", headers=AUTH, json={
-        "tag": "noisy", "command": ["sh", "-c", "for i in $(seq 1 200); do echo line $i; done"]})
+        "tag": "noisy", "command": ["sh", "-c", "for i in $(seq 1 5000); do echo line $i; done"]})
     assert (await done.json())["exit_code"] == 0
     ws = await client.ws_connect(f"/v1/sandboxes/{sid}/ws", headers=AUTH)
     await ws.send_json({"id": 1, "op": "exec.attach", "tag": "noisy", "from_seq": 0})
