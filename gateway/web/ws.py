@@ -24,7 +24,7 @@ from gateway.protocol.client import (
     choose_subprotocol,
 )
 from gateway.protocol.paths import check_path
-from gateway.sessions.manager import Sandbox, SandboxManager
+from gateway.sessions.manager import EXEC_CONTROL_OPS, Sandbox, SandboxManager
 from gateway.web.app import MANAGER, SETTINGS, SOCKETS, authenticate, bearer_token
 from guest_agent.wire import PROTOCOL_VERSION, ProtocolError, field, message_kind
 
@@ -83,6 +83,14 @@ class Session:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.errors = 0
         self._send_lock = asyncio.Lock()
+        # Keystrokes, resizes and signals must reach the agent in the order they were typed, so
+        # they go through one queue and one worker; every other request runs in its own task.
+        self._controls: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.spawn(self._run_controls())
+
+    async def _run_controls(self) -> None:
+        while True:
+            await self.run(await self._controls.get())
 
     async def send(self, message: dict[str, Any]) -> None:
         payload = self.codec.encode(message)
@@ -117,7 +125,10 @@ class Session:
         except ProtocolError as exc:
             await self.reply_error(request_id, exc)
             return
-        self.spawn(self.run(message))
+        if message["op"] in EXEC_CONTROL_OPS:
+            self._controls.put_nowait(message)
+        else:
+            self.spawn(self.run(message))
 
     async def run(self, message: dict[str, Any]) -> None:
         request_id, op = message["id"], message["op"]
