@@ -98,11 +98,16 @@ class ProcessExec:
         self._timeout = timeout
         self._lock = threading.Lock()
         self._stdin_data = bytearray(stdin)
+        if pty is not None and not stdin_open:
+            self._stdin_data += _EOF_CHAR  # a terminal's "close": ^D after the given input
         self._stdin_closing = not stdin_open
         self._stdin_broken = False
         self._stdin_fd: int | None = None
         self._outputs: dict[int, str] = {}
         self._master: int | None = None
+        self._pty = pty is not None
+        self._sel: selectors.BaseSelector = selectors.DefaultSelector()
+        self._registered: dict[int, int] = {}  # fd -> events, as registered in _sel
         self.started = time.monotonic()
         self.finished = False
         self._wake_r, self._wake_w = os.pipe()
@@ -113,6 +118,7 @@ class ProcessExec:
         except BaseException:
             os.close(self._wake_r)
             os.close(self._wake_w)
+            self._sel.close()
             raise
         self.pid = self.proc.pid
         self.pgid = self.proc.pid  # its own session leader, hence group leader
@@ -191,7 +197,7 @@ class ProcessExec:
 
     def close_stdin(self) -> None:
         with self._lock:
-            if self._master is not None and not self._stdin_closing:
+            if self._pty and not self._stdin_closing:
                 # A terminal has no half-close: send its EOF character, as a typed ^D would.
                 self._stdin_data += _EOF_CHAR
             self._stdin_closing = True
@@ -206,12 +212,15 @@ class ProcessExec:
             pass
 
     def resize(self, rows: int, cols: int) -> None:
-        if self._master is None:
-            raise ProtocolError("bad_request", "this exec has no pty")
-        try:
-            _set_winsize(self._master, rows, cols)
-        except OSError as exc:
-            raise ProtocolError("io_error", exc.strerror or "resize failed") from None
+        with self._lock:  # the pump closes the master under this lock
+            if not self._pty:
+                raise ProtocolError("bad_request", "this exec has no pty")
+            if self._master is None:
+                return  # the exec is ending
+            try:
+                _set_winsize(self._master, rows, cols)
+            except OSError as exc:
+                raise ProtocolError("io_error", exc.strerror or "resize failed") from None
 
     def kill(self) -> None:
         """Kill the whole process group (the agent is exiting)."""
@@ -221,15 +230,18 @@ class ProcessExec:
             pass
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"!")
-        except (BlockingIOError, OSError):
-            pass  # already woken, or the pump is gone
+        with self._lock:  # the pump closes the pipe under this lock: never write a reused fd
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"!")
+            except BlockingIOError:
+                pass  # already woken
 
     # -- the pump, on its own thread ----------------------------------------------------------
 
     def pump(self) -> None:
-        sel = selectors.DefaultSelector()
+        sel = self._sel
         pidfd = self._open_pidfd()
         try:
             exit_code, sig, timed_out = self._run_live(sel, pidfd)
@@ -253,7 +265,10 @@ class ProcessExec:
             for fd in list(self._outputs):
                 self._close_output(fd)
             self._close_stdin_fd()
-            for fd in (self._wake_r, self._wake_w) + ((pidfd,) if pidfd is not None else ()):
+            self._close_master()
+            with self._lock:
+                wake_fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+            for fd in wake_fds + ((pidfd,) if pidfd is not None else ()):
                 os.close(fd)
 
     def _open_pidfd(self) -> int | None:
@@ -268,11 +283,11 @@ class ProcessExec:
     def _run_live(self, sel: selectors.BaseSelector, pidfd: int | None) -> tuple[int | None, str | None, bool]:
         deadline = None if self._timeout is None else self.started + self._timeout
         timed_out = False
-        registered: dict[int, int] = {}
+        registered = self._registered
         while self.proc.poll() is None:
             with self._lock:
                 pending = bool(self._stdin_data)
-                close_now = self._stdin_closing and not pending and self._master is None
+                close_now = self._stdin_closing and not pending and not self._pty
             if close_now:
                 self._close_stdin_fd()
             wanted = {fd: selectors.EVENT_READ for fd in self._outputs}
@@ -308,6 +323,7 @@ class ProcessExec:
                 self.kill()
         for fd in list(registered):
             sel.unregister(fd)
+            del registered[fd]
         rc = self.proc.returncode
         if rc < 0:
             return None, signal_name(-rc), timed_out
@@ -344,10 +360,10 @@ class ProcessExec:
             return
         for fd in self._outputs:
             sel.register(fd, selectors.EVENT_READ)
+            self._registered[fd] = selectors.EVENT_READ
         while self._outputs:
             for key, _ in sel.select():
-                if self._read_output(key.fd, emit=False) == 0:
-                    sel.unregister(key.fd)
+                self._read_output(key.fd, emit=False)
 
     def _write_stdin(self) -> None:
         fd = self._stdin_fd
@@ -362,7 +378,7 @@ class ProcessExec:
                 self._stdin_broken = True
                 written = len(self._stdin_data)
             del self._stdin_data[:written]
-            broken = self._stdin_broken and self._master is None
+            broken = self._stdin_broken and not self._pty
         if broken:
             self._close_stdin_fd()
 
@@ -374,13 +390,24 @@ class ProcessExec:
             os.close(fd)
 
     def _close_output(self, fd: int) -> None:
-        if self._outputs.pop(fd, None) is not None:
-            if fd == self._master:
-                self._master = None
-                with self._lock:
-                    if self._stdin_fd == fd:
-                        self._stdin_fd = None
+        """Stop reading `fd`. A pty master stays open until the process has exited (see
+        `_close_master`): closing it hangs the terminal up, which SIGHUPs a session leader
+        that has closed its tty fds (EIO here) but has not finished exiting yet."""
+        if self._outputs.pop(fd, None) is None:
+            return
+        if self._registered.pop(fd, None) is not None:
+            self._sel.unregister(fd)  # before close: the fd number may be reused at once
+        if fd != self._master:
             os.close(fd)
+
+    def _close_master(self) -> None:
+        with self._lock:
+            master, self._master = self._master, None
+            if self._stdin_fd == master:
+                self._stdin_fd = None
+        if master is not None:
+            self._outputs.pop(master, None)
+            os.close(master)
 
 
 def _sync(sel: selectors.BaseSelector, registered: dict[int, int], wanted: dict[int, int]) -> None:

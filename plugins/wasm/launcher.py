@@ -7,14 +7,22 @@ with no copy here). javascript mode evaluates one JS source with QuickJS and exi
 Options:
   --work DIR          host folder preopened read-write at /work (the only writable place)
   --agent-dir DIR     host folder preopened read-only at /sandgate (python: PYTHONPATH=/sandgate)
-  --memory-bytes N    cap on the guest's linear memory
+  --memory-bytes N    cap on the guest's linear memory (CPython starts with 40 MiB: below that
+                      it cannot start, reason "memory"; above, a failed allocation is a
+                      MemoryError inside the guest)
   --cpu-seconds S     CPU the guest thread may consume over the sandbox's whole life
   --mode python|javascript
   --code SRC / --code-file PATH   the JS source (javascript mode)
   --env K=V           guest environment (repeatable; overrides the defaults)
 
+The python argv's first item is ignored (the guest runs `python.wasm`): `-- python -m guest_agent`,
+`-- python -c CODE`, `-- python /work/script.py`, or `-- python` for a REPL on stdin. The guest
+sees /usr/local/lib (the stdlib zip, read-only), /work and /sandgate, nothing else; its
+sys.setrecursionlimit is capped (see MAX_RECURSION_LIMIT).
+
 Exit status: the guest's exit code, or when the guest stopped abnormally one of the EXIT_*
-codes below, and then the last line on stderr is one JSON object:
+codes below (110 error, 111 trap, 112 cpu_limit, 113 memory, 114 stack_overflow), and then the
+last line on stderr is one JSON object:
   {"sandgate_launcher": "exit", "reason": "trap"|"cpu_limit"|"memory"|"stack_overflow"|"error",
    "message": "..."}
 
@@ -446,9 +454,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
             outcome = run_python(args)
         else:
             outcome = run_javascript(args)
-    except BaseException as e:  # any failure before the guest ran is still one JSON line
-        if isinstance(e, SystemExit | KeyboardInterrupt):
-            raise
+    except KeyboardInterrupt:  # never unwind normally while a guest thread may be inside wasm
+        outcome = _abnormal("error", "interrupted")
+    except Exception as e:  # any failure before the guest ran is still one JSON line
         outcome = classify(e)
     report(outcome)
     # os._exit: nothing is left to flush (wasmtime wrote the guest's output straight to the

@@ -87,6 +87,8 @@ class Launcher:
         self._stderr_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._stderr_task
+        close_pipes(self.proc)
+
 
     async def wait_ready(self) -> None:
         """Ping the agent once so a pooled launcher is known to answer at once."""
@@ -101,6 +103,14 @@ class Launcher:
                 decoder.receive_data(data)
                 if any(message.get("id") == 0 for message in decoder.messages_received()):
                     return
+
+
+def close_pipes(proc: asyncio.subprocess.Process) -> None:
+    """Close a finished subprocess's pipes now. asyncio's Process has no public close, and pipes
+    nobody reads to EOF would otherwise stay open until garbage collection (ResourceWarning)."""
+    transport = getattr(proc, "_transport", None)
+    if transport is not None:
+        transport.close()
 
 
 class WasmBackend(Backend):
@@ -226,6 +236,7 @@ class WarmPool:
         self.interval = 1.0 / refill_per_s if refill_per_s > 0 else 0.0
         self.ready: list[WasmBackend] = []
         self._wanted = asyncio.Event()
+        self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -233,7 +244,12 @@ class WarmPool:
             self._task = asyncio.create_task(self._refill_forever(), name="wasm-pool")
             self._wanted.set()
 
+    async def wait_full(self) -> None:
+        """Until the pool holds `size` ready launchers (benchmarks and tests wait on this)."""
+        await self._full.wait()
+
     def take(self) -> WasmBackend | None:
+        self._full.clear()
         while self.ready:
             backend = self.ready.pop(0)
             self._wanted.set()
@@ -253,12 +269,15 @@ class WarmPool:
                     await backend.start()
                     assert backend.launcher is not None
                     await backend.launcher.wait_ready()
-                except (ProtocolError, OSError, TimeoutError) as exc:
-                    log.error("warm pool: a launcher failed to start: %s", exc)
+                except Exception as exc:  # never let the refill task die: log, back off, retry
+                    log.error("warm pool: a launcher failed to start: %s", exc, exc_info=not isinstance(
+                        exc, ProtocolError | OSError | TimeoutError))
                     await backend.destroy()
                     await asyncio.sleep(1.0)  # back off: a broken host must not spin
                     continue
                 self.ready.append(backend)
+                if len(self.ready) >= self.size:
+                    self._full.set()
                 await asyncio.sleep(self.interval)
 
     async def stop(self) -> None:

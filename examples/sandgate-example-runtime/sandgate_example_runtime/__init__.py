@@ -45,7 +45,12 @@ class LocalBackend(Backend):
                 os.killpg(self._proc.pid, signal.SIGKILL)  # the agent and every process it started
             except ProcessLookupError:
                 pass
+        if self._proc is not None:
             await self._proc.wait()
+            # Close the pipes now rather than at garbage collection (asyncio has no public close).
+            transport = getattr(self._proc, "_transport", None)
+            if transport is not None:
+                transport.close()
 
     async def restart_agent(self) -> None:
         await self._kill()

@@ -57,7 +57,7 @@ def test_serve_prints_a_key_and_sigterm_cleans_up(tmp_path: Path) -> None:
         work_dirs = [p for p in (tmp_path / "state" / "wasm").rglob("keep.txt")]
         assert len(work_dirs) == 1
         proc.send_signal(signal.SIGTERM)
-        proc.stdout.read()
-        assert proc.wait(timeout=60) == 0
+        log = proc.stdout.read()
+        assert proc.wait(timeout=60) == 0, log
     assert not Path(f"/proc/{pid}").exists(), "the sandbox's launcher is gone"
-    assert not list((tmp_path / "state" / "wasm").rglob("*")), "every sandbox and pool directory is gone"
+    assert not list((tmp_path / "state" / "wasm").rglob("*")), f"every sandbox and pool directory is gone: {log}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -44,6 +45,20 @@ class TestWasmRuntime(GatewayFixtures):
         caps = set(sandbox["capabilities"])
         assert {"exec.python", "exec.javascript", "fs", "metrics"} <= caps
         assert not caps & {"exec.process", "exec.pty", "exec.signal", "exec.concurrent"}
+
+    async def test_warm_pool_serves_creates_and_refills(self, gateway: Gateway) -> None:
+        pool = gateway.client.app[MANAGER].runtimes["wasm"].pool
+        await asyncio.wait_for(pool.wait_full(), 60)
+        pooled = list(pool.ready)
+        sandbox = await gateway.create()
+        backend = gateway.client.app[MANAGER].get("tenant-a", sandbox["id"]).backend
+        assert backend is pooled[0], "a create with default limits takes a ready launcher"
+        await asyncio.wait_for(pool.wait_full(), 60)
+        assert len(pool.ready) == pool.size and backend not in pool.ready
+        custom = await gateway.create(memory_mb=128)
+        assert gateway.client.app[MANAGER].get("tenant-a", custom["id"]).backend not in pooled, "other limits: cold"
+        done = await gateway.exec(sandbox["id"], language="python", code="print('warm')")
+        assert done["stdout"] == "warm\n"
 
     async def test_javascript_one_shot(self, gateway: Gateway, sandbox: dict[str, Any]) -> None:
         done = await gateway.exec(sandbox["id"], language="javascript",
