@@ -111,5 +111,17 @@ async def main() -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="server %(levelname)s %(name)s: %(message)s")
-    asyncio.run(main())
+    profile_to = os.environ.get("BENCH_PROFILE")  # bench/profile_gateway.py: cProfile the gateway
+    if profile_to:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            asyncio.run(main())
+        finally:
+            profiler.disable()
+            profiler.dump_stats(profile_to)
+    else:
+        asyncio.run(main())
     os._exit(0)  # the stdin-watching thread may still block

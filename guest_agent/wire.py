@@ -151,7 +151,10 @@ class FrameDecoder:
         self._buffer += data
 
     def messages_received(self) -> Iterator[dict[str, Any]]:
-        """Yield every complete message buffered so far."""
+        """Yield every complete message buffered so far.
+
+        Not re-entrant: finish (or drop) one iteration before starting another. Feeding more data
+        with `receive_data` while iterating is fine."""
         if self._error is not None:
             raise self._error
         buf = self._buffer
