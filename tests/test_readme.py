@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.serving import Served, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -28,30 +29,18 @@ def _block(language: str, starts: str) -> str:
 
 
 @pytest.fixture
-def gateway_port(tmp_path: Path) -> Iterator[int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+def gateway(tmp_path: Path) -> Iterator[Served]:
     env = {**os.environ, "SANDGATE_API_KEYS": f"{KEY}:readme", "SANDGATE_STATE_DIR": str(tmp_path / "state")}
-    with subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if "Running on" in line:
-                break
-        try:
-            yield port
-        finally:
-            proc.terminate()
-            proc.stdout.read()
-            assert proc.wait(timeout=60) == 0
+    with serve(env) as served:
+        yield served
+        served.stop()
 
 
-def test_curl_examples(gateway_port: int, tmp_path: Path) -> None:
+def test_curl_examples(gateway: Served, tmp_path: Path) -> None:
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed: the README's curl examples cannot run here")
     script = _block("sh", "export KEY=").replace("export KEY=sg_...", f"export KEY={KEY}")
-    script = script.replace("localhost:8080", f"localhost:{gateway_port}")
+    script = script.replace("localhost:8080", f"localhost:{gateway.port}")
     (tmp_path / "data.csv").write_text("a,b\n1,2\n")
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", script + "\necho SB=$SB"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
@@ -61,15 +50,9 @@ def test_curl_examples(gateway_port: int, tmp_path: Path) -> None:
     assert '"guest"' in done.stdout and '"disk_bytes"' in done.stdout
 
 
-def test_websocket_example(gateway_port: int, tmp_path: Path) -> None:
-    import json
-    import urllib.request
-
-    request = urllib.request.Request(f"http://127.0.0.1:{gateway_port}/v1/sandboxes", data=b'{"runtime": "wasm"}',
-                                     headers={"Authorization": f"Bearer {KEY}"})
-    with urllib.request.urlopen(request, timeout=60) as resp:
-        sandbox_id = json.load(resp)["id"]
-    code = _block("python", "import asyncio, json, os, websockets").replace("8080", str(gateway_port))
+def test_websocket_example(gateway: Served) -> None:
+    sandbox_id = gateway.call(KEY, "POST", "/v1/sandboxes", {"runtime": "wasm"})["id"]
+    code = _block("python", "import asyncio, json, os, websockets").replace("8080", str(gateway.port))
     env = {**os.environ, "KEY": KEY, "SB": sandbox_id}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr

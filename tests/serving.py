@@ -1,0 +1,68 @@
+"""Start `sandgate serve` as a real subprocess, the way users run it (shared by several tests)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[str]
+    port: int
+    #: What the gateway printed before it started listening.
+    banner: str
+
+    def call(self, key: str, method: str, path: str, body: Any = None) -> Any:
+        """One REST call; the JSON answer (None for an empty body)."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            raw = resp.read()
+            return json.loads(raw) if raw else None
+
+    def stop(self) -> str:
+        """SIGTERM, wait for a clean exit (the drain), and return the rest of the output."""
+        assert self.proc.stdout is not None
+        self.proc.terminate()
+        rest = self.proc.stdout.read()
+        assert self.proc.wait(timeout=60) == 0, rest
+        return rest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serve(env: Mapping[str, str], *args: str) -> Iterator[Served]:
+    """`python -m gateway.cli serve --port <free> *args`, ready to take requests."""
+    port = free_port()
+    with subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(env)) as proc:
+        assert proc.stdout is not None
+        banner = []
+        for line in proc.stdout:  # aiohttp prints this once it listens
+            banner.append(line)
+            if "Running on" in line:
+                break
+        else:
+            raise AssertionError("the gateway exited before listening:\n" + "".join(banner))
+        served = Served(proc, port, "".join(banner))
+        try:
+            yield served
+        finally:
+            if proc.poll() is None:
+                proc.kill()
