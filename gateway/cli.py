@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8080)")
-    serve.add_argument("--config", default=None, help="a TOML settings file (docs/configuration.md)")
+    serve.add_argument("--config", default=None, help="a TOML settings file (README: Configuration)")
     serve.set_defaults(func=_serve)
 
     images = sub.add_parser("images", help="build runtime images")
