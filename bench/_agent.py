@@ -19,8 +19,8 @@ from _common import PYTHON, ROOT
 if str(ROOT) not in sys.path:
     sys.path.insert(1, str(ROOT))
 
-from guest_agent.wire import FrameDecoder, encode_frame  # noqa: E402
-from plugins.wasm.agent_dir import stage_agent_dir  # noqa: E402
+from guest_agent.wire import FrameDecoder, encode_frame
+from plugins.wasm.agent_dir import stage_agent_dir
 
 
 def launcher_argv(work: str, memory_mb: int = 256, cpu_seconds: float = 600.0) -> list[str]:
@@ -77,7 +77,7 @@ class DirectAgent:
             ev = message.get("ev")
             if ev == "data" and on_data is not None:
                 on_data(message["data"])
-            elif ev == "end" or "error" in message and ev is None:
+            elif ev == "end" or ("error" in message and ev is None):
                 return message
 
     def close(self) -> None:

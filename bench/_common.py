@@ -313,7 +313,7 @@ class QuietSampler:
         before every sample if given."""
         acc = self._new()
         while not self._done(acc, n):
-            mon, chunk, start = LoadMonitor(), [], time.monotonic()
+            mon, chunk, start = LoadMonitor(), list[float](), time.monotonic()
             while time.monotonic() - start < self.chunk_s and len(acc["quiet"]) + len(chunk) < n:
                 if between is not None:
                     await between()
@@ -324,11 +324,55 @@ class QuietSampler:
     def collect_sync(self, one: Any, n: int) -> dict[str, Any]:
         acc = self._new()
         while not self._done(acc, n):
-            mon, chunk, start = LoadMonitor(), [], time.monotonic()
+            mon, chunk, start = LoadMonitor(), list[float](), time.monotonic()
             while time.monotonic() - start < self.chunk_s and len(acc["quiet"]) + len(chunk) < n:
                 chunk.append(one())
             self._chunk_done(acc, chunk, mon)
         return self._result(acc, n)
+
+
+async def interleaved(variants: Mapping[str, Any], n: int, *, chunk: int = 50, threshold_cores: float = 0.1,
+                      max_wall_s: float = 900.0, cpu_pids: Mapping[str, Mapping[str, int]] | None = None
+                      ) -> dict[str, dict[str, Any]]:
+    """Latency of several variants measured in alternating chunks of `chunk` samples, so that
+    each sees the same machine (a shared VM drifts: neighbours, steal, frequency). `variants`
+    maps a name to `async one() -> seconds`. A chunk during which other processes used more
+    than `threshold_cores` is kept in "all_samples" only. Goes on until every variant has `n`
+    quiet samples (or `max_wall_s`). `cpu_pids[name]` = processes whose CPU per op to record."""
+    quiet: dict[str, list[float]] = {k: [] for k in variants}
+    every: dict[str, list[float]] = {k: [] for k in variants}
+    kept = {k: 0 for k in variants}
+    total = {k: 0 for k in variants}
+    cpu: dict[str, dict[str, float]] = {k: {} for k in variants}
+    ops = {k: 0 for k in variants}
+    t0 = time.monotonic()
+    while any(len(v) < n for v in quiet.values()) and time.monotonic() - t0 < max_wall_s:
+        for name, one in variants.items():
+            if len(quiet[name]) >= n:
+                continue
+            pids = (cpu_pids or {}).get(name, {})
+            mon = LoadMonitor()
+            before = {p: cpu_seconds(pid) for p, pid in pids.items()}
+            samples = [await one() for _ in range(chunk)]
+            for p, pid in pids.items():
+                cpu[name][p] = cpu[name].get(p, 0.0) + cpu_seconds(pid) - before[p]
+            load = mon.read()
+            ops[name] += chunk
+            total[name] += 1
+            every[name].extend(samples)
+            if load["foreign_cores"] <= threshold_cores:
+                kept[name] += 1
+                quiet[name].extend(samples)
+    out = {}
+    for name in variants:
+        r = {**stats_ms(quiet[name][:n]), "all_samples": stats_ms(every[name]), "chunks_kept": kept[name],
+             "chunks_total": total[name], "chunk": chunk, "foreign_threshold_cores": threshold_cores}
+        if cpu[name]:
+            r["cpu_ms_per_op"] = {p: round(v / ops[name] * 1000, 3) for p, v in cpu[name].items()}
+        if len(quiet[name]) < n:
+            r["note"] = f"only {len(quiet[name])} of {n} samples on a quiet machine"
+        out[name] = r
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -379,7 +423,7 @@ class Gateway:
         self.url = ""
 
     async def __aenter__(self) -> Gateway:
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # noqa: ASYNC220 (a long-lived server; spawning it is instant)
             [PYTHON, str(BENCH / "_server.py"), json.dumps(self.settings)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, env=self.env,
         )
@@ -435,7 +479,7 @@ async def inprocess_gateway(settings: Mapping[str, Any]) -> AsyncIterator[tuple[
     from aiohttp import web
 
     sys.path.insert(0, str(BENCH))
-    from _server import build_settings  # noqa: PLC0415
+    from _server import build_settings
 
     from gateway.web.app import create_app
 

@@ -61,6 +61,11 @@ async def main() -> None:
 
     from gateway.web.app import MANAGER, create_app
 
+    if os.environ.get("BENCH_PATCH"):  # bench-only instrumentation (bench/_patches.py)
+        from _patches import apply
+
+        print(f"server: patched {apply(os.environ['BENCH_PATCH'])}", file=sys.stderr, flush=True)
+
     settings = build_settings(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
     app = create_app(settings)
 
@@ -85,7 +90,15 @@ async def main() -> None:
             "gateway_private_kb": kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0),
         })
 
+    async def trace(request: web.Request) -> web.Response:
+        import _patches
+
+        marks = list(_patches.TRACE)
+        _patches.TRACE.clear()
+        return web.json_response({"marks": marks})
+
     app.router.add_get("/_bench/state", state)
+    app.router.add_get("/_bench/trace", trace)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -122,6 +135,10 @@ if __name__ == "__main__":
         finally:
             profiler.disable()
             profiler.dump_stats(profile_to)
+    elif os.environ.get("BENCH_UVLOOP"):  # opt-in: the same gateway on uvloop's loop (not a dependency)
+        import uvloop  # type: ignore[import-not-found]  # not a dependency: an isolated install
+
+        uvloop.run(main())
     else:
         asyncio.run(main())
     os._exit(0)  # the stdin-watching thread may still block

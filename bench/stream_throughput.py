@@ -148,8 +148,8 @@ async def main() -> None:
         results["ws_msgpack_str"] = await repeat(
             "gateway WS msgpack, sys.stdout.write (str)", lambda: ws_stream(gw, "sandgate.v1.msgpack", total, "str"))
         small = min(total, 50 * 1_000_000 // CHUNK * CHUNK)
-        results["ws_json_bytes"] = await repeat(
-            f"gateway WS json (base64), {small / 1e6:.0f} MB", lambda: ws_stream(gw, "sandgate.v1.json", small, "bytes"))
+        results["ws_json_bytes"] = await repeat(f"gateway WS json (base64), {small / 1e6:.0f} MB",
+                                                lambda: ws_stream(gw, "sandgate.v1.json", small, "bytes"))
         rest_total = (16 << 20) // CHUNK * CHUNK
         results["rest_16mib"] = await repeat("gateway REST exec, 16 MiB (the default cap)",
                                              lambda: rest_stream(gw, rest_total))

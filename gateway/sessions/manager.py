@@ -71,6 +71,9 @@ class Sandbox:
     state: str = "running"
     sessions: int = 0
     execs: dict[str, ExecRecord] = field(default_factory=dict)
+    #: Records whose pump still runs, and finished exec ids oldest first (for pruning `execs`).
+    live_execs: set[ExecRecord] = field(default_factory=set)
+    finished_execs: deque[str] = field(default_factory=deque)
     exec_ids: Any = field(default_factory=lambda: itertools.count(1))
     restarts: int = 0
     destroyed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -83,7 +86,8 @@ class Sandbox:
         return self.agent.capabilities | self.runtime.capabilities | oneshot
 
     def running_execs(self) -> list[ExecRecord]:
-        return [r for r in self.execs.values() if r.running]
+        # `running` too: a record is done (its end published) a moment before its pump leaves.
+        return [r for r in self.live_execs if r.running]
 
     @property
     def active(self) -> bool:
@@ -526,7 +530,13 @@ class SandboxManager:
         return record
 
     async def _pump(self, sandbox: Sandbox, record: ExecRecord, events: AsyncIterator[dict[str, Any]]) -> None:
-        await record.pump(events)
+        try:
+            await record.pump(events)
+        finally:
+            sandbox.live_execs.discard(record)
+            sandbox.finished_execs.append(record.exec_id)
+            while len(sandbox.finished_execs) > MAX_FINISHED_EXECS:
+                sandbox.execs.pop(sandbox.finished_execs.popleft(), None)
         sandbox.touch()
         assert record.end is not None
         self.pm.hook.sandgate_exec_finished(sandbox_id=sandbox.id, tenant=sandbox.tenant,
@@ -544,9 +554,7 @@ class SandboxManager:
 
     def _remember(self, sandbox: Sandbox, record: ExecRecord) -> None:
         sandbox.execs[record.exec_id] = record
-        finished = deque(r for r in sandbox.execs.values() if not r.running)
-        while len(finished) > MAX_FINISHED_EXECS:
-            del sandbox.execs[finished.popleft().exec_id]
+        sandbox.live_execs.add(record)
 
     async def run_collected(self, sandbox: Sandbox, message: Mapping[str, Any]) -> dict[str, Any]:
         """The REST exec: run to the end and return the collected output."""

@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -28,6 +29,9 @@ from plugins.wasm.agent_dir import stage_agent_dir
 
 log = logging.getLogger(__name__)
 
+#: A take wakes the refill this much later, so the fork does not compete with the create that took
+#: the warm launcher (bench/: warm create p50 3.8 -> 2.3 ms).
+REFILL_DELAY_S = 0.05
 #: How much of a launcher's stderr the gateway keeps (the guest could write without end).
 STDERR_TAIL = 16 * 1024
 READY_TIMEOUT_S = 30.0
@@ -81,8 +85,10 @@ class Launcher:
 
     async def kill(self) -> None:
         if self.proc.returncode is None:
+            # os.kill, not Process.kill: the latter polls first and can reap the child behind
+            # asyncio's back ("Unknown child process", a wrong exit code).
             with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+                os.kill(self.proc.pid, signal.SIGKILL)
         await self.proc.wait()
         self._stderr_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -127,10 +133,15 @@ class WasmBackend(Backend):
         return ["--mode", mode, "--work", str(self.work), "--agent-dir", str(self.runtime.agent_dir),
                 "--memory-bytes", str(self.memory_mb << 20), "--cpu-seconds", str(self.cpu_seconds)]
 
-    async def start(self) -> None:
-        self.launcher = await Launcher.spawn([*self.launcher_args(), "--", "python", "-m", "guest_agent",
-                                              "--root", "/work"])
-        self._channel = self.launcher.channel()
+    async def boot(self) -> None:
+        """Start a launcher and wait until its agent answers. At most one boot per core runs at a
+        time: in a burst, booting everything at once makes every create finish last (bench/: 100
+        concurrent cold creates, p50 11 s -> ~5 s)."""
+        async with self.runtime.boot_slots:
+            self.launcher = await Launcher.spawn([*self.launcher_args(), "--", "python", "-m", "guest_agent",
+                                                  "--root", "/work"])
+            self._channel = self.launcher.channel()
+            await self.launcher.wait_ready()
 
     def channel(self) -> ByteChannel:
         assert self._channel is not None
@@ -143,7 +154,7 @@ class WasmBackend(Backend):
     async def restart_agent(self) -> None:
         if self.launcher is not None:
             await self.launcher.kill()
-        await self.start()
+        await self.boot()
 
     async def destroy(self) -> None:
         if self.launcher is not None:
@@ -252,7 +263,7 @@ class WarmPool:
         self._full.clear()
         while self.ready:
             backend = self.ready.pop(0)
-            self._wanted.set()
+            asyncio.get_running_loop().call_later(REFILL_DELAY_S, self._wanted.set)
             assert backend.launcher is not None
             if backend.launcher.proc.returncode is None:
                 return backend
@@ -266,9 +277,7 @@ class WarmPool:
             while len(self.ready) < self.size:
                 backend = self.runtime.new_backend(self.runtime.default_memory_mb, self.runtime.default_cpu_seconds)
                 try:
-                    await backend.start()
-                    assert backend.launcher is not None
-                    await backend.launcher.wait_ready()
+                    await backend.boot()
                 except Exception as exc:  # never let the refill task die: log, back off, retry
                     log.error("warm pool: a launcher failed to start: %s", exc, exc_info=not isinstance(
                         exc, ProtocolError | OSError | TimeoutError))
@@ -305,6 +314,7 @@ class WasmRuntime(Runtime):
         self.work_root = _work_root() / f"{os.getpid()}-{secrets.token_hex(4)}"
         self.private_dir = self.work_root / ".private"
         self.agent_dir = Path()
+        self.boot_slots = asyncio.Semaphore(os.cpu_count() or 1)
 
     async def start(self) -> None:
         for kind in ("python", "javascript"):
@@ -347,7 +357,7 @@ class WasmRuntime(Runtime):
                 return warm
         backend = self.new_backend(spec.memory_mb, spec.cpu_seconds)
         try:
-            await backend.start()
+            await backend.boot()
         except BaseException:
             await backend.destroy()
             raise

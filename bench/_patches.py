@@ -1,0 +1,70 @@
+"""Instrumentation applied inside the bench server only (`BENCH_PATCH=trace python bench/_server.py`):
+timestamps at the gateway's stage boundaries for bench/exec_breakdown.py. Nothing under gateway/ or
+plugins/ is edited. (Candidate fixes were once measured here the same way; the ones that helped are
+now in the source, see docs/benchmarks.md.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PATCHES: dict[str, Any] = {}
+
+
+def apply(names: str) -> list[str]:
+    applied = []
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        PATCHES[name]()
+        applied.append(name)
+    return applied
+
+
+#: (label, time.perf_counter()) pairs recorded by the `trace` patch; read by GET /_bench/trace.
+TRACE: list[tuple[str, float]] = []
+
+
+def trace() -> None:
+    """Not a fix: timestamps (perf_counter, CLOCK_MONOTONIC, comparable across processes) at the
+    gateway's stage boundaries, for bench/exec_breakdown.py. Costs ~1 us per mark."""
+    import time
+
+    from gateway.runtime.agent_client import AgentClient
+    from gateway.runtime.base import StreamChannel
+    from gateway.web.ws import Session
+
+    clock = time.perf_counter
+    mark = TRACE.append
+
+    handle = Session.handle
+
+    async def traced_handle(self: Any, payload: Any) -> None:
+        mark(("ws_in", clock()))
+        await handle(self, payload)
+
+    write = StreamChannel.write
+
+    async def traced_write(self: Any, data: bytes) -> None:
+        mark(("pipe_write", clock()))
+        await write(self, data)
+
+    dispatch = AgentClient._dispatch
+
+    async def traced_dispatch(self: Any, message: dict[str, Any]) -> None:
+        mark((f"agent_{message.get('ev', 'reply')}", clock()))
+        await dispatch(self, message)
+
+    send = Session.send
+
+    async def traced_send(self: Any, message: dict[str, Any]) -> None:
+        label = message.get("ev", "reply")
+        mark((f"ws_out_{label}", clock()))
+        await send(self, message)
+        mark((f"ws_sent_{label}", clock()))
+
+    Session.handle = traced_handle  # type: ignore[method-assign]
+    StreamChannel.write = traced_write  # type: ignore[method-assign]
+    AgentClient._dispatch = traced_dispatch  # type: ignore[method-assign]
+    Session.send = traced_send  # type: ignore[method-assign]
+
+
+PATCHES["trace"] = trace
