@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import traceback
 from typing import TextIO
 
 # Taken at import, before the agent swaps sys.stderr (and, on WASI, sys.__stderr__) for proxies.
@@ -21,4 +20,6 @@ def log(text: str) -> None:
 
 
 def log_exception(context: str) -> None:
+    import traceback  # only when something failed; it costs every WASM sandbox start otherwise
+
     log(f"{context}\n{traceback.format_exc().rstrip()}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat as stat_mod
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -308,6 +307,8 @@ class FileOps:
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
+                import shutil  # rare paths; not worth its import at every sandbox start
+
                 shutil.move(src.real, dst.real)  # another file system inside the root
         except OSError as exc:
             raise os_error(exc, src_path) from None
@@ -323,6 +324,8 @@ class FileOps:
             st = os.lstat(target.real)
             if stat_mod.S_ISDIR(st.st_mode):
                 if recursive:
+                    import shutil
+
                     shutil.rmtree(target.real)
                 else:
                     os.rmdir(target.real)

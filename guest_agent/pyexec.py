@@ -18,7 +18,6 @@ import io
 import linecache
 import sys
 import threading
-import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -105,6 +104,8 @@ def _remember_source(filename: str, source: str) -> None:
 
 def format_user_exception(exc: BaseException, filename: str) -> str:
     """The traceback as Python's REPL prints it: the agent's own frames are left out."""
+    import traceback  # imported when first needed: ~20 ms of every WASM sandbox start otherwise
+
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != filename:
         tb = tb.tb_next
@@ -118,6 +119,8 @@ def run_cell(source: str, namespace: dict[str, Any], filename: str, streams: Exe
         try:
             body, expr = compile_cell(source, filename)
         except (SyntaxError, ValueError) as exc:  # ValueError: NUL bytes, before 3.12
+            import traceback
+
             streams.stderr.write("".join(traceback.format_exception_only(type(exc), exc)))
             return Outcome(1)
         if body is not None:
