@@ -22,6 +22,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from _common import smaps_rollup
+
 KEY = "bench-key"
 TENANT = "bench"
 
@@ -43,17 +45,10 @@ def build_settings(raw: Mapping[str, Any]) -> Any:
 
 
 def _memory(pid: int) -> dict[str, int]:
-    kb: dict[str, int] = {}
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                parts = value.split()
-                if len(parts) == 2 and parts[1] == "kB":
-                    kb[key.strip()] = int(parts[0])
+        return smaps_rollup(pid)
     except OSError:
-        pass
-    return kb
+        return {}
 
 
 async def main() -> None:
