@@ -17,6 +17,7 @@ from typing import Any
 from gateway.runtime.base import ByteChannel
 from guest_agent.wire import (
     DEFAULT_MAX_FRAME,
+    OUTPUT_FDS,
     PROTOCOL_VERSION,
     FrameDecoder,
     ProtocolError,
@@ -51,6 +52,8 @@ class AgentStream:
                     "guest_protocol", f"stream {self.request_id}: seq {message['seq']}, expected {self._next_seq}"
                 )
             self._next_seq += 1
+        if message["ev"] == "data":
+            _check_data(message)
         if message["ev"] == "end":
             self._client._streams.pop(self.request_id, None)
         await self._queue.put(message)
@@ -86,6 +89,15 @@ class AgentStream:
         self.finished = True
         self._client._streams.pop(self.request_id, None)
         self._client._discarded.add(self.request_id)
+
+
+def _check_data(message: dict[str, Any]) -> None:
+    """A guest's data event must carry bytes, and an output stream's fd must be one of ours: the
+    layers above index by them, so anything else stops here as a protocol violation."""
+    if not isinstance(message.get("data"), bytes):
+        raise ProtocolError("guest_protocol", "a data event without binary 'data'")
+    if "fd" in message and message["fd"] not in OUTPUT_FDS:
+        raise ProtocolError("guest_protocol", f"a data event for unknown fd {message['fd']!r:.40}")
 
 
 class AgentClient:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from gateway.sessions.replay import ReplayBuffer
-from guest_agent.wire import ProtocolError
+from guest_agent.wire import OUTPUT_FDS, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -152,21 +152,19 @@ class OutputCollector:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.taken = 0
-        self.out: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray(), "pty": bytearray()}
+        # The agent client admits only these fds (OUTPUT_FDS), so indexing below cannot fail.
+        self.out: dict[str, bytearray] = {fd: bytearray() for fd in OUTPUT_FDS}
         self.truncated = False
-        self.start: dict[str, Any] | None = None
 
     async def deliver(self, event: dict[str, Any]) -> None:
-        if event["ev"] == "start":
-            self.start = event
-        elif event["ev"] == "data":
+        if event["ev"] == "data":
             data = event["data"]
             room = self.max_bytes - self.taken
             if len(data) > room:
                 data = data[: max(room, 0)]
                 self.truncated = True
             self.taken += len(data)
-            self.out.setdefault(event["fd"], bytearray()).extend(data)
+            self.out[event["fd"]].extend(data)
 
     def dropped(self, reason: str) -> None:  # never raises, so never dropped
         pass

@@ -418,8 +418,7 @@ class SandboxManager:
         return {}
 
     async def metrics(self, sandbox: Sandbox) -> dict[str, Any]:
-        self._check_usable(sandbox, "metrics")
-        guest = await (await self._agent(sandbox)).request("metrics")
+        guest = await self.request(sandbox, "metrics", {})
         host = await sandbox.backend.host_metrics()
         return {"guest": guest, "host": host, "restarts": sandbox.restarts}
 

@@ -46,6 +46,17 @@ def python(code: str, *options: str, stdin: bytes = b"") -> subprocess.Completed
     return launch(*options, "--", "python", "-c", code, stdin=stdin)
 
 
+def interactive_python(code: str) -> subprocess.Popen[bytes]:
+    """A launcher running `python -c code` with its stdin and stdout as pipes, for dialogues."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "plugins.wasm.launcher", "--", "python", "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+        env=artifacts.child_env(),
+    )
+
+
 def exit_report(proc: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
     """The launcher's JSON line, which must be the last line on stderr."""
     last = proc.stderr.decode().rstrip("\n").splitlines()[-1]
@@ -76,13 +87,7 @@ class TestPython:
             "for line in sys.stdin.buffer:\n"
             "    sys.stdout.buffer.write(b'echo:' + line); sys.stdout.flush()\n"
         )
-        with subprocess.Popen(
-            [sys.executable, "-m", "plugins.wasm.launcher", "--", "python", "-c", code],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            cwd=ROOT,
-            env=artifacts.child_env(),
-        ) as proc:
+        with interactive_python(code) as proc:
             assert proc.stdin is not None and proc.stdout is not None
             for line in (b"hello\n", b"second line\n"):
                 proc.stdin.write(line)
@@ -96,13 +101,7 @@ class TestPython:
         code = (
             "import sys\nwhile b := sys.stdin.buffer.read(1):\n    sys.stdout.buffer.write(b * 2); sys.stdout.flush()\n"
         )
-        with subprocess.Popen(
-            [sys.executable, "-m", "plugins.wasm.launcher", "--", "python", "-c", code],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            cwd=ROOT,
-            env=artifacts.child_env(),
-        ) as proc:
+        with interactive_python(code) as proc:
             assert proc.stdin is not None and proc.stdout is not None
             proc.stdin.write(b"z")
             proc.stdin.flush()
