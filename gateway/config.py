@@ -68,6 +68,8 @@ class Settings:
     reap_interval_s: float = 5.0
     #: Seconds a client has to take one output event before it is disconnected (4408).
     client_send_timeout_s: float = 30.0
+    #: Seconds of silence after which a running exec's stream gets a keepalive event.
+    keepalive_s: float = 15.0
     #: A key generated at start when none is configured (loopback only); printed by `serve`.
     generated_key: str | None = None
 
@@ -117,7 +119,7 @@ def load_settings(
         with Path(path).open("rb") as f:
             data = tomllib.load(f)
     values: dict[str, Any] = {}
-    for name in ("host", "port", "default_runtime", "reap_interval_s", "client_send_timeout_s"):
+    for name in ("host", "port", "default_runtime", "reap_interval_s", "client_send_timeout_s", "keepalive_s"):
         if name in data:
             values[name] = data.pop(name)
     if "api_keys" in data:

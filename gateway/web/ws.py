@@ -30,7 +30,6 @@ from guest_agent.wire import PROTOCOL_VERSION, ProtocolError, field, message_kin
 
 log = logging.getLogger(__name__)
 
-KEEPALIVE_S = 15.0
 MAX_PROTOCOL_ERRORS = 100
 CLOSE_PROTOCOL_ERROR = 4400
 CLOSE_DESTROYED = 4404
@@ -61,6 +60,8 @@ class Subscription:
         await self.session.send({"id": self.client_id, **event})
         self.last_seq = event["seq"]
         self.last_sent = time.monotonic()
+        if event["ev"] == "end":  # a finished stream gets no more keepalives
+            self.session.subscriptions.discard(self)
 
     async def deliver_keepalive(self) -> None:
         await self.session.send({"id": self.client_id, "ev": "keepalive", "seq": self.last_seq})
@@ -199,13 +200,13 @@ class Session:
             if not stream.finished:
                 stream.discard()
 
-    async def keepalive(self) -> None:
+    async def keepalive(self, interval: float) -> None:
         """Tell clients that a quiet exec stream is still alive (they can then use read deadlines)."""
         while True:
-            await asyncio.sleep(KEEPALIVE_S)
+            await asyncio.sleep(interval)
             now = time.monotonic()
             for sub in list(self.subscriptions):
-                if now - sub.last_sent >= KEEPALIVE_S and sub.last_seq is not None:
+                if now - sub.last_sent >= interval and sub.last_seq is not None:
                     await sub.deliver_keepalive()
 
     async def close(self) -> None:
@@ -233,7 +234,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     session = Session(ws, ClientCodec(subprotocol), manager, sandbox)
     sandbox.sessions += 1
     sandbox.touch()
-    session.spawn(session.keepalive())
+    session.spawn(session.keepalive(settings.keepalive_s))
     session.spawn(_close_on_destroy(session))
     try:
         async for msg in ws:

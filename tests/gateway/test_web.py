@@ -182,3 +182,23 @@ async def test_reattach_reports_exactly_what_fell_out_of_the_replay_buffer(aioht
     while not replayed or replayed[-1]["ev"] != "end":
         replayed.append(await ws.receive_json())
     assert [e["seq"] for e in replayed] == list(range(first_seq, first_seq + len(replayed)))
+
+
+async def test_quiet_running_stream_gets_keepalives_until_it_ends(aiohttp_client: Any) -> None:
+    settings = Settings(api_keys={KEY: "tenant"}, blocked_plugins=("wasm",), default_runtime="example-local",
+                        keepalive_s=0.05, reap_interval_s=3600.0)
+    client = await aiohttp_client(create_app(settings, plugins=[sandgate_example_runtime]))
+    sid = await _create(client)
+    ws = await client.ws_connect(f"/v1/sandboxes/{sid}/ws", headers=AUTH)
+    await ws.send_json({"id": 1, "op": "exec.start", "command": ["sh", "-c", "read line; echo $line"],
+                        "stdin_open": True})
+    start = await ws.receive_json()
+    keepalive = await ws.receive_json()  # the exec waits for stdin: silence, so a keepalive comes
+    assert keepalive == {"id": 1, "ev": "keepalive", "seq": start["seq"]}
+    await ws.send_json({"id": 2, "op": "exec.input", "exec_id": start["exec_id"], "data": "Z28K"})  # "go\n"
+    events = []
+    while not events or events[-1].get("ev") != "end":
+        message = await ws.receive_json()
+        if message.get("ev") != "keepalive" and message.get("id") == 1:
+            events.append(message)
+    assert base64.b64decode(events[0]["data"]) == b"go\n" and events[-1]["exit_code"] == 0
