@@ -33,22 +33,28 @@ def error_response(error: ProtocolError) -> web.Response:
     return web.json_response({"error": error.to_wire()}, status=ERRORS[error.code].http_status, headers=headers)
 
 
+#: Wire codes for the HTTP errors aiohttp raises itself (no route, wrong method, body too large).
+HTTP_ERROR_CODES = {401: "unauthorized", 404: "not_found", 405: "unknown_op", 413: "frame_too_large"}
+
+
 @web.middleware
 async def errors_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    """Every error answers `{"error": {...}}`, except a stream already under way: its handler raises
+    ConnectionError, which must reach aiohttp so it drops the connection (a broken transfer, never a
+    short body followed by nothing)."""
     try:
         return await handler(request)
     except ProtocolError as exc:
         return error_response(exc)
     except web.HTTPException as exc:
-        if exc.status >= 400 and exc.content_type != "application/json":
-            code = {401: "unauthorized", 404: "not_found", 413: "frame_too_large"}.get(exc.status, "bad_request")
-            if exc.status == 405:
-                code = "unknown_op"
-            body = {"error": {"code": code, "message": exc.reason, "retryable": False}}
-            return web.json_response(body, status=exc.status, headers={"Allow": exc.headers.get("Allow", "")}
-                                     if exc.status == 405 else None)
+        if exc.status < 400:
+            raise
+        error = {"code": HTTP_ERROR_CODES.get(exc.status, "bad_request"), "message": exc.reason, "retryable": False}
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.json_response({"error": error}, status=exc.status, headers=allow)
+    except ConnectionError:
         raise
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)

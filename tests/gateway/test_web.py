@@ -7,7 +7,10 @@ runtime has its own tests in tests/plugins/wasm.
 from __future__ import annotations
 
 import base64
+import io
 import json
+import os
+import signal
 from typing import Any
 
 import aiohttp
@@ -17,7 +20,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.config import Limits, Quotas, Settings
 from gateway.protocol.client import JSON, MSGPACK, bearer_subprotocol
-from gateway.web.app import create_app
+from gateway.web.app import MANAGER, create_app
 
 KEY = "web-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -202,3 +205,19 @@ async def test_quiet_running_stream_gets_keepalives_until_it_ends(aiohttp_client
         if message.get("ev") != "keepalive" and message.get("id") == 1:
             events.append(message)
     assert base64.b64decode(events[0]["data"]) == b"go\n" and events[-1]["exit_code"] == 0
+
+
+async def test_download_cut_by_a_dying_guest_is_a_broken_transfer_not_a_short_file(
+    client: TestClient[Any, Any],
+) -> None:
+    sid = await _create(client)
+    blob = os.urandom(32 << 20)
+    resp = await client.put(f"/v1/sandboxes/{sid}/files/big.bin", data=io.BytesIO(blob), headers=AUTH)
+    assert resp.status == 201
+    resp = await client.get(f"/v1/sandboxes/{sid}/files/big.bin", headers=AUTH)
+    assert resp.status == 200 and resp.content_length == len(blob)
+    await resp.content.readexactly(1 << 16)  # the transfer is under way
+    backend = client.app[MANAGER].get("tenant", sid).backend
+    os.killpg(backend._proc.pid, signal.SIGKILL)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
