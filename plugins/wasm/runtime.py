@@ -26,6 +26,7 @@ from gateway.runtime.base import Backend, ByteChannel, Runtime, SandboxSpec, Str
 from guest_agent.wire import CHUNK_SIZE, FrameDecoder, ProtocolError, encode_frame
 from plugins.wasm import artifacts
 from plugins.wasm.agent_dir import stage_agent_dir
+from plugins.wasm.launcher import EXIT_CODES
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,16 @@ class Launcher:
         assert self.proc.stdout is not None and self.proc.stdin is not None
         return StreamChannel(self.proc.stdout, self.proc.stdin)
 
+    async def exited(self) -> int:
+        """Wait for the exit and for the rest of stderr (bounded: nothing else should hold it)."""
+        code = await self.proc.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._stderr_task), 2)
+        return code
+
     async def reason(self) -> str:
         """Why the launcher exited, from its exit code and its last JSON stderr line."""
-        code = await self.proc.wait()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._stderr_task), 2)
+        code = await self.exited()
         for line in reversed(self.tail.decode("utf-8", "replace").splitlines()):
             if line.startswith("{") and "sandgate_launcher" in line:
                 try:
@@ -89,12 +95,11 @@ class Launcher:
             # asyncio's back ("Unknown child process", a wrong exit code).
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, signal.SIGKILL)
-        await self.proc.wait()
+        await self.exited()
         self._stderr_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._stderr_task
         close_pipes(self.proc)
-
 
     async def wait_ready(self) -> None:
         """Ping the agent once so a pooled launcher is known to answer at once."""
@@ -182,19 +187,19 @@ class WasmBackend(Backend):
         launcher = await Launcher.spawn([*self.launcher_args("javascript"), "--code-file", f.name, *env_args])
         try:
             assert launcher.proc.stdin is not None and launcher.proc.stdout is not None
-            launcher.proc.stdin.close()  # QuickJS one-shots read no stdin
             yield {"ev": "start", "pid": None}
             error = None
             try:
                 async with asyncio.timeout(timeout):
+                    launcher.proc.stdin.write(stdin)  # the script reads it with std.in
+                    launcher.proc.stdin.close()
                     while chunk := await launcher.proc.stdout.read(CHUNK_SIZE):
                         yield {"ev": "data", "fd": "stdout", "data": chunk}
-                    code_ = await launcher.proc.wait()
+                    code_: int | None = await launcher.exited()
             except TimeoutError:
-                await launcher.kill()
                 code_ = None
                 error = ProtocolError("timeout", f"the script ran past its {timeout:g} s timeout").to_wire()
-            await launcher.kill()
+            await launcher.kill()  # after a timeout; a no-op wait otherwise
             err = _without_launcher_line(bytes(launcher.tail))
             if err:
                 yield {"ev": "data", "fd": "stderr", "data": err}
@@ -202,7 +207,7 @@ class WasmBackend(Backend):
                                    "duration_ms": round((time.monotonic() - started) * 1000, 3)}
             if error is not None:
                 end["error"] = error
-            elif code_ is not None and code_ >= 110:
+            elif code_ in EXIT_CODES.values():  # the launcher's own codes: QuickJS exits 0 or 1
                 end["error"] = ProtocolError("guest_died", await launcher.reason()).to_wire()
             yield end
         finally:
@@ -278,6 +283,9 @@ class WarmPool:
                 backend = self.runtime.new_backend(self.runtime.default_memory_mb, self.runtime.default_cpu_seconds)
                 try:
                     await backend.boot()
+                except asyncio.CancelledError:  # the pool is stopping mid-boot: leave nothing behind
+                    await asyncio.shield(backend.destroy())
+                    raise
                 except Exception as exc:  # never let the refill task die: log, back off, retry
                     log.error("warm pool: a launcher failed to start: %s", exc, exc_info=not isinstance(
                         exc, ProtocolError | OSError | TimeoutError))

@@ -66,6 +66,9 @@ class TestWasmRuntime(GatewayFixtures):
         assert done["exit_code"] == 0 and done["stdout"] == "2,4,6\n", done
         failed = await gateway.exec(sandbox["id"], language="javascript", code="throw new Error('nope')")
         assert failed["exit_code"] == 1 and "nope" in failed["stderr"]
+        echoed = await gateway.exec(sandbox["id"], language="javascript", stdin="from stdin",
+                                    code="console.log(std.in.readAsString().toUpperCase())")
+        assert echoed["stdout"] == "FROM STDIN\n", echoed
 
     async def test_destroy_leaves_no_process_or_directory(self, gateway: Gateway) -> None:
         sandbox = await gateway.create()
