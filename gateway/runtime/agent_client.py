@@ -42,9 +42,9 @@ class AgentStream:
         self.finished = False
 
     async def _put(self, message: dict[str, Any]) -> None:
-        if "ev" not in message:  # a reply: the agent refused the stream before it started
+        if "ev" not in message:  # a reply: the agent refused the stream; consumers see it as its end
             self._client._streams.pop(self.request_id, None)
-            await self._queue.put(message)
+            await self._queue.put(self._end(message.get("error")))
             return
         if message["ev"] != "keepalive":
             if message["seq"] != self._next_seq:
@@ -61,8 +61,7 @@ class AgentStream:
     def _fail(self, error: ProtocolError) -> None:
         """End the stream with `error` without waiting: the channel is gone."""
         self._client._streams.pop(self.request_id, None)
-        end = {"id": self.request_id, "ev": "end", "seq": self._next_seq, "exit_code": None,
-               "signal": None, "error": error.to_wire()}
+        end = self._end(error.to_wire())
         while True:
             try:
                 self._queue.put_nowait(end)
@@ -70,16 +69,18 @@ class AgentStream:
             except asyncio.QueueFull:
                 self._queue.get_nowait()  # the consumer is behind; the end matters more
 
+    def _end(self, error: Any) -> dict[str, Any]:
+        if error is None:
+            error = ProtocolError("guest_protocol", "the agent answered a stream op with a result").to_wire()
+        return {"id": self.request_id, "ev": "end", "seq": self._next_seq, "exit_code": None, "signal": None,
+                "error": error}
+
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         return self._events()
 
     async def _events(self) -> AsyncIterator[dict[str, Any]]:
         while not self.finished:
             message = await self._queue.get()
-            if "error" in message and "ev" not in message:
-                # Refused before it started: surface the agent's error as an end event.
-                message = {"id": self.request_id, "ev": "end", "seq": self._next_seq,
-                           "exit_code": None, "signal": None, "error": message["error"]}
             if message["ev"] == "end":
                 self.finished = True
             yield message
@@ -227,7 +228,7 @@ class AgentClient:
                 future.set_result(message)
             return
         if request_id in self._discarded:
-            if kind == "event" and message["ev"] == "end":
+            if kind == "reply" or message["ev"] == "end":  # the stream's last message
                 self._discarded.discard(request_id)
             return
         # A late reply to a request that timed out, or noise from a confused guest: drop it.
