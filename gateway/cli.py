@@ -37,15 +37,24 @@ def _ready_line(text: str) -> None:
 
 
 def _images_build(args: argparse.Namespace) -> int:
-    if args.runtime == "wasm":
-        from plugins.wasm.artifacts import TerminalProgress, ensure_compiled
+    from gateway.config import load_settings
+    from gateway.plugins import collect_runtimes, get_plugin_manager
+    from plugins.common import TerminalProgress
 
-        for kind in ("python", "javascript"):
-            path = ensure_compiled(kind, progress=TerminalProgress())
-            print(f"{kind}: {path}", flush=True)
-        return 0
-    print(f"no image builder for runtime {args.runtime!r}", file=sys.stderr)
-    return 2
+    settings = load_settings(args.config)
+    registry = collect_runtimes(get_plugin_manager(blocked=settings.blocked_plugins))
+    if args.runtime not in registry:
+        print(f"unknown runtime {args.runtime!r}; installed: {', '.join(registry.ids())}", file=sys.stderr)
+        return 2
+    runtime = registry.get(args.runtime)
+    try:
+        lines = runtime.build_images(settings.runtimes.get(args.runtime, {}), args.template, TerminalProgress())
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"sandgate images build {args.runtime}: {exc}", file=sys.stderr)
+        return 1
+    for line in lines:
+        print(line, flush=True)
+    return 0
 
 
 def _version(args: argparse.Namespace) -> int:
@@ -66,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     images = sub.add_parser("images", help="build runtime images")
     images_sub = images.add_subparsers(dest="images_command", required=True)
     build = images_sub.add_parser("build", help="build (and cache) what a runtime needs")
-    build.add_argument("runtime", choices=["wasm"], help="the runtime")
+    build.add_argument("runtime", help="the runtime id (wasm, microvm, ...)")
+    build.add_argument("--template", default=None, help="one template of the runtime (default: all it declares)")
+    build.add_argument("--config", default=None, help="a TOML settings file (README: Configuration)")
     build.set_defaults(func=_images_build)
 
     version = sub.add_parser("version", help="print the version")

@@ -16,7 +16,8 @@ sys.path.insert(0, str(ROOT / "examples" / "sandgate-example-runtime"))
 @pytest.fixture(scope="session")
 def wasm_compiled() -> None:
     """Compile (once, cached across runs) the WASM modules; the first time takes minutes."""
-    from plugins.wasm.artifacts import TerminalProgress, ensure_compiled
+    from plugins.common import TerminalProgress
+    from plugins.wasm.artifacts import ensure_compiled
 
     for kind in ("python", "javascript"):
         ensure_compiled(kind, progress=TerminalProgress())

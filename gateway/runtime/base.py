@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from guest_agent.wire import ProtocolError
+
+#: `progress(seconds_elapsed, phase)`, called about twice a second during a long build.
+Progress = Callable[[float, str], None]
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,15 @@ class Runtime(ABC):
     def __init__(self, config: Mapping[str, Any]) -> None:
         """`config` is this runtime's table from the gateway config file (`[runtimes.<id>]`)."""
         self.config = dict(config)
+
+    @classmethod
+    def build_images(cls, config: Mapping[str, Any], template: str | None, progress: Progress) -> list[str]:
+        """Build and cache what this runtime's sandboxes boot from (compiled modules, kernels,
+        root images, snapshots); return one line per artefact for the user. Called by
+        `sandgate images build <id> [--template NAME]`, synchronously, outside any event loop;
+        may take minutes, calling `progress(seconds_elapsed, phase)` as it goes. The default
+        says there is nothing to build."""
+        return [f"{cls.id}: nothing to build"]
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Check the runtime-specific fields of a create request; raise ProtocolError('bad_request').

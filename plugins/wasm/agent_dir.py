@@ -10,62 +10,14 @@ files under running sandboxes.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from plugins.wasm.artifacts import cache_root, child_env, file_sha256, wasm_path
-
-MSGPACK_FILES = ("__init__.py", "exceptions.py", "ext.py", "fallback.py")
-
-
-def _package_dir(name: str) -> Path | None:
-    """A package's folder, found without importing it (importing the agent on the host would
-    run its code here for nothing). None when it is not installed."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except ModuleNotFoundError:  # a parent package is missing
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _py_files(root: Path) -> Iterable[Path]:
-    """Every *.py below `root`, relative to it (no caches, no hidden folders)."""
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if path.is_file() and not any(p.startswith(".") or p == "__pycache__" for p in rel.parts):
-            yield rel
-
-
-def agent_files(extra_packages: Iterable[str] = ()) -> dict[str, Path]:
-    """What the folder holds: guest-relative path -> host source file.
-
-    `extra_packages` are dotted names of more pure-Python packages the agent imports (say a
-    protocol module shared with the gateway); their parent packages get empty `__init__.py`
-    files, so a parent's own imports (aiohttp, pluggy) never run in the guest."""
-    files: dict[str, Path] = {}
-    agent = _package_dir("guest_agent")
-    if agent is not None:  # may not exist yet: stage whatever is there
-        for rel in _py_files(agent):
-            files[f"guest_agent/{rel.as_posix()}"] = agent / rel
-    msgpack = _package_dir("msgpack")
-    if msgpack is None:
-        raise RuntimeError("msgpack is not installed; the guest agent needs it")
-    for name in MSGPACK_FILES:
-        files[f"msgpack/{name}"] = msgpack / name
-    for dotted in extra_packages:
-        folder = _package_dir(dotted)
-        if folder is None:
-            raise RuntimeError(f"package {dotted!r} is not installed")
-        prefix = dotted.replace(".", "/")
-        for rel in _py_files(folder):
-            files[f"{prefix}/{rel.as_posix()}"] = folder / rel
-    return files
+from plugins.common import agent_files, cache_root
+from plugins.wasm.artifacts import child_env, file_sha256, wasm_path
 
 
 def _precompile(folder: Path) -> None:

@@ -18,18 +18,18 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TextIO
+from typing import TYPE_CHECKING, Literal
+
+from plugins.common import TerminalProgress, cache_root, private_dir, write_atomic
 
 if TYPE_CHECKING:
     import wasmtime
 
+    from gateway.runtime.base import Progress
+
 Kind = Literal["python", "javascript"]
 KINDS: tuple[Kind, ...] = ("python", "javascript")
-Progress = Callable[[float, str], None]
-
-CACHE_ENV = "SANDGATE_CACHE_DIR"
 
 # The guest's wasm stack. CPython's deep (C-level) recursion needs more than wasmtime's 512 KiB
 # default; the async stack must exceed it by 2 MiB or wasmtime aborts the process at engine
@@ -121,37 +121,8 @@ def stdlib_zip_name() -> str:
 # The cache.
 
 
-def cache_root() -> Path:
-    """sandgate's cache root: $SANDGATE_CACHE_DIR, else the platform's user cache folder."""
-    given = os.environ.get(CACHE_ENV)
-    if given:
-        return Path(given)
-    if sys.platform == "linux":
-        # platformdirs' XDG rule for the common cases, inline: importing platformdirs costs
-        # ~25 ms at every sandbox start (tests/plugins/wasm holds the two equal). Anything
-        # unusual (a relative HOME) is left to platformdirs.
-        xdg = os.environ.get("XDG_CACHE_HOME", "")
-        home = os.environ.get("HOME", "")
-        if os.path.isabs(xdg):
-            return Path(xdg) / "sandgate"
-        if os.path.isabs(home):
-            return Path(home) / ".cache" / "sandgate"
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("sandgate"))
-
-
-def _private_dir(path: Path) -> Path:
-    """`path` made (with parents) and held at 0700: compiled modules are native code that every
-    sandbox runs, so nobody else may write there."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.stat().st_mode & 0o777 != 0o700:
-        os.chmod(path, 0o700)
-    return path
-
-
 def wasm_cache_dir() -> Path:
-    return _private_dir(cache_root() / "wasm")
+    return private_dir(cache_root() / "wasm")
 
 
 def _short_hash(text: str) -> str:
@@ -202,22 +173,8 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     digest = h.hexdigest()
-    _write_atomic(sidecar, f"{stamp}\n{digest}".encode())
+    write_atomic(sidecar, f"{stamp}\n{digest}".encode())
     return digest
-
-
-def _write_atomic(dest: Path, data: bytes) -> None:
-    """`data` at `dest`, 0600, appearing whole or not at all."""
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def compiled_module_path(kind: Kind) -> Path:
@@ -397,38 +354,6 @@ def stdlib_dir() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
-
-
-# Progress display.
-
-
-class TerminalProgress:
-    """A `Progress` for people: a spinner and the elapsed time on one rewritten line when
-    stderr is a terminal, else a plain line every `every` seconds (logs stay readable)."""
-
-    FRAMES = "|/-\\"
-
-    def __init__(self, stream: TextIO | None = None, every: float = 10.0) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.every = every
-        self.frame = 0
-        self.last_line = -every
-
-    def __call__(self, elapsed: float, phase: str) -> None:
-        stream = self.stream
-        tty = stream.isatty()
-        if phase == "done":
-            text = f"sandgate: ready after {elapsed:.1f}s"
-            print(("\r\033[K" if tty else "") + text, file=stream, flush=True)
-            return
-        if tty:
-            spin = self.FRAMES[self.frame % len(self.FRAMES)]
-            self.frame += 1
-            text = f"\r\033[K{spin} sandgate: {phase} {elapsed:5.1f}s"
-            print(text, end="", file=stream, flush=True)
-        elif elapsed - self.last_line >= self.every:
-            self.last_line = elapsed
-            print(f"sandgate: {phase} ({elapsed:.0f}s)", file=stream, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

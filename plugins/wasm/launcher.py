@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
+from plugins.common import TerminalProgress
 from plugins.wasm import artifacts
 
 if TYPE_CHECKING:
@@ -358,7 +359,7 @@ def run_python(args: argparse.Namespace) -> Outcome:
     """CPython-for-WASI: the snapshot is a reactor; `_initialize`, then `run` runs CPython with
     the WASI argv and returns its exit status (sys.exit may also end it through proc_exit)."""
     engine = artifacts.new_engine()
-    module = artifacts.load_module(engine, "python", artifacts.TerminalProgress())
+    module = artifacts.load_module(engine, "python", TerminalProgress())
     store = _store(engine, args, python_argv(args.argv))
     linker = _linker(engine)
     ticker = CpuTicker(engine, _budget_ticks(args))
@@ -387,7 +388,7 @@ def run_javascript(args: argparse.Namespace) -> Outcome:
     if "\0" in code:
         raise LauncherError("the JS source contains a NUL character")
     engine = artifacts.new_engine()
-    module = artifacts.load_module(engine, "javascript", artifacts.TerminalProgress())
+    module = artifacts.load_module(engine, "javascript", TerminalProgress())
     store = _store(engine, args, ["qjs"])
     linker = _linker(engine)
     ticker = CpuTicker(engine, _budget_ticks(args))

@@ -22,8 +22,9 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from gateway.runtime.base import Backend, ByteChannel, Runtime, SandboxSpec, StreamChannel
+from gateway.runtime.base import Backend, ByteChannel, Progress, Runtime, SandboxSpec, StreamChannel
 from guest_agent.wire import CHUNK_SIZE, FrameDecoder, ProtocolError, encode_frame
+from plugins.common import TerminalProgress
 from plugins.wasm import artifacts
 from plugins.wasm.agent_dir import stage_agent_dir
 from plugins.wasm.launcher import EXIT_CODES
@@ -324,12 +325,19 @@ class WasmRuntime(Runtime):
         self.agent_dir = Path()
         self.boot_slots = asyncio.Semaphore(os.cpu_count() or 1)
 
+    @classmethod
+    def build_images(cls, config: Mapping[str, Any], template: str | None, progress: Progress) -> list[str]:
+        if template is not None:
+            raise ValueError("the wasm runtime has no templates")
+        lines = [f"{kind}: {artifacts.ensure_compiled(kind, progress)}" for kind in artifacts.KINDS]
+        return [*lines, f"agent: {stage_agent_dir()}"]
+
     async def start(self) -> None:
         for kind in ("python", "javascript"):
             if not artifacts.compiled_module_path(kind).exists():
                 log.warning("compiling the WASM %s module once (1-3 minutes; `sandgate images build wasm` "
                             "does this ahead of time)", kind)
-            await asyncio.to_thread(artifacts.ensure_compiled, kind, artifacts.TerminalProgress())
+            await asyncio.to_thread(artifacts.ensure_compiled, kind, TerminalProgress())
         self.agent_dir = await asyncio.to_thread(stage_agent_dir)
         await asyncio.to_thread(self._remove_orphans)
         self.private_dir.mkdir(parents=True, mode=0o700)

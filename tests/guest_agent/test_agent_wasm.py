@@ -18,10 +18,11 @@ WASI_CAPABILITIES = ["exec.python", "exec.stdin", "fs", "metrics"]
 
 @pytest.fixture(scope="session")
 def agent_dir() -> Path:
+    from plugins.common import TerminalProgress
     from plugins.wasm import artifacts
     from plugins.wasm.agent_dir import stage_agent_dir
 
-    artifacts.ensure_compiled("python", artifacts.TerminalProgress())  # minutes, the first time
+    artifacts.ensure_compiled("python", TerminalProgress())  # minutes, the first time
     return stage_agent_dir()
 
 

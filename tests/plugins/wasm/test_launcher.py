@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 
+from plugins import common
+from plugins.common import MSGPACK_FILES, TerminalProgress
 from plugins.wasm import artifacts, launcher
-from plugins.wasm.agent_dir import MSGPACK_FILES, stage_agent_dir
+from plugins.wasm.agent_dir import stage_agent_dir
 
 pytestmark = pytest.mark.wasm
 
@@ -22,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[3]
 @pytest.fixture(scope="session")
 def compiled() -> dict[artifacts.Kind, Path]:
     """Both modules compiled once (cached across runs: the first compile takes minutes)."""
-    return {kind: artifacts.ensure_compiled(kind, artifacts.TerminalProgress()) for kind in artifacts.KINDS}
+    return {kind: artifacts.ensure_compiled(kind, TerminalProgress()) for kind in artifacts.KINDS}
 
 
 @pytest.fixture(scope="session")
@@ -311,15 +313,15 @@ class TestArtifacts:
     def test_cache_root_follows_platformdirs(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         import platformdirs
 
-        monkeypatch.delenv(artifacts.CACHE_ENV, raising=False)
+        monkeypatch.delenv(common.CACHE_ENV, raising=False)
         for xdg in (None, str(tmp_path / "xdg"), "relative/xdg", ""):
             if xdg is None:
                 monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
             else:
                 monkeypatch.setenv("XDG_CACHE_HOME", xdg)
-            assert artifacts.cache_root() == Path(platformdirs.user_cache_dir("sandgate")), xdg
-        monkeypatch.setenv(artifacts.CACHE_ENV, str(tmp_path / "mine"))
-        assert artifacts.cache_root() == tmp_path / "mine"
+            assert common.cache_root() == Path(platformdirs.user_cache_dir("sandgate")), xdg
+        monkeypatch.setenv(common.CACHE_ENV, str(tmp_path / "mine"))
+        assert common.cache_root() == tmp_path / "mine"
 
     def test_stage_agent_dir(self) -> None:
         agent_dir = stage_agent_dir()

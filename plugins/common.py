@@ -1,0 +1,143 @@
+"""What the built-in runtimes share: the cache folder, atomic writes, build progress, and the
+guest agent's source files.
+
+Imported by the WASM launcher at every sandbox start: standard library only at module level.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TextIO
+
+CACHE_ENV = "SANDGATE_CACHE_DIR"
+
+MSGPACK_FILES = ("__init__.py", "exceptions.py", "ext.py", "fallback.py")
+
+
+def cache_root() -> Path:
+    """sandgate's cache root: $SANDGATE_CACHE_DIR, else the platform's user cache folder."""
+    given = os.environ.get(CACHE_ENV)
+    if given:
+        return Path(given)
+    if sys.platform == "linux":
+        # platformdirs' XDG rule for the common cases, inline: importing platformdirs costs
+        # ~25 ms at every sandbox start (tests/plugins/wasm holds the two equal). Anything
+        # unusual (a relative HOME) is left to platformdirs.
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        home = os.environ.get("HOME", "")
+        if os.path.isabs(xdg):
+            return Path(xdg) / "sandgate"
+        if os.path.isabs(home):
+            return Path(home) / ".cache" / "sandgate"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("sandgate"))
+
+
+def private_dir(path: Path) -> Path:
+    """`path` made (with parents) and held at 0700: it holds native code and images that every
+    sandbox runs, so nobody else may write there."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o777 != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+
+
+def write_atomic(dest: Path, data: bytes) -> None:
+    """`data` at `dest`, 0600, appearing whole or not at all."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+
+
+class TerminalProgress:
+    """A `Progress` for people: a spinner and the elapsed time on one rewritten line when
+    stderr is a terminal, else a plain line every `every` seconds (logs stay readable)."""
+
+    FRAMES = "|/-\\"
+
+    def __init__(self, stream: TextIO | None = None, every: float = 10.0) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.every = every
+        self.frame = 0
+        self.last_line = -every
+
+    def __call__(self, elapsed: float, phase: str) -> None:
+        stream = self.stream
+        tty = stream.isatty()
+        if phase == "done":
+            text = f"sandgate: ready after {elapsed:.1f}s"
+            print(("\r\033[K" if tty else "") + text, file=stream, flush=True)
+            return
+        if tty:
+            spin = self.FRAMES[self.frame % len(self.FRAMES)]
+            self.frame += 1
+            text = f"\r\033[K{spin} sandgate: {phase} {elapsed:5.1f}s"
+            print(text, end="", file=stream, flush=True)
+        elif elapsed - self.last_line >= self.every:
+            self.last_line = elapsed
+            print(f"sandgate: {phase} ({elapsed:.0f}s)", file=stream, flush=True)
+
+
+# The guest agent's files.
+
+
+def package_dir(name: str) -> Path | None:
+    """A package's folder, found without importing it (importing the agent on the host would
+    run its code here for nothing). None when it is not installed."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except ModuleNotFoundError:  # a parent package is missing
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def py_files(root: Path) -> Iterable[Path]:
+    """Every *.py below `root`, relative to it (no caches, no hidden folders)."""
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if path.is_file() and not any(p.startswith(".") or p == "__pycache__" for p in rel.parts):
+            yield rel
+
+
+def agent_files(extra_packages: Iterable[str] = ()) -> dict[str, Path]:
+    """What the folder holds: guest-relative path -> host source file.
+
+    `extra_packages` are dotted names of more pure-Python packages the agent imports (say a
+    protocol module shared with the gateway); their parent packages get empty `__init__.py`
+    files, so a parent's own imports (aiohttp, pluggy) never run in the guest."""
+    files: dict[str, Path] = {}
+    agent = package_dir("guest_agent")
+    if agent is not None:  # may not exist yet: stage whatever is there
+        for rel in py_files(agent):
+            files[f"guest_agent/{rel.as_posix()}"] = agent / rel
+    msgpack = package_dir("msgpack")
+    if msgpack is None:
+        raise RuntimeError("msgpack is not installed; the guest agent needs it")
+    for name in MSGPACK_FILES:
+        files[f"msgpack/{name}"] = msgpack / name
+    for dotted in extra_packages:
+        folder = package_dir(dotted)
+        if folder is None:
+            raise RuntimeError(f"package {dotted!r} is not installed")
+        prefix = dotted.replace(".", "/")
+        for rel in py_files(folder):
+            files[f"{prefix}/{rel.as_posix()}"] = folder / rel
+    return files
