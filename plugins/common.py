@@ -94,6 +94,33 @@ class TerminalProgress:
             print(f"sandgate: {phase} ({elapsed:.0f}s)", file=stream, flush=True)
 
 
+# Per-gateway state.
+
+
+def gateway_work_root(runtime_id: str) -> Path:
+    """A fresh folder for this gateway process's sandboxes of one runtime (not made yet):
+    `$SANDGATE_STATE_DIR/<runtime>/<gateway pid>-<random>/`, default state dir
+    `/tmp/sandgate-<uid>`. The pid in the name lets `remove_orphans` find dead gateways' leftovers."""
+    import secrets
+    import tempfile
+
+    state = os.environ.get("SANDGATE_STATE_DIR") or Path(tempfile.gettempdir()) / f"sandgate-{os.getuid()}"
+    return Path(state) / runtime_id / f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def remove_orphans(work_root: Path) -> None:
+    """Remove the work folders beside `work_root` of gateways that died without cleaning up."""
+    import shutil
+
+    parent = work_root.parent
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        pid, _, _ = entry.name.partition("-")
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 # The guest agent's files.
 
 

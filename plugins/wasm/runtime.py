@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.runtime.base import Backend, ByteChannel, Progress, Runtime, SandboxSpec, StreamChannel
+from gateway.runtime.pool import WarmPool
 from guest_agent.wire import CHUNK_SIZE, FrameDecoder, ProtocolError, encode_frame
-from plugins.common import TerminalProgress
+from plugins.common import TerminalProgress, gateway_work_root, remove_orphans
 from plugins.wasm import artifacts
 from plugins.wasm.agent_dir import stage_agent_dir
 from plugins.wasm.launcher import EXIT_CODES
@@ -33,15 +34,9 @@ log = logging.getLogger(__name__)
 
 #: A take wakes the refill this much later, so the fork does not compete with the create that took
 #: the warm launcher (bench/: warm create p50 3.8 -> 2.3 ms).
-REFILL_DELAY_S = 0.05
 #: How much of a launcher's stderr the gateway keeps (the guest could write without end).
 STDERR_TAIL = 16 * 1024
 READY_TIMEOUT_S = 30.0
-
-
-def _work_root() -> Path:
-    state = os.environ.get("SANDGATE_STATE_DIR") or Path(tempfile.gettempdir()) / f"sandgate-{os.getuid()}"
-    return Path(state) / "wasm"
 
 
 class Launcher:
@@ -240,73 +235,6 @@ def process_metrics(pid: int) -> dict[str, Any]:
     return metrics
 
 
-class WarmPool:
-    """Launchers whose agent already answered, made with the runtime's default limits.
-
-    A create that asks for other limits, or finds the pool empty, starts cold. Refills are capped at
-    `refill_per_s` so a burst of creates cannot turn into a fork storm.
-    """
-
-    def __init__(self, runtime: WasmRuntime, size: int, refill_per_s: float) -> None:
-        self.runtime = runtime
-        self.size = size
-        self.interval = 1.0 / refill_per_s if refill_per_s > 0 else 0.0
-        self.ready: list[WasmBackend] = []
-        self._wanted = asyncio.Event()
-        self._full = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self.size > 0:
-            self._task = asyncio.create_task(self._refill_forever(), name="wasm-pool")
-            self._wanted.set()
-
-    async def wait_full(self) -> None:
-        """Until the pool holds `size` ready launchers (benchmarks and tests wait on this)."""
-        await self._full.wait()
-
-    def take(self) -> WasmBackend | None:
-        self._full.clear()
-        while self.ready:
-            backend = self.ready.pop(0)
-            asyncio.get_running_loop().call_later(REFILL_DELAY_S, self._wanted.set)
-            assert backend.launcher is not None
-            if backend.launcher.proc.returncode is None:
-                return backend
-        self._wanted.set()
-        return None
-
-    async def _refill_forever(self) -> None:
-        while True:
-            await self._wanted.wait()
-            self._wanted.clear()
-            while len(self.ready) < self.size:
-                backend = self.runtime.new_backend(self.runtime.default_memory_mb, self.runtime.default_cpu_seconds)
-                try:
-                    await backend.boot()
-                except asyncio.CancelledError:  # the pool is stopping mid-boot: leave nothing behind
-                    await asyncio.shield(backend.destroy())
-                    raise
-                except Exception as exc:  # never let the refill task die: log, back off, retry
-                    log.error("warm pool: a launcher failed to start: %s", exc, exc_info=not isinstance(
-                        exc, ProtocolError | OSError | TimeoutError))
-                    await backend.destroy()
-                    await asyncio.sleep(1.0)  # back off: a broken host must not spin
-                    continue
-                self.ready.append(backend)
-                if len(self.ready) >= self.size:
-                    self._full.set()
-                await asyncio.sleep(self.interval)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await asyncio.gather(*(b.destroy() for b in self.ready))
-        self.ready.clear()
-
-
 class WasmRuntime(Runtime):
     """Settings (`[runtimes.wasm]`): pool_size (default 2), pool_refill_per_s (default 4),
     memory_mb and cpu_seconds of pooled sandboxes (defaults 256 and 600)."""
@@ -319,8 +247,15 @@ class WasmRuntime(Runtime):
         super().__init__(config)
         self.default_memory_mb = int(config.get("memory_mb", 256))
         self.default_cpu_seconds = float(config.get("cpu_seconds", 600.0))
-        self.pool = WarmPool(self, int(config.get("pool_size", 2)), float(config.get("pool_refill_per_s", 4.0)))
-        self.work_root = _work_root() / f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.pool: WarmPool[WasmBackend] = WarmPool(
+            self.id,
+            int(config.get("pool_size", 2)),
+            float(config.get("pool_refill_per_s", 4.0)),
+            make=self._make_pooled,
+            alive=lambda backend: backend.launcher is not None and backend.launcher.proc.returncode is None,
+            discard=lambda backend: backend.destroy(),
+        )
+        self.work_root = gateway_work_root(self.id)
         self.private_dir = self.work_root / ".private"
         self.agent_dir = Path()
         self.boot_slots = asyncio.Semaphore(os.cpu_count() or 1)
@@ -339,19 +274,9 @@ class WasmRuntime(Runtime):
                             "does this ahead of time)", kind)
             await asyncio.to_thread(artifacts.ensure_compiled, kind, TerminalProgress())
         self.agent_dir = await asyncio.to_thread(stage_agent_dir)
-        await asyncio.to_thread(self._remove_orphans)
+        await asyncio.to_thread(remove_orphans, self.work_root)
         self.private_dir.mkdir(parents=True, mode=0o700)
         self.pool.start()
-
-    def _remove_orphans(self) -> None:
-        """Work directories of gateways that died without cleaning up (their pid is gone)."""
-        root = self.work_root.parent
-        if not root.is_dir():
-            return
-        for entry in root.iterdir():
-            pid, _, _ = entry.name.partition("-")
-            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-                shutil.rmtree(entry, ignore_errors=True)
 
     async def stop(self) -> None:
         await self.pool.stop()
@@ -361,6 +286,15 @@ class WasmRuntime(Runtime):
         work = self.work_root / secrets.token_hex(8)
         work.mkdir(parents=True, mode=0o700)
         return WasmBackend(self, work, memory_mb, cpu_seconds)
+
+    async def _make_pooled(self) -> WasmBackend:
+        backend = self.new_backend(self.default_memory_mb, self.default_cpu_seconds)
+        try:
+            await backend.boot()
+        except BaseException:  # failed, or the pool is stopping mid-boot: leave nothing behind
+            await asyncio.shield(backend.destroy())
+            raise
+        return backend
 
     async def create(self, spec: SandboxSpec) -> Backend:
         if spec.network:
