@@ -140,6 +140,8 @@ def load_settings(
 
     if env.get("SANDGATE_API_KEYS"):
         values["api_keys"] = parse_api_keys(env["SANDGATE_API_KEYS"])
+    if env.get("SANDGATE_BLOCKED_PLUGINS"):
+        values["blocked_plugins"] = tuple(n.strip() for n in env["SANDGATE_BLOCKED_PLUGINS"].split(",") if n.strip())
     if env.get("SANDGATE_ALLOWED_ORIGINS"):
         values["allowed_origins"] = tuple(o.strip() for o in env["SANDGATE_ALLOWED_ORIGINS"].split(",") if o.strip())
     values.update({k: v for k, v in overrides.items() if v is not None})

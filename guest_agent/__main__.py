@@ -1,6 +1,7 @@
 """`python -m guest_agent`: serve the agent protocol on a byte channel.
 
     python -m guest_agent [--root DIR] [--fd-in N --fd-out N | --device PATH] [--single-thread]
+                          [--vm] [--cgroup DIR]
 
 By default the channel is stdin/stdout. The agent then keeps private copies of fds 0 and 1 for
 frames and points fd 0 at /dev/null and fd 1 at stderr, so nothing else (a C extension's printf,
@@ -34,6 +35,15 @@ def _parser() -> argparse.ArgumentParser:
         "--single-thread",
         action="store_true",
         help="behave as on a platform without threads (as under WASI); for tests",
+    )
+    parser.add_argument(
+        "--vm",
+        action="store_true",
+        help="the agent owns this (virtual) machine: offer guest.setup (clock, entropy, limits)",
+    )
+    parser.add_argument(
+        "--cgroup",
+        help="a cgroup v2 folder to keep started processes in (limits, kill-all); not the agent's own",
     )
     return parser
 
@@ -79,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from .agent import Agent, serve
     from .channel import Channel
     from .features import detect
+    from .system import SandboxCgroup
 
     fd_in, fd_out = _channel_fds(args, parser)
     os.chdir(root)
@@ -87,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         root,
         channel.send,
         receive=channel.receive,
-        features=detect(single_thread=args.single_thread),
+        features=detect(single_thread=args.single_thread, system=args.vm),
         replace_dunder=True,
+        cgroup=SandboxCgroup(args.cgroup) if args.cgroup else None,
     )
     return serve(channel, agent)
 

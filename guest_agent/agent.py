@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from ._log import log, log_exception
@@ -48,6 +48,10 @@ from .pyexec import (
 )
 from .signals import signal_name, signal_number
 from .timers import Scheduler, Timer
+
+if TYPE_CHECKING:
+    from .system import SandboxCgroup
+
 from .wire import (
     DEFAULT_MAX_FRAME,
     MAX_REQUEST_ID,
@@ -166,6 +170,7 @@ class Agent:
         features: the platform's abilities (detected if not given).
         install_std_streams: replace sys.stdout/stderr/stdin with per-exec proxies.
         replace_dunder: also replace sys.__stdout__ & co. (when they are the channel).
+        cgroup: where started processes are kept (a microVM's sandbox cgroup), if anywhere.
     """
 
     def __init__(
@@ -178,8 +183,10 @@ class Agent:
         max_frame: int = DEFAULT_MAX_FRAME,
         install_std_streams: bool = True,
         replace_dunder: bool = False,
+        cgroup: SandboxCgroup | None = None,
     ) -> None:
         self.features = features or detect()
+        self._cgroup = cgroup
         self.root = Root(root)
         self.files = FileOps(self.root)
         self.max_frame = max_frame
@@ -218,6 +225,8 @@ class Agent:
             "fs.move": lambda rid, m: self.files.move(m),
             "fs.remove": lambda rid, m: self.files.remove(m),
         }
+        if self.features.system:
+            self._handlers["guest.setup"] = self._guest_setup
         self._outq: queue.SimpleQueue[tuple[ExecRecord, str, Any] | None] = queue.SimpleQueue()
         self._scheduler: Scheduler | None = None
         self._output_thread: threading.Thread | None = None
@@ -286,6 +295,8 @@ class Agent:
                 os.killpg(pgid, signal_mod.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        if self._cgroup is not None:  # and whatever left its process group
+            self._cgroup.kill_all()
         deadline = time.monotonic() + 5.0
         python_deadline = time.monotonic() + PYTHON_KILL_GRACE
         for thread in list(self._threads):
@@ -316,6 +327,11 @@ class Agent:
             "max_frame": self.max_frame,
         }
 
+    def _guest_setup(self, rid: int, message: Mapping[str, Any]) -> dict[str, Any]:
+        from .system import setup
+
+        return setup(message, root=self.root.real, cgroup=self._cgroup)
+
     def _ping(self, rid: int, message: Mapping[str, Any]) -> dict[str, Any]:
         return {}
 
@@ -324,7 +340,7 @@ class Agent:
 
         with self._lock:
             running = sum(1 for rec in self._execs.values() if rec.running)
-        return guest_metrics(self.root.real, self._started, running)
+        return guest_metrics(self.root.real, self._started, running, whole_machine=self.features.system)
 
     # -----------------------------------------------------------------------------------------
     # exec
@@ -518,6 +534,8 @@ class Agent:
             raise ProtocolError("not_found", f"command not found: {argv[0]!r:.200}") from None
         except OSError as exc:
             raise os_error(exc, argv[0]) from None
+        if self._cgroup is not None:
+            self._cgroup.adopt(process.pid)
         record.process = process
         record.pid = process.pid
         with self._lock:

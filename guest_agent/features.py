@@ -29,6 +29,9 @@ class Features:
     pty: bool
     #: `PyThreadState_SetAsyncExc` is reachable (interrupting in-interpreter Python on a thread).
     async_exc: bool
+    #: The agent owns its (virtual) machine: it may set the clock, reseed entropy and set the
+    #: sandbox's limits (`guest.setup`). Only by `--vm`, never detected.
+    system: bool = False
 
     @property
     def capabilities(self) -> list[str]:
@@ -44,15 +47,18 @@ class Features:
         if self.threads:
             caps.append("exec.concurrent")
         caps += ["fs", "metrics"]
+        if self.system:
+            caps.append("guest.setup")
         return caps
 
 
-def detect(*, single_thread: bool = False) -> Features:
+def detect(*, single_thread: bool = False, system: bool = False) -> Features:
     """Probe this interpreter.
 
     Args:
         single_thread: behave as a platform without threads (and so without processes) even
             where threads exist: how the tests exercise the WASI code paths on the host.
+        system: the agent owns the machine (`--vm`); see `Features.system`.
     """
     threads = not single_thread and _can_start_threads()
     processes = threads and sys.platform != "wasi" and _importable("_posixsubprocess")
@@ -71,6 +77,7 @@ def detect(*, single_thread: bool = False) -> Features:
         signals=signals,
         pty=pty,
         async_exc=threads and _has_async_exc(),
+        system=system,
     )
 
 

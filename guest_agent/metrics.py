@@ -11,16 +11,17 @@ from typing import Any
 _WALK_LIMIT = 50_000
 
 
-def guest_metrics(root: str, started: float, execs_running: int) -> dict[str, Any]:
+def guest_metrics(root: str, started: float, execs_running: int, *, whole_machine: bool = False) -> dict[str, Any]:
     """Args:
     root: the sandbox root (its file system's usage is `disk_bytes`).
     started: the agent's start, `time.monotonic()`.
     execs_running: the agent's running execs.
+    whole_machine: the sandbox is the whole (virtual) machine: memory is the machine's in use.
     """
     return {
         "uptime_s": round(time.monotonic() - started, 3),
         "cpu_s": _cpu_seconds(),
-        "memory_bytes": _memory_bytes(),
+        "memory_bytes": _machine_memory_bytes() if whole_machine else _memory_bytes(),
         "disk_bytes": _disk_bytes(root),
         "execs_running": execs_running,
     }
@@ -44,7 +45,7 @@ def _cpu_seconds() -> float | None:
 
 def _memory_bytes() -> int | None:
     """Memory in use in the guest: the agent's cgroup (a pod or container) if it has a limit
-    file to read, else the machine's total minus available (a microVM), else None (WASI)."""
+    file to read, else the machine's, else None (WASI)."""
     try:
         with open("/proc/self/cgroup", encoding="ascii") as f:
             for line in f:
@@ -54,6 +55,11 @@ def _memory_bytes() -> int | None:
                         return int(current.read())
     except (OSError, ValueError):
         pass
+    return _machine_memory_bytes()
+
+
+def _machine_memory_bytes() -> int | None:
+    """The machine's memory in use: total minus available."""
     try:
         info: dict[str, int] = {}
         with open("/proc/meminfo", encoding="ascii") as f:

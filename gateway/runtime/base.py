@@ -70,6 +70,11 @@ class StreamChannel(ByteChannel):
         self._writer.write(data)
         await self._writer.drain()
 
+    def abort(self) -> None:
+        """Close now, from synchronous code: the reader then sees end of input."""
+        if not self._writer.is_closing():
+            self._writer.close()
+
     async def close(self) -> None:
         if not self._writer.is_closing():
             self._writer.close()

@@ -136,16 +136,28 @@ class GatewayFixtures:
     plugins: ClassVar[tuple[object, ...]] = ()
     #: Extra fields for every create request (e.g. a template).
     create_options: ClassVar[dict[str, Any]] = {}
-    #: Entry-point names not to load (spares starting runtimes the suite does not test).
-    blocked_plugins: ClassVar[tuple[str, ...]] = ()
+    #: The runtime's settings table (`[runtimes.<id>]`), e.g. a smaller warm pool.
+    runtime_config: ClassVar[dict[str, Any]] = {}
+    #: Entry-point names not to load. None: every installed runtime but `runtime` (starting
+    #: runtimes the suite does not test would only cost time: pools, VMs).
+    blocked_plugins: ClassVar[tuple[str, ...] | None] = None
 
     @pytest.fixture
     async def gateway(self, aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]]) -> Gateway:
         settings = Settings(api_keys={KEY: "tenant-a", OTHER_KEY: "tenant-b"},
                             limits=Limits(exec_timeout_s=30.0), reap_interval_s=3600.0,
-                            blocked_plugins=self.blocked_plugins)
+                            blocked_plugins=self._blocked(), runtimes={self.runtime: self.runtime_config})
         client = await aiohttp_client(create_app(settings, plugins=self.plugins))
         return Gateway(client, self.runtime, dict(self.create_options))
+
+    def _blocked(self) -> tuple[str, ...]:
+        if self.blocked_plugins is not None:
+            return self.blocked_plugins
+        from importlib.metadata import entry_points
+
+        from gateway.plugins import ENTRY_POINT_GROUP
+
+        return tuple(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name != self.runtime)
 
     @pytest.fixture
     async def sandbox(self, gateway: Gateway) -> AsyncIterator[dict[str, Any]]:

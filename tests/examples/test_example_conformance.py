@@ -10,4 +10,3 @@ from gateway.testing.conformance import RuntimeConformance
 class TestExampleLocalRuntime(RuntimeConformance):
     runtime = "example-local"
     plugins = (sandgate_example_runtime,)
-    blocked_plugins = ("wasm",)

@@ -26,8 +26,9 @@ def test_installed_example_runtime_is_found_through_its_entry_point(tmp_path: Pa
     )
     assert list(target.glob("sandgate_example_runtime-*.dist-info"))
     config = tmp_path / "sandgate.toml"
-    config.write_text('[plugins]\nblocked = ["wasm"]\n')  # only the installed runtime, for speed
-    env = {**os.environ, "PYTHONPATH": str(target), "SANDGATE_API_KEYS": f"{KEY}:tenant"}
+    config.write_text('[plugins]\nblocked = ["wasm", "microvm"]\n')  # only the installed runtime, for speed
+    env = {**os.environ, "PYTHONPATH": str(target), "SANDGATE_API_KEYS": f"{KEY}:tenant",
+           "SANDGATE_BLOCKED_PLUGINS": ""}  # the config file's list, not serve()'s default
     with serve(env, "--config", str(config)) as gateway:
         runtimes = gateway.call(KEY, "GET", "/v1/runtimes")
         assert [r["id"] for r in runtimes["runtimes"]] == ["example-local"]

@@ -85,7 +85,7 @@ class Recorder:
 
 async def test_hooks_called_in_order_in_a_real_session(aiohttp_client: Any) -> None:
     recorder = Recorder()
-    app = create_app(Settings(api_keys={"k": "tenant"}, blocked_plugins=("wasm",)),
+    app = create_app(Settings(api_keys={"k": "tenant"}, blocked_plugins=("wasm", "microvm")),
                      plugins=[sandgate_example_runtime, recorder])
     client: TestClient[Any, Any] = await aiohttp_client(app)
     headers = {"Authorization": "Bearer from-hook"}

@@ -28,7 +28,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture
 async def client(aiohttp_client: Any) -> TestClient[Any, Any]:
-    settings = Settings(api_keys={KEY: "tenant"}, blocked_plugins=("wasm",), default_runtime="example-local",
+    settings = Settings(api_keys={KEY: "tenant"}, blocked_plugins=("wasm", "microvm"), default_runtime="example-local",
                         allowed_origins=("https://ide.example.com",),
                         quotas=Quotas(max_sandboxes=2, creates_per_minute=100), limits=Limits(),
                         reap_interval_s=3600.0)
@@ -169,7 +169,7 @@ async def test_sigterm_signal_to_a_process(client: TestClient[Any, Any]) -> None
 
 
 async def test_reattach_reports_exactly_what_fell_out_of_the_replay_buffer(aiohttp_client: Any) -> None:
-    settings = Settings(api_keys={KEY: "tenant"}, blocked_plugins=("wasm",), default_runtime="example-local",
+    settings = Settings(api_keys={KEY: "tenant"}, blocked_plugins=("wasm", "microvm"), default_runtime="example-local",
                         limits=Limits(replay_bytes=4096), reap_interval_s=3600.0)
     client = await aiohttp_client(create_app(settings, plugins=[sandgate_example_runtime]))
     sid = await _create(client)
@@ -188,7 +188,7 @@ async def test_reattach_reports_exactly_what_fell_out_of_the_replay_buffer(aioht
 
 
 async def test_quiet_running_stream_gets_keepalives_until_it_ends(aiohttp_client: Any) -> None:
-    settings = Settings(api_keys={KEY: "tenant"}, blocked_plugins=("wasm",), default_runtime="example-local",
+    settings = Settings(api_keys={KEY: "tenant"}, blocked_plugins=("wasm", "microvm"), default_runtime="example-local",
                         keepalive_s=0.05, reap_interval_s=3600.0)
     client = await aiohttp_client(create_app(settings, plugins=[sandgate_example_runtime]))
     sid = await _create(client)
