@@ -1,4 +1,4 @@
-"""`sandgate`: serve the gateway, build runtime images, print the version."""
+"""`sandgate`: serve the gateway, build runtime images, serve MCP, print the version."""
 
 from __future__ import annotations
 
@@ -62,6 +62,15 @@ def _version(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mcp(args: argparse.Namespace) -> int:
+    try:
+        from gateway.mcp import main
+    except ImportError as exc:  # the `mcp` extra is not installed
+        print(f"sandgate mcp needs the MCP SDK: pip install 'sandgate[mcp]' ({exc})", file=sys.stderr)
+        return 2
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sandgate", description="A gateway for running untrusted code.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--template", default=None, help="one template of the runtime (default: all it declares)")
     build.add_argument("--config", default=None, help="a TOML settings file (README: Configuration)")
     build.set_defaults(func=_images_build)
+
+    mcp = sub.add_parser("mcp", help="serve the Model Context Protocol (stdio, or --http) as a gateway client")
+    mcp.add_argument("--url", default=None, help="the gateway (default $SANDGATE_URL, then http://127.0.0.1:8080)")
+    mcp.add_argument("--api-key", default=None, help="the gateway API key (default $SANDGATE_API_KEY, preferred: "
+                                                     "a flag shows in the process list)")
+    mcp.add_argument("--runtime", default=None, help="runtime for create_sandbox when the agent names none")
+    mcp.add_argument("--http", action="store_true", help="streamable HTTP at http://HOST:PORT/mcp instead of stdio")
+    mcp.add_argument("--host", default="127.0.0.1", help="--http: address (loopback only; default 127.0.0.1)")
+    mcp.add_argument("--port", type=int, default=8000, help="--http: port (default 8000)")
+    mcp.set_defaults(func=_mcp)
 
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=_version)

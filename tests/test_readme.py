@@ -58,3 +58,13 @@ def test_websocket_example(gateway: Served) -> None:
     assert done.returncode == 0, done.stderr
     events = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert "'ev': 'start'" in events[0] and "'ev': 'end'" in events[-1] and "'exit_code': 0" in events[-1]
+
+
+def test_python_sdk_example(gateway: Served) -> None:
+    code = _block("python", "from gateway.client import")
+    env = {**os.environ, "SANDGATE_URL": f"http://127.0.0.1:{gateway.port}", "SANDGATE_API_KEY": KEY}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines == ["42", "A,B", "1,2", "['data.csv'] 8", "timeout False"], done.stdout
+    assert gateway.call(KEY, "GET", "/v1/sandboxes")["sandboxes"] == [], "the with block destroyed it"

@@ -1,0 +1,663 @@
+"""The asynchronous SDK: `AsyncClient`, `AsyncSandbox`, its `files`, and running `AsyncExecution`s.
+
+Lifecycle, metrics and file transfers go over REST (streamed, independent of any socket); exec and
+the other file-system ops go over one WebSocket per sandbox, opened on first use and kept up by
+`Connection` (reconnect and re-attach). See docs/clients.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import io
+import os
+import secrets
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Generator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Literal
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+from yarl import URL
+
+from gateway.client.connection import Connection, ExecStream
+from gateway.client.errors import (
+    ConnectionLost,
+    NotFound,
+    SandgateError,
+    Timeout,
+    Unauthorized,
+    error_for_status,
+    error_from_wire,
+)
+from gateway.client.models import ExecEvent, ExecResult, Exited, FileInfo, Metrics, SandboxInfo, Started
+from gateway.client.streams import ResultBuilder
+from gateway.protocol.client import JSON, MSGPACK
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+#: What `exec()` keeps of an exec's output (the gateway's REST cap is the same).
+DEFAULT_MAX_OUTPUT = 16 << 20
+_CHUNK = 64 * 1024
+
+FileData = bytes | bytearray | memoryview | str | AsyncIterable[bytes] | IO[bytes]
+
+
+def _gateway_url(url: str | None) -> str:
+    raw = url or os.environ.get("SANDGATE_URL") or DEFAULT_URL
+    parts = urlsplit(raw)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"the gateway URL must look like http://host:port, not {raw!r}")
+    return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+class AsyncClient:
+    """A connection to one gateway with one API key; sandboxes made through it share its HTTP pool.
+
+    Args:
+        url: the gateway, e.g. `http://127.0.0.1:8080` (default: `$SANDGATE_URL`, then that).
+        api_key: the tenant's API key (default: `$SANDGATE_API_KEY`).
+        request_timeout: seconds a single request may take (not an exec: those take `timeout`).
+        connect_timeout: seconds one attempt to connect may take.
+        reconnect_timeout: seconds a dropped WebSocket keeps trying to come back.
+        heartbeat: seconds between WebSocket pings; a missing pong counts as a drop.
+        encoding: `"msgpack"` (binary frames, the default) or `"json"` on the WebSocket.
+
+    Raises:
+        Unauthorized: no API key given and `$SANDGATE_API_KEY` is unset.
+        ValueError: a URL that is not http(s):// or ws(s)://.
+    """
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, *, request_timeout: float = 60.0,
+                 connect_timeout: float = 10.0, reconnect_timeout: float = 30.0, heartbeat: float = 20.0,
+                 encoding: Literal["msgpack", "json"] = "msgpack") -> None:
+        self.url = _gateway_url(url)
+        key = api_key or os.environ.get("SANDGATE_API_KEY")
+        if not key:
+            raise Unauthorized("no API key: pass api_key=... or set SANDGATE_API_KEY")
+        if encoding not in ("msgpack", "json"):
+            raise ValueError("encoding must be 'msgpack' or 'json'")
+        self._headers = {"Authorization": f"Bearer {key}"}
+        self.request_timeout = request_timeout
+        self.connect_timeout = connect_timeout
+        self.reconnect_timeout = reconnect_timeout
+        self.heartbeat = heartbeat
+        self.subprotocol = MSGPACK if encoding == "msgpack" else JSON
+        self._session: aiohttp.ClientSession | None = None
+        self._connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the HTTP pool and every sandbox WebSocket made through it. Sandboxes stay as they
+        are on the gateway."""
+        for connection in list(self._connections):
+            await connection.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- sandboxes ------------------------------------------------------------------------------
+
+    async def create_sandbox(self, runtime: str | None = None, *, ttl: float | None = None,
+                             idle_timeout: float | None = None, memory_mb: int | None = None,
+                             cpu_seconds: float | None = None, disk_mb: int | None = None,
+                             network: bool | None = None, template: str | None = None,
+                             metadata: Mapping[str, str] | None = None, **options: Any) -> AsyncSandbox:
+        """Create a sandbox (`POST /v1/sandboxes`); see `AsyncSandbox.create` for the arguments."""
+        body: dict[str, Any] = {"runtime": runtime, "ttl": ttl, "idle_timeout": idle_timeout, "memory_mb": memory_mb,
+                                "cpu_seconds": cpu_seconds, "disk_mb": disk_mb, "network": network,
+                                "template": template, "metadata": dict(metadata) if metadata is not None else None,
+                                **options}
+        data = await self._json("POST", "/v1/sandboxes", json={k: v for k, v in body.items() if v is not None})
+        return AsyncSandbox(self, SandboxInfo.from_wire(data))
+
+    async def get_sandbox(self, sandbox_id: str) -> AsyncSandbox:
+        """Attach to an existing sandbox of this tenant.
+
+        Raises:
+            NotFound: no such sandbox (or another tenant's).
+        """
+        return AsyncSandbox(self, await self._info(sandbox_id))
+
+    def sandbox(self, sandbox_id: str) -> AsyncSandbox:
+        """A handle on a sandbox by id without asking the gateway first (one request fewer);
+        a missing sandbox shows as `NotFound` on first use. Its `info` holds only the id until
+        `refresh()`."""
+        return AsyncSandbox(self, SandboxInfo.from_wire({"id": sandbox_id}))
+
+    async def list_sandboxes(self) -> list[SandboxInfo]:
+        """This tenant's sandboxes."""
+        data = await self._json("GET", "/v1/sandboxes")
+        return [SandboxInfo.from_wire(s) for s in data.get("sandboxes", [])]
+
+    async def runtimes(self) -> dict[str, Any]:
+        """The runtimes this gateway offers (`GET /v1/runtimes`), and why any is unavailable."""
+        return await self._json("GET", "/v1/runtimes")
+
+    # -- HTTP -----------------------------------------------------------------------------------
+
+    def _http(self) -> aiohttp.ClientSession:
+        # Made on first use, inside the running loop (aiohttp binds a session to its loop).
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(headers=self._headers)
+        return self._session
+
+    def _url(self, *segments: str) -> URL:
+        path = "/".join(quote(s, safe="/") for s in segments)
+        return URL(f"{self.url}/{path}", encoded=True)
+
+    async def _json(self, method: str, path: str, *, json: Any = None) -> dict[str, Any]:
+        async with self._request(method, URL(self.url + path, encoded=True), json=json) as resp:
+            if resp.status == 204:
+                return {}
+            try:
+                data = await resp.json(content_type=None)
+            except ValueError:
+                data = None
+            if not isinstance(data, dict):
+                raise error_for_status(502, f"{method} {path}: the gateway answered something that is not JSON")
+            return data
+
+    @contextlib.asynccontextmanager
+    async def _request(self, method: str, url: URL, *, streaming: bool = False,
+                       **kwargs: Any) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One HTTP request whose errors arrive as `SandgateError`s; yields the (2xx) response.
+
+        A streaming transfer has no overall deadline, only one on each read (`request_timeout`)."""
+        what = f"{method} {url.path}"
+        timeout = aiohttp.ClientTimeout(total=None if streaming else self.request_timeout,
+                                        sock_connect=self.connect_timeout, sock_read=self.request_timeout)
+        try:
+            async with self._http().request(method, url, timeout=timeout, **kwargs) as resp:
+                if resp.status >= 400:
+                    raise await _error_from_response(resp, what)
+                yield resp
+        except aiohttp.ClientPayloadError as exc:
+            raise ConnectionLost(f"{what}: the transfer broke off: {exc}") from None
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise ConnectionLost(f"{what}: cannot reach the gateway at {self.url}: {exc}") from None
+        except TimeoutError:
+            raise Timeout(f"{what}: no answer within {self.request_timeout:g} s") from None
+        except (aiohttp.ClientConnectionError, OSError) as exc:
+            raise ConnectionLost(f"{what}: the connection to {self.url} failed: {exc}") from None
+
+    async def _info(self, sandbox_id: str) -> SandboxInfo:
+        if not sandbox_id or not isinstance(sandbox_id, str):
+            raise NotFound("a sandbox id is a non-empty string")
+        return SandboxInfo.from_wire(await self._json("GET", f"/v1/sandboxes/{quote(sandbox_id, safe='')}"))
+
+    def _connection(self, sandbox_id: str) -> Connection:
+        ws_url = self._url("v1", "sandboxes", quote(sandbox_id, safe=""), "ws")
+        ws_url = ws_url.with_scheme("wss" if ws_url.scheme == "https" else "ws")
+        connection = Connection(self._http(), str(ws_url), self._headers, subprotocol=self.subprotocol,
+                                request_timeout=self.request_timeout, connect_timeout=self.connect_timeout,
+                                reconnect_timeout=self.reconnect_timeout, heartbeat=self.heartbeat)
+        self._connections.add(connection)
+        return connection
+
+
+async def _error_from_response(resp: aiohttp.ClientResponse, what: str) -> SandgateError:
+    retry_after = resp.headers.get("Retry-After")
+    try:
+        body = await resp.json(content_type=None)
+    except (ValueError, aiohttp.ClientError):
+        body = None
+    wait = float(retry_after) if retry_after and retry_after.isdigit() else None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return error_from_wire(body["error"], http_status=resp.status, retry_after=wait)
+    return error_for_status(resp.status, f"{what}: HTTP {resp.status} {resp.reason}")
+
+
+class _Creating:
+    """What `AsyncSandbox.create()` returns: await it for the sandbox, or use it with `async with`
+    to destroy the sandbox at the end of the block."""
+
+    def __init__(self, coro: Awaitable[AsyncSandbox]) -> None:
+        self._coro = coro
+        self._sandbox: AsyncSandbox | None = None
+
+    def __await__(self) -> Generator[Any, None, AsyncSandbox]:
+        return self._coro.__await__()
+
+    async def __aenter__(self) -> AsyncSandbox:
+        self._sandbox = await self._coro
+        return self._sandbox
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._sandbox is not None:
+            await self._sandbox.__aexit__(exc_type, exc, tb)
+
+
+class AsyncSandbox:
+    """One sandbox on a gateway. Make one with `AsyncSandbox.create()` or `AsyncSandbox.connect()`.
+
+    `async with` destroys the sandbox when the block ends; `close()` only lets go of it.
+    """
+
+    def __init__(self, client: AsyncClient, info: SandboxInfo, *, owns_client: bool = False) -> None:
+        self.client = client
+        self.info = info
+        self.files = AsyncFiles(self)
+        self._owns_client = owns_client
+        self._conn: Connection | None = None
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    def __repr__(self) -> str:
+        return f"<AsyncSandbox {self.id} runtime={self.info.runtime}>"
+
+    # -- making and finding ---------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, runtime: str | None = None, *, url: str | None = None, api_key: str | None = None,
+               client: AsyncClient | None = None, ttl: float | None = None, idle_timeout: float | None = None,
+               memory_mb: int | None = None, cpu_seconds: float | None = None, disk_mb: int | None = None,
+               network: bool | None = None, template: str | None = None,
+               metadata: Mapping[str, str] | None = None, **options: Any) -> _Creating:
+        """Create a sandbox. `await` the result, or use it as `async with AsyncSandbox.create() as sb:`.
+
+        Args:
+            runtime: the runtime id (`"wasm"`, ...); default: the gateway's default runtime.
+            url, api_key: the gateway and key (default: `$SANDGATE_URL`, `$SANDGATE_API_KEY`).
+            client: an `AsyncClient` to share (then `url`/`api_key` are not used).
+            ttl: absolute lifetime in seconds; idle_timeout: seconds without activity before reaping.
+            memory_mb, cpu_seconds, disk_mb, network, template: limits and options, up to the gateway's maxima.
+            metadata: string labels kept with the sandbox.
+            **options: runtime-specific options, passed on as they are.
+
+        Returns:
+            An awaitable that is also an async context manager, giving the `AsyncSandbox`.
+
+        Raises:
+            BadRequest: an unknown runtime or a limit out of range.
+            QuotaExceeded: the tenant's quota is used up (`retry_after` says when to retry).
+            Unavailable: the gateway is draining or the runtime cannot create sandboxes now.
+            Unauthorized: no or a wrong API key.
+        """
+
+        async def make() -> AsyncSandbox:
+            owned = client is None
+            api = client or AsyncClient(url, api_key)
+            try:
+                sandbox = await api.create_sandbox(runtime, ttl=ttl, idle_timeout=idle_timeout, memory_mb=memory_mb,
+                                                   cpu_seconds=cpu_seconds, disk_mb=disk_mb, network=network,
+                                                   template=template, metadata=metadata, **options)
+            except BaseException:
+                if owned:
+                    await api.close()
+                raise
+            sandbox._owns_client = owned
+            return sandbox
+
+        return _Creating(make())
+
+    @classmethod
+    async def connect(cls, sandbox_id: str, *, url: str | None = None, api_key: str | None = None,
+                      client: AsyncClient | None = None) -> AsyncSandbox:
+        """Attach to an existing sandbox (made by this or any other client of the same tenant).
+
+        Raises:
+            NotFound: no such sandbox for this key's tenant.
+        """
+        owned = client is None
+        api = client or AsyncClient(url, api_key)
+        try:
+            sandbox = await api.get_sandbox(sandbox_id)
+        except BaseException:
+            if owned:
+                await api.close()
+            raise
+        sandbox._owns_client = owned
+        return sandbox
+
+    @classmethod
+    async def list(cls, *, url: str | None = None, api_key: str | None = None) -> list[SandboxInfo]:
+        """This tenant's sandboxes (a one-off; `AsyncClient.list_sandboxes()` reuses a client)."""
+        async with AsyncClient(url, api_key) as api:
+            return await api.list_sandboxes()
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        try:
+            await self.destroy()
+        except (NotFound, ConnectionLost):
+            pass  # already gone, or unreachable: the gateway's ttl and idle reaper remain
+        finally:
+            await self.close()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def refresh(self) -> SandboxInfo:
+        """Fetch the sandbox's description again (state, running execs)."""
+        self.info = await self.client._info(self.id)
+        return self.info
+
+    async def destroy(self) -> None:
+        """Destroy the sandbox on the gateway: its processes and files are gone.
+
+        Raises:
+            NotFound: it was already destroyed (or reaped).
+        """
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+        await self.client._json("DELETE", f"/v1/sandboxes/{quote(self.id, safe='')}")
+
+    async def close(self) -> None:
+        """Let go of the sandbox without destroying it (close its WebSocket, and the client if this
+        sandbox made its own)."""
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+        if self._owns_client:
+            await self.client.close()
+
+    async def metrics(self) -> Metrics:
+        """CPU, memory, disk and uptime, from the guest and from the host."""
+        return Metrics.from_wire(await self.client._json("GET", f"/v1/sandboxes/{quote(self.id, safe='')}/metrics"))
+
+    @property
+    def broken(self) -> bool:
+        """True when this handle's WebSocket gave up for good (the sandbox is gone, the key refused)."""
+        failed = self._conn.failed if self._conn is not None else None
+        return failed is not None and not failed.retryable
+
+    @property
+    def connection(self) -> Connection:
+        """The sandbox's WebSocket session (opened on first use, reconnected on drops)."""
+        if self._conn is None:
+            self._conn = self.client._connection(self.id)
+        return self._conn
+
+    # -- exec -----------------------------------------------------------------------------------
+
+    async def exec(self, command: str | Sequence[str] | None = None, *, code: str | None = None,
+                   language: str | None = None, stdin: bytes | str | None = None,
+                   env: Mapping[str, str] | None = None, cwd: str | None = None, timeout: float | None = None,
+                   tag: str | None = None, namespace: str | None = None,
+                   pty: tuple[int, int] | None = None, max_output_bytes: int = DEFAULT_MAX_OUTPUT) -> ExecResult:
+        """Run a command or code to its end and return what it did.
+
+        Args:
+            command: argv (`["ls", "-l"]`) or a shell string (`"ls | wc -l"`), on runtimes with processes.
+            code: source to run instead of a command; language: `"python"` (default) or `"javascript"`.
+            stdin: bytes (or text, sent as UTF-8) for its stdin, which is then closed.
+            env, cwd: extra environment and working directory.
+            timeout: wall-clock seconds, after which the sandbox stops it (default: no limit).
+            tag: a label to find the exec by (`exec.attach`, `exec.list`).
+            namespace: python only: `"default"` (persistent), `"fresh"`, or another persistent name.
+            pty: `(rows, cols)` to run on a terminal (runtimes with `exec.pty`).
+            max_output_bytes: output kept beyond this is dropped and `truncated` set.
+
+        Returns:
+            The `ExecResult` (a non-zero exit is a result, not an error).
+
+        Raises:
+            Timeout: it ran past `timeout` (the exception's `result` has the output so far).
+            GuestDied: the sandbox's guest stopped under it (`result` as above).
+            Unsupported: the runtime cannot run this (no processes, no such language, no PTY).
+            Busy: the sandbox runs one exec at a time and another is running.
+            BadRequest: neither or both of `command` and `code`, or a bad field.
+        """
+        execution = await self.start(command, code=code, language=language, stdin=stdin, stdin_open=False,
+                                     env=env, cwd=cwd, timeout=timeout, tag=tag, namespace=namespace, pty=pty,
+                                     max_output_bytes=max_output_bytes)
+        return await execution.wait()
+
+    async def start(self, command: str | Sequence[str] | None = None, *, code: str | None = None,
+                    language: str | None = None, stdin: bytes | str | None = None, stdin_open: bool | None = None,
+                    env: Mapping[str, str] | None = None, cwd: str | None = None, timeout: float | None = None,
+                    tag: str | None = None, namespace: str | None = None, pty: tuple[int, int] | None = None,
+                    max_output_bytes: int = DEFAULT_MAX_OUTPUT) -> AsyncExecution:
+        """Start a command or code and return at once with a handle to stream, feed and signal it.
+
+        Takes the arguments of `exec()`, plus `stdin_open` to keep stdin open for `send_stdin()`
+        (default: open for a PTY exec, a terminal being for typing into; closed otherwise).
+
+        Returns:
+            An `AsyncExecution`: iterate it (`async for event in execution`) for its events, or
+            `await execution.wait()` for its result.
+
+        Raises:
+            The errors `exec()` raises before an exec starts (`Unsupported`, `Busy`, `BadRequest`).
+        """
+        exec_id = "c" + secrets.token_hex(8)  # chosen here, so a reconnect can re-attach before `start` arrived
+        fields: dict[str, Any] = {"exec_id": exec_id}
+        if code is not None:
+            fields.update(code=code, language=language or "python")
+        if command is not None:
+            fields["command"] = command if isinstance(command, str) else list(command)
+        optional = {"env": dict(env) if env is not None else None, "cwd": cwd, "timeout": timeout, "tag": tag,
+                    "namespace": namespace}
+        fields.update({k: v for k, v in optional.items() if v is not None})
+        if stdin is not None:
+            fields["stdin"] = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
+        if pty is not None:
+            rows, cols = pty
+            fields["pty"] = {"rows": rows, "cols": cols}
+        if stdin_open or (stdin_open is None and pty is not None):
+            fields["stdin_open"] = True
+        stream = await self.connection.start_exec(fields)
+        return AsyncExecution(self, stream, tag, max_output_bytes)
+
+    async def attach(self, exec_id: str | None = None, *, tag: str | None = None,
+                     max_output_bytes: int = DEFAULT_MAX_OUTPUT) -> AsyncExecution:
+        """Follow an exec started elsewhere (another client, a REST call), from its first event.
+
+        Raises:
+            NotFound: no such exec (or it finished long ago).
+        """
+        if (exec_id is None) == (tag is None):
+            raise ValueError("name the exec by exec_id or by tag")
+        stream = await self.connection.attach_exec(exec_id, tag)
+        return AsyncExecution(self, stream, tag, max_output_bytes)
+
+    async def list_execs(self) -> builtins.list[dict[str, Any]]:
+        """The sandbox's recent execs: `{exec_id, tag, pid, running, exit_code}` each."""
+        result = await self.connection.request("exec.list")
+        return [e for e in result.get("execs", []) if isinstance(e, dict)]
+
+
+class AsyncExecution:
+    """A running exec: an async iterator of its events (`Started`, `Output`…, `Exited`, and
+    `OutputLost` if a reconnect came too late), plus stdin, signals and terminal size.
+
+    Iterate it once, from one task. Events are buffered until taken, so an exec nobody reads
+    keeps its output in memory until the handle is dropped or `wait()` is called."""
+
+    def __init__(self, sandbox: AsyncSandbox, stream: ExecStream, tag: str | None, max_output_bytes: int) -> None:
+        self.sandbox = sandbox
+        self.exec_id = stream.exec_id
+        self.tag = tag
+        self._stream = stream
+        self._conn = sandbox.connection
+        self._builder = ResultBuilder(stream.exec_id, max_output_bytes)
+        self._finished = False
+        started = stream.started.result() if stream.started.done() and not stream.started.exception() else None
+        self.pid = started.pid if started else None
+
+    def __repr__(self) -> str:
+        return f"<AsyncExecution {self.exec_id} {'finished' if self._finished else 'running'}>"
+
+    def __aiter__(self) -> AsyncExecution:
+        return self
+
+    async def __anext__(self) -> ExecEvent:
+        if self._finished:
+            raise StopAsyncIteration
+        item = await self._stream.queue.get()
+        if isinstance(item, SandgateError):
+            self._finished = True
+            item.result = self._builder.build()
+            raise item
+        self._builder.add(item)
+        if isinstance(item, Started):
+            self.pid = item.pid
+        if isinstance(item, Exited):
+            self._finished = True
+        return item
+
+    @property
+    def finished(self) -> bool:
+        """True once the `Exited` event (or an error) was taken."""
+        return self._finished
+
+    async def wait(self) -> ExecResult:
+        """Take the remaining events and return the result.
+
+        Raises:
+            Timeout, GuestDied: the exec did not end on its own (the exception's `result` has its output).
+            ConnectionLost, NotFound: the connection could not be resumed, or the sandbox is gone.
+        """
+        try:
+            async for _ in self:
+                pass
+        except asyncio.CancelledError:
+            self._conn.forget(self._stream)  # the exec runs on; this client stops following it
+            raise
+        result = self._builder.build()
+        if result.error is not None:
+            result.error.result = result
+            raise result.error
+        return result
+
+    async def send_stdin(self, data: bytes | str) -> None:
+        """Write to the exec's stdin (start it with `stdin_open=True`); text is sent as UTF-8."""
+        payload = data.encode() if isinstance(data, str) else bytes(data)
+        await self._control("exec.input", data=payload)
+
+    async def close_stdin(self) -> None:
+        """Close the exec's stdin (the program sees end of file)."""
+        await self._control("exec.close_stdin")
+
+    async def signal(self, signal: str | int) -> None:
+        """Send a signal (`"SIGINT"`, `"SIGTERM"`, `9`, ...). Runtimes without signals can only stop
+        an exec (SIGKILL/SIGTERM/SIGINT), by restarting their agent: it then ends with `GuestDied`."""
+        await self._control("exec.signal", signal=signal)
+
+    async def kill(self) -> None:
+        """Stop the exec with SIGKILL."""
+        await self.signal("SIGKILL")
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Change the terminal size of a PTY exec."""
+        await self._control("exec.resize", rows=rows, cols=cols)
+
+    async def _control(self, op: str, **fields: Any) -> None:
+        await self._conn.request(op, {"exec_id": self.exec_id, **fields})
+
+
+class AsyncFiles:
+    """The sandbox's files. Paths are relative to the sandbox's root (`/work` on WASM); `stat`,
+    `list`, `mkdir`, `move` and `remove` also take absolute paths inside it."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    def _file_url(self, path: str) -> URL:
+        return self._sandbox.client._url("v1", "sandboxes", quote(self._sandbox.id, safe=""), "files", path)
+
+    async def write(self, path: str, data: FileData) -> int:
+        """Write a file (created with its parent directories, or replaced), streamed: `data` may be
+        bytes, text (written as UTF-8), an async iterable of bytes, or a binary file object.
+        The file appears whole or not at all.
+
+        Returns:
+            The number of bytes written.
+
+        Raises:
+            DiskQuota: the sandbox's disk quota is used up. PathEscape: the path leaves the root.
+            Busy: an exec is running on a runtime that does one thing at a time.
+        """
+        body: Any = data.encode() if isinstance(data, str) else data
+        if isinstance(body, bytes | bytearray | memoryview):
+            body = io.BytesIO(body)  # sent in chunks, not as one write that holds up the event loop
+        async with self._sandbox.client._request("PUT", self._file_url(path), data=body, streaming=True) as resp:
+            answer = await resp.json(content_type=None)
+        return int(answer.get("bytes", 0)) if isinstance(answer, dict) else 0
+
+    async def upload(self, local_path: str | os.PathLike[str], path: str) -> int:
+        """Copy a local file into the sandbox, streamed. Returns the number of bytes written."""
+        f = await asyncio.to_thread(Path(local_path).open, "rb")
+        try:
+            return await self.write(path, f)  # aiohttp reads file objects off the event loop
+        finally:
+            f.close()
+
+    async def stream(self, path: str, *, chunk_size: int = _CHUNK) -> AsyncGenerator[bytes, None]:
+        """Read a file as it arrives, in chunks (for files too large to hold in memory).
+
+        Raises:
+            NotFound: no such file. IsADirectory: the path is a directory.
+            ConnectionLost: the transfer broke off (never a silently short file).
+        """
+        async with self._sandbox.client._request("GET", self._file_url(path), streaming=True) as resp:
+            async for chunk in resp.content.iter_chunked(chunk_size):
+                yield chunk
+
+    async def read(self, path: str) -> bytes:
+        """A whole file's bytes (see `stream` for large ones)."""
+        return b"".join([chunk async for chunk in self.stream(path)])
+
+    async def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        """A whole file, decoded."""
+        return (await self.read(path)).decode(encoding)
+
+    async def download(self, path: str, local_path: str | os.PathLike[str]) -> int:
+        """Copy a file out of the sandbox into a local file, streamed. Returns its size."""
+        size = 0
+        f = await asyncio.to_thread(Path(local_path).open, "wb")
+        try:
+            async for chunk in self.stream(path):
+                await asyncio.to_thread(f.write, chunk)  # a slow disk must not stall the event loop
+                size += len(chunk)
+        finally:
+            f.close()
+        return size
+
+    async def stat(self, path: str) -> FileInfo:
+        """A file's or directory's type, size, mtime and mode.
+
+        Raises:
+            NotFound: no such path.
+        """
+        return FileInfo.from_wire(await self._sandbox.connection.request("fs.stat", {"path": path}))
+
+    async def exists(self, path: str) -> bool:
+        """Whether the path exists."""
+        try:
+            await self.stat(path)
+        except NotFound:
+            return False
+        return True
+
+    async def list(self, path: str = ".", *, depth: int = 1) -> list[FileInfo]:
+        """A directory's entries, `depth` levels down (1..16); their paths are relative to `path`."""
+        result = await self._sandbox.connection.request("fs.list", {"path": path, "depth": depth})
+        return [FileInfo.from_wire(e) for e in result.get("entries", []) if isinstance(e, dict)]
+
+    async def mkdir(self, path: str, *, parents: bool = True) -> None:
+        """Make a directory (and its parents unless `parents=False`)."""
+        await self._sandbox.connection.request("fs.mkdir", {"path": path, "parents": parents})
+
+    async def move(self, src: str, dst: str) -> None:
+        """Move or rename a file or directory."""
+        await self._sandbox.connection.request("fs.move", {"src": src, "dst": dst})
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        """Remove a file, or a directory (which must be empty unless `recursive=True`)."""
+        await self._sandbox.connection.request("fs.remove", {"path": path, "recursive": recursive})
