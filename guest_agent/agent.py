@@ -226,6 +226,10 @@ class Agent:
             "fs.remove": lambda rid, m: self.files.remove(m),
         }
         if self.features.system:
+            from . import system  # now, so a snapshot holds it loaded: see system.py
+
+            system.protect_agent()
+
             self._handlers["guest.setup"] = self._guest_setup
         self._outq: queue.SimpleQueue[tuple[ExecRecord, str, Any] | None] = queue.SimpleQueue()
         self._scheduler: Scheduler | None = None
@@ -529,13 +533,12 @@ class Agent:
                 stdin_open=stdin_open,
                 timeout=record.timeout,
                 pty=window,
+                cgroup=self._cgroup,
             )
         except FileNotFoundError:
             raise ProtocolError("not_found", f"command not found: {argv[0]!r:.200}") from None
         except OSError as exc:
             raise os_error(exc, argv[0]) from None
-        if self._cgroup is not None:
-            self._cgroup.adopt(process.pid)
         record.process = process
         record.pid = process.pid
         with self._lock:

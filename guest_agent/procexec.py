@@ -20,16 +20,20 @@ from __future__ import annotations
 import errno
 import os
 import selectors
+import shutil
 import signal as signal_mod
 import struct
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .signals import signal_name
 from .wire import CHUNK_SIZE, ProtocolError
+
+if TYPE_CHECKING:
+    from .system import SandboxCgroup
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: exec.input beyond this much unwritten stdin is answered `busy` (retryable).
@@ -70,6 +74,15 @@ def _become_terminal_owner() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
+def _check_runnable(program: str, env: Mapping[str, str], cwd: str) -> None:
+    """FileNotFoundError unless `program` names something executable (as execvp would find it)."""
+    if "/" in program:
+        if not os.access(os.path.join(cwd, program), os.X_OK):
+            raise FileNotFoundError(program)
+    elif shutil.which(program, path=env.get("PATH", DEFAULT_PATH)) is None:
+        raise FileNotFoundError(program)
+
+
 class ProcessExec:
     """One running process and its pump.
 
@@ -92,7 +105,9 @@ class ProcessExec:
         stdin_open: bool = False,
         timeout: float | None = None,
         pty: tuple[int, int] | None = None,
+        cgroup: SandboxCgroup | None = None,
     ) -> None:
+        self._cgroup = cgroup
         self._emit = emit
         self._on_end = on_end
         self._timeout = timeout
@@ -126,7 +141,11 @@ class ProcessExec:
     def _spawn(
         self, argv: list[str], cwd: str, env: dict[str, str], pty: tuple[int, int] | None
     ) -> subprocess.Popen[bytes]:
+        if self._cgroup is not None:
+            _check_runnable(argv[0], env, cwd)  # the wrapper would turn "not found" into exit 127
         if pty is None:
+            if self._cgroup is not None:
+                argv = self._cgroup.wrap(argv)
             # Our own pipes (os.pipe fds are close-on-exec; Popen dup2s the child's ends onto
             # 0, 1 and 2), so the pump owns plain fds and no file object ever closes them.
             pipes = [os.pipe() for _ in range(3)]
@@ -164,7 +183,9 @@ class ProcessExec:
                     stderr=slave,
                     cwd=cwd,
                     env=env,
-                    preexec_fn=_become_terminal_owner,
+                    preexec_fn=_become_terminal_owner if self._cgroup is None else self._cgroup.enter_then(
+                        _become_terminal_owner
+                    ),
                 )
             except BaseException:
                 os.close(master)

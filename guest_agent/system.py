@@ -8,11 +8,18 @@ every clone would otherwise see the same time and draw the same "random" numbers
 
 from __future__ import annotations
 
+# Imported up front, not when first used: the agent imports this module at start-up with `--vm`, so
+# in a template VM all of it is loaded before the snapshot, and no clone pays for it (imports
+# are slow in an emulated guest).
+import ctypes
+import fcntl
 import os
+import random
 import signal
 import struct
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .wire import ProtocolError, field
@@ -23,8 +30,13 @@ RNDRESEEDCRNG = 0x5207
 
 #: Entropy accepted per setup: enough to reseed, small enough to be no burden.
 MAX_ENTROPY = 512
-#: Memory left to the kernel and the agent when the sandbox's cgroup limit is derived from the VM's.
+#: Memory kept free for the agent when the sandbox cgroup's limit is derived from what is available.
 AGENT_RESERVE_BYTES = 24 << 20
+
+
+# Writing "0" to cgroup.procs moves the writer; `protect_agent` made the agent unkillable by the OOM
+# killer, which its children must not inherit.
+_ENTER = 'echo 0 >"$1" && echo 0 >/proc/self/oom_score_adj && shift && exec "$@"'
 
 
 class SandboxCgroup:
@@ -35,19 +47,31 @@ class SandboxCgroup:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def adopt(self, pid: int) -> None:
-        """Move a just-started process in. Done right after the spawn (not in the child before
-        exec, which would cost a fork instead of vfork: ~15 ms per exec under TCG); a process that
-        forks in the microseconds between is caught by `kill_all`'s sweep of the agent's group."""
-        try:
-            self._write("cgroup.procs", str(pid))
-        except ProcessLookupError:
-            pass  # it has already exited
+    def wrap(self, argv: list[str]) -> list[str]:
+        """`argv` started through a shell that first moves itself into the cgroup (and gives up
+        the agent's OOM immunity), then execs it: the program's first instruction, and so any
+        fork it makes, is already inside. A move after the spawn would race the program (under
+        TCG a short command finishes first), and a preexec_fn would cost a fork instead of
+        vfork (~15 ms per exec under TCG); busybox's sh costs ~1 ms."""
+        return ["/bin/sh", "-c", _ENTER, "sandgate-enter", self.path + "/cgroup.procs", *argv]
+
+    def enter_then(self, then: Callable[[], None]) -> Callable[[], None]:
+        """A preexec_fn (for execs that fork anyway, like pty ones): enter, then `then()`."""
+        procs = self.path + "/cgroup.procs"
+
+        def enter() -> None:
+            with open(procs, "w", encoding="ascii") as f:
+                f.write("0")
+            with open("/proc/self/oom_score_adj", "w", encoding="ascii") as f:
+                f.write("0")
+            then()
+
+        return enter
 
     def kill_all(self) -> None:
         """SIGKILL every process in the sandbox at once (`cgroup.kill`: no process can escape by
-        forking or leaving its session), then any stray that forked before `adopt` and so stayed
-        in the agent's own cgroup (everything there but the agent and its init)."""
+        forking or leaving its session), then any stray in the agent's own cgroup (everything
+        there but the agent and its init: a wrapper that failed to move itself)."""
         try:
             self._write("cgroup.kill", "1")
         except OSError:
@@ -88,12 +112,23 @@ class SandboxCgroup:
             f.write(value)
 
 
+def protect_agent() -> None:
+    """Make the OOM killer never choose the agent: without it a memory bomb that exhausts the VM
+    before its cgroup limit bites could take the agent down instead of itself."""
+    try:
+        with open("/proc/self/oom_score_adj", "w", encoding="ascii") as f:
+            f.write("-1000")
+    except OSError:
+        pass  # not root: the cgroup limit alone must do
+
+
 def setup(message: Mapping[str, Any], *, root: str, cgroup: SandboxCgroup | None) -> dict[str, Any]:
     """`guest.setup`: make a clone its own. Every field is optional.
 
     Fields: `time_ns` (int, the host's CLOCK_REALTIME), `entropy` (bytes, mixed into the kernel's
     pool, which is then reseeded), `memory_bytes` and `pids` (the sandbox cgroup's limits; memory
-    defaults to the VM's RAM less a reserve for the agent), `disk_bytes` (the root's tmpfs size).
+    defaults to the memory available now less a reserve, so the cgroup's own OOM kill comes before the
+    whole VM runs out), `disk_bytes` (the root's tmpfs size).
     """
     time_ns = field(message, "time_ns", int, None)
     entropy = field(message, "entropy", bytes, None)
@@ -111,7 +146,7 @@ def setup(message: Mapping[str, Any], *, root: str, cgroup: SandboxCgroup | None
         _reseed(entropy)
     if cgroup is not None:
         if memory_bytes is None:
-            memory_bytes = max(_mem_total() - AGENT_RESERVE_BYTES, 16 << 20)
+            memory_bytes = max(_meminfo("MemAvailable") - AGENT_RESERVE_BYTES, 16 << 20)
         cgroup.set_limits(memory_bytes, pids)
     if disk_bytes is not None:
         _resize_tmpfs(root, disk_bytes)
@@ -121,8 +156,6 @@ def setup(message: Mapping[str, Any], *, root: str, cgroup: SandboxCgroup | None
 def _reseed(entropy: bytes) -> None:
     """Credit `entropy` to the kernel's pool and reseed its CRNG now, then reseed the agent's own
     generators: Python execs run in this process, whose `random` was seeded in the template."""
-    import fcntl
-
     words = entropy + b"\0" * (-len(entropy) % 4)
     info = struct.pack("ii", len(entropy) * 8, len(entropy)) + words
     fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
@@ -131,31 +164,27 @@ def _reseed(entropy: bytes) -> None:
         fcntl.ioctl(fd, RNDRESEEDCRNG)
     finally:
         os.close(fd)
-    import random
-    import tempfile
-
     random.seed()
-    tempfile._name_sequence = None  # type: ignore[attr-defined]  # its Random() was seeded in the template
+    tempfile = sys.modules.get("tempfile")
+    if tempfile is not None:  # its name generator's Random() may have been seeded in the template
+        tempfile._name_sequence = None  # type: ignore[attr-defined]
 
 
-def _mem_total() -> int:
+def _meminfo(key: str) -> int:
     with open("/proc/meminfo", encoding="ascii") as f:
         for line in f:
-            if line.startswith("MemTotal:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
-    raise ProtocolError("internal", "no MemTotal in /proc/meminfo")
+    raise ProtocolError("internal", f"no {key} in /proc/meminfo")
+
+
+MS_REMOUNT = 32
 
 
 def _resize_tmpfs(root: str, disk_bytes: int) -> None:
-    # Python has no mount(2); busybox's mount is in every microVM image.
-    import subprocess
-
-    size_kib = max(disk_bytes // 1024, 1)
-    proc = subprocess.run(
-        ["mount", "-o", f"remount,size={size_kib}k", root],
-        capture_output=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        detail = proc.stderr.decode(errors="replace").strip()[-300:]
-        raise ProtocolError("bad_request", f"cannot set the disk size to {disk_bytes} bytes: {detail}")
+    # mount(2) through libc: a `mount` child process would cost a fork and an exec.
+    libc = ctypes.CDLL(None, use_errno=True)
+    options = f"size={max(disk_bytes // 1024, 1)}k".encode()
+    if libc.mount(b"tmpfs", root.encode(), b"tmpfs", MS_REMOUNT, options) != 0:
+        errno = ctypes.get_errno()
+        raise ProtocolError("bad_request", f"cannot set the disk size to {disk_bytes} bytes: {os.strerror(errno)}")

@@ -1,0 +1,1 @@
+"""The microVM runtime: QEMU microvm sandboxes with their own Linux kernel (README: Runtimes)."""

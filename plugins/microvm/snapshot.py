@@ -1,0 +1,166 @@
+"""Snapshots of a booted VM, made once per machine kind and kept beside its boot image.
+
+A template VM boots with its RAM in a file (`share=on`), its agent answers, and it is stopped and
+migrated to `clone.state` with x-ignore-shared: device state only, the RAM stays in `ram`. A clone
+maps `ram` copy-on-write (`share=off`) and loads this stream: ~0.1 s to a live agent, and clones
+share every page they have not written.
+
+`full.state` (device state and RAM, for a plain restore when the RAM file cannot be mapped) is
+migrated from a first clone, stopped before it runs: QEMU migrates a VM only once, and the
+template may not run on after its snapshot, since its RAM file is the clones' memory.
+
+Both fit only a VM with the same `Machine` (QEMU, image, accelerator, memory, vCPUs, devices):
+the folder name is a hash of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from plugins.microvm.vm import DEVICE_LAYOUT, Boot, Machine, Vm
+
+#: A cold boot under TCG answers in ~2-3 s on an idle host; leave room for a loaded one.
+BOOT_TIMEOUT_S = 120.0
+SNAPSHOT_FILES = ("ram", "clone.state", "full.state")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    dir: Path
+
+    @property
+    def ram(self) -> Path:
+        return self.dir / "ram"
+
+    def clone_boot(self) -> Boot:
+        return Boot(ram_file=self.ram, share=False, incoming=self.dir / "clone.state", ignore_shared=True)
+
+    def restore_boot(self) -> Boot:
+        return Boot(incoming=self.dir / "full.state")
+
+
+_qemu_versions: dict[str, str] = {}
+
+
+def qemu_version(qemu: str) -> str:
+    """`qemu --version`'s first line (remembered: it is part of every snapshot's key)."""
+    if qemu not in _qemu_versions:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=True).stdout
+        _qemu_versions[qemu] = out.splitlines()[0].strip()
+    return _qemu_versions[qemu]
+
+
+def machine_key(machine: Machine) -> str:
+    facts = {
+        "qemu": qemu_version(machine.qemu),
+        "image": machine.image.key,
+        "accel": machine.accel.name,
+        "cpu": machine.accel.cpu,
+        "memory_mb": machine.memory_mb,
+        "vcpus": machine.vcpus,
+        "network": machine.network,
+        "cmdline": machine.kernel_cmdline(),
+        "devices": DEVICE_LAYOUT,
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def snapshot_dir(machine: Machine) -> Path:
+    return machine.image.dir / f"snapshot-{machine_key(machine)}"
+
+
+def find_snapshot(machine: Machine) -> Snapshot | None:
+    folder = snapshot_dir(machine)
+    if all((folder / name).is_file() for name in SNAPSHOT_FILES):
+        return Snapshot(folder)
+    return None
+
+
+async def make_snapshot(machine: Machine, workdir: Path) -> Snapshot:
+    """Boot a template VM, snapshot it, and return the snapshot (the existing one if another
+    process made it first). `workdir` holds the template VM's sockets while it runs."""
+    found = find_snapshot(machine)
+    if found is not None:
+        return found
+    dest = snapshot_dir(machine)
+    lock_path = dest.parent / f".{dest.name}.lock"
+    lock = await asyncio.to_thread(_lock, lock_path)
+    try:
+        found = find_snapshot(machine)
+        if found is not None:
+            return found
+        tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(mode=0o700)
+        try:
+            await _snapshot_into(machine, tmp, workdir)
+            for name in SNAPSHOT_FILES:
+                os.chmod(tmp / name, 0o400)  # clones map `ram`: nobody may change it under them
+            os.rename(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return Snapshot(dest)
+    finally:
+        lock.close()
+
+
+def _lock(path: Path) -> object:
+    import fcntl
+
+    f = open(path, "a+b")
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
+async def _snapshot_into(machine: Machine, folder: Path, workdir: Path) -> None:
+    template = await Vm.start(machine, workdir / "template", Boot(ram_file=folder / "ram", share=True))
+    try:
+        await template.wait_agent(BOOT_TIMEOUT_S)
+        await template.qmp("stop")
+        await template.qmp("migrate-set-capabilities",
+                           capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        await _migrate(template, folder / "clone.state")
+    finally:
+        await template.kill()
+    # -S: the clone loads the template's state and stays stopped, so what is migrated is exactly it.
+    clone = await Vm.start(machine, workdir / "clone", dataclasses.replace(Snapshot(folder).clone_boot(), paused=True))
+    try:
+        await clone.wait_incoming(BOOT_TIMEOUT_S)
+        await _migrate(clone, folder / "full.state")
+    finally:
+        await clone.kill()
+
+
+async def _migrate(vm: Vm, dest: Path) -> None:
+    """Write the stopped VM's migration stream to `dest` (through an fd QEMU gets over QMP)."""
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        vm.send_fd(fd)
+        await vm.qmp("getfd", fdname="migration")
+    finally:
+        os.close(fd)
+    await vm.qmp("migrate", uri="fd:migration")
+    deadline = time.monotonic() + BOOT_TIMEOUT_S
+    while True:
+        info = await vm.qmp("query-migrate")
+        status = info.get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise RuntimeError(f"snapshot migration {status}: {info.get('error-desc', '')}")
+        if time.monotonic() > deadline:
+            with contextlib.suppress(Exception):
+                await vm.qmp("migrate_cancel")
+            raise RuntimeError(f"snapshot migration did not finish in {BOOT_TIMEOUT_S:.0f}s")
+        await asyncio.sleep(0.02)  # QMP has no "wait for migration"; polling costs nothing here

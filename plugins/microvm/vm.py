@@ -1,0 +1,415 @@
+"""One QEMU `microvm` process: its command line, the guest agent's socket, its QMP monitor.
+
+The agent's virtio-serial port and the QMP monitor are socket chardevs over socketpairs made before
+QEMU starts (QEMU gets one end of each): nothing to poll for, nothing on the file system, and the
+port is connected from the first instant, which matters for clones: a port that looked unplugged
+while a clone's state loads would make the guest's agent read end-of-input and exit. An agent
+restart swaps in a fresh socketpair with QMP's `chardev-change`.
+
+QEMU dies with the gateway (PR_SET_PDEATHSIG), so a crashed gateway leaves no VM running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from plugins.microvm.images import BootImage
+
+from gateway.runtime.base import ByteChannel, StreamChannel
+from guest_agent.wire import FrameDecoder, ProtocolError, encode_frame
+from plugins.microvm.accel import Accel
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+AGENT_PORT = "sandgate.agent"
+#: Bump when the devices `Machine.argv` gives a VM change: a snapshot fits only the same devices.
+DEVICE_LAYOUT = 2
+PR_SET_PDEATHSIG = 1
+#: Loading a snapshot takes ~30 ms (clone) to ~1 s (full restore); past this something is wrong.
+INCOMING_TIMEOUT_S = 30.0
+#: How much of QEMU's stderr and of the guest console is kept for error messages.
+TAIL_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class Boot:
+    """How a VM starts: from its kernel (cold), or from a migration stream (restore)."""
+
+    #: Guest RAM in this file instead of anonymous memory. `share=True` writes go to the file (a
+    #: template being made); False maps it copy-on-write (a clone of that template).
+    ram_file: Path | None = None
+    share: bool = False
+    #: A migration stream to load instead of booting the kernel.
+    incoming: Path | None = None
+    #: The stream leaves out RAM in `ram_file` (migration capability x-ignore-shared).
+    ignore_shared: bool = False
+    #: Stay stopped once loaded or booted (QEMU's -S), until QMP `cont`.
+    paused: bool = False
+
+    @property
+    def kind(self) -> str:
+        if self.incoming is None:
+            return "cold"
+        return "clone" if self.ignore_shared else "restore"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What every VM of one kind has; a snapshot fits only a VM with the same Machine."""
+
+    qemu: str
+    image: BootImage
+    accel: Accel
+    memory_mb: int
+    vcpus: int
+    network: bool
+    tsc_khz: int
+
+    def kernel_cmdline(self) -> str:
+        # No disk size here: `guest.setup` sizes /work per sandbox, so one snapshot fits every size.
+        parts = [self.image.cmdline, "console=ttyS0", "quiet", "panic=-1"]
+        if self.accel.name == "tcg":
+            # Without it the kernel hangs calibrating a TSC that TCG does not tick like hardware.
+            parts.append(f"tsc_early_khz={self.tsc_khz}")
+        if self.network:
+            parts.append("sandgate.net=1")
+        return " ".join(p for p in parts if p)
+
+    def argv(self, boot: Boot, *, agent_fd: int, qmp_fd: int, incoming_fd: int | None, console: Path) -> list[str]:
+        machine = "microvm,x-option-roms=off,memory-backend=ram"
+        if boot.ram_file is not None:
+            ram = (
+                f"memory-backend-file,id=ram,size={self.memory_mb}M,mem-path={boot.ram_file},"
+                f"share={'on' if boot.share else 'off'}"
+            )
+        else:
+            ram = f"memory-backend-ram,id=ram,size={self.memory_mb}M"
+        argv = [
+            self.qemu,
+            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+            "-M", machine,
+            "-accel", self.accel.option,
+            "-cpu", self.accel.cpu,
+            "-m", f"{self.memory_mb}M",
+            "-smp", str(self.vcpus),
+            "-object", ram,
+            "-kernel", str(self.image.kernel),
+            "-initrd", str(self.image.initrd),
+            "-append", self.kernel_cmdline(),
+            "-chardev", f"file,id=console,path={console}",
+            "-serial", "chardev:console",
+            "-device", "virtio-serial-device,max_ports=2",
+            "-chardev", f"socket,id=agent,fd={agent_fd}",
+            # The id makes QEMU report the guest opening and closing the port (VSERPORT_CHANGE).
+            "-device", f"virtserialport,id=agent-port,chardev=agent,name={AGENT_PORT}",
+            "-chardev", f"socket,id=qmp,fd={qmp_fd}",
+            "-mon", "chardev=qmp,mode=control",
+        ]
+        if self.image.rootfs is not None:
+            argv += [
+                "-drive", f"id=root,file={self.image.rootfs},format=raw,if=none,readonly=on",
+                "-device", "virtio-blk-device,drive=root",
+            ]
+        if self.network:
+            argv += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]
+        if boot.paused:
+            argv.append("-S")
+        if incoming_fd is not None:
+            argv += ["-incoming", "defer"]  # `Vm._spawn` sets the capabilities, then starts the load
+        return argv
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the VM gets SIGKILL when the gateway dies, whatever killed the gateway."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class Vm:
+    """A running QEMU process. Made by `Vm.start`; `kill` ends it and removes its folder's files."""
+
+    def __init__(self, machine: Machine, workdir: Path, boot: Boot) -> None:
+        self.machine = machine
+        self.workdir = workdir
+        self.boot = boot
+        self.console = workdir / "console.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stderr_tail = bytearray()
+        self.started = time.monotonic()
+        self._qmp_sock: socket.socket | None = None
+        self._qmp: Any = None
+        self._events_task: asyncio.Task[None] | None = None
+        self._stderr_task: asyncio.Task[None] | None = None
+        self._reap_task: asyncio.Task[None] | None = None
+        self._channel: StreamChannel | None = None
+        #: Called with True/False when the guest opens/closes the agent's port (QMP
+        #: VSERPORT_CHANGE): the agent started, or died or exited.
+        self.on_port_change: Callable[[bool], None] = lambda is_open: None
+        self.exited: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    async def start(cls, machine: Machine, workdir: Path, boot: Boot) -> Vm:
+        vm = cls(machine, workdir, boot)
+        try:
+            await vm._spawn()
+        except BaseException:
+            await vm.kill()
+            raise
+        return vm
+
+    async def _spawn(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        agent_ours, agent_theirs = socket.socketpair()
+        qmp_ours, qmp_theirs = socket.socketpair()
+        self._qmp_sock = qmp_ours
+        incoming_fd = None
+        try:
+            await self._attach_agent(agent_ours)
+            if self.boot.incoming is not None:
+                incoming_fd = os.open(self.boot.incoming, os.O_RDONLY | os.O_CLOEXEC)
+            fds = [agent_theirs.fileno(), qmp_theirs.fileno(), *([incoming_fd] if incoming_fd is not None else [])]
+            argv = self.machine.argv(
+                self.boot,
+                agent_fd=agent_theirs.fileno(),
+                qmp_fd=qmp_theirs.fileno(),
+                incoming_fd=incoming_fd,
+                console=self.console,
+            )
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=fds,
+                preexec_fn=_die_with_parent,
+                start_new_session=True,
+            )
+        finally:
+            agent_theirs.close()
+            qmp_theirs.close()
+            if incoming_fd is not None:
+                os.close(incoming_fd)
+        assert self.proc.stderr is not None
+        self._stderr_task = asyncio.create_task(self._drain_stderr(self.proc.stderr))
+        self._reap_task = asyncio.create_task(self._reap())
+        await self._unless_exited(self._connect_qmp())
+        if incoming_fd is not None:
+            # QEMU 7.2 takes migration capabilities only over QMP, before the load starts.
+            if self.boot.ignore_shared:
+                await self.qmp("migrate-set-capabilities",
+                               capabilities=[{"capability": "x-ignore-shared", "state": True}])
+            await self.qmp("migrate-incoming", uri=f"fd:{incoming_fd}")
+            if not self.boot.paused:
+                # Snapshots are taken of stopped VMs, and a loaded VM keeps its source's run state.
+                await self.wait_incoming(INCOMING_TIMEOUT_S)
+                await self.qmp("cont")
+
+    async def _drain_stderr(self, stream: asyncio.StreamReader) -> None:
+        while chunk := await stream.read(4096):
+            self.stderr_tail += chunk
+            del self.stderr_tail[:-TAIL_BYTES]
+
+    async def _reap(self) -> None:
+        assert self.proc is not None
+        code = await self.proc.wait()
+        if self._stderr_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stderr_task
+        if not self.exited.done():
+            self.exited.set_result(self.exit_reason(code))
+
+    def exit_reason(self, code: int) -> str:
+        """Why QEMU exited, with the end of its stderr or of the guest console."""
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        detail = self.stderr_tail.decode(errors="replace").strip()
+        if not detail:
+            detail = self.console_tail()
+        return f"QEMU {how}" + (f": {detail[-800:]}" if detail else "")
+
+    def console_tail(self) -> str:
+        try:
+            with open(self.console, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - TAIL_BYTES))
+                return f.read().decode(errors="replace").strip()
+        except OSError:
+            return ""
+
+    async def _connect_qmp(self) -> None:
+        from qemu.qmp import QMPClient
+
+        assert self._qmp_sock is not None
+        qmp = QMPClient(f"vm-{self.workdir.name}")
+        self._qmp = qmp
+        self._events_task = asyncio.create_task(self._watch_events(qmp))
+        await qmp.connect(self._qmp_sock)
+
+    async def _watch_events(self, qmp: Any) -> None:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            async for event in qmp.events:
+                if event["event"] == "VSERPORT_CHANGE":
+                    self.on_port_change(bool(event["data"].get("open")))
+
+    async def qmp(self, command: str, **arguments: Any) -> Any:
+        """Run a QMP command; a QEMU error becomes ProtocolError('internal')."""
+        from qemu.qmp import ExecuteError
+
+        try:
+            return await self._qmp.execute(command, arguments or None)
+        except ExecuteError as exc:
+            raise ProtocolError("internal", f"QEMU refused {command}: {exc}") from None
+
+    # -- the agent's channel -------------------------------------------------------------------
+
+    async def _attach_agent(self, sock: socket.socket) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
+        self._channel = StreamChannel(reader, writer)
+
+    def abort_agent_channel(self) -> None:
+        """Close our end of the agent's port now (its reader sees end of input)."""
+        if self._channel is not None:
+            self._channel.abort()
+
+    def channel(self) -> ByteChannel:
+        if self._channel is None:
+            raise ProtocolError("guest_died", "the VM's agent is not connected")
+        return self._channel
+
+    async def new_agent_channel(self) -> None:
+        """Swap the agent's port onto a fresh socketpair: the guest sees its host side close (the
+        agent reads end of input, kills its processes and exits; init starts a new one) and open
+        again, and no byte of the old connection can reach the new agent."""
+        ours, theirs = socket.socketpair()
+        try:
+            self.send_fd(theirs.fileno())
+            await self.qmp("getfd", fdname="agent")
+        finally:
+            theirs.close()
+        await self._attach_agent(ours)
+        await self.qmp(
+            "chardev-change",
+            id="agent",
+            backend={"type": "socket", "data": {"addr": {"type": "fd", "data": {"str": "agent"}}, "server": False}},
+        )
+
+    def send_fd(self, fd: int) -> None:
+        """Pass `fd` to QEMU for the next QMP command that takes one (`getfd`)."""
+        self._qmp.send_fd_scm(fd)
+
+    async def call(self, op: str, timeout: float, **fields: Any) -> dict[str, Any]:
+        """One request on the agent's fresh connection, before the gateway's AgentClient owns it
+        (the runtime's own ping and `guest.setup`). The agent says nothing unasked, so any other
+        message here is a broken guest."""
+        channel = self.channel()
+        await channel.write(encode_frame({"id": 1, "op": op, **fields}))
+        decoder = FrameDecoder()
+        async with asyncio.timeout(timeout):
+            while True:
+                data = await channel.read()
+                if not data:
+                    raise ProtocolError("guest_died", f"the agent closed its channel during {op}")
+                decoder.receive_data(data)
+                for message in decoder.messages_received():
+                    if message.get("id") != 1:
+                        raise ProtocolError("guest_protocol", f"unexpected agent message during {op}")
+                    if "error" in message:
+                        error = message["error"]
+                        raise ProtocolError(str(error.get("code", "internal")), str(error.get("message", "")))
+                    result: dict[str, Any] = message.get("result") or {}
+                    return result
+
+    async def wait_agent(self, timeout: float) -> None:
+        """Wait until the agent answers a ping, or raise with the reason. Bytes sent before the
+        guest opens its port wait in the socket (QEMU reads none until then), so there is nothing
+        to poll for, cold boot or clone alike."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._unless_exited(self.call("ping", timeout))
+        except TimeoutError:
+            raise ProtocolError(
+                "unavailable", f"the VM's agent did not answer within {timeout:.0f}s: {self.console_tail()[-800:]}"
+            ) from None
+
+    async def wait_incoming(self, timeout: float) -> None:
+        """Wait until the migration stream is loaded (QMP has no event for it without extra
+        capabilities: poll the run state, which is cheap)."""
+        async with asyncio.timeout(timeout):
+            while (await self._unless_exited(self.qmp("query-status")))["status"] == "inmigrate":
+                await asyncio.sleep(0.01)
+
+    async def _unless_exited(self, waiting: Coroutine[Any, Any, T]) -> T:
+        """Await `waiting` unless QEMU exits first (then raise with its reason)."""
+        task = asyncio.ensure_future(waiting)
+        done, _ = await asyncio.wait({task, self.exited}, return_when=asyncio.FIRST_COMPLETED)
+        if task not in done:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ProtocolError, OSError):
+                await task
+            raise ProtocolError("unavailable", self.exited.result())
+        return task.result()
+
+    # -- host-side figures -------------------------------------------------------------------------
+
+    def cpu_seconds(self) -> float | None:
+        if self.proc is None or self.proc.returncode is not None:
+            return None
+        try:
+            with open(f"/proc/{self.proc.pid}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def memory(self) -> Mapping[str, int]:
+        """QEMU's RSS and PSS (PSS splits a clone's pages shared with the template fairly)."""
+        figures: dict[str, int] = {}
+        if self.proc is None or self.proc.returncode is not None:
+            return figures
+        try:
+            with open(f"/proc/{self.proc.pid}/smaps_rollup", encoding="ascii") as f:
+                for line in f:
+                    key, _, rest = line.partition(":")
+                    if key in ("Rss", "Pss"):
+                        figures[f"{key.lower()}_bytes"] = int(rest.split()[0]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return figures
+
+    # -- the end -----------------------------------------------------------------------------------
+
+    async def kill(self) -> None:
+        """End QEMU (SIGKILL: the guest's state is thrown away anyway) and close every socket."""
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                await self._qmp.disconnect()
+        if self._events_task is not None:
+            self._events_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._events_task
+        if self._qmp_sock is not None:
+            self._qmp_sock.close()
+        if self._stderr_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stderr_task
+        if not self.exited.done():
+            self.exited.set_result("killed")

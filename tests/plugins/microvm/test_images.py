@@ -1,0 +1,413 @@
+"""The microVM image builder: templates.toml, the kernel pin, module dependencies, the
+initramfs, the cache; and one boot of the built image with plain QEMU up to the agent's hello."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import stat
+import struct
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from plugins.microvm import images
+from plugins.microvm.images import BootImage, TemplateError
+
+pytestmark = pytest.mark.microvm
+
+TEMPLATES = images.TEMPLATES_FILE.read_text()
+
+
+# -- templates.toml ------------------------------------------------------------------------------
+
+
+def test_templates_parse() -> None:
+    config = images.load_config()
+    default, full = config.templates["default"], config.templates["full"]
+    assert (default.memory_mb, default.vcpus, default.rootfs) == (256, 1, None)
+    assert default.python == "python3.11" and "busybox-static" in default.packages
+    assert {"virtio_mmio", "virtio_console"} <= set(default.modules)
+    assert full.memory_mb == 512 and full.rootfs is not None and full.python is None
+    assert {"python3", "nodejs", "bash", "gcc", "libc6-dev"} <= set(full.rootfs.packages)
+    assert {"virtio_blk", "overlay"} <= set(full.modules)
+    assert config.kernel.package.startswith("linux-image-") and len(config.kernel.sha256) == 64
+    assert images.load_templates() == config.templates
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "error"),
+    [
+        ("[templates.default]", "[templates.default", "not valid TOML"),
+        ("memory_mb = 256", 'memory_mb = "lots"', "templates.default.memory_mb must be an integer"),
+        ("memory_mb = 256", "memory_mb = 256\ncolour = 1", r"unknown keys in \[templates.default\]: colour"),
+        ('cmdline = "mitigations=off', 'cmdline = "sandgate.net=1 mitigations=off', "must not set sandgate"),
+        ('sha256 = "e', 'sha256 = "x', "kernel.sha256 must be a string matching"),
+        ("\nversion = ", "\n# version = ", "kernel.version is missing"),
+        ('compression = "none"', 'compression = "bzip2"', "compression must be a string matching none|gzip"),
+        ('"busybox-static",\n    "python3.11', '"python3.11', "packages must hold busybox-static"),
+    ],
+)
+def test_bad_templates_file_says_what_is_wrong(tmp_path: Path, old: str, new: str, error: str) -> None:
+    assert old in TEMPLATES
+    bad = tmp_path / "templates.toml"
+    bad.write_text(TEMPLATES.replace(old, new, 1))
+    with pytest.raises(TemplateError, match=error) as caught:
+        images.load_config(bad)
+    assert str(bad) in str(caught.value)
+
+
+def test_missing_templates_file(tmp_path: Path) -> None:
+    with pytest.raises(TemplateError, match="no such file"):
+        images.load_config(tmp_path / "nope.toml")
+
+
+def test_unknown_template_is_refused() -> None:
+    assert images.find_image("no-such-template") is None
+    with pytest.raises(TemplateError, match="unknown microvm template 'no-such-template'"):
+        images.build_image("no-such-template", lambda elapsed, phase: None)
+
+
+# -- kernel modules ---------------------------------------------------------------------------------
+
+MODULES_DEP = """\
+kernel/drivers/a.ko: kernel/lib/b.ko kernel/lib/c.ko
+kernel/lib/b.ko: kernel/lib/c.ko
+kernel/lib/c.ko:
+kernel/net/d-x.ko:
+kernel/loop/p.ko: kernel/loop/q.ko
+kernel/loop/q.ko: kernel/loop/p.ko
+"""
+
+
+def test_modules_resolve_in_load_order() -> None:
+    order = images.resolve_modules(MODULES_DEP, "kernel/fs/e.ko\n", ["a", "e", "d_x", "b"])
+    # dependencies first, each once; built-in e left out; d-x found by its module name d_x
+    assert order == ["kernel/lib/c.ko", "kernel/lib/b.ko", "kernel/drivers/a.ko", "kernel/net/d-x.ko"]
+
+
+def test_module_errors() -> None:
+    with pytest.raises(ValueError, match=r"kernel module zz is neither in modules\.dep nor built in"):
+        images.resolve_modules(MODULES_DEP, "", ["zz"])
+    with pytest.raises(ValueError, match="cycle: p -> q -> p"):
+        images.resolve_modules(MODULES_DEP, "", ["p"])
+
+
+def test_real_modules_dep(microvm_boot_image: BootImage) -> None:
+    """Debian's package has no modules.dep: the builder made one from each module's modinfo."""
+    modules = images.kernel_dir(images.load_config().kernel) / "modules"
+    dep = (modules / "modules.dep").read_text()
+    builtin = (modules / "modules.builtin").read_text()
+    order = [Path(p).name for p in images.resolve_modules(dep, builtin, ["virtio_net", "virtio_mmio"])]
+    assert order.index("failover.ko") < order.index("net_failover.ko") < order.index("virtio_net.ko")
+    assert order.index("virtio_ring.ko") < order.index("virtio.ko") < order.index("virtio_mmio.ko")
+    # ext4 is built into Debian's cloud kernel: nothing to load for it
+    assert images.resolve_modules(dep, builtin, ["ext4"]) == []
+
+
+# -- the kernel -------------------------------------------------------------------------------------
+
+
+def _pin() -> images.KernelPin:
+    return images.load_config().kernel
+
+
+def test_pin_check_refuses_another_sha256() -> None:
+    pin = _pin()
+    images.check_pin(pin, pin.sha256)
+    with pytest.raises(RuntimeError, match=f"refusing {pin.package} {pin.version}: its sha256 is 0+, "
+                                           f"templates.toml pins {pin.sha256}"):
+        images.check_pin(pin, "0" * 64)
+
+
+class _IndexWithOtherHash:
+    """An apt index that offers the pinned version with another sha256; downloading fails the test."""
+
+    def __init__(self, debs: Path, pin: images.KernelPin) -> None:
+        self.debs, self.pin = debs, pin
+
+    def update(self, clock: Any, *, force: bool = False) -> None:
+        pass
+
+    def show(self, *specs: str) -> list[dict[str, str]]:
+        return [{"Package": self.pin.package, "Version": self.pin.version, "SHA256": "1" * 64,
+                 "Filename": f"pool/{self.pin.package}.deb"}]
+
+    def fetch(self, specs: Any, clock: Any) -> Any:
+        raise AssertionError("downloaded a kernel whose index sha256 is not the pinned one")
+
+
+def test_kernel_with_another_sha256_is_refused_before_download(tmp_path: Path) -> None:
+    pin = _pin()
+    # a cached .deb of that name with other content is not taken either
+    (tmp_path / f"{pin.package}_{pin.version}_amd64.deb").write_bytes(b"not the pinned kernel")
+    clock = images._Clock(lambda elapsed, phase: None)
+    with pytest.raises(RuntimeError, match="refusing"):
+        images._pinned_kernel_deb(pin, _IndexWithOtherHash(tmp_path, pin), clock)  # type: ignore[arg-type]
+
+
+def test_lz4_legacy_payload() -> None:
+    # "ab", then a 6-byte match 2 back (it overlaps what it writes), then "!" as the last literals
+    block = bytes([0x22]) + b"ab" + struct.pack("<H", 2) + bytes([0x10]) + b"!"
+    payload = struct.pack("<II", images.LZ4_LEGACY_MAGIC, len(block)) + block + struct.pack("<I", 9)
+    assert images._lz4_legacy(payload) == b"abababab!"
+
+
+def test_extract_vmlinux_refuses_what_is_no_bzimage() -> None:
+    with pytest.raises(ValueError, match="not a bzImage"):
+        images.extract_vmlinux(bytes(4096))
+
+
+def test_kernel_is_an_elf_with_a_pvh_entry(microvm_boot_image: BootImage) -> None:
+    data = microvm_boot_image.kernel.read_bytes()
+    assert data[:4] == b"\x7fELF"
+    assert any(name == "Xen" and kind == images.PVH_NOTE for name, kind, _ in images.elf_notes(data))
+
+
+# -- the initramfs ----------------------------------------------------------------------------------
+
+
+def _initramfs(image: BootImage) -> dict[str, tuple[int, bytes]]:
+    return {name: (mode, data) for name, mode, data in images.read_cpio(image.initrd.read_bytes())}
+
+
+def test_cpio_round_trip(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "bin/tool").write_bytes(b"#!/bin/sh\n")
+    os.chmod(tree / "bin/tool", 0o700)
+    (tree / "notes").write_bytes(b"x" * 5)
+    (tree / "link").symlink_to("bin/tool")
+    out = tmp_path / "out.cpio"
+    images.write_initramfs(tree, out, "none")
+    entries = {name: (mode, data) for name, mode, data in images.read_cpio(out.read_bytes())}
+    assert entries == {
+        "bin": (stat.S_IFDIR | 0o755, b""),
+        "bin/tool": (stat.S_IFREG | 0o755, b"#!/bin/sh\n"),
+        "link": (stat.S_IFLNK | 0o777, b"bin/tool"),
+        "notes": (stat.S_IFREG | 0o644, b"xxxxx"),
+        "dev/console": (stat.S_IFCHR | 0o600, b""),
+    }
+    again = tmp_path / "again.cpio"
+    images.write_initramfs(tree, again, "none")
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_initramfs_holds_what_init_needs(microvm_boot_image: BootImage) -> None:
+    files = _initramfs(microvm_boot_image)
+    assert files["init"] == (stat.S_IFLNK | 0o777, b"opt/sandgate/init")
+    assert files["opt/sandgate/init"] == (stat.S_IFREG | 0o755, images.INIT_FILE.read_bytes())
+    assert stat.S_ISCHR(files["dev/console"][0])
+    for folder in ("dev", "proc", "sys", "tmp", "work", "etc/sandgate"):
+        assert stat.S_ISDIR(files[folder][0]), folder
+    for top in ("bin", "sbin", "lib", "lib64"):
+        assert files[top] == (stat.S_IFLNK | 0o777, f"usr/{top}".encode())
+    # busybox and the applets the init runs
+    assert stat.S_ISREG(files["usr/bin/busybox"][0])
+    for applet in ("usr/bin/sh", "usr/bin/mount", "usr/sbin/insmod", "usr/sbin/ip", "usr/sbin/switch_root",
+                   "usr/bin/hostname", "usr/bin/usleep", "usr/bin/env"):
+        assert files[applet] == (stat.S_IFLNK | 0o777, b"/usr/bin/busybox"), applet
+    # modules in dependency order, every listed file present
+    modules = files["etc/sandgate/modules"][1].decode().split()
+    names = [Path(m).name for m in modules]
+    assert names.index("virtio_ring.ko") < names.index("virtio.ko") < names.index("virtio_mmio.ko")
+    assert "virtio_console.ko" in names
+    for module in modules + files["etc/sandgate/modules.net"][1].decode().split():
+        assert f"usr{module}" in files, module
+    assert "virtio_net.ko" in files["etc/sandgate/modules.net"][1].decode()
+    conf = files["etc/sandgate/image.conf"][1].decode()
+    assert "SANDGATE_TEMPLATE=default" in conf and "ROOT_DISK" not in conf
+    # python, msgpack's C extension, the agent with its bytecode
+    assert files["usr/bin/python3"][1] == b"python3.11"
+    assert any(n.startswith("usr/lib/python3/dist-packages/msgpack/_cmsgpack.") for n in files)
+    assert "opt/sandgate/guest_agent/__main__.py" in files
+    assert "opt/sandgate/guest_agent/__pycache__/__main__.cpython-311.pyc" in files
+
+
+def test_stdlib_is_trimmed_and_precompiled(microvm_boot_image: BootImage) -> None:
+    files = _initramfs(microvm_boot_image)
+    stdlib = "usr/lib/python3.11/"
+    for kept in ("asyncio/__init__.pyc", "json/__init__.pyc", "subprocess.pyc", "pty.pyc", "ctypes/__init__.pyc",
+                 "lib-dynload/termios.cpython-311-x86_64-linux-gnu.so", "encodings/utf_8.pyc"):
+        assert stdlib + kept in files, kept
+    for gone in ("test/", "idlelib/", "tkinter/", "ensurepip/", "lib2to3/", "pydoc_data/", "distutils/"):
+        assert not any(n.startswith(stdlib + gone) for n in files), gone
+    assert not any(n.startswith(stdlib) and n.endswith(".py") for n in files), "stdlib sources are replaced"
+    for name, (_, data) in files.items():
+        if name.endswith(".pyc"):
+            # PEP 552 flags: hash-based (1), not checked against a source (0 << 1)
+            assert struct.unpack_from("<I", data, 4)[0] == 1, name
+
+
+def test_every_elf_finds_its_libraries(microvm_boot_image: BootImage) -> None:
+    files = _initramfs(microvm_boot_image)
+    libdir = "usr/lib/x86_64-linux-gnu/"
+    elves = [n for n, (mode, data) in files.items() if stat.S_ISREG(mode) and data[:4] == b"\x7fELF"]
+    assert "usr/bin/python3.11" in elves
+    for name in elves:
+        if name.startswith("usr/lib/modules/"):
+            continue
+        interp, needed = images.elf_deps(files[name][1])
+        if interp is not None:
+            assert images._merged(interp.lstrip("/")) in files, (name, interp)
+        for soname in needed:
+            assert libdir + soname in files, (name, soname)
+
+
+def test_manifest_records_what_went_in(microvm_boot_image: BootImage) -> None:
+    manifest = json.loads((microvm_boot_image.dir / "manifest.json").read_text())
+    pin = _pin()
+    assert manifest["kernel"]["sha256"] == pin.sha256 and manifest["key"] == microvm_boot_image.key
+    debs = {d["package"]: d for d in manifest["debs"]}
+    assert set(debs) == set(images.load_templates()["default"].packages)
+    assert all(len(d["sha256"]) == 64 and d["version"] for d in debs.values())
+    assert microvm_boot_image.dir.parent.parent.parent == images.microvm_cache()
+    assert microvm_boot_image.cmdline == images.load_templates()["default"].cmdline
+
+
+# -- the cache --------------------------------------------------------------------------------------
+
+
+def test_second_build_comes_from_the_cache(microvm_boot_image: BootImage, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a cached image was built again")
+
+    for name in ("_run", "_kernel", "Apt", "_initramfs_tree", "write_initramfs"):
+        monkeypatch.setattr(images, name, no)
+    again = images.build_image("default", lambda elapsed, phase: None)
+    assert again == microvm_boot_image
+    assert images.find_image("default") == microvm_boot_image
+
+
+def test_an_edited_input_makes_the_image_out_of_date(microvm_boot_image: BootImage, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    edited = tmp_path / "init"
+    edited.write_bytes(images.INIT_FILE.read_bytes() + b"# edited\n")
+    monkeypatch.setattr(images, "INIT_FILE", edited)
+    assert images.find_image("default") is None
+    monkeypatch.undo()
+    assert images.find_image("default") == microvm_boot_image
+
+
+def test_build_lock_excludes_other_builders(tmp_path: Path) -> None:
+    lock = tmp_path / "build.lock"
+    held, release = threading.Event(), threading.Event()
+
+    def builder() -> None:
+        with images._locked(lock):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=builder)
+    thread.start()
+    assert held.wait(30)
+    with open(lock, "rb") as other, pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    release.set()
+    thread.join()
+    with images._locked(lock):
+        pass
+
+
+class _Index:
+    """apt with a newer kernel in its index."""
+
+    def __init__(self, base: Path, sources: Any) -> None:
+        self.debs = base
+
+    def update(self, clock: Any, *, force: bool = False) -> None:
+        pass
+
+    def show(self, *specs: str) -> list[dict[str, str]]:
+        return [{
+            "linux-image-cloud-amd64": {"Package": "linux-image-cloud-amd64",
+                                        "Depends": "linux-image-6.1.0-99-cloud-amd64 (= 6.1.300-1)"},
+            "linux-image-6.1.0-99-cloud-amd64": {"Package": "linux-image-6.1.0-99-cloud-amd64",
+                                                 "Version": "6.1.300-1", "SHA256": "ab" * 32},
+        }[spec] for spec in specs]
+
+
+def test_repin_rewrites_the_kernel_lines_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDGATE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(images, "Apt", _Index)
+    path = tmp_path / "templates.toml"
+    path.write_text(TEMPLATES)
+    pin = images.repin(path, lambda elapsed, phase: None)
+    assert pin == images.KernelPin("linux-image-6.1.0-99-cloud-amd64", "6.1.300-1", "ab" * 32,
+                                   "linux-image-cloud-amd64")
+    assert images.load_config(path).kernel == pin
+    old = _pin()
+    assert path.read_text() == (TEMPLATES.replace(f'package = "{old.package}"', f'package = "{pin.package}"')
+                                .replace(f'version = "{old.version}"', f'version = "{pin.version}"')
+                                .replace(f'sha256 = "{old.sha256}"', f'sha256 = "{pin.sha256}"'))
+
+
+# -- booting it -------------------------------------------------------------------------------------
+
+
+def _tsc_khz() -> int:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("cpu MHz"):
+            return int(float(line.split(":")[1]) * 1000)
+    pytest.skip("no 'cpu MHz' in /proc/cpuinfo")
+
+
+def _frame(conn: socket.socket) -> dict[str, Any]:
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            assert chunk, "the guest closed the channel"
+            data += chunk
+        return data
+
+    (length,) = struct.unpack(">I", exactly(4))
+    message: dict[str, Any] = msgpack.unpackb(exactly(length))
+    return message
+
+
+def test_image_boots_to_the_agents_hello(microvm_boot_image: BootImage, tmp_path: Path) -> None:
+    """Plain QEMU, software emulation: the init mounts, loads modules, finds the port, starts the agent."""
+    qemu = shutil.which("qemu-system-x86_64")
+    assert qemu is not None  # the fixture installed it or skipped
+    image = microvm_boot_image
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "agent.sock"))
+    listener.listen(1)
+    listener.settimeout(60)
+    console = tmp_path / "console.log"
+    cmdline = f"{image.cmdline} console=ttyS0 quiet panic=-1 tsc_early_khz={_tsc_khz()} sandgate.disk_mb=64"
+    proc = subprocess.Popen([
+        qemu, "-M", "microvm,x-option-roms=off,rtc=on", "-accel", "tcg", "-cpu", "max",
+        "-m", str(image.memory_mb), "-smp", str(image.vcpus), "-nodefaults", "-no-user-config",
+        "-nographic", "-no-reboot", "-kernel", str(image.kernel), "-initrd", str(image.initrd),
+        "-append", cmdline, "-serial", f"file:{console}",
+        "-device", "virtio-serial-device", "-chardev", f"socket,id=agent,path={tmp_path / 'agent.sock'}",
+        "-device", "virtserialport,chardev=agent,name=sandgate.agent",
+    ], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    conn: socket.socket | None = None
+    try:
+        conn, _ = listener.accept()
+        conn.settimeout(60)
+        body = msgpack.packb({"id": 1, "op": "hello", "version": 1})
+        conn.sendall(struct.pack(">I", len(body)) + body)
+        reply = _frame(conn)
+        assert reply["id"] == 1 and reply["result"]["version"] == 1, reply
+        assert reply["result"]["platform"] == "linux"
+        assert "exec.process" in reply["result"]["capabilities"]
+    finally:
+        proc.kill()  # before the channel closes, which would make the agent exit (and init say so)
+        _, stderr = proc.communicate()
+        if conn is not None:
+            conn.close()
+        listener.close()
+    # the init logs errors only: a clean boot leaves none
+    log = console.read_text(errors="replace")
+    assert "sandgate-init" not in log, log[-3000:] + stderr.decode(errors="replace")[-1000:]
