@@ -6,12 +6,13 @@ Imported by the WASM launcher at every sandbox start: standard library only at m
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 CACHE_ENV = "SANDGATE_CACHE_DIR"
 
@@ -92,6 +93,31 @@ class TerminalProgress:
         elif elapsed - self.last_line >= self.every:
             self.last_line = elapsed
             print(f"sandgate: {phase} ({elapsed:.0f}s)", file=stream, flush=True)
+
+
+# Locks.
+
+
+def acquire_file_lock(path: Path) -> BinaryIO:
+    """An exclusive lock on `path` (made if missing), across processes and threads, held until the
+    returned file is closed. Blocking: from async code, call it in a thread."""
+    import fcntl
+
+    f = open(path, "a+b")
+    try:
+        os.chmod(path, 0o600)
+        fcntl.flock(f, fcntl.LOCK_EX)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """`acquire_file_lock` as a context manager."""
+    with acquire_file_lock(path):
+        yield
 
 
 # Per-gateway state.

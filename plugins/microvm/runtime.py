@@ -22,7 +22,6 @@ import secrets
 import shutil
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from gateway.runtime.base import Backend, ByteChannel, Progress, Runtime, SandboxSpec

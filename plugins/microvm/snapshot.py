@@ -16,17 +16,16 @@ the folder name is a hash of it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from plugins.common import acquire_file_lock
 from plugins.microvm.vm import DEVICE_LAYOUT, Boot, Machine, Vm
 
 #: A cold boot under TCG answers in ~2-3 s on an idle host; leave room for a loaded one.
@@ -94,7 +93,7 @@ async def make_snapshot(machine: Machine, workdir: Path) -> Snapshot:
         return found
     dest = snapshot_dir(machine)
     lock_path = dest.parent / f".{dest.name}.lock"
-    lock = await asyncio.to_thread(_lock, lock_path)
+    lock = await asyncio.to_thread(acquire_file_lock, lock_path)
     try:
         found = find_snapshot(machine)
         if found is not None:
@@ -136,7 +135,6 @@ async def _snapshot_into(machine: Machine, folder: Path, workdir: Path) -> None:
     # -S: the clone loads the template's state and stays stopped, so what is migrated is exactly it.
     clone = await Vm.start(machine, workdir / "clone", dataclasses.replace(Snapshot(folder).clone_boot(), paused=True))
     try:
-        await clone.wait_incoming(BOOT_TIMEOUT_S)
         await _migrate(clone, folder / "full.state")
     finally:
         await clone.kill()
@@ -150,17 +148,6 @@ async def _migrate(vm: Vm, dest: Path) -> None:
         await vm.qmp("getfd", fdname="migration")
     finally:
         os.close(fd)
+    vm.expect_migration()
     await vm.qmp("migrate", uri="fd:migration")
-    deadline = time.monotonic() + BOOT_TIMEOUT_S
-    while True:
-        info = await vm.qmp("query-migrate")
-        status = info.get("status")
-        if status == "completed":
-            return
-        if status in ("failed", "cancelled"):
-            raise RuntimeError(f"snapshot migration {status}: {info.get('error-desc', '')}")
-        if time.monotonic() > deadline:
-            with contextlib.suppress(Exception):
-                await vm.qmp("migrate_cancel")
-            raise RuntimeError(f"snapshot migration did not finish in {BOOT_TIMEOUT_S:.0f}s")
-        await asyncio.sleep(0.02)  # QMP has no "wait for migration"; polling costs nothing here
+    await vm.wait_migration(BOOT_TIMEOUT_S)

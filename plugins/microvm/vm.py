@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from plugins.microvm.images import BootImage
-
 from gateway.runtime.base import ByteChannel, StreamChannel
 from guest_agent.wire import FrameDecoder, ProtocolError, encode_frame
 from plugins.microvm.accel import Accel
+from plugins.microvm.images import BootImage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -158,6 +157,8 @@ class Vm:
         #: VSERPORT_CHANGE): the agent started, or died or exited.
         self.on_port_change: Callable[[bool], None] = lambda is_open: None
         self.exited: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._migration_status: str | None = None
+        self._migration_changed = asyncio.Event()
 
     @classmethod
     async def start(cls, machine: Machine, workdir: Path, boot: Boot) -> Vm:
@@ -210,10 +211,11 @@ class Vm:
             if self.boot.ignore_shared:
                 await self.qmp("migrate-set-capabilities",
                                capabilities=[{"capability": "x-ignore-shared", "state": True}])
+            self.expect_migration()
             await self.qmp("migrate-incoming", uri=f"fd:{incoming_fd}")
+            await self.wait_migration(INCOMING_TIMEOUT_S)
             if not self.boot.paused:
                 # Snapshots are taken of stopped VMs, and a loaded VM keeps its source's run state.
-                await self.wait_incoming(INCOMING_TIMEOUT_S)
                 await self.qmp("cont")
 
     async def _drain_stderr(self, stream: asyncio.StreamReader) -> None:
@@ -258,7 +260,10 @@ class Vm:
     async def _watch_events(self, qmp: Any) -> None:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             async for event in qmp.events:
-                if event["event"] == "VSERPORT_CHANGE":
+                if event["event"] == "MIGRATION":
+                    self._migration_status = event["data"]["status"]
+                    self._migration_changed.set()
+                elif event["event"] == "VSERPORT_CHANGE":
                     self.on_port_change(bool(event["data"].get("open")))
 
     async def qmp(self, command: str, **arguments: Any) -> Any:
@@ -343,17 +348,26 @@ class Vm:
                 "unavailable", f"the VM's agent did not answer within {timeout:.0f}s: {self.console_tail()[-800:]}"
             ) from None
 
-    async def wait_incoming(self, timeout: float) -> None:
-        """Wait until the migration stream is loaded (QMP has no event for it without extra
-        capabilities: poll the run state, which is cheap)."""
+    def expect_migration(self) -> None:
+        """Forget the last migration's outcome: call before starting one."""
+        self._migration_status = None
+
+    async def wait_migration(self, timeout: float) -> None:
+        """Wait for the migration in progress (either way: saving or loading) to complete, from
+        QMP's MIGRATION events; raise with QEMU's reason if it fails."""
         async with asyncio.timeout(timeout):
-            while (await self._unless_exited(self.qmp("query-status")))["status"] == "inmigrate":
-                await asyncio.sleep(0.01)
+            while self._migration_status not in ("completed", "failed", "cancelled"):
+                self._migration_changed.clear()
+                await self._unless_exited(self._migration_changed.wait())
+        if self._migration_status != "completed":
+            info = await self.qmp("query-migrate")
+            raise ProtocolError("unavailable", f"migration {self._migration_status}: {info.get('error-desc', '')}")
 
     async def _unless_exited(self, waiting: Coroutine[Any, Any, T]) -> T:
         """Await `waiting` unless QEMU exits first (then raise with its reason)."""
         task = asyncio.ensure_future(waiting)
-        done, _ = await asyncio.wait({task, self.exited}, return_when=asyncio.FIRST_COMPLETED)
+        either: set[asyncio.Future[Any]] = {task, self.exited}
+        done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if task not in done:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, ProtocolError, OSError):

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from plugins.common import TerminalProgress, cache_root, private_dir, write_atomic
+from plugins.common import TerminalProgress, cache_root, file_lock, private_dir, write_atomic
 
 if TYPE_CHECKING:
     import wasmtime
@@ -231,8 +231,6 @@ def ensure_compiled(kind: Kind, progress: Progress | None = None) -> Path:
     dest = compiled_module_path(kind)
     if dest.is_file():
         return dest
-    import fcntl
-
     start = time.monotonic()
     phase = [f"waiting for another process compiling the {kind} module"]
     stop = threading.Event()
@@ -243,10 +241,7 @@ def ensure_compiled(kind: Kind, progress: Progress | None = None) -> Path:
         )
         ticker.start()
     try:
-        lock_path = dest.parent / f".{dest.name}.lock"
-        with open(lock_path, "a+b") as lock:
-            os.chmod(lock_path, 0o600)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with file_lock(dest.parent / f".{dest.name}.lock"):
             if not dest.is_file():  # nobody compiled it while we waited
                 phase[0] = f"compiling the {kind} module (once; takes a few minutes)"
                 _compile_in_child(kind, dest)

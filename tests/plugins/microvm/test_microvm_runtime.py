@@ -94,7 +94,7 @@ class TestMicrovm(GatewayFixtures):
         resp = await gateway.client.delete(f"/v1/sandboxes/{sid}", headers=AUTH)
         assert resp.status == 204
         assert not _alive(qemu_pid) and not workdir.exists()
-        assert not [p for p in Path("/proc").glob("[0-9]*/fd/*") if _points_into(p, workdir)]
+        assert not await asyncio.to_thread(_open_files_under, workdir), "no process holds a file of the VM"
 
     async def test_signals(self, gateway: Gateway, sandbox: dict[str, Any]) -> None:
         ws = await gateway.ws(sandbox["id"], MSGPACK)
@@ -190,8 +190,13 @@ class TestMicrovm(GatewayFixtures):
         assert int(done["stdout"].split()[1]) > 256 * 1024
 
 
-def _points_into(fd_link: Path, folder: Path) -> bool:
-    try:
-        return os.readlink(fd_link).startswith(str(folder))
-    except OSError:
-        return False
+def _open_files_under(folder: Path) -> list[str]:
+    found = []
+    for fd_link in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            target = os.readlink(fd_link)
+        except OSError:
+            continue
+        if target.startswith(str(folder)):
+            found.append(f"{fd_link}: {target}")
+    return found
