@@ -5,8 +5,9 @@ AppRunner/TCPSite on 127.0.0.1 and a free port, prints `READY <port> <pid>`, and
 (every sandbox destroyed) on SIGTERM/SIGINT or when its stdin closes.
 
 The bench adds one read-only route, `GET /_bench/state`: this process's pid and memory, the WASM
-warm pool's fill (`app[MANAGER].runtimes["wasm"].pool.ready`) and each sandbox's launcher pid
-(`app[MANAGER].get(tenant, id).backend.launcher.proc.pid`). Nothing in the gateway is changed.
+warm pool's fill (`app[MANAGER].runtimes["wasm"].pool.ready`, and every runtime's under `pools`),
+each sandbox's launcher pid (`app[MANAGER].get(tenant, id).backend.launcher.proc.pid`) and a
+microVM's QEMU memory. Nothing in the gateway is changed.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def build_settings(raw: Mapping[str, Any]) -> Any:
         quotas=Quotas(max_sandboxes=int(raw.get("max_sandboxes", 200)),
                       creates_per_minute=int(raw.get("creates_per_minute", 100_000))),
         limits=limits,
-        runtimes={"wasm": wasm},
+        runtimes={"wasm": wasm, **raw.get("runtimes", {})},
+        # Only the runtimes a bench names: another's warm pool would share the CPU being measured.
+        blocked_plugins=tuple(raw.get("blocked", ("microvm", "pod"))),
         client_send_timeout_s=float(raw.get("client_send_timeout_s", 30.0)),
     )
 
@@ -72,13 +75,16 @@ async def main() -> None:
         for sandbox in manager.all():
             launcher = getattr(sandbox.backend, "launcher", None)
             pid = launcher.proc.pid if launcher is not None and launcher.proc.returncode is None else None
-            sandboxes.append({"id": sandbox.id, "state": sandbox.state, "launcher_pid": pid})
+            vm = getattr(sandbox.backend, "vm", None)  # a microVM's QEMU: its RSS and PSS
+            sandboxes.append({"id": sandbox.id, "state": sandbox.state, "launcher_pid": pid,
+                              "memory": dict(vm.memory()) if vm is not None else None})
         pool_pids = [b.launcher.proc.pid for b in (pool.ready if pool is not None else []) if b.launcher]
         kb = _memory(os.getpid())
         return web.json_response({
             "pid": os.getpid(),
             "pool_ready": len(pool.ready) if pool is not None else 0,
             "pool_pids": pool_pids,
+            "pools": {rid: len(rt.pool.ready) for rid, rt in manager.runtimes.items() if hasattr(rt, "pool")},
             "sandboxes": sandboxes,
             "gateway_rss_kb": kb.get("Rss", 0),
             "gateway_pss_kb": kb.get("Pss", 0),

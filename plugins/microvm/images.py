@@ -2,12 +2,13 @@
 
     python -m plugins.microvm.images [--template NAME]   build (the first half of
                                                           `sandgate images build microvm`)
+    python -m plugins.microvm.images --rebuild [...]     build again from today's packages
     python -m plugins.microvm.images --repin             move the kernel pin in templates.toml
 
 An image is a Debian cloud kernel (the uncompressed vmlinux, which QEMU's microvm boots through
-its PVH entry), an initramfs (a newc cpio: busybox, the virtio modules, guest/init, and for
-templates without a disk Debian's python3 and the guest agent) and, for templates that declare
-one, a read-only ext4 root disk made with debootstrap. Templates are data: templates.toml.
+its PVH entry), an initramfs (a newc cpio: busybox, the virtio modules, guest/init, the guest
+agent, and for templates without a disk Debian's python3) and, for templates that declare one, a
+read-only ext4 root disk made with debootstrap. Templates are data: templates.toml.
 
 Packages that go into an image are downloaded with apt-get and unpacked with dpkg-deb, never
 installed on the host; apt runs on the builder's own state for templates.toml's [debian]
@@ -20,6 +21,7 @@ Under `cache_root()/microvm` (0700):
     debs/                     downloaded .debs (a pinned kernel stays buildable after Debian
                               drops it)
     kernel/<version>-<sha>/   vmlinux and modules of one kernel pin
+    rootfs/<recipe>/          a root disk (Debian's files only) and its package list
     images/<template>/<recipe>/  one image: vmlinux, initrd.img, rootfs.ext4, manifest.json,
                               and the runtime's snapshot folders
     build.lock                held by whoever builds
@@ -53,7 +55,7 @@ import time
 import tomllib
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +66,7 @@ Progress = Callable[[float, str], None]
 TEMPLATES_FILE = Path(__file__).with_name("templates.toml")
 INIT_FILE = Path(__file__).parent / "guest" / "init"
 #: Bump when the builder makes different images from the same inputs.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 #: Every file in an image gets this mtime, so equal inputs give equal bytes.
 EPOCH = 0
 #: How old the builder's apt index may be before a build refreshes it.
@@ -115,9 +117,10 @@ class KernelPin:
 @dataclass(frozen=True)
 class RootfsSpec:
     packages: tuple[str, ...]
-    python: str
     exclude: tuple[str, ...]
     slack_mb: int
+    #: The table as declared, canonical JSON: with [debian] and BUILDER_VERSION, the disk's recipe.
+    declaration: str
 
 
 @dataclass(frozen=True)
@@ -129,8 +132,11 @@ class TemplateSpec:
     modules: tuple[str, ...]
     net_modules: tuple[str, ...]
     compression: str
-    #: The initramfs's python (in usr/bin), or None when the agent runs from the root disk.
-    python: str | None
+    #: The agent's interpreter (in usr/bin of the initramfs, or of the root disk).
+    python: str
+    #: Packages unpacked only to run `python` at build time, when the initramfs has none: the
+    #: agent's bytecode is made by the same Python version that runs it.
+    compile_with: tuple[str, ...]
     packages: tuple[str, ...]
     include: tuple[str, ...]
     exclude: tuple[str, ...]
@@ -207,23 +213,17 @@ def _template(name: str, table: _Table) -> TemplateSpec:
     if any(arg.startswith(("sandgate.", "tsc_early_khz=")) for arg in cmdline.split()):
         raise TemplateError(f"{source}: templates.{name}.cmdline must not set sandgate.* or tsc_early_khz "
                             "(the runtime adds them per boot)")
-    python = table.get("python", "")
-    if not isinstance(python, str):
-        raise TemplateError(f"{source}: templates.{name}.python must be a string")
     rootfs: RootfsSpec | None = None
     table.used.add("rootfs")
     if "rootfs" in table.data:
         sub = _Table(f"templates.{name}.rootfs", table.data["rootfs"], source)
         rootfs = RootfsSpec(
             packages=sub.texts("packages"),
-            python=sub.text("python", pattern=r"python3(\.\d+)?"),
             exclude=sub.texts("exclude", ()),
             slack_mb=sub.integer("slack_mb", 0, 1 << 16, 16),
+            declaration=_canonical(table.data["rootfs"]),
         )
         sub.done()
-    if not python and rootfs is None:
-        raise TemplateError(f"{source}: templates.{name} needs a python (the agent's interpreter in the "
-                            "initramfs) or a [templates.{name}.rootfs] that holds one")
     spec = TemplateSpec(
         name=name,
         memory_mb=table.integer("memory_mb", 64, 1 << 20),
@@ -232,7 +232,8 @@ def _template(name: str, table: _Table) -> TemplateSpec:
         modules=table.texts("modules"),
         net_modules=table.texts("net_modules", ()),
         compression=table.text("compression", "none", pattern="none|gzip"),
-        python=python or None,
+        python=table.text("python", pattern=r"python3\.\d+"),
+        compile_with=table.texts("compile_with", ()),
         packages=table.texts("packages"),
         include=table.texts("include"),
         exclude=table.texts("exclude", ()),
@@ -244,6 +245,12 @@ def _template(name: str, table: _Table) -> TemplateSpec:
     )
     if "busybox-static" not in spec.packages:
         raise TemplateError(f"{source}: templates.{name}.packages must hold busybox-static (the init's shell)")
+    if rootfs is not None and not spec.compile_with:
+        raise TemplateError(f"{source}: templates.{name}.compile_with must name the packages of {spec.python} "
+                            "(the initramfs of a template with a root disk has no Python to compile the agent)")
+    if rootfs is not None and "busybox-static" not in rootfs.packages:
+        raise TemplateError(f"{source}: templates.{name}.rootfs.packages must hold busybox-static (the init's "
+                            "shell on the disk)")
     table.done()
     return spec
 
@@ -586,7 +593,10 @@ class Apt:
         """The .debs of `specs` (package or package=version) from debs/, downloading what is
         missing; each checked against the index's sha256."""
         found: list[Deb] = []
-        wanted = list(zip(specs, self.show(*specs), strict=True))
+        try:
+            wanted = list(zip(specs, self.show(*specs), strict=True))
+        except LookupError as exc:
+            raise RuntimeError(f"{exc} (templates.toml names a package Debian does not have)") from None
         missing = [(s, f) for s, f in wanted if not self._cached(f)]
         if missing:
             tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=self.debs))
@@ -1169,11 +1179,12 @@ def _write_files(root: Path, files: Mapping[str, str | bytes], mode: int = 0o644
         os.chmod(path, mode)
 
 
-def _install_guest(root: Path, agent: bool) -> None:
-    """The init script (and the agent) under /opt/sandgate."""
+def _install_guest(root: Path) -> None:
+    """The init script and the agent under /opt/sandgate. (For a template with a root disk the
+    init copies them onto the disk's overlay at boot: the disk itself is Debian's alone, so
+    editing the agent never means running debootstrap again.)"""
     _write_files(root, {"opt/sandgate/init": INIT_FILE.read_bytes()}, 0o755)
-    if agent:
-        _write_files(root, {f"opt/sandgate/{rel}": data for rel, data in _agent_sources().items()})
+    _write_files(root, {f"opt/sandgate/{rel}": data for rel, data in _agent_sources().items()})
 
 
 def _install_modules(root: Path, kernel: Kernel, spec: TemplateSpec) -> list[str]:
@@ -1216,23 +1227,25 @@ sys.exit(f"could not compile everything in {bad}" if bad else 0)
 """
 
 
-def _precompile(root: Path, python: str, folders: Sequence[str], clock: _Clock,
+def _precompile(root: Path, folders: Sequence[str], clock: _Clock, *, python: str, python_root: Path | None = None,
                 sourceless: Sequence[str] = ()) -> None:
-    """Compile every .py below `folders` (image paths) with the image's `python`, run on the
-    host through the image's own dynamic loader and libraries. Sources matching `sourceless`
-    are then replaced by their bytecode (module.pyc beside where module.py was)."""
-    loader = _resolve(root, "usr/lib64/ld-linux-x86-64.so.2")
-    exe = _resolve(root, f"usr/bin/{python}")
+    """Compile every .py below `folders` (paths in `root`) with `python` from `python_root`
+    (default: `root` itself), run on the host through that tree's own dynamic loader and
+    libraries. Sources matching `sourceless` are then replaced by their bytecode (module.pyc
+    beside where module.py was)."""
+    runtime = python_root or root
+    loader = _resolve(runtime, "usr/lib64/ld-linux-x86-64.so.2")
+    exe = _resolve(runtime, f"usr/bin/{python}")
     if loader is None or exe is None:
-        raise RuntimeError(f"the image has no usr/bin/{python} or no dynamic loader")
+        raise RuntimeError(f"{runtime} has no usr/bin/{python} or no dynamic loader")
     args: list[str | Path] = []
     for folder in folders:
         if (root / folder).is_dir():
             args += [root / folder, f"/{folder}"]
     # A fixed hash seed: frozenset constants are marshalled in hash order.
-    env = {"PATH": os.defpath, "LC_ALL": "C.UTF-8", "PYTHONHOME": str(root / "usr"), "PYTHONHASHSEED": "0",
+    env = {"PATH": os.defpath, "LC_ALL": "C.UTF-8", "PYTHONHOME": str(runtime / "usr"), "PYTHONHASHSEED": "0",
            "PYTHONDONTWRITEBYTECODE": "1"}
-    _run([root / loader, "--library-path", f"{root}/usr/lib/x86_64-linux-gnu", root / exe,
+    _run([runtime / loader, "--library-path", f"{runtime}/usr/lib/x86_64-linux-gnu", runtime / exe,
           "-s", "-S", "-c", _PRECOMPILE, *args], clock, "precompiling Python modules", env=env)
     if not sourceless:
         return
@@ -1316,11 +1329,10 @@ def read_cpio(data: bytes) -> Iterator[tuple[str, int, bytes]]:
 def check_tree(root: Path, spec: TemplateSpec) -> None:
     """Raise RuntimeError unless `root` holds what guest/init and the agent need."""
     needed = ["opt/sandgate/init", "usr/bin/busybox", "etc/sandgate/image.conf", "etc/sandgate/modules",
-              "etc/passwd", *(f"{d}/" for d in IMAGE_DIRS)]
-    if spec.python:
-        needed += ["usr/bin/python3", "opt/sandgate/guest_agent/__main__.py",
-                   "usr/lib/python3/dist-packages/msgpack/", "usr/lib64/ld-linux-x86-64.so.2"]
-    if spec.rootfs is not None:
+              "etc/passwd", "opt/sandgate/guest_agent/__main__.py", *(f"{d}/" for d in IMAGE_DIRS)]
+    if spec.rootfs is None:
+        needed += ["usr/bin/python3", "usr/lib/python3/dist-packages/msgpack/", "usr/lib64/ld-linux-x86-64.so.2"]
+    else:
         needed.append("newroot/")
     missing = []
     for rel in needed:
@@ -1357,42 +1369,48 @@ def write_initramfs(root: Path, dest: Path, compression: str) -> None:
 IMAGE_DIRS = ("dev", "proc", "sys", "tmp", "run", "work", "root", "mnt", "var/tmp", "etc/sandgate")
 
 
-def _initramfs_tree(config: BuildConfig, spec: TemplateSpec, kernel: Kernel, apt: Apt, tmp: Path,
-                    clock: _Clock, manifest: dict[str, Any]) -> Path:
-    debs = apt.fetch(spec.packages, clock)
+def _initramfs_tree(spec: TemplateSpec, kernel: Kernel, apt: Apt, tmp: Path, clock: _Clock,
+                    manifest: dict[str, Any]) -> Path:
+    debs = apt.fetch([*spec.packages, *spec.compile_with], clock)
     manifest["debs"] = [{"package": d.package, "version": d.version, "sha256": d.sha256} for d in debs]
-    unpacked = tmp / "debs"
+    unpacked, tools = tmp / "debs", tmp / "compile-debs"
     for deb in debs:
-        _unpack(deb.path, unpacked, clock)
+        _unpack(deb.path, tools if deb.package in spec.compile_with else unpacked, clock)
     root = tmp / "initramfs"
     _make_root_skeleton(root)
     clock("assembling the initramfs")
     _select(unpacked, root, spec.include, spec.exclude)
-    shutil.rmtree(unpacked)
     if not (root / "usr/bin/busybox").is_file():
         raise TemplateError(f"templates.{spec.name}.include must select usr/bin/busybox")
     manifest["dropped"] = _prune_libraries(root, spec.optional, spec.dlopen)
     _busybox_links(root)
     for sub in IMAGE_DIRS:
         (root / sub).mkdir(parents=True, exist_ok=True)
-    if spec.python:
+    _write_files(root, {**ETC_FILES, **NET_FILES})
+    _install_guest(root)
+    manifest["modules"] = _install_modules(root, kernel, spec)
+    conf = f"SANDGATE_TEMPLATE={spec.name}\n"
+    if spec.rootfs is None:
         if not (root / "usr/bin" / spec.python).is_file():
             raise TemplateError(f"templates.{spec.name}.python: usr/bin/{spec.python} is not in the image")
         for link in ("python3", "python"):
             if not os.path.lexists(root / "usr/bin" / link):
                 (root / "usr/bin" / link).symlink_to(spec.python)
-    _write_files(root, {**ETC_FILES, **NET_FILES})
-    _install_guest(root, agent=spec.python is not None)
-    manifest["modules"] = _install_modules(root, kernel, spec)
-    conf = f"SANDGATE_TEMPLATE={spec.name}\n"
-    if spec.rootfs is not None:
+        _precompile(root, [f"usr/lib/{spec.python}", "usr/lib/python3/dist-packages", "opt/sandgate"], clock,
+                    python=spec.python, sourceless=spec.sourceless)
+    else:
         (root / "newroot").mkdir()
         conf += "SANDGATE_ROOT_DISK=/dev/vda\n"
+        compiler = tmp / "compiler"
+        _make_root_skeleton(compiler)
+        _select(tools, compiler, [f"usr/bin/{spec.python}", f"usr/lib/{spec.python}/*", "usr/lib/x86_64-linux-gnu/*",
+                                  "usr/lib64/*"], ())
+        _precompile(root, ["opt/sandgate"], clock, python=spec.python, python_root=compiler)
+        shutil.rmtree(compiler)
     _write_files(root, {"etc/sandgate/image.conf": conf})
     (root / "init").symlink_to("opt/sandgate/init")
-    if spec.python:
-        _precompile(root, spec.python, ["usr/lib/" + spec.python, "usr/lib/python3/dist-packages", "opt/sandgate"],
-                    clock, spec.sourceless)
+    for folder in (unpacked, tools):
+        shutil.rmtree(folder, ignore_errors=True)
     return root
 
 
@@ -1406,55 +1424,68 @@ def _dpkg_status(path: Path) -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
-def _rootfs(config: BuildConfig, spec: TemplateSpec, rootfs: RootfsSpec, tmp: Path, clock: _Clock,
-            manifest: dict[str, Any]) -> Path:
-    """A Debian root (debootstrap, then the suite's updates) holding the agent, as a read-only
-    ext4 image."""
-    if os.geteuid() != 0:
-        raise HostError(f"template {spec.name!r} has a root disk, which debootstrap can only make as root: "
-                           "run the build as root (with SANDGATE_CACHE_DIR set to the cache the gateway uses)")
+def _rootfs_base(config: BuildConfig, spec: TemplateSpec, rootfs: RootfsSpec, clock: _Clock, *,
+                 rebuild: bool) -> tuple[Path, dict[str, str]]:
+    """The template's read-only disk: a Debian root (debootstrap, then the suite's updates) as
+    an ext4 image, and its installed packages. It holds nothing of sandgate's, so it is cached
+    by its own recipe ([debian], the rootfs table) and survives edits to the agent or the init.
+    Called with build.lock held."""
+    digest = hashlib.sha256(_canonical([BUILDER_VERSION, asdict(config.debian), rootfs.declaration]).encode())
+    parent = private_dir(microvm_cache() / "rootfs")
+    folder = parent / digest.hexdigest()[:24]
+    if not rebuild and (folder / "packages.json").is_file():
+        return folder / "rootfs.ext4", json.loads((folder / "packages.json").read_text())
     debian = config.debian
-    target = tmp / "rootfs"
+    tmp = _fresh_dir(parent / ".build")
+    target = tmp / "root"
     cache = private_dir(microvm_cache() / "debootstrap")
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive",
            "HOME": "/root"}
-    _run(["debootstrap", "--variant=minbase", f"--arch={ARCH}", "--components=main",
-          f"--include={','.join(rootfs.packages)}", f"--keyring={debian.keyring}", f"--cache-dir={cache}",
-          debian.suite, target, debian.mirror], clock, "debootstrap (minutes)", env=env)
-    # debootstrap takes the suite alone; the security and point-release updates come from apt
-    _write_files(target, {"etc/apt/sources.list": debian.sources_list()})
-    for args in (["update"], ["-y", "--no-install-recommends", "dist-upgrade"], ["clean"]):
-        _run(["chroot", target, "apt-get", "-q", *args], clock, f"rootfs: apt-get {args[-1]}", env=env)
-    manifest["rootfs_packages"] = _dpkg_status(target / "var/lib/dpkg/status")
-    clock("assembling the root disk")
-    for dirpath, dirnames, filenames in os.walk(target, topdown=True):
-        for name in [*dirnames, *filenames]:
-            path = Path(dirpath, name)
-            if _matches(path.relative_to(target).as_posix(), rootfs.exclude):
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-        dirnames[:] = [d for d in dirnames if (Path(dirpath) / d).is_dir()]
-    _write_files(target, NET_FILES)
-    _install_guest(target, agent=True)
-    _write_files(target, {"etc/sandgate/image.conf": f"SANDGATE_TEMPLATE={spec.name}\n"})
-    for sub in ("work", "etc/sandgate"):
-        (target / sub).mkdir(parents=True, exist_ok=True)
-    _precompile(target, rootfs.python, ["opt/sandgate"], clock)
-    files, size = 0, 0
-    for dirpath, dirnames, filenames in os.walk(target):
-        for name in dirnames + filenames:
-            files += 1
-            size += os.lstat(os.path.join(dirpath, name)).st_size
-    blocks_mb = int(size * 1.15) // (1 << 20) + files * 4096 // (1 << 20) + rootfs.slack_mb + 16
-    image = tmp / "rootfs.ext4"
-    # No journal: nothing ever writes to the disk (the guest's writes go to its tmpfs overlay).
-    _run(["mkfs.ext4", "-q", "-F", "-L", "sandgate-root", "-m", "0", "-O", "^has_journal",
-          "-N", str(files + 4096), "-E", "root_owner=0:0", "-d", target, image, f"{blocks_mb}M"],
-         clock, "mkfs.ext4 -d", env={**env, "E2FSPROGS_FAKE_TIME": str(EPOCH or 1)})
-    shutil.rmtree(target)
-    return image
+    try:
+        _run(["debootstrap", "--variant=minbase", f"--arch={ARCH}", "--components=main",
+              f"--include={','.join(rootfs.packages)}", f"--keyring={debian.keyring}", f"--cache-dir={cache}",
+              debian.suite, target, debian.mirror], clock, "debootstrap (minutes)", env=env)
+        # debootstrap takes the suite alone; the security and point-release updates come from apt
+        _write_files(target, {"etc/apt/sources.list": debian.sources_list()})
+        for args in (["update"], ["-y", "--no-install-recommends", "dist-upgrade"], ["clean"]):
+            _run(["chroot", target, "apt-get", "-q", *args], clock, f"root disk: apt-get {args[-1]}", env=env)
+        packages = _dpkg_status(target / "var/lib/dpkg/status")
+        clock("assembling the root disk")
+        for dirpath, dirnames, filenames in os.walk(target, topdown=True):
+            for name in [*dirnames, *filenames]:
+                path = Path(dirpath, name)
+                if _matches(path.relative_to(target).as_posix(), rootfs.exclude):
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+            dirnames[:] = [d for d in dirnames if (Path(dirpath) / d).is_dir()]
+        _write_files(target, NET_FILES)
+        (target / "work").mkdir(exist_ok=True)
+        for needed in (f"usr/bin/{spec.python}", "usr/bin/busybox", "opt"):
+            if _resolve(target, needed) is None:
+                raise RuntimeError(f"the {spec.name} root disk has no {needed}")
+        files, size = 0, 0
+        for dirpath, dirnames, filenames in os.walk(target):
+            for name in dirnames + filenames:
+                files += 1
+                size += os.lstat(os.path.join(dirpath, name)).st_size
+        size_mb = int(size * 1.15) // (1 << 20) + files * 4096 // (1 << 20) + rootfs.slack_mb + 16
+        # No journal: nothing ever writes to the disk (each VM writes to its own tmpfs overlay).
+        _run(["mkfs.ext4", "-q", "-F", "-L", "sandgate-root", "-m", "0", "-O", "^has_journal",
+              "-N", str(files + 4096), "-E", "root_owner=0:0", "-d", target, tmp / "rootfs.ext4", f"{size_mb}M"],
+             clock, "mkfs.ext4 -d", env={**env, "E2FSPROGS_FAKE_TIME": str(EPOCH or 1)})
+        shutil.rmtree(target)
+        (tmp / "packages.json").write_text(json.dumps(packages, indent=1) + "\n")
+        os.chmod(tmp / "rootfs.ext4", 0o644)
+        if folder.exists():  # rebuilding: images made from the old one hold their own links to it
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune_old(parent, folder)
+    return folder / "rootfs.ext4", packages
 
 
 def _fresh_dir(path: Path) -> Path:
@@ -1482,34 +1513,39 @@ def _prune_old(parent: Path, keep: Path, count: int = 2) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def build_image(template: str, progress: Progress) -> BootImage:
+def build_image(template: str, progress: Progress, *, rebuild: bool = False) -> BootImage:
     """`template`'s image, built unless the cache has it. Safe to call from several processes
     at once: one builds (under build.lock, in a temporary folder renamed into place), the
-    others wait and return its image.
+    others wait and return its image. `rebuild` builds it again even so, from the packages
+    Debian has today (the way to take in security updates without changing the recipe).
 
     Raises:
         TemplateError: unknown template or a bad templates.toml.
-        RuntimeError: a download, a check or a build step failed (the message says which).
+        HostError: this host cannot build it (no root for a root disk, Debian unreachable, ...).
+        RuntimeError: a check or a build step failed (the message says which).
     """
     config = load_config()
     if template not in config.templates:
         raise TemplateError(f"unknown microvm template {template!r}; templates.toml declares "
                             f"{', '.join(sorted(config.templates))}")
-    found = find_image(template)
+    found = None if rebuild else find_image(template)
     if found is not None:
         return found
     spec = config.templates[template]
+    if spec.rootfs is not None and os.geteuid() != 0:
+        raise HostError(f"template {template!r} has a root disk, which debootstrap can only make as root: run "
+                        "the build as root (with SANDGATE_CACHE_DIR set to the cache the gateway uses)")
     base = private_dir(microvm_cache())
     clock = _Clock(progress)
     with _locked(base / "build.lock"):
         recipe_hash = recipe(config, template)
         folder = _image_dir(template, recipe_hash)
-        found = _from_manifest(folder)
+        found = None if rebuild else _from_manifest(folder)
         if found is not None:
             return found
         apt = Apt(private_dir(base / "apt"), config.debian)
         kernel = _kernel(config, apt, clock)
-        apt.update(clock)
+        apt.update(clock, force=rebuild)
         parent = private_dir(folder.parent)
         tmp = _fresh_dir(parent / ".build")
         try:
@@ -1518,7 +1554,7 @@ def build_image(template: str, progress: Progress) -> BootImage:
                 "kernel": {"package": kernel.pin.package, "version": kernel.pin.version,
                            "sha256": kernel.pin.sha256, "release": kernel.release},
             }
-            root = _initramfs_tree(config, spec, kernel, apt, tmp, clock, manifest)
+            root = _initramfs_tree(spec, kernel, apt, tmp, clock, manifest)
             check_tree(root, spec)
             clock("writing the initramfs")
             write_initramfs(root, tmp / "initrd.img", spec.compression)
@@ -1526,7 +1562,8 @@ def build_image(template: str, progress: Progress) -> BootImage:
             _link_or_copy(kernel.vmlinux, tmp / "vmlinux")
             files = {"kernel": "vmlinux", "initrd": "initrd.img", "rootfs": None}
             if spec.rootfs is not None:
-                _rootfs(config, spec, spec.rootfs, tmp, clock, manifest)
+                disk, manifest["rootfs_packages"] = _rootfs_base(config, spec, spec.rootfs, clock, rebuild=rebuild)
+                _link_or_copy(disk, tmp / "rootfs.ext4")
                 files["rootfs"] = "rootfs.ext4"
             inputs = {k: manifest.get(k) for k in ("recipe", "kernel", "debs", "rootfs_packages")}
             manifest.update({
@@ -1539,6 +1576,11 @@ def build_image(template: str, progress: Progress) -> BootImage:
             for path in tmp.iterdir():
                 os.chmod(path, 0o644)
             os.chmod(tmp, 0o755)
+            if folder.exists():  # rebuilding: the old one (and its snapshots) goes
+                old = folder.with_name(f".old-{folder.name}")
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(folder, old)
+                shutil.rmtree(old)
             os.rename(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -1550,7 +1592,7 @@ def build_image(template: str, progress: Progress) -> BootImage:
     return image
 
 
-def build_images(template: str | None, progress: Progress) -> list[BootImage]:
+def build_images(template: str | None, progress: Progress, *, rebuild: bool = False) -> list[BootImage]:
     """What `sandgate images build microvm [--template NAME]` does before its snapshots: the
     host packages, then the image of `template` (every declared template when None)."""
     names = list(load_templates()) if template is None else [template]
@@ -1558,7 +1600,7 @@ def build_images(template: str | None, progress: Progress) -> list[BootImage]:
         raise TemplateError(f"unknown microvm template {template!r}; templates.toml declares "
                             f"{', '.join(sorted(load_templates()))}")
     ensure_host_packages(progress, names)
-    return [build_image(name, progress) for name in names]
+    return [build_image(name, progress, rebuild=rebuild) for name in names]
 
 
 # -- moving the kernel pin -------------------------------------------------------------------------
@@ -1572,11 +1614,14 @@ def repin(path: Path | None = None, progress: Progress | None = None) -> KernelP
     clock = _Clock(progress or TerminalProgress())
     apt = Apt(private_dir(private_dir(microvm_cache()) / "apt"), config.debian)
     apt.update(clock, force=True)
-    depends = apt.show(config.kernel.metapackage)[0].get("Depends", "")
-    match = re.search(r"(linux-image-[a-z0-9.+-]+)", depends)
-    if match is None:
-        raise RuntimeError(f"{config.kernel.metapackage} depends on no linux-image package ({depends!r})")
-    (fields,) = apt.show(match.group(1))
+    try:
+        depends = apt.show(config.kernel.metapackage)[0].get("Depends", "")
+        match = re.search(r"(linux-image-[a-z0-9.+-]+)", depends)
+        if match is None:
+            raise RuntimeError(f"{config.kernel.metapackage} depends on no linux-image package ({depends!r})")
+        (fields,) = apt.show(match.group(1))
+    except LookupError as exc:
+        raise RuntimeError(str(exc)) from None
     pin = KernelPin(fields["Package"], fields["Version"], fields["SHA256"], config.kernel.metapackage)
     text = path.read_text()
     head, sep, rest = text.partition("\n[kernel]\n")
@@ -1601,6 +1646,8 @@ def repin(path: Path | None = None, progress: Progress | None = None) -> KernelP
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m plugins.microvm.images", description=__doc__.split("\n\n")[0])
     parser.add_argument("--template", help="build this template only (default: all)")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="build again from today's packages even when the cache has the image")
     parser.add_argument("--repin", action="store_true", help="move the kernel pin to Debian's current package")
     args = parser.parse_args(argv)
     progress = TerminalProgress()
@@ -1616,7 +1663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"(sha256 {pin.sha256}); rebuild and run the microvm tests before committing")
             return 0
         start = time.monotonic()
-        built = build_images(args.template, progress)
+        built = build_images(args.template, progress, rebuild=args.rebuild)
         progress(time.monotonic() - start, "done")
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"\n{parser.prog}: {exc}", file=sys.stderr)

@@ -127,20 +127,18 @@ async def _snapshot_into(machine: Machine, folder: Path, workdir: Path) -> None:
     try:
         await template.wait_agent(BOOT_TIMEOUT_S)
         await template.qmp("stop")
-        await template.qmp("migrate-set-capabilities",
-                           capabilities=[{"capability": "x-ignore-shared", "state": True}])
-        await _migrate(template, folder / "clone.state")
+        await _migrate(template, folder / "clone.state", ignore_shared=True)
     finally:
         await template.kill()
     # -S: the clone loads the template's state and stays stopped, so what is migrated is exactly it.
     clone = await Vm.start(machine, workdir / "clone", dataclasses.replace(Snapshot(folder).clone_boot(), paused=True))
     try:
-        await _migrate(clone, folder / "full.state")
+        await _migrate(clone, folder / "full.state", ignore_shared=False)
     finally:
         await clone.kill()
 
 
-async def _migrate(vm: Vm, dest: Path) -> None:
+async def _migrate(vm: Vm, dest: Path, *, ignore_shared: bool) -> None:
     """Write the stopped VM's migration stream to `dest` (through an fd QEMU gets over QMP)."""
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
@@ -148,6 +146,6 @@ async def _migrate(vm: Vm, dest: Path) -> None:
         await vm.qmp("getfd", fdname="migration")
     finally:
         os.close(fd)
-    vm.expect_migration()
+    await vm.prepare_migration(ignore_shared=ignore_shared)
     await vm.qmp("migrate", uri="fd:migration")
     await vm.wait_migration(BOOT_TIMEOUT_S)

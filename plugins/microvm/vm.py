@@ -208,10 +208,7 @@ class Vm:
         await self._unless_exited(self._connect_qmp())
         if incoming_fd is not None:
             # QEMU 7.2 takes migration capabilities only over QMP, before the load starts.
-            if self.boot.ignore_shared:
-                await self.qmp("migrate-set-capabilities",
-                               capabilities=[{"capability": "x-ignore-shared", "state": True}])
-            self.expect_migration()
+            await self.prepare_migration(ignore_shared=self.boot.ignore_shared)
             await self.qmp("migrate-incoming", uri=f"fd:{incoming_fd}")
             await self.wait_migration(INCOMING_TIMEOUT_S)
             if not self.boot.paused:
@@ -348,8 +345,14 @@ class Vm:
                 "unavailable", f"the VM's agent did not answer within {timeout:.0f}s: {self.console_tail()[-800:]}"
             ) from None
 
-    def expect_migration(self) -> None:
-        """Forget the last migration's outcome: call before starting one."""
+    async def prepare_migration(self, *, ignore_shared: bool) -> None:
+        """Set the capabilities of the next migration (saving or loading) and forget the last
+        one's outcome. `events` makes QEMU report its progress (MIGRATION), which
+        `wait_migration` waits on; `x-ignore-shared` leaves RAM in a shared file out."""
+        await self.qmp("migrate-set-capabilities", capabilities=[
+            {"capability": "events", "state": True},
+            {"capability": "x-ignore-shared", "state": ignore_shared},
+        ])
         self._migration_status = None
 
     async def wait_migration(self, timeout: float) -> None:

@@ -3,6 +3,7 @@ initramfs, the cache; and one boot of the built image with plain QEMU up to the 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -12,6 +13,7 @@ import stat
 import struct
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,8 @@ def test_templates_parse() -> None:
     assert (default.memory_mb, default.vcpus, default.rootfs) == (256, 1, None)
     assert default.python == "python3.11" and "busybox-static" in default.packages
     assert {"virtio_mmio", "virtio_console"} <= set(default.modules)
-    assert full.memory_mb == 512 and full.rootfs is not None and full.python is None
+    assert full.memory_mb == 512 and full.rootfs is not None and full.python == "python3.11"
+    assert "python3.11-minimal" in full.compile_with and "python3.11-minimal" not in full.packages
     assert {"python3", "nodejs", "bash", "gcc", "libc6-dev"} <= set(full.rootfs.packages)
     assert {"virtio_blk", "overlay"} <= set(full.modules)
     assert config.kernel.package.startswith("linux-image-") and len(config.kernel.sha256) == 64
@@ -53,6 +56,8 @@ def test_templates_parse() -> None:
         ("\nversion = ", "\n# version = ", "kernel.version is missing"),
         ('compression = "none"', 'compression = "bzip2"', "compression must be a string matching none|gzip"),
         ('"busybox-static",\n    "python3.11', '"python3.11', "packages must hold busybox-static"),
+        ("compile_with = [", "compile_with = []\nunused = [", "compile_with must name the packages"),
+        ("slack_mb = 16", "slack_mb = 16\nsize = 1", r"keys in \[templates.full.rootfs\]: size"),
     ],
 )
 def test_bad_templates_file_says_what_is_wrong(tmp_path: Path, old: str, new: str, error: str) -> None:
@@ -73,6 +78,18 @@ def test_unknown_template_is_refused() -> None:
     assert images.find_image("no-such-template") is None
     with pytest.raises(TemplateError, match="unknown microvm template 'no-such-template'"):
         images.build_image("no-such-template", lambda elapsed, phase: None)
+
+
+def test_missing_host_packages_say_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images, "_which", lambda name: None if name in ("qemu-system-x86_64", "debootstrap")
+                        else f"/usr/bin/{name}")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert images.host_packages_needed(["default"]) == ["qemu-system-x86"]
+    assert images.host_packages_needed() == ["qemu-system-x86", "debootstrap"]
+    with pytest.raises(images.HostError, match=r"missing host packages qemu-system-x86; run as root: apt-get "
+                                               r"update && apt-get install -y --no-install-recommends "
+                                               r"qemu-system-x86$"):
+        images.ensure_host_packages(lambda elapsed, phase: None, ["default"])
 
 
 # -- kernel modules ---------------------------------------------------------------------------------
@@ -373,41 +390,84 @@ def _frame(conn: socket.socket) -> dict[str, Any]:
     return message
 
 
-def test_image_boots_to_the_agents_hello(microvm_boot_image: BootImage, tmp_path: Path) -> None:
-    """Plain QEMU, software emulation: the init mounts, loads modules, finds the port, starts the agent."""
+def _send(conn: socket.socket, message: dict[str, Any]) -> None:
+    body = msgpack.packb(message)
+    conn.sendall(struct.pack(">I", len(body)) + body)
+
+
+@contextlib.contextmanager
+def _booted(image: BootImage, tmp_path: Path) -> Iterator[socket.socket]:
+    """`image` booted by plain QEMU under software emulation; the agent's channel, after `hello`.
+    On the way out: no line from the init on the console (it logs errors only)."""
     qemu = shutil.which("qemu-system-x86_64")
     assert qemu is not None  # the fixture installed it or skipped
-    image = microvm_boot_image
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(tmp_path / "agent.sock"))
     listener.listen(1)
     listener.settimeout(60)
     console = tmp_path / "console.log"
     cmdline = f"{image.cmdline} console=ttyS0 quiet panic=-1 tsc_early_khz={_tsc_khz()} sandgate.disk_mb=64"
-    proc = subprocess.Popen([
+    argv = [
         qemu, "-M", "microvm,x-option-roms=off,rtc=on", "-accel", "tcg", "-cpu", "max",
         "-m", str(image.memory_mb), "-smp", str(image.vcpus), "-nodefaults", "-no-user-config",
         "-nographic", "-no-reboot", "-kernel", str(image.kernel), "-initrd", str(image.initrd),
         "-append", cmdline, "-serial", f"file:{console}",
         "-device", "virtio-serial-device", "-chardev", f"socket,id=agent,path={tmp_path / 'agent.sock'}",
         "-device", "virtserialport,chardev=agent,name=sandgate.agent",
-    ], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ]
+    if image.rootfs is not None:
+        argv += ["-drive", f"id=root,file={image.rootfs},format=raw,if=none,readonly=on",
+                 "-device", "virtio-blk-device,drive=root"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     conn: socket.socket | None = None
     try:
         conn, _ = listener.accept()
         conn.settimeout(60)
-        body = msgpack.packb({"id": 1, "op": "hello", "version": 1})
-        conn.sendall(struct.pack(">I", len(body)) + body)
+        _send(conn, {"id": 1, "op": "hello", "version": 1})
         reply = _frame(conn)
         assert reply["id"] == 1 and reply["result"]["version"] == 1, reply
         assert reply["result"]["platform"] == "linux"
         assert "exec.process" in reply["result"]["capabilities"]
+        yield conn
     finally:
         proc.kill()  # before the channel closes, which would make the agent exit (and init say so)
         _, stderr = proc.communicate()
         if conn is not None:
             conn.close()
         listener.close()
-    # the init logs errors only: a clean boot leaves none
     log = console.read_text(errors="replace")
     assert "sandgate-init" not in log, log[-3000:] + stderr.decode(errors="replace")[-1000:]
+
+
+def _shell(conn: socket.socket, command: str) -> tuple[int, str]:
+    _send(conn, {"id": 2, "op": "exec.start", "exec_id": "e1", "command": command, "timeout": 60})
+    out = b""
+    while True:
+        event = _frame(conn)
+        assert "error" not in event, event
+        if event.get("ev") == "data":
+            out += event["data"]
+        elif event.get("ev") == "end":
+            return event["exit_code"], out.decode(errors="replace")
+
+
+def test_image_boots_to_the_agents_hello(microvm_boot_image: BootImage, tmp_path: Path) -> None:
+    """The init mounts, loads modules, finds the port and starts the agent, which answers."""
+    with _booted(microvm_boot_image, tmp_path) as conn:
+        code, out = _shell(conn, "df -m /work | tail -1; hostname; cat /proc/self/cgroup")
+    assert code == 0, out
+    size_mb, name, cgroup = out.split()[1], out.split()[-2], out.split()[-1]
+    assert (size_mb, name, cgroup) == ("64", "sandbox", "0::/sandbox"), out
+
+
+def test_full_image_boots_from_its_disk(tmp_path: Path) -> None:
+    """The `full` template (debootstrap, minutes to build) when this machine has built it."""
+    image = images.find_image("full")
+    if image is None:
+        pytest.skip("the full template is not built here: sandgate images build microvm --template full (as root)")
+    with _booted(image, tmp_path) as conn:
+        code, out = _shell(conn, "node -e 'console.log(1+1)' && bash -c 'echo $BASH_VERSION' >/dev/null && "
+                                 "gcc --version >/dev/null && python3 -c 'import msgpack' && "
+                                 "touch /usr/local/bin/x && mount | grep ' / '")
+    assert code == 0, out
+    assert out.startswith("2\n") and "overlay" in out, out
