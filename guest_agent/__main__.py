@@ -89,8 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     from .agent import Agent, serve
     from .channel import Channel
     from .features import detect
-    from .system import SandboxCgroup
 
+    cgroup = None
+    if args.cgroup:
+        # Only then: system.py imports ctypes and fcntl, which CPython-on-WASI does not have.
+        from .system import SandboxCgroup
+
+        cgroup = SandboxCgroup(args.cgroup)
     fd_in, fd_out = _channel_fds(args, parser)
     os.chdir(root)
     channel = Channel(fd_in, fd_out)
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         receive=channel.receive,
         features=detect(single_thread=args.single_thread, system=args.vm),
         replace_dunder=True,
-        cgroup=SandboxCgroup(args.cgroup) if args.cgroup else None,
+        cgroup=cgroup,
     )
     return serve(channel, agent)
 
