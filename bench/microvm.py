@@ -11,7 +11,8 @@
    `fs.stat`.
 3. PSS per idle clone with N clones running (each QEMU's smaps_rollup Pss; the template's RAM
    file pages are shared between clones and counted fairly).
-4. 10 concurrent creates through the gateway (no pool): time until all are ready.
+4. 10 concurrent creates through the gateway, with no pool and with the default pool of 2: time
+   until all are ready.
 
 Targets under TCG (issue 3): clone create->ready p50 <= 120 ms, 10 concurrent creates all ready
 <= 1 s, <= 50 MB PSS per idle clone.
@@ -88,11 +89,14 @@ async def gateway_figures(n: int, pss_counts: list[int]) -> dict[str, Any]:
             key = "gateway_create_pool" if pool else "gateway_create_clone"
             out[key] = stats_ms(samples[2:])  # the first two warm the HTTP connection and code paths
             print(fmt_stats(f"POST /v1/sandboxes (pool {pool})", out[key]))
+            if pool:
+                await _wait_pool(s, gw, pool)
+            burst = f"burst_10_pool{pool}"
+            out[burst] = await _burst(s, gw.url, 10)
+            print(f"   10 concurrent creates (pool {pool}): all ready after {out[burst]['all_ready_s']:.2f} s "
+                  f"(p50 {out[burst]['p50_s']:.2f} s)")
             if not pool:
                 out.update(await _round_trips(s, gw.url, n))
-                out["burst_10"] = await _burst(s, gw.url, 10)
-                print(f"   10 concurrent creates: all ready after {out['burst_10']['all_ready_s']:.2f} s "
-                      f"(p50 {out['burst_10']['p50_s']:.2f} s)")
                 for count in pss_counts:
                     out[f"pss_{count}"] = await _pss(s, gw, count)
                     print(f"   {count} idle clones: PSS {out[f'pss_{count}']['mean_pss_mb']:.1f} MB each "
@@ -185,12 +189,13 @@ async def main() -> None:
     clone = results["clone"]["p50_ms"]
     results["verdicts"] = {
         "clone_p50": verdict(clone, CLONE_TARGET_MS),
-        "burst_10": verdict(results["burst_10"]["all_ready_s"], BURST_TARGET_S),
+        "burst_10": {k: verdict(v["all_ready_s"], BURST_TARGET_S) for k, v in results.items()
+                     if k.startswith("burst_10")},
         "pss": {k: verdict(v["mean_pss_mb"], PSS_TARGET_MB) for k, v in results.items() if k.startswith("pss_")},
     }
     print(f"   clone p50 {clone:.0f} ms vs <= {CLONE_TARGET_MS:.0f} ms: {results['verdicts']['clone_p50']}; "
-          f"10 creates {results['burst_10']['all_ready_s']:.2f} s vs <= {BURST_TARGET_S} s: "
-          f"{results['verdicts']['burst_10']}; PSS {results['verdicts']['pss']}")
+          f"10 creates vs <= {BURST_TARGET_S} s: {results['verdicts']['burst_10']}; "
+          f"PSS {results['verdicts']['pss']}")
     write_results("microvm", results)
 
 

@@ -370,11 +370,13 @@ class Vm:
         """Await `waiting` unless QEMU exits first (then raise with its reason)."""
         task = asyncio.ensure_future(waiting)
         either: set[asyncio.Future[Any]] = {task, self.exited}
-        done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        if task not in done:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ProtocolError, OSError):
-                await task
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when the caller is cancelled: never leave `waiting` running or unread
+            if not task.done():
+                task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        if not task.done() or task.cancelled():
             raise ProtocolError("unavailable", self.exited.result())
         return task.result()
 
