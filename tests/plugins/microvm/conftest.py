@@ -42,3 +42,19 @@ def microvm_image(microvm_boot_image: BootImage) -> BootImage:
     image = images.find_image("default")
     assert image is not None, "built the default image, but find_image does not see it"
     return image
+
+
+@pytest.fixture(scope="session")
+def microvm_full_image(microvm_image: BootImage) -> BootImage:
+    """The `full` template (a Debian root disk with python3, node, bash, gcc; debootstrap takes
+    minutes the first time) and its snapshot."""
+    from plugins.microvm import images
+    from plugins.microvm.runtime import MicrovmRuntime
+
+    try:
+        MicrovmRuntime.build_images({}, "full", TerminalProgress())
+    except images.HostError as exc:
+        pytest.skip(f"the microVM full template cannot be built here: {exc}")
+    image = images.find_image("full")
+    assert image is not None, "built the full image, but find_image does not see it"
+    return image

@@ -37,7 +37,7 @@ def test_templates_parse() -> None:
     assert (default.memory_mb, default.vcpus, default.rootfs) == (256, 1, None)
     assert default.python == "python3.11" and "busybox-static" in default.packages
     assert {"virtio_mmio", "virtio_console"} <= set(default.modules)
-    assert full.memory_mb == 512 and full.rootfs is not None and full.python == "python3.11"
+    assert full.memory_mb == 256 and full.rootfs is not None and full.python == "python3.11"
     assert "python3.11-minimal" in full.compile_with and "python3.11-minimal" not in full.packages
     assert {"python3", "nodejs", "bash", "gcc", "libc6-dev"} <= set(full.rootfs.packages)
     assert {"virtio_blk", "overlay"} <= set(full.modules)

@@ -182,6 +182,23 @@ class TestMicrovm(GatewayFixtures):
         net = await gateway.exec(sid, command="ls /sys/class/net")
         assert net["stdout"].split() == ["lo"], "no network device unless asked"
 
+    @pytest.mark.usefixtures("microvm_full_image")
+    async def test_full_template_has_node_bash_and_gcc(self, gateway: Gateway) -> None:
+        sandbox = await gateway.create(template="full")
+        sid = sandbox["id"]
+        assert _backend(gateway, sid).vm.boot.kind == "clone"
+        node = await gateway.exec(sid, command=["node", "-e", "console.log(6 * 7)"])
+        assert node["stdout"] == "42\n", node
+        bash = await gateway.exec(sid, command=["bash", "-c", "echo ${BASH_VERSION%%.*}"])
+        assert int(bash["stdout"]) >= 5
+        await gateway.exec(sid, command="printf '#include <stdio.h>\\nint main(){puts(\"compiled\");}' > m.c")
+        built = await gateway.exec(sid, command="gcc -o m m.c && ./m", timeout=120)
+        assert built["stdout"] == "compiled\n", built
+        py = await gateway.exec(sid, language="python", code="import ssl; print('ssl ok')")
+        assert py["stdout"] == "ssl ok\n"
+        root = await gateway.exec(sid, command="echo x > /usr/local/x && cat /usr/local/x")
+        assert root["stdout"] == "x\n", "the read-only disk has a private writable overlay"
+
     async def test_cold_boot_for_other_memory(self, gateway: Gateway) -> None:
         sandbox = await gateway.create(memory_mb=320)
         backend = _backend(gateway, sandbox["id"])
