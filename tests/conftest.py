@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# The local test cluster's fixtures (kube_cluster, kube_namespace): tests/kube/fixtures.py.
+pytest_plugins = ["tests.kube.fixtures"]
+
 ROOT = Path(__file__).resolve().parents[1]
 # The example third-party runtime, importable for tests that register it directly; one test also
 # installs it with pip and finds it through its entry point (tests/examples/test_third_party.py).

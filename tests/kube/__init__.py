@@ -1,0 +1,1 @@
+"""The local Kubernetes the pod and Helm tests run against (see docs/kubernetes.md)."""
