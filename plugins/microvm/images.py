@@ -40,6 +40,7 @@ import fcntl
 import fnmatch
 import gzip
 import hashlib
+import io
 import json
 import lzma
 import os
@@ -57,9 +58,12 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plugins.common import TerminalProgress, cache_root, package_dir, private_dir, py_files
+
+if TYPE_CHECKING:
+    from elftools.elf.elffile import ELFFile
 
 Progress = Callable[[float, str], None]
 
@@ -633,145 +637,96 @@ def _unpack(deb: Path, dest: Path, clock: _Clock) -> None:
 
 
 # -- ELF -----------------------------------------------------------------------------------------
+# pyelftools, lz4 and zstandard are imported where a build uses them: the runtime imports this
+# module (BootImage, find_image) on its start path, and pyelftools alone takes ~65 ms to import.
 
-PT_LOAD, PT_DYNAMIC, PT_INTERP, PT_NOTE = 1, 2, 3, 4
-DT_NEEDED, DT_STRTAB = 1, 5
 #: XEN_ELFNOTE_PHYS32_ENTRY: the 32-bit entry point QEMU uses to boot a vmlinux as a PVH guest.
 PVH_NOTE = 18
 
 
-def _elf_check(data: bytes) -> None:
-    if data[:4] != b"\x7fELF" or data[4:6] != b"\x02\x01":
-        raise ValueError("not a 64-bit little-endian ELF file")
+@contextlib.contextmanager
+def _elf(data: bytes) -> Iterator[ELFFile]:
+    """`data` parsed by pyelftools (lazily: its errors inside the block become ValueError too).
 
+    Raises:
+        ValueError: not an ELF file, or a corrupt one.
+    """
+    from elftools.common.exceptions import ELFError
+    from elftools.construct import ConstructError
+    from elftools.elf.elffile import ELFFile
 
-def _elf_segments(data: bytes) -> list[tuple[int, int, int, int]]:
-    """(p_type, p_offset, p_vaddr, p_filesz) of each program header."""
-    _elf_check(data)
-    phoff = struct.unpack_from("<Q", data, 0x20)[0]
-    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-    out = []
-    for i in range(phnum):
-        p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
-        out.append((p_type, p_offset, p_vaddr, p_filesz))
-    return out
+    if data[:4] != b"\x7fELF":
+        raise ValueError("not an ELF file")
+    try:
+        yield ELFFile(io.BytesIO(data))
+    # pyelftools raises ELFError, but lets a few of its construct parsers' errors through, and
+    # OverflowError where a corrupt offset is past what a file can seek to
+    except (ELFError, ConstructError, OverflowError) as exc:
+        raise ValueError(f"corrupt ELF file: {exc}") from exc
 
 
 def elf_deps(data: bytes) -> tuple[str | None, list[str]]:
     """An ELF file's program interpreter (PT_INTERP) and DT_NEEDED sonames."""
-    segments = _elf_segments(data)
+    from elftools.elf.dynamic import DynamicSegment
+    from elftools.elf.segments import InterpSegment
+
     interp = None
-    dynamic = None
-    for p_type, offset, _vaddr, size in segments:
-        if p_type == PT_INTERP:
-            interp = data[offset:offset + size].split(b"\0")[0].decode()
-        elif p_type == PT_DYNAMIC:
-            dynamic = (offset, size)
-    if dynamic is None:
-        return interp, []
-    entries = []
-    strtab_vaddr = None
-    for pos in range(dynamic[0], dynamic[0] + dynamic[1], 16):
-        tag, value = struct.unpack_from("<qQ", data, pos)
-        if tag == 0:
-            break
-        if tag == DT_STRTAB:
-            strtab_vaddr = value
-        elif tag == DT_NEEDED:
-            entries.append(value)
-    if strtab_vaddr is None:
-        return interp, []
-    for p_type, offset, vaddr, size in segments:
-        if p_type == PT_LOAD and vaddr <= strtab_vaddr < vaddr + size:
-            strtab = offset + strtab_vaddr - vaddr
-            break
-    else:
-        raise ValueError("DT_STRTAB is outside every PT_LOAD segment")
-    return interp, [data[strtab + e:data.index(b"\0", strtab + e)].decode() for e in entries]
+    needed: list[str] = []
+    with _elf(data) as elf:
+        for segment in elf.iter_segments():
+            if isinstance(segment, InterpSegment):
+                interp = segment.get_interp_name()
+            elif isinstance(segment, DynamicSegment):
+                strtab, offset = segment.get_table_offset("DT_STRTAB")
+                if strtab is None:
+                    continue
+                if offset is None:
+                    raise ValueError("DT_STRTAB is outside every PT_LOAD segment")
+                # pyelftools sets `needed` on DT_NEEDED tags (the soname from the string table)
+                needed = [tag.needed for tag in segment.iter_tags("DT_NEEDED")]  # type: ignore[attr-defined]
+    return interp, needed
 
 
 def elf_notes(data: bytes) -> Iterator[tuple[str, int, bytes]]:
     """(name, type, desc) of each note in the PT_NOTE segments."""
-    for p_type, offset, _vaddr, size in _elf_segments(data):
-        if p_type != PT_NOTE:
-            continue
-        pos, end = offset, offset + size
-        while pos + 12 <= end:
-            namesz, descsz, ntype = struct.unpack_from("<III", data, pos)
-            pos += 12
-            name = data[pos:pos + namesz].rstrip(b"\0").decode(errors="replace")
-            pos += (namesz + 3) & ~3
-            desc = data[pos:pos + descsz]
-            pos += (descsz + 3) & ~3
-            yield name, ntype, desc
+    from elftools.elf.enums import ENUM_CORE_NOTE_N_TYPE, ENUM_NOTE_N_TYPE
+    from elftools.elf.segments import NoteSegment
+
+    with _elf(data) as elf:
+        # pyelftools names the note types it knows (NT_GNU_BUILD_ID, ...) whatever the note's owner
+        types = ENUM_CORE_NOTE_N_TYPE if elf["e_type"] == "ET_CORE" else ENUM_NOTE_N_TYPE
+        for segment in elf.iter_segments("PT_NOTE"):
+            assert isinstance(segment, NoteSegment)
+            for note in segment.iter_notes():
+                ntype = note["n_type"]
+                yield note["n_name"] or "", ntype if isinstance(ntype, int) else types[ntype], note["n_descdata"]
 
 
 def elf_section(data: bytes, name: str) -> bytes | None:
     """The contents of the section called `name`, or None."""
-    _elf_check(data)
-    shoff = struct.unpack_from("<Q", data, 0x28)[0]
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-    if not shoff or shstrndx >= shnum:
-        return None
-    headers = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
-    names_at = headers[shstrndx][4]
-    wanted = name.encode()
-    for sh_name, _type, _flags, _addr, offset, size in headers:
-        start = names_at + sh_name
-        if data[start:data.index(b"\0", start)] == wanted:
-            return data[offset:offset + size]
-    return None
+    with _elf(data) as elf:
+        section = elf.get_section_by_name(name)
+        return None if section is None else section.data()
 
 
 # -- the kernel ------------------------------------------------------------------------------------
 
-
-def _lz4_block(src: memoryview, out: bytearray) -> None:
-    """Decode one LZ4 block (the format of lz4's block API) onto `out`."""
-    i, n = 0, len(src)
-    while True:
-        token = src[i]
-        i += 1
-        literals = token >> 4
-        if literals == 15:
-            while True:
-                b = src[i]
-                i += 1
-                literals += b
-                if b != 255:
-                    break
-        out += src[i:i + literals]
-        i += literals
-        if i >= n:  # the last sequence has literals only
-            return
-        offset = src[i] | src[i + 1] << 8
-        i += 2
-        length = token & 15
-        if length == 15:
-            while True:
-                b = src[i]
-                i += 1
-                length += b
-                if b != 255:
-                    break
-        length += 4
-        start = len(out) - offset
-        if offset <= 0 or start < 0:
-            raise ValueError("corrupt LZ4 block")
-        if offset >= length:
-            out += out[start:start + length]
-        else:  # the match overlaps what it writes: it repeats the last `offset` bytes
-            out += (out[start:] * (length // offset + 1))[:length]
-
-
 LZ4_LEGACY_MAGIC = 0x184C2102
+#: The most one block of lz4's legacy frame decompresses to (lz4's LEGACY_BLOCKSIZE).
+LZ4_LEGACY_BLOCK = 8 << 20
 
 
 def _lz4_legacy(payload: bytes) -> bytes:
     """Decode lz4's legacy frame format (what the kernel's `lz4 -l` writes): blocks of
-    compressed size + data, each independent, then the kernel's 4-byte uncompressed size."""
+    compressed size + data, each independent, then the kernel's 4-byte uncompressed size.
+
+    Raises:
+        ValueError: a truncated or corrupt payload.
+    """
+    import lz4.block
+
     view = memoryview(payload)
-    pos, out = 4, bytearray()
+    pos, out = 4, []
     while len(payload) - pos > 4:
         size = struct.unpack_from("<I", payload, pos)[0]
         pos += 4
@@ -779,21 +734,33 @@ def _lz4_legacy(payload: bytes) -> bytes:
             continue
         if pos + size > len(payload):
             raise ValueError("truncated LZ4 payload")
-        block = bytearray()
-        _lz4_block(view[pos:pos + size], block)
-        out += block
+        try:
+            # with uncompressed_size, lz4 takes the block as bare (no size prefix) and the size
+            # as a bound: it returns what the block holds, and fails on a block that holds more
+            out.append(lz4.block.decompress(view[pos:pos + size], uncompressed_size=LZ4_LEGACY_BLOCK))
+        except lz4.block.LZ4BlockError as exc:
+            raise ValueError(f"corrupt LZ4 block at byte {pos - 4} of the payload: {exc}") from None
         pos += size
-    return bytes(out)
+    return b"".join(out)
 
 
 def _zstd(payload: bytes) -> bytes:
-    tool = _which("zstd")
-    if tool is None:
-        raise HostError("this kernel's payload is zstd-compressed: apt-get install zstd")
-    proc = subprocess.run([tool, "-dc"], input=payload, capture_output=True, check=False)
-    if proc.returncode != 0 and not proc.stdout:  # trailing bytes after the frame make it complain
-        raise RuntimeError(f"zstd -d failed: {proc.stderr.decode(errors='replace')[-500:]}")
-    return proc.stdout
+    """Decode the zstd frame that `payload` starts with (the kernel appends its 4-byte
+    uncompressed size after it).
+
+    Raises:
+        ValueError: a truncated or corrupt payload.
+    """
+    import zstandard
+
+    reader = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        out = reader.decompress(payload)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"corrupt zstd payload: {exc}") from None
+    if not reader.eof:
+        raise ValueError("truncated zstd payload")
+    return out
 
 
 def extract_vmlinux(bzimage: bytes) -> bytes:
@@ -823,7 +790,6 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
         vmlinux = lzma.LZMADecompressor(lzma.FORMAT_ALONE).decompress(payload)
     else:
         raise ValueError(f"unknown kernel payload compression (magic {payload[:6].hex()})")
-    _elf_check(vmlinux)
     if not any(name == "Xen" and ntype == PVH_NOTE for name, ntype, _ in elf_notes(vmlinux)):
         raise ValueError("the kernel has no PVH entry (CONFIG_PVH): QEMU's microvm cannot boot it directly")
     return vmlinux

@@ -12,6 +12,7 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,11 +171,79 @@ def test_kernel_with_another_sha256_is_refused_before_download(tmp_path: Path) -
         images._pinned_kernel_deb(pin, _IndexWithOtherHash(tmp_path, pin), clock)  # type: ignore[arg-type]
 
 
+def _lz4_frame(*blocks: bytes) -> bytes:
+    return struct.pack("<I", images.LZ4_LEGACY_MAGIC) + b"".join(struct.pack("<I", len(b)) + b for b in blocks)
+
+
 def test_lz4_legacy_payload() -> None:
-    # "ab", then a 6-byte match 2 back (it overlaps what it writes), then "!" as the last literals
-    block = bytes([0x22]) + b"ab" + struct.pack("<H", 2) + bytes([0x10]) + b"!"
-    payload = struct.pack("<II", images.LZ4_LEGACY_MAGIC, len(block)) + block + struct.pack("<I", 9)
-    assert images._lz4_legacy(payload) == b"abababab!"
+    # "ab", then a 10-byte match 2 back (it overlaps what it writes), then "hello!" as the last
+    # literals (LZ4 ends a block with at least 5 literals)
+    first = bytes([0x26]) + b"ab" + struct.pack("<H", 2) + bytes([0x60]) + b"hello!"
+    second = bytes([0x50]) + b"12345"  # literals only, in a second (concatenated) frame
+    payload = _lz4_frame(first) + _lz4_frame(second) + struct.pack("<I", 23)  # the kernel's size
+    assert images._lz4_legacy(payload) == b"ababababababhello!12345"
+
+
+def test_lz4_legacy_blocks_hold_up_to_8_mib() -> None:
+    import lz4.block
+
+    full = lz4.block.compress(bytes(images.LZ4_LEGACY_BLOCK), store_size=False)
+    assert images._lz4_legacy(_lz4_frame(full) + struct.pack("<I", images.LZ4_LEGACY_BLOCK)) == bytes(8 << 20)
+    over = lz4.block.compress(bytes(images.LZ4_LEGACY_BLOCK + 1), store_size=False)
+    with pytest.raises(ValueError, match="corrupt LZ4 block at byte 4"):
+        images._lz4_legacy(_lz4_frame(over) + bytes(4))
+
+
+def test_lz4_legacy_refuses_a_corrupt_payload() -> None:
+    # a match 9 bytes back, with 2 bytes written
+    bad = bytes([0x26]) + b"ab" + struct.pack("<H", 9) + bytes([0x60]) + b"hello!"
+    with pytest.raises(ValueError, match=r"corrupt LZ4 block at byte 4 of the payload: .*corrupt input"):
+        images._lz4_legacy(_lz4_frame(bad) + bytes(4))
+    with pytest.raises(ValueError, match="truncated LZ4 payload"):
+        images._lz4_legacy(_lz4_frame(bytes([0x50]) + b"12345")[:-2])  # the block cut short
+
+
+#: `printf 'sandgate %.0s' {1..20} | zstd -c`: streamed, so the frame has no content size (as in
+#: a kernel's payload)
+ZSTD_FRAME = b"(\xb5/\xfd\x04X\x85\x00\x00Hsandgate \x01\x00(R\xe5\x08!\xa7\x99>"
+
+
+def test_zstd_payload() -> None:
+    # the kernel appends the uncompressed size after the frame
+    assert images._zstd(ZSTD_FRAME + struct.pack("<I", 180)) == b"sandgate " * 20
+    with pytest.raises(ValueError, match="truncated zstd payload"):
+        images._zstd(ZSTD_FRAME[:-6])
+    with pytest.raises(ValueError, match=r"corrupt zstd payload: .*checksum"):
+        images._zstd(ZSTD_FRAME[:-3] + bytes(3))  # the frame's checksum
+
+
+def test_elf_readers_on_real_files() -> None:
+    import lz4.block._block
+
+    python = Path(sys.executable).resolve().read_bytes()
+    interp, needed = images.elf_deps(python)
+    assert interp is not None and Path(interp).is_file()
+    assert "libc.so.6" in needed
+    dynstr = images.elf_section(python, ".dynstr")
+    assert dynstr is not None and all(f"\0{soname}\0".encode() in dynstr for soname in needed)
+    assert images.elf_section(python, ".no-such-section") is None
+    # the GNU build id: its type is the number, not pyelftools' name for it
+    assert any(name == "GNU" and kind == 3 and len(desc) == 20 for name, kind, desc in images.elf_notes(python))
+    extension = Path(lz4.block._block.__file__).read_bytes()  # a shared object: no interpreter
+    interp, needed = images.elf_deps(extension)
+    assert interp is None and "libc.so.6" in needed
+
+
+def test_elf_readers_refuse_what_is_no_elf() -> None:
+    python = Path(sys.executable).resolve().read_bytes()
+    with pytest.raises(ValueError, match="not an ELF file"):
+        images.elf_deps(b"#!/bin/sh\n")
+    with pytest.raises(ValueError, match="corrupt ELF file"):
+        images.elf_deps(python[:64])  # the header alone: its program headers are past the end
+    with pytest.raises(ValueError, match="corrupt ELF file"):
+        list(images.elf_notes(python[:64]))
+    with pytest.raises(ValueError, match="corrupt ELF file"):
+        images.elf_section(python[:64], ".dynstr")
 
 
 def test_extract_vmlinux_refuses_what_is_no_bzimage() -> None:
