@@ -44,8 +44,7 @@ class StreamChannel(ByteChannel):
         self.stderr_tail = bytearray()
         #: The channel-3 status (exec/attach ended), once received.
         self.status: dict[str, Any] | None = None
-        self._resync = resync
-        self._pending = bytearray()
+        self._resync = Resync(label) if resync else None
         self._write_lock = asyncio.Lock()
 
     async def read(self) -> bytes:
@@ -61,9 +60,11 @@ class StreamChannel(ByteChannel):
                 continue
             channel, payload = data[0], data[1:]
             if channel == STDOUT and payload:
-                if not self._resync:
+                if self._resync is None:
                     return payload
-                out = self._find_frame_start(payload)
+                out = self._resync.feed(payload)
+                if self._resync.done:
+                    self._resync = None
                 if out:
                     return out
             elif channel == STDERR and payload:
@@ -81,34 +82,6 @@ class StreamChannel(ByteChannel):
             if line.strip():
                 log.info("%s: agent: %s", self.label, line[:500])
 
-    def _find_frame_start(self, payload: bytes) -> bytes:
-        """Buffer `payload` until a frame boundary is found: a length header within bounds
-        followed by that many bytes that decode as one msgpack map with an integer or null `id`,
-        and then either the end of what arrived or another plausible header. Returns the bytes
-        from that boundary on (and stops resyncing), or b"" while still unsure."""
-        self._pending += payload
-        buf = self._pending
-        for start in range(len(buf) - 3):
-            (size,) = struct.unpack_from(">I", buf, start)
-            end = start + 4 + size
-            if not 0 < size <= DEFAULT_MAX_FRAME or end > len(buf):
-                continue  # not a header, or a frame not whole yet (the next read may complete it)
-            if not _is_message(bytes(buf[start + 4:end])):
-                continue
-            if end + 4 <= len(buf):
-                (next_size,) = struct.unpack_from(">I", buf, end)
-                if not 0 < next_size <= DEFAULT_MAX_FRAME:
-                    continue
-            if start:
-                log.info("%s: skipped %d bytes of a frame cut by the re-attach", self.label, start)
-            out = bytes(buf[start:])
-            self._pending.clear()
-            self._resync = False
-            return out
-        if len(buf) > 2 * DEFAULT_MAX_FRAME + 8:  # no boundary in two maximum frames: not our agent
-            raise ConnectionError(f"{self.label}: no protocol frame in the re-attached stream")
-        return b""
-
     async def write(self, data: bytes) -> None:
         async with self._write_lock:  # one frame's chunks must not interleave with another's
             view = memoryview(data)
@@ -125,6 +98,59 @@ class StreamChannel(ByteChannel):
         if self.status.get("status") == "Success":
             return "the agent exited with status 0"
         return str(self.status.get("message") or self.status.get("reason") or self.status)
+
+
+class Resync:
+    """Finds the first whole frame in a stream that may begin in the middle of one (sans-I/O).
+
+    A boundary is a length header within bounds followed by that many bytes that decode as one
+    msgpack map with an integer or null `id`, and then either the end of what arrived or another
+    plausible header. Bytes before it are dropped (logged); from it on, everything passes.
+    """
+
+    def __init__(self, label: str = "stream") -> None:
+        self.label = label
+        self.done = False
+        self.skipped = 0
+        self._pending = bytearray()
+        #: Positions before this one are refused for good: each feed scans only what is new.
+        self._scan_from = 0
+
+    def feed(self, payload: bytes) -> bytes:
+        """The bytes from the boundary on once it is found (then `done`), else b"" for now.
+
+        Raises:
+            ConnectionError: two maximum frames arrived without a boundary: not our agent.
+        """
+        if self.done:
+            return payload
+        self._pending += payload
+        buf = self._pending
+        waiting: int | None = None  # the first candidate whose frame is not whole yet
+        for start in range(self._scan_from, len(buf) - 3):
+            (size,) = struct.unpack_from(">I", buf, start)
+            end = start + 4 + size
+            if not 0 < size <= DEFAULT_MAX_FRAME:
+                continue
+            if end > len(buf):  # a frame not whole yet: a later feed may complete it
+                waiting = start if waiting is None else waiting
+                continue
+            if not _is_message(bytes(buf[start + 4:end])):
+                continue
+            if end + 4 <= len(buf):
+                (next_size,) = struct.unpack_from(">I", buf, end)
+                if not 0 < next_size <= DEFAULT_MAX_FRAME:
+                    continue
+            if start:
+                log.info("%s: skipped %d bytes of a frame cut by the re-attach", self.label, start)
+            self.skipped, self.done = start, True
+            out = bytes(buf[start:])
+            self._pending.clear()
+            return out
+        if len(buf) > 2 * DEFAULT_MAX_FRAME + 8:
+            raise ConnectionError(f"{self.label}: no protocol frame in the re-attached stream")
+        self._scan_from = waiting if waiting is not None else max(0, len(buf) - 3)
+        return b""
 
 
 def _is_message(body: bytes) -> bool:

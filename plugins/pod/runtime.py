@@ -194,7 +194,12 @@ class PodRuntime(Runtime):
 
     async def start(self) -> None:
         """Connect, take this gateway's Lease, make sure sandboxes are isolated by default, follow
-        this gateway's pods, remove orphans, then keep the Lease fresh and the pool full."""
+        this gateway's pods, remove orphans, then keep the Lease fresh and the pool full. Without a
+        `[runtimes.pod]` table it stays off: a default install must not write to whatever cluster
+        the host's kubeconfig happens to name."""
+        if not self.config:
+            raise RuntimeError("not configured: add a [runtimes.pod] table (docs/kubernetes.md; the Helm chart "
+                               "writes one)")
         self.settings = PodSettings.from_config(self.config)
         kube_module = await asyncio.to_thread(importlib.import_module, "plugins.pod.kube")
         self.kube_error = kube_module.KubeError
