@@ -177,8 +177,16 @@ class Runtime(ABC):
         """Make a sandbox whose agent is reachable through `Backend.channel()`. Called by
         SandboxManager.create; raise ProtocolError('unavailable') when the host cannot."""
 
+    async def find(self, sandbox_id: str) -> dict[str, Any] | None:
+        """The state (as `Backend.get_state()`, with a `tenant` key) of a sandbox this gateway does
+        not hold but another replica, or this gateway before a restart, made; None if this
+        runtime has no such sandbox. Called by SandboxManager.lookup on a miss. Only runtimes
+        whose sandboxes outlive their gateway (pods) implement it."""
+        return None
+
     async def load_state(self, state: Mapping[str, Any]) -> Backend | None:
-        """Reattach to a sandbox from `Backend.get_state()`, or None if it is gone."""
+        """Reattach to a sandbox from `Backend.get_state()` (or `find`), or None if it is gone.
+        Called by SandboxManager.lookup after `find`."""
         return None
 
 

@@ -157,6 +157,7 @@ class SandboxManager:
         self.pm = pm
         self._sandboxes: dict[str, Sandbox] = {}
         self._creating: dict[str, int] = {}
+        self._adopting: dict[str, asyncio.Lock] = {}
         self._rate = _CreateRate(settings.quotas.creates_per_minute)
         self._reaper: asyncio.Task[None] | None = None
         self.draining = False
@@ -265,6 +266,53 @@ class SandboxManager:
         sandbox = self._sandboxes.get(sandbox_id)
         if sandbox is None or not secrets.compare_digest(sandbox.tenant, tenant):
             raise ProtocolError("not_found", "no such sandbox")
+        return sandbox
+
+    async def lookup(self, tenant: str, sandbox_id: str) -> Sandbox:
+        """`get`, and on a miss adopt the sandbox from a runtime that finds it (a pod made by
+        another gateway replica, or by this one before a restart: Kubernetes labels are the
+        source of truth). An adopted sandbox gets this gateway's default ttl and idle timeout
+        from now; the runtime's own expiry still bounds it."""
+        try:
+            return self.get(tenant, sandbox_id)
+        except ProtocolError:
+            if self.draining or not sandbox_id.startswith("sb_"):
+                raise
+        async with self._adopting.setdefault(sandbox_id, asyncio.Lock()):
+            try:
+                if sandbox_id in self._sandboxes:  # adopted while this request waited
+                    return self.get(tenant, sandbox_id)
+                for runtime in list(self.runtimes.values()):
+                    state = await runtime.find(sandbox_id)
+                    if state is None:
+                        continue
+                    if not secrets.compare_digest(str(state.get("tenant")), tenant):
+                        break  # another tenant's: answered exactly like a missing one
+                    backend = await runtime.load_state(state)
+                    if backend is None:
+                        break
+                    return await self._adopt(runtime, backend, sandbox_id, tenant)
+            finally:
+                self._adopting.pop(sandbox_id, None)
+        raise ProtocolError("not_found", "no such sandbox")
+
+    async def _adopt(self, runtime: Runtime, backend: Backend, sandbox_id: str, tenant: str) -> Sandbox:
+        try:
+            agent = await self._connect(backend)
+        except BaseException:
+            await backend.destroy()
+            raise
+        spec = getattr(backend, "spec", None)
+        if not isinstance(spec, SandboxSpec):
+            limits = self.settings.limits
+            spec = SandboxSpec(sandbox_id=sandbox_id, tenant=tenant, memory_mb=limits.memory_mb,
+                               cpu_seconds=limits.cpu_seconds, disk_mb=limits.disk_mb)
+        sandbox = Sandbox(id=sandbox_id, tenant=tenant, runtime=runtime, spec=spec, backend=backend, agent=agent,
+                          ttl=self.settings.limits.ttl_s, idle_timeout=self.settings.limits.idle_timeout_s,
+                          metadata={})
+        self._sandboxes[sandbox_id] = sandbox
+        sandbox.spawn(self._watch(sandbox), f"watch-{sandbox_id}")
+        log.info("sandbox %s: adopted from runtime %s", sandbox_id, runtime.id)
         return sandbox
 
     def list_for(self, tenant: str) -> list[Sandbox]:

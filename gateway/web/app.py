@@ -110,7 +110,7 @@ def create_app(
         plugins: extra plugin objects to register (embedding applications, tests).
         pm: a ready plugin manager, replacing entry-point discovery.
     """
-    from gateway.web import rest, ws  # the routes import this module for its keys
+    from gateway.web import ide, rest, ws  # the routes import this module for its keys
 
     settings = settings or Settings()
     pm = pm or get_plugin_manager(blocked=settings.blocked_plugins, extra_plugins=plugins)
@@ -123,6 +123,7 @@ def create_app(
     app[MANAGER] = SandboxManager(settings, runtimes, pm)
     rest.add_routes(app)
     ws.add_routes(app)
+    ide.add_routes(app)  # the browser IDE at / and its static files
     app.cleanup_ctx.append(_manager_lifecycle)
     app.on_shutdown.append(_close_sockets)
     return app

@@ -20,8 +20,8 @@ def _tenant(request: web.Request) -> str:
     return authenticate(request, bearer_token(request))
 
 
-def _sandbox(request: web.Request) -> Sandbox:
-    return request.app[MANAGER].get(_tenant(request), request.match_info["sandbox_id"])
+async def _sandbox(request: web.Request) -> Sandbox:
+    return await request.app[MANAGER].lookup(_tenant(request), request.match_info["sandbox_id"])
 
 
 @routes.get("/healthz")
@@ -56,31 +56,31 @@ async def list_sandboxes(request: web.Request) -> web.Response:
 
 @routes.get("/v1/sandboxes/{sandbox_id}")
 async def get_sandbox(request: web.Request) -> web.Response:
-    return web.json_response(_sandbox(request).describe())
+    return web.json_response((await _sandbox(request)).describe())
 
 
 @routes.delete("/v1/sandboxes/{sandbox_id}")
 async def delete_sandbox(request: web.Request) -> web.Response:
-    await request.app[MANAGER].destroy(_sandbox(request), "api")
+    await request.app[MANAGER].destroy(await _sandbox(request), "api")
     return web.Response(status=204)
 
 
 @routes.post("/v1/sandboxes/{sandbox_id}/exec")
 async def exec_sandbox(request: web.Request) -> web.Response:
-    sandbox = _sandbox(request)
+    sandbox = await _sandbox(request)
     body = await json_body(request)
     return web.json_response(await request.app[MANAGER].run_collected(sandbox, body))
 
 
 @routes.get("/v1/sandboxes/{sandbox_id}/metrics")
 async def sandbox_metrics(request: web.Request) -> web.Response:
-    sandbox = _sandbox(request)
+    sandbox = await _sandbox(request)
     return web.json_response(await request.app[MANAGER].metrics(sandbox))
 
 
 @routes.get("/v1/sandboxes/{sandbox_id}/files/{path:.+}")
 async def download(request: web.Request) -> web.StreamResponse:
-    sandbox = _sandbox(request)
+    sandbox = await _sandbox(request)
     path = check_path(request.match_info["path"], allow_absolute=False)
     stream = await request.app[MANAGER].read_file(sandbox, path)
     response: web.StreamResponse | None = None
@@ -116,7 +116,7 @@ async def upload(request: web.Request) -> web.Response:
     """Stream the body into a temporary file next to the target, then move it into place, so a
     failed upload (quota, dropped connection) never leaves a half-written target behind."""
     manager = request.app[MANAGER]
-    sandbox = _sandbox(request)
+    sandbox = await _sandbox(request)
     path = check_path(request.match_info["path"], allow_absolute=False)
     used = (await manager.request(sandbox, "metrics", {})).get("disk_bytes") or 0
     quota = (sandbox.spec.disk_mb << 20) - used

@@ -226,7 +226,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if not origin_allowed(request, settings.allowed_origins):
         raise ProtocolError("forbidden_origin", f"Origin {request.headers.get('Origin')!r} is not allowed")
     tenant = authenticate(request, bearer_token(request) or bearer_from_subprotocols(offered))
-    sandbox = manager.get(tenant, request.match_info["sandbox_id"])
+    sandbox = await manager.lookup(tenant, request.match_info["sandbox_id"])
     subprotocol = choose_subprotocol(offered)
     ws = web.WebSocketResponse(protocols=(subprotocol,), max_msg_size=MAX_CLIENT_MESSAGE, heartbeat=30.0)
     await ws.prepare(request)

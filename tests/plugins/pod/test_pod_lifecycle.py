@@ -242,6 +242,25 @@ async def test_second_gateway_adopts_a_sandbox(channel: str, pod_config: dict[st
     assert pods(kube_cluster, kube_namespace) == []
 
 
+def test_any_replica_serves_any_sandbox(pod_config: dict[str, Any], tmp_path: Path, kube_cluster: KubeCluster,
+                                        kube_namespace: str) -> None:
+    """Two gateway replicas, both up: a sandbox made through A is used and destroyed through B,
+    which finds it by its labels (SandboxManager.lookup -> PodRuntime.find/load_state)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with gateway_process(tmp_path / "a", pod_config) as a, gateway_process(tmp_path / "b", pod_config) as b:
+        sid = a.call(KEY, "POST", "/v1/sandboxes", {"runtime": "pod"})["id"]
+        a.call(KEY, "POST", f"/v1/sandboxes/{sid}/exec", {"command": "echo made-by-a > note.txt"})
+        done = b.call(KEY, "POST", f"/v1/sandboxes/{sid}/exec", {"command": ["cat", "note.txt"]})
+        assert done["stdout"] == "made-by-a\n", done
+        assert b.call(KEY, "GET", f"/v1/sandboxes/{sid}")["id"] == sid
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            b.call(KEY, "GET", "/v1/sandboxes/sb_not-a-sandbox-anywhere")
+        assert missing.value.code == 404
+        assert b.call(KEY, "DELETE", f"/v1/sandboxes/{sid}") is None
+    assert pods(kube_cluster, kube_namespace) == []
+
+
 async def test_orphans_of_a_dead_gateway_are_removed_at_start(pod_config: dict[str, Any], tmp_path: Path,
                                                               kube_cluster: KubeCluster, kube_namespace: str) -> None:
     ns = kube_namespace
