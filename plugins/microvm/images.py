@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import fnmatch
 import gzip
 import hashlib
@@ -60,7 +59,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from plugins.common import TerminalProgress, cache_root, package_dir, private_dir, py_files
+from plugins.common import TerminalProgress, cache_root, file_lock, package_dir, private_dir, py_files
 
 if TYPE_CHECKING:
     from elftools.elf.elffile import ELFFile
@@ -430,17 +429,6 @@ def _run(cmd: Sequence[str | Path], clock: _Clock, phase: str, *, cwd: Path | No
     if code != 0:
         raise RuntimeError(f"{phase}: `{shlex.join(argv)}` failed (exit {code}):\n{text.strip()[-3000:]}")
     return text
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` (made if missing), held across processes and threads."""
-    with open(path, "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _sha256(path: Path) -> str:
@@ -1503,7 +1491,7 @@ def build_image(template: str, progress: Progress, *, rebuild: bool = False) -> 
                         "the build as root (with SANDGATE_CACHE_DIR set to the cache the gateway uses)")
     base = private_dir(microvm_cache())
     clock = _Clock(progress)
-    with _locked(base / "build.lock"):
+    with file_lock(base / "build.lock"):
         recipe_hash = recipe(config, template)
         folder = _image_dir(template, recipe_hash)
         found = None if rebuild else _from_manifest(folder)

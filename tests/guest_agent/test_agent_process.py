@@ -159,8 +159,9 @@ def test_pty_resize_is_seen_by_the_child(client: AgentClient) -> None:
 
 def test_sigwinch_reaches_the_foreground_process(client: AgentClient) -> None:
     code = (
-        "import signal, sys\n"
-        "signal.signal(signal.SIGWINCH, lambda *a: print('winch', flush=True))\n"
+        "import os, signal\n"
+        # os.write, not print: the signal may land while print('ready') still holds stdout's lock
+        "signal.signal(signal.SIGWINCH, lambda *a: os.write(1, b'winch\\n'))\n"
         "print('ready', flush=True)\n"
         "signal.pause()\n"
     )

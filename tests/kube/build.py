@@ -41,7 +41,6 @@ test kubelet binds pods itself, and the Helm chart's objects are stored, not rec
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import re
@@ -51,11 +50,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from plugins.common import TerminalProgress, cache_root
+from plugins.common import TerminalProgress, cache_root, file_lock
 
 #: Bump when a step below changes: installed binaries of another recipe are rebuilt.
 RECIPE = 2
@@ -133,22 +131,12 @@ def ensure_built(progress: Progress | None = None, *, force: bool = False) -> Bi
     if found is not None:
         return found
     progress = progress or TerminalProgress()
-    with _locked(kube_cache() / ".build.lock"):
+    (lock := kube_cache() / ".build.lock").parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(lock):
         found = None if force else installed()  # another process may have built it meanwhile
         if found is None:
             found = _build(progress)
     return found
-
-
-@contextmanager
-def _locked(path: Path):  # type: ignore[no-untyped-def]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class _Runner:

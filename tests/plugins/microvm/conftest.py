@@ -28,33 +28,29 @@ def microvm_boot_image() -> BootImage:
     return image
 
 
-@pytest.fixture(scope="session")
-def microvm_image(microvm_boot_image: BootImage) -> BootImage:
-    """The `default` template's boot image and its snapshot, as `sandgate images build microvm
-    --template default` leaves them (minutes, the first time)."""
+def _built_with_snapshot(template: str) -> BootImage:
+    """`sandgate images build microvm --template <template>`: image and snapshot, or a skip."""
     from plugins.microvm import images
     from plugins.microvm.runtime import MicrovmRuntime
 
     try:
-        MicrovmRuntime.build_images({}, "default", TerminalProgress())
+        MicrovmRuntime.build_images({}, template, TerminalProgress())
     except images.HostError as exc:
-        pytest.skip(f"the microVM image cannot be built here: {exc}")
-    image = images.find_image("default")
-    assert image is not None, "built the default image, but find_image does not see it"
+        pytest.skip(f"the microVM {template} template cannot be built here: {exc}")
+    image = images.find_image(template)
+    assert image is not None, f"built the {template} image, but find_image does not see it"
     return image
+
+
+@pytest.fixture(scope="session")
+def microvm_image(microvm_boot_image: BootImage) -> BootImage:
+    """The `default` template's boot image and its snapshot, as `sandgate images build microvm
+    --template default` leaves them (minutes, the first time)."""
+    return _built_with_snapshot("default")
 
 
 @pytest.fixture(scope="session")
 def microvm_full_image(microvm_image: BootImage) -> BootImage:
     """The `full` template (a Debian root disk with python3, node, bash, gcc; debootstrap takes
     minutes the first time) and its snapshot."""
-    from plugins.microvm import images
-    from plugins.microvm.runtime import MicrovmRuntime
-
-    try:
-        MicrovmRuntime.build_images({}, "full", TerminalProgress())
-    except images.HostError as exc:
-        pytest.skip(f"the microVM full template cannot be built here: {exc}")
-    image = images.find_image("full")
-    assert image is not None, "built the full image, but find_image does not see it"
-    return image
+    return _built_with_snapshot("full")
