@@ -21,6 +21,7 @@ from typing import Any
 import msgpack
 import pytest
 
+from plugins.common import file_lock
 from plugins.microvm import images
 from plugins.microvm.images import BootImage, TemplateError
 
@@ -387,7 +388,7 @@ def test_build_lock_excludes_other_builders(tmp_path: Path) -> None:
     held, release = threading.Event(), threading.Event()
 
     def builder() -> None:
-        with images._locked(lock):
+        with file_lock(lock):
             held.set()
             release.wait(30)
 
@@ -398,7 +399,7 @@ def test_build_lock_excludes_other_builders(tmp_path: Path) -> None:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     release.set()
     thread.join()
-    with images._locked(lock):
+    with file_lock(lock):
         pass
 
 

@@ -256,6 +256,7 @@ def test_any_replica_serves_any_sandbox(pod_config: dict[str, Any], tmp_path: Pa
         assert b.call(KEY, "GET", f"/v1/sandboxes/{sid}")["id"] == sid
         with pytest.raises(urllib.error.HTTPError) as missing:
             b.call(KEY, "GET", "/v1/sandboxes/sb_not-a-sandbox-anywhere")
+        missing.value.close()  # the error holds the response's socket
         assert missing.value.code == 404
         assert b.call(KEY, "DELETE", f"/v1/sandboxes/{sid}") is None
     assert pods(kube_cluster, kube_namespace) == []
@@ -283,6 +284,7 @@ async def test_orphans_of_a_dead_gateway_are_removed_at_start(pod_config: dict[s
         with pytest.raises(urllib.error.HTTPError) as missing:
             kube_cluster.api("GET", f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{lease['metadata']['name']}")
         missing.value.close()
+        missing.value.close()  # the error holds the response's socket
         assert missing.value.code == 404
 
         # A live gateway's sandbox stays, until it is past its expiry annotation.
