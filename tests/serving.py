@@ -6,10 +6,11 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -19,6 +20,9 @@ class Served:
     port: int
     #: What the gateway printed before it started listening.
     banner: str
+    #: Everything it printed after, read all along (an unread pipe would fill and freeze it).
+    output: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
 
     def call(self, key: str, method: str, path: str, body: Any = None) -> Any:
         """One REST call; the JSON answer (None for an empty body)."""
@@ -33,10 +37,12 @@ class Served:
 
     def stop(self) -> str:
         """SIGTERM, wait for a clean exit (the drain), and return the rest of the output."""
-        assert self.proc.stdout is not None
         self.proc.terminate()
-        rest = self.proc.stdout.read()
-        assert self.proc.wait(timeout=60) == 0, rest
+        code = self.proc.wait(timeout=60)
+        if self.reader is not None:
+            self.reader.join(timeout=60)
+        rest = "".join(self.output)
+        assert code == 0, rest
         return rest
 
 
@@ -63,8 +69,14 @@ def serve(env: Mapping[str, str], *args: str) -> Iterator[Served]:
         else:
             raise AssertionError("the gateway exited before listening:\n" + "".join(banner))
         served = Served(proc, port, "".join(banner))
+        stdout = proc.stdout
+        served.reader = threading.Thread(target=lambda: served.output.extend(stdout), name="gateway-output",
+                                         daemon=True)
+        served.reader.start()
         try:
             yield served
         finally:
             if proc.poll() is None:
                 proc.kill()
+            proc.wait()
+            served.reader.join(timeout=60)
