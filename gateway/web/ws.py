@@ -170,8 +170,11 @@ class Session:
         if op == "exec.attach":
             record = manager.find_exec(sandbox, fields)
             subscription = Subscription(self, request_id)
-            self.subscriptions.add(subscription)
             from_seq = field(fields, "from_seq", int, 0)
+            # The client has everything before from_seq: a quiet re-attached stream gets keepalives
+            # carrying that, not silence until its next event.
+            subscription.last_seq = from_seq - 1 if from_seq > 0 else None
+            self.subscriptions.add(subscription)
 
             async def reply_first(result: dict[str, Any]) -> None:
                 # The client learns what was lost before the replay arrives.

@@ -207,6 +207,28 @@ async def test_quiet_running_stream_gets_keepalives_until_it_ends(aiohttp_client
     assert base64.b64decode(events[0]["data"]) == b"go\n" and events[-1]["exit_code"] == 0
 
 
+async def test_quiet_reattached_stream_gets_keepalives(aiohttp_client: Any) -> None:
+    settings = Settings(api_keys={KEY: "tenant"}, blocked_plugins=("wasm", "microvm"), default_runtime="example-local",
+                        keepalive_s=0.05, reap_interval_s=3600.0)
+    client = await aiohttp_client(create_app(settings, plugins=[sandgate_example_runtime]))
+    sid = await _create(client)
+    first = await client.ws_connect(f"/v1/sandboxes/{sid}/ws", headers=AUTH)
+    await first.send_json({"id": 1, "op": "exec.start", "tag": "quiet", "command": ["sh", "-c", "read line"],
+                           "stdin_open": True})
+    start = await first.receive_json()
+    await first.close()
+    second = await client.ws_connect(f"/v1/sandboxes/{sid}/ws", headers=AUTH)
+    await second.send_json({"id": 7, "op": "exec.attach", "tag": "quiet", "from_seq": start["seq"] + 1})
+    reply = await second.receive_json()
+    assert reply["result"]["lost"] is None
+    keepalive = await second.receive_json()  # nothing new to replay, and still the stream is kept alive
+    assert keepalive == {"id": 7, "ev": "keepalive", "seq": start["seq"]}
+    await second.send_json({"id": 8, "op": "exec.close_stdin", "tag": "quiet"})
+    while (message := await second.receive_json()).get("ev") != "end":
+        pass
+    assert message["id"] == 7 and message["exit_code"] == 1
+
+
 async def test_download_cut_by_a_dying_guest_is_a_broken_transfer_not_a_short_file(
     client: TestClient[Any, Any],
 ) -> None:
