@@ -30,6 +30,8 @@ from plugins.microvm.accel import Accel
 from plugins.microvm.images import BootImage
 
 log = logging.getLogger(__name__)
+# qemu.qmp logs every monitor connection's end at INFO: one line per VM destroyed, noise in a gateway.
+logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
 T = TypeVar("T")
 
 AGENT_PORT = "sandgate.agent"
