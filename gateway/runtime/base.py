@@ -36,6 +36,12 @@ class SandboxSpec:
     network: bool = False
     template: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: The sandbox's lifetime and idle timeout (seconds) and creation time (epoch seconds), for
+    #: runtimes whose sandboxes outlive a gateway: an adopting gateway keeps them, so adoption
+    #: never extends a sandbox's life.
+    ttl_s: float | None = None
+    idle_timeout_s: float | None = None
+    created_at: float | None = None
 
 
 class ByteChannel(ABC):

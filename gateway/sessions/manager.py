@@ -233,7 +233,8 @@ class SandboxManager:
 
         sandbox_id = "sb_" + secrets.token_urlsafe(16)
         spec = SandboxSpec(sandbox_id=sandbox_id, tenant=tenant, memory_mb=memory, cpu_seconds=cpu,
-                           disk_mb=disk, network=network, template=template, options=options)
+                           disk_mb=disk, network=network, template=template, options=options,
+                           ttl_s=ttl, idle_timeout_s=idle, created_at=time.time())
         self._creating[tenant] = self._creating.get(tenant, 0) + 1
         try:
             backend = await runtime.create(spec)
@@ -271,8 +272,8 @@ class SandboxManager:
     async def lookup(self, tenant: str, sandbox_id: str) -> Sandbox:
         """`get`, and on a miss adopt the sandbox from a runtime that finds it (a pod made by
         another gateway replica, or by this one before a restart: Kubernetes labels are the
-        source of truth). An adopted sandbox gets this gateway's default ttl and idle timeout
-        from now; the runtime's own expiry still bounds it."""
+        source of truth). An adopted sandbox keeps its ttl, idle timeout and creation time when the
+        runtime kept them (`SandboxSpec`); else it gets this gateway's defaults from now."""
         try:
             return self.get(tenant, sandbox_id)
         except ProtocolError:
@@ -302,14 +303,19 @@ class SandboxManager:
         except BaseException:
             await backend.destroy()
             raise
+        limits = self.settings.limits
         spec = getattr(backend, "spec", None)
         if not isinstance(spec, SandboxSpec):
-            limits = self.settings.limits
             spec = SandboxSpec(sandbox_id=sandbox_id, tenant=tenant, memory_mb=limits.memory_mb,
                                cpu_seconds=limits.cpu_seconds, disk_mb=limits.disk_mb)
+        # The sandbox keeps the life it was created with; the age is carried over to this clock.
+        created_at = spec.created_at if spec.created_at is not None else time.time()
+        age = max(0.0, time.time() - created_at)
+        ttl = spec.ttl_s if spec.ttl_s is not None else limits.ttl_s
+        idle = spec.idle_timeout_s if spec.idle_timeout_s is not None else limits.idle_timeout_s
         sandbox = Sandbox(id=sandbox_id, tenant=tenant, runtime=runtime, spec=spec, backend=backend, agent=agent,
-                          ttl=self.settings.limits.ttl_s, idle_timeout=self.settings.limits.idle_timeout_s,
-                          metadata={})
+                          ttl=ttl, idle_timeout=idle, metadata={}, created_at=created_at,
+                          created_mono=time.monotonic() - age)
         self._sandboxes[sandbox_id] = sandbox
         sandbox.spawn(self._watch(sandbox), f"watch-{sandbox_id}")
         log.info("sandbox %s: adopted from runtime %s", sandbox_id, runtime.id)

@@ -90,8 +90,8 @@ def sandbox_labels(settings: PodSettings, spec: SandboxSpec | None) -> dict[str,
 
 
 def sandbox_annotations(settings: PodSettings, spec: SandboxSpec | None, now: datetime.datetime) -> dict[str, str]:
-    annotations = {CREATED_AT: timestamp(now),
-                   EXPIRES_AT: timestamp(now + datetime.timedelta(seconds=settings.max_ttl_s))}
+    ttl = min(spec.ttl_s, settings.max_ttl_s) if spec is not None and spec.ttl_s is not None else settings.max_ttl_s
+    annotations = {CREATED_AT: timestamp(now), EXPIRES_AT: timestamp(now + datetime.timedelta(seconds=ttl))}
     if spec is not None:
         annotations.update({SANDBOX_ID: spec.sandbox_id, TENANT: spec.tenant, SPEC: spec_json(spec)})
     return annotations
@@ -101,7 +101,8 @@ def spec_json(spec: SandboxSpec) -> str:
     import json
 
     return json.dumps({"memory_mb": spec.memory_mb, "cpu_seconds": spec.cpu_seconds, "disk_mb": spec.disk_mb,
-                       "network": spec.network, "template": spec.template}, sort_keys=True)
+                       "network": spec.network, "template": spec.template, "ttl_s": spec.ttl_s,
+                       "idle_timeout_s": spec.idle_timeout_s, "created_at": spec.created_at}, sort_keys=True)
 
 
 def claim_patch(settings: PodSettings, spec: SandboxSpec, now: datetime.datetime) -> dict[str, Any]:

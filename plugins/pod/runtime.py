@@ -516,7 +516,9 @@ class PodRuntime(Runtime):
             fields = json.loads(annotations.get(m.SPEC, "{}"))
             spec = SandboxSpec(sandbox_id=sandbox_id, tenant=str(found["tenant"]), memory_mb=int(fields["memory_mb"]),
                                cpu_seconds=float(fields["cpu_seconds"]), disk_mb=int(fields["disk_mb"]),
-                               network=bool(fields["network"]), template=fields.get("template"))
+                               network=bool(fields["network"]), template=fields.get("template"),
+                               ttl_s=_number(fields.get("ttl_s")), idle_timeout_s=_number(fields.get("idle_timeout_s")),
+                               created_at=_number(fields.get("created_at")))
         except (ValueError, KeyError, TypeError):
             return None
         patch = {"metadata": {"resourceVersion": pod["metadata"]["resourceVersion"],
@@ -543,3 +545,8 @@ class PodRuntime(Runtime):
             raise ProtocolError("unavailable", f"pod {ns}/{name} adopted but never seen by the watch") from None
         await backend.connect(resync=self.settings.channel == "attach")
         return backend
+
+
+def _number(value: Any) -> float | None:
+    """A float from a stored annotation field, None if absent or not a number."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None

@@ -249,11 +249,14 @@ def test_any_replica_serves_any_sandbox(pod_config: dict[str, Any], tmp_path: Pa
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     with gateway_process(tmp_path / "a", pod_config) as a, gateway_process(tmp_path / "b", pod_config) as b:
-        sid = a.call(KEY, "POST", "/v1/sandboxes", {"runtime": "pod"})["id"]
+        made = a.call(KEY, "POST", "/v1/sandboxes", {"runtime": "pod", "ttl": 900})
+        sid = made["id"]
         a.call(KEY, "POST", f"/v1/sandboxes/{sid}/exec", {"command": "echo made-by-a > note.txt"})
         done = b.call(KEY, "POST", f"/v1/sandboxes/{sid}/exec", {"command": ["cat", "note.txt"]})
         assert done["stdout"] == "made-by-a\n", done
-        assert b.call(KEY, "GET", f"/v1/sandboxes/{sid}")["id"] == sid
+        adopted = b.call(KEY, "GET", f"/v1/sandboxes/{sid}")
+        assert adopted["id"] == sid
+        assert abs(adopted["expires_at"] - made["expires_at"]) < 5, "adopting never extends a sandbox's life"
         with pytest.raises(urllib.error.HTTPError) as missing:
             b.call(KEY, "GET", "/v1/sandboxes/sb_not-a-sandbox-anywhere")
         missing.value.close()  # the error holds the response's socket
