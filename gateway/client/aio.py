@@ -14,7 +14,16 @@ import io
 import os
 import secrets
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Generator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal
@@ -237,6 +246,22 @@ class _Creating:
             await self._sandbox.__aexit__(exc_type, exc, tb)
 
 
+async def _with_client(client: AsyncClient | None, url: str | None, api_key: str | None,
+                       get: Callable[[AsyncClient], Awaitable[AsyncSandbox]]) -> AsyncSandbox:
+    """`get(client)`, with a client of its own when none is given: the sandbox then owns (and
+    closes) it, and a failure closes it at once."""
+    owned = client is None
+    api = client or AsyncClient(url, api_key)
+    try:
+        sandbox = await get(api)
+    except BaseException:
+        if owned:
+            await api.close()
+        raise
+    sandbox._owns_client = owned
+    return sandbox
+
+
 class AsyncSandbox:
     """One sandbox on a gateway. Make one with `AsyncSandbox.create()` or `AsyncSandbox.connect()`.
 
@@ -286,21 +311,12 @@ class AsyncSandbox:
             Unauthorized: no or a wrong API key.
         """
 
-        async def make() -> AsyncSandbox:
-            owned = client is None
-            api = client or AsyncClient(url, api_key)
-            try:
-                sandbox = await api.create_sandbox(runtime, ttl=ttl, idle_timeout=idle_timeout, memory_mb=memory_mb,
-                                                   cpu_seconds=cpu_seconds, disk_mb=disk_mb, network=network,
-                                                   template=template, metadata=metadata, **options)
-            except BaseException:
-                if owned:
-                    await api.close()
-                raise
-            sandbox._owns_client = owned
-            return sandbox
+        def make(api: AsyncClient) -> Awaitable[AsyncSandbox]:
+            return api.create_sandbox(runtime, ttl=ttl, idle_timeout=idle_timeout, memory_mb=memory_mb,
+                                      cpu_seconds=cpu_seconds, disk_mb=disk_mb, network=network,
+                                      template=template, metadata=metadata, **options)
 
-        return _Creating(make())
+        return _Creating(_with_client(client, url, api_key, make))
 
     @classmethod
     async def connect(cls, sandbox_id: str, *, url: str | None = None, api_key: str | None = None,
@@ -310,16 +326,7 @@ class AsyncSandbox:
         Raises:
             NotFound: no such sandbox for this key's tenant.
         """
-        owned = client is None
-        api = client or AsyncClient(url, api_key)
-        try:
-            sandbox = await api.get_sandbox(sandbox_id)
-        except BaseException:
-            if owned:
-                await api.close()
-            raise
-        sandbox._owns_client = owned
-        return sandbox
+        return await _with_client(client, url, api_key, lambda api: api.get_sandbox(sandbox_id))
 
     @classmethod
     async def list(cls, *, url: str | None = None, api_key: str | None = None) -> list[SandboxInfo]:

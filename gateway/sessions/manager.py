@@ -232,9 +232,10 @@ class SandboxManager:
             raise QuotaExceeded("sandbox creation rate quota exceeded", wait)
 
         sandbox_id = "sb_" + secrets.token_urlsafe(16)
+        now = time.time()
         spec = SandboxSpec(sandbox_id=sandbox_id, tenant=tenant, memory_mb=memory, cpu_seconds=cpu,
                            disk_mb=disk, network=network, template=template, options=options,
-                           ttl_s=ttl, idle_timeout_s=idle, created_at=time.time())
+                           ttl_s=ttl, idle_timeout_s=idle, created_at=now)
         self._creating[tenant] = self._creating.get(tenant, 0) + 1
         try:
             backend = await runtime.create(spec)
@@ -246,7 +247,7 @@ class SandboxManager:
         finally:
             self._creating[tenant] -= 1
         sandbox = Sandbox(id=sandbox_id, tenant=tenant, runtime=runtime, spec=spec, backend=backend,
-                          agent=agent, ttl=ttl, idle_timeout=idle, metadata=metadata)
+                          agent=agent, ttl=ttl, idle_timeout=idle, metadata=metadata, created_at=now)
         self._sandboxes[sandbox_id] = sandbox
         sandbox.spawn(self._watch(sandbox), f"watch-{sandbox_id}")
         self.pm.hook.sandgate_sandbox_created(sandbox_id=sandbox_id, tenant=tenant, runtime=runtime.id)

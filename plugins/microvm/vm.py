@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import socket
-import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ from guest_agent.wire import FrameDecoder, ProtocolError, encode_frame
 from plugins.microvm.accel import Accel
 from plugins.microvm.images import BootImage
 
-log = logging.getLogger(__name__)
 # qemu.qmp logs every monitor connection's end at INFO: one line per VM destroyed, noise in a gateway.
 logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
 T = TypeVar("T")
@@ -148,7 +146,6 @@ class Vm:
         self.console = workdir / "console.log"
         self.proc: asyncio.subprocess.Process | None = None
         self.stderr_tail = bytearray()
-        self.started = time.monotonic()
         self._qmp_sock: socket.socket | None = None
         self._qmp: Any = None
         self._events_task: asyncio.Task[None] | None = None
