@@ -16,6 +16,12 @@ from typing import Any, ClassVar
 
 from guest_agent.wire import ProtocolError
 
+
+class NotConfigured(Exception):
+    """Raised by `Runtime.start` of an optional runtime the operator has not configured: the
+    runtime stays off and is listed as unavailable with this message, which is not an error."""
+
+
 #: `progress(seconds_elapsed, phase)`, called about twice a second during a long build.
 Progress = Callable[[float, str], None]
 

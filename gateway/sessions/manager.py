@@ -23,7 +23,7 @@ import pluggy
 
 from gateway.config import Settings
 from gateway.runtime.agent_client import AgentClient, AgentStream
-from gateway.runtime.base import Backend, Runtime, SandboxSpec
+from gateway.runtime.base import Backend, NotConfigured, Runtime, SandboxSpec
 from gateway.sessions.execs import ExecRecord, OutputCollector, Subscriber
 from guest_agent.wire import MAX_WRITE_CHUNK, ProtocolError
 from guest_agent.wire import field as wire_field
@@ -169,6 +169,10 @@ class SandboxManager:
         for runtime_id, runtime in list(self.runtimes.items()):
             try:
                 await runtime.start()
+            except NotConfigured as exc:  # an optional runtime left off on purpose
+                log.info("runtime %s is off: %s", runtime_id, exc)
+                self.unavailable[runtime_id] = str(exc)
+                del self.runtimes[runtime_id]
             except Exception as exc:
                 log.error("runtime %s unavailable: %s", runtime_id, exc)
                 self.unavailable[runtime_id] = str(exc)

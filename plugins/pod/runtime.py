@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from gateway.runtime.base import Backend, ByteChannel, Runtime, SandboxSpec
+from gateway.runtime.base import Backend, ByteChannel, NotConfigured, Runtime, SandboxSpec
 from gateway.runtime.pool import WarmPool
 from guest_agent.wire import FrameDecoder, ProtocolError, encode_frame
 from plugins.pod import manifests as m
@@ -198,7 +198,7 @@ class PodRuntime(Runtime):
         `[runtimes.pod]` table it stays off: a default install must not write to whatever cluster
         the host's kubeconfig happens to name."""
         if not self.config:
-            raise RuntimeError("not configured: add a [runtimes.pod] table (docs/kubernetes.md; the Helm chart "
+            raise NotConfigured("not configured: add a [runtimes.pod] table (docs/kubernetes.md; the Helm chart "
                                "writes one)")
         self.settings = PodSettings.from_config(self.config)
         kube_module = await asyncio.to_thread(importlib.import_module, "plugins.pod.kube")
