@@ -441,9 +441,10 @@ def _sha256(path: Path) -> str:
 
 # -- host packages --------------------------------------------------------------------------------
 
+QEMU = "qemu-system-x86_64"
 #: Host package -> the programs it provides that sandgate runs.
 HOST_TOOLS: dict[str, tuple[str, ...]] = {
-    "qemu-system-x86": ("qemu-system-x86_64",),
+    "qemu-system-x86": (QEMU,),
     "debootstrap": ("debootstrap",),
     "e2fsprogs": ("mkfs.ext4",),
 }
@@ -489,6 +490,21 @@ def ensure_host_packages(progress: Progress, templates: Iterable[str] | None = N
     still = host_packages_needed(templates)
     if still:
         raise HostError(f"apt-get installed {', '.join(missing)} but {', '.join(still)} still lack their programs")
+
+
+def find_qemu(configured: str | None = None) -> str:
+    """The QEMU binary: `configured` (`[runtimes.microvm] qemu`) or qemu-system-x86_64 on PATH.
+    Looked up each time it is asked for, never when the runtime is made: `sandgate images build
+    microvm` makes the runtime, then installs QEMU (`ensure_host_packages`), then needs it.
+
+    Raises:
+        HostError: no such executable.
+    """
+    found = _which(configured or QEMU)
+    if found is None:
+        what = f"the configured qemu {configured!r} is no executable" if configured else f"{QEMU} is not installed"
+        raise HostError(f"{what} (`sandgate images build microvm` installs qemu-system-x86)")
+    return found
 
 
 # -- apt on the builder's own state ---------------------------------------------------------------

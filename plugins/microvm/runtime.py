@@ -141,7 +141,9 @@ class MicrovmRuntime(Runtime):
             raise ValueError(f"[runtimes.microvm] accel must be auto, kvm or tcg, not {self.accel_setting!r}")
         self.pids_max = int(config.get("pids_max", 1024))
         self.vcpus = config.get("vcpus")
-        self.qemu = str(config.get("qemu") or shutil.which("qemu-system-x86_64") or "")
+        self.qemu_setting = str(config["qemu"]) if config.get("qemu") else None
+        #: The QEMU binary, found by `_check_host` (a build installs it after making the runtime).
+        self.qemu = ""
         self.tsc_khz = int(config.get("tsc_khz", 0))
         self.accel = accel.Accel("tcg", "not probed yet")
         self.work_root = gateway_work_root(self.id)
@@ -175,8 +177,7 @@ class MicrovmRuntime(Runtime):
         return lines
 
     def _check_host(self) -> None:
-        if not self.qemu or not os.access(self.qemu, os.X_OK):
-            raise RuntimeError("qemu-system-x86_64 is not installed (`sandgate images build microvm` installs it)")
+        self.qemu = images.find_qemu(self.qemu_setting)
         self.accel = accel.choose(self.accel_setting)
         if not self.tsc_khz:
             self.tsc_khz = host_tsc_khz()

@@ -94,6 +94,36 @@ def test_missing_host_packages_say_the_command(monkeypatch: pytest.MonkeyPatch) 
         images.ensure_host_packages(lambda elapsed, phase: None, ["default"])
 
 
+def test_a_build_uses_the_qemu_it_installed(microvm_image: BootImage, tmp_path: Path) -> None:
+    """Issue #19: on a host without QEMU, `sandgate images build microvm` installs it and then
+    makes the snapshot with it, first time (the runtime used to look for QEMU before the install).
+    The host here has QEMU, so the build runs with a PATH that hides it and an apt-get that
+    "installs" it by linking it onto that PATH; the image and snapshot are the cached ones."""
+    if os.geteuid() != 0:
+        pytest.skip("the build installs host packages only as root")
+    qemu, dpkg_deb = shutil.which("qemu-system-x86_64"), shutil.which("dpkg-deb")
+    assert qemu is not None and dpkg_deb is not None  # the fixture's build installed them
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dpkg-deb").symlink_to(dpkg_deb)
+    calls = tmp_path / "apt-get.calls"
+    apt_get = bin_dir / "apt-get"
+    apt_get.write_text(f"""#!/bin/sh
+PATH=/usr/bin:/bin
+echo "$*" >>{calls}
+case " $* " in *" install "*) ln -s {qemu} {bin_dir}/qemu-system-x86_64 ;; esac
+""")
+    apt_get.chmod(0o755)
+    env = {**os.environ, "PATH": str(bin_dir)}
+    # where the build looks: no QEMU there until apt-get "installs" it
+    assert shutil.which("qemu-system-x86_64", path=os.pathsep.join([str(bin_dir), *images.SBIN])) is None
+    build = subprocess.run([sys.executable, "-m", "gateway.cli", "images", "build", "microvm", "--template", "default"],
+                           env=env, capture_output=True, text=True, check=False)
+    assert build.returncode == 0, build.stderr.replace("\r", "\n")[-3000:]
+    assert calls.read_text().splitlines() == ["-q update", "-q install -y --no-install-recommends qemu-system-x86"]
+    assert f"default: snapshot {microvm_image.dir}/snapshot-" in build.stdout, build.stdout
+
+
 # -- kernel modules ---------------------------------------------------------------------------------
 
 MODULES_DEP = """\
