@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from gateway.runtime.agent_client import call_once
 from gateway.runtime.base import Backend, ByteChannel, NotConfigured, Runtime, SandboxSpec
 from gateway.runtime.pool import WarmPool
-from guest_agent.wire import FrameDecoder, ProtocolError, encode_frame
+from guest_agent.wire import ProtocolError
 from plugins.pod import manifests as m
 from plugins.pod.channel import StreamChannel
 from plugins.pod.settings import PodSettings
@@ -94,17 +95,12 @@ class PodBackend(Backend):
     async def wait_agent(self, timeout: float) -> None:
         """Ping the agent until it answers, so a warm-pool pod hands out an agent that already
         started (through exec, its interpreter starts only when the stream opens)."""
-        channel = self.channel()
-        decoder = FrameDecoder()
-        async with asyncio.timeout(timeout):
-            await channel.write(encode_frame({"id": 0, "op": "ping"}))
-            while True:
-                data = await channel.read()
-                if not data:
-                    raise ProtocolError("guest_died", await self.wait_exited())
-                decoder.receive_data(data)
-                if any(message.get("id") == 0 for message in decoder.messages_received()):
-                    return
+        try:
+            await call_once(self.channel(), "ping", timeout)
+        except ProtocolError as exc:
+            if exc.code != "guest_died":
+                raise
+            raise ProtocolError("guest_died", await self.wait_exited()) from None
 
     def alive(self) -> bool:
         pod = self.runtime.watcher.find(self.pod)

@@ -1,0 +1,414 @@
+"""The one op schema: every op of the protocol, its fields, bounds, defaults and flags.
+
+Everything that knows something about an op takes it from here: the guest agent's dispatcher, the
+gateway's WebSocket and REST layers and its admission checks, the Python SDK (which ops it may
+retry), the JavaScript client (`GET /v1/protocol` serves `describe()`; a test compares the client's
+copy) and docs/protocol.md (its op tables are checked against `markdown_tables()`).
+
+Stdlib only: the agent imports it under CPython-on-WASI too. Sans-I/O: nothing here reads or writes.
+
+A request is validated once, where it enters (`parse`): the agent on its leg, the gateway on the
+client leg. What comes out is a `Request` whose `args` hold every declared field that was given or
+has a default, each of the declared type and within bounds; unknown fields are dropped (forward
+compatibility, docs/protocol.md §1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .wire import MAX_REQUEST_ID, MAX_WRITE_CHUNK, ProtocolError
+
+#: Which leg an op or field belongs to: both, only client -> gateway, only gateway -> agent.
+BOTH, CLIENT, AGENT = "both", "client", "agent"
+
+_MISSING: Any = object()
+
+#: The JSON names of the field types, as `describe()` and docs/protocol.md spell them.
+TYPE_NAMES: dict[type, str] = {str: "str", int: "int", float: "float", bool: "bool", bytes: "bin",
+                               list: "list", dict: "map"}
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of a request.
+
+    `kinds` are the accepted Python types (msgpack and JSON both keep bool apart from int, and a
+    float field takes an int). `low`/`high` bound a number's value, or the length of a str, bin,
+    list or map. `default` is what the field means when absent (`_MISSING`: no value; `None` is a
+    real default). `required` fields have no default.
+    """
+
+    name: str
+    kinds: tuple[type, ...]
+    doc: str
+    default: Any = _MISSING
+    required: bool = False
+    low: float | None = None
+    high: float | None = None
+    leg: str = BOTH
+
+    def check(self, value: Any) -> Any:
+        if isinstance(value, bool) and bool not in self.kinds:
+            raise _mistyped(self)
+        if float in self.kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, self.kinds):
+            raise _mistyped(self)
+        measure = len(value) if isinstance(value, str | bytes | list | dict) else value
+        if isinstance(measure, int | float) and not isinstance(measure, bool):
+            if (self.low is not None and measure < self.low) or (self.high is not None and measure > self.high):
+                what = "length" if measure is not value else "value"
+                raise ProtocolError("bad_request", f"field {self.name!r}: {what} must be {self.range_text()}")
+        return value
+
+    def range_text(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"{self.low:g}..{self.high:g}"
+        if self.low is not None:
+            return f">= {self.low:g}"
+        return f"<= {self.high:g}" if self.high is not None else "any"
+
+    @property
+    def type_name(self) -> str:
+        return " | ".join(TYPE_NAMES.get(k, k.__name__) for k in self.kinds)
+
+
+def _mistyped(f: Field) -> ProtocolError:
+    return ProtocolError("bad_request", f"field {f.name!r} must be {f.type_name}")
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op.
+
+    Flags, each with one meaning:
+      stream: answered by a stream of events (start, data..., end) instead of one reply.
+      control: acts on a running exec (stdin, signal, resize): a session delivers these in the
+        order they were sent, and they are forwarded while an exec runs on an agent that serves one
+        request at a time (no `exec.concurrent`).
+      nested: a single-threaded agent answers it while an exec waits for stdin (the others: `busy`).
+      liveness: proves the peer is alive; never refused as `busy`.
+      idempotent: a client may resend it unchanged after a reconnect.
+    `capability` is what the sandbox must offer (None: always offered; exec.start's depends on its
+    fields and is decided by `exec_capability`).
+    """
+
+    name: str
+    doc: str
+    result: str
+    fields: tuple[Field, ...] = ()
+    leg: str = BOTH
+    capability: str | None = None
+    stream: bool = False
+    control: bool = False
+    nested: bool = False
+    liveness: bool = False
+    idempotent: bool = False
+    rules: Callable[[dict[str, Any]], None] | None = None
+
+    def field(self, name: str) -> Field:
+        return next(f for f in self.fields if f.name == name)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated request: its id, its op, and its checked arguments."""
+
+    id: int
+    op: Op
+    args: dict[str, Any]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.args[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.args.get(name, default)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "op": self.op.name, **self.args}
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounds shared by several ops
+# ---------------------------------------------------------------------------------------------
+
+MAX_PATH = 4096
+MAX_EXEC_ID = 64
+MAX_TAG = 128
+#: A terminal's rows and columns: what TIOCSWINSZ takes (an unsigned short), on every leg.
+MAX_PTY_SIDE = 0xFFFF
+MAX_ENV = 4096
+MAX_LIST_DEPTH = 16
+PYTHON_NAMESPACE_DEFAULT = "default"
+
+
+def _exec_selector(*, leg_tag: str = CLIENT) -> tuple[Field, ...]:
+    return (
+        Field("exec_id", (str,), "the exec", low=1, high=MAX_EXEC_ID),
+        Field("tag", (str,), "client leg: the latest exec with this tag, instead of exec_id", low=1, high=MAX_TAG,
+              leg=leg_tag),
+    )
+
+
+def _needs_exec(args: dict[str, Any]) -> None:
+    if "exec_id" not in args and "tag" not in args:
+        raise ProtocolError("bad_request", "name the exec with 'exec_id' or 'tag'")
+
+
+def _exec_start_rules(args: dict[str, Any]) -> None:
+    if ("code" in args) == ("command" in args):
+        raise ProtocolError("bad_request", "give exactly one of 'code' (with 'language') or 'command'")
+    if "code" in args:
+        args.setdefault("language", "python")
+        if "pty" in args:
+            raise ProtocolError("bad_request", "'pty' is for process execs ('command')")
+    else:
+        args.pop("language", None)
+        args.pop("namespace", None)
+        command = args["command"]
+        if isinstance(command, list) and (not command or not all(isinstance(a, str) for a in command)):
+            raise ProtocolError("bad_request", "'command' must be a non-empty list of strings or a string")
+        if any("\0" in a for a in (command if isinstance(command, list) else [command])):
+            raise ProtocolError("bad_request", "NUL byte in 'command'")
+    env = args.get("env", {})
+    if not all(isinstance(k, str) and isinstance(v, str) and "\0" not in k + v for k, v in env.items()):
+        raise ProtocolError("bad_request", "'env' must map strings to strings (no NUL)")
+    if "pty" in args:
+        args["pty"] = _pty_size(args["pty"], defaults=True)
+    # A terminal is interactive: its stdin stays open unless the client says otherwise.
+    args.setdefault("stdin_open", "pty" in args)
+    if "cwd" in args and "\0" in args["cwd"]:
+        raise ProtocolError("bad_request", "NUL byte in 'cwd'")
+
+
+_ROWS = Field("rows", (int,), "terminal rows", required=True, low=1, high=MAX_PTY_SIDE)
+_COLS = Field("cols", (int,), "terminal columns", required=True, low=1, high=MAX_PTY_SIDE)
+
+
+def _pty_size(pty: Mapping[str, Any], *, defaults: bool) -> dict[str, int]:
+    rows, cols = pty.get("rows"), pty.get("cols")
+    if defaults:
+        rows, cols = (24 if rows is None else rows), (80 if cols is None else cols)
+    for f, value in ((_ROWS, rows), (_COLS, cols)):
+        if value is None:
+            raise ProtocolError("bad_request", f"missing field {f.name!r}")
+        f.check(value)
+    return {"rows": int(rows), "cols": int(cols)}  # type: ignore[arg-type]  # checked just above
+
+
+def _path(name: str = "path", doc: str = "a path in the sandbox: relative to its root, or absolute inside it") -> Field:
+    return Field(name, (str,), doc, required=True, low=1, high=MAX_PATH)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops (docs/protocol.md §3)
+# ---------------------------------------------------------------------------------------------
+
+_OPS: tuple[Op, ...] = (
+    # -- lifecycle and liveness
+    Op("hello", "handshake: the protocol version and what the peer offers",
+       "`version`, `agent`, `capabilities`, `platform`, `max_frame` (client leg: also `gateway`, `sandbox`, "
+       "`subprotocol`)",
+       (Field("version", (int,), "the protocol version the sender speaks", required=True),),
+       liveness=True, nested=True, idempotent=True),
+    Op("ping", "liveness", "`{}`", liveness=True, nested=True, idempotent=True),
+    Op("sandbox.info", "the sandbox, as `GET /v1/sandboxes/{id}` shows it", "the sandbox",
+       leg=CLIENT, liveness=True, idempotent=True),
+    Op("sandbox.destroy", "destroy the sandbox", "`{}`; then every session of the sandbox closes with 4404",
+       leg=CLIENT),
+    Op("metrics", "guest (and on the client leg, host) figures",
+       "agent: `uptime_s`, `cpu_s`, `memory_bytes`, `disk_bytes`, `execs_running`; client leg: "
+       "`{guest, host, restarts}` (`guest` is null while a one-request-at-a-time agent runs an exec)",
+       capability="metrics", nested=True, idempotent=True),
+    # -- exec
+    Op("exec.start", "run code or a process; its output streams back",
+       "stream: `start{exec_id, pid}`, `data{fd, data}`..., `end{exit_code, signal, duration_ms, error?, "
+       "truncated?}`",
+       (
+           Field("exec_id", (str,), "the exec's id (client leg: optional, the gateway assigns e1, e2, ...; "
+                 "agent leg: always sent)", low=1, high=MAX_EXEC_ID),
+           Field("tag", (str,), "a label exec.attach and control ops can select by", low=1, high=MAX_TAG),
+           Field("language", (str,), "with `code`: the language (default python)", low=1, high=32),
+           Field("code", (str,), "source to run (with `language`)"),
+           Field("command", (list, str), "argv, or a shell string run by /bin/sh -c", low=1),
+           Field("namespace", (str,), "python: `default` (persistent), `fresh`, or another persistent name",
+                 low=1, high=128),
+           Field("stdin", (bytes,), "bytes written to stdin at start"),
+           Field("stdin_open", (bool,), "keep stdin open for exec.input (default: true with `pty`, else false)"),
+           Field("env", (dict,), "extra environment (str -> str)", high=MAX_ENV),
+           Field("cwd", (str,), "working directory (default: the sandbox root)", low=1, high=MAX_PATH),
+           Field("timeout", (float,), "wall-clock seconds; past it the exec is stopped and ends with `timeout`",
+                 low=0.001),
+           Field("pty", (dict,), "run on a pseudo-terminal: `{rows, cols}` (1..65535, default 24x80); output "
+                 "arrives as fd `pty`"),
+       ),
+       stream=True, rules=_exec_start_rules),
+    Op("exec.attach", "re-subscribe to an exec (reconnect, or a second viewer) and replay what is buffered",
+       "`{exec_id, first_seq, lost}` first, then the stream's events with seq >= from_seq",
+       (*_exec_selector(), Field("from_seq", (int,), "replay events from this seq", default=0, low=0)),
+       leg=CLIENT, stream=True, rules=_needs_exec),
+    Op("exec.input", "write to a running exec's stdin", "`{}`",
+       (*_exec_selector(), Field("data", (bytes,), "the bytes", required=True, high=MAX_WRITE_CHUNK)),
+       capability="exec.stdin", control=True, nested=True, rules=_needs_exec),
+    Op("exec.close_stdin", "close a running exec's stdin", "`{}`", _exec_selector(),
+       capability="exec.stdin", control=True, nested=True, rules=_needs_exec),
+    Op("exec.signal", "deliver a signal to a running exec", "`{}` (sent before the stream's end when the signal "
+       "ends it)",
+       (*_exec_selector(), Field("signal", (str, int), "a name like SIGINT, or a number", required=True, low=1,
+                                 high=64)),
+       capability="exec.signal", control=True, nested=True, rules=_needs_exec),
+    Op("exec.resize", "resize a running exec's terminal", "`{}`",
+       (*_exec_selector(), _ROWS, _COLS),
+       capability="exec.pty", control=True, nested=True, rules=_needs_exec),
+    Op("exec.list", "the running and recently finished execs", "`execs`: list of `{exec_id, tag, pid, running, "
+       "exit_code}`", nested=True, idempotent=True),
+    # -- fs
+    Op("fs.stat", "a file's metadata", "`name`, `path`, `type`, `size`, `mtime`, `mode`", (_path(),),
+       capability="fs", idempotent=True),
+    Op("fs.list", "a directory's entries", "`entries` (stat results, paths relative to the listed dir), `truncated`",
+       (_path(), Field("depth", (int,), "levels to descend", default=1, low=1, high=MAX_LIST_DEPTH)),
+       capability="fs", idempotent=True),
+    Op("fs.read", "a file's bytes, streamed", "stream: `start{size}`, `data{data}`..., `end{bytes, error?}`",
+       (_path(), Field("offset", (int,), "first byte", default=0, low=0),
+        Field("length", (int,), "bytes to read (default: to the end)", low=0)),
+       capability="fs", stream=True, idempotent=True),
+    Op("fs.write", "write one chunk of a file", "`bytes`, `size`",
+       (_path(), Field("data", (bytes,), "the chunk", required=True, high=MAX_WRITE_CHUNK),
+        Field("offset", (int,), "where the chunk goes", default=0, low=0),
+        Field("truncate", (bool,), "truncate the file first", default=False)),
+       capability="fs"),
+    Op("fs.mkdir", "make a directory", "`{}`",
+       (_path(), Field("parents", (bool,), "make missing parents too", default=True)), capability="fs"),
+    Op("fs.move", "rename a file or directory", "`{}`",
+       (_path("src", "the path to move"), _path("dst", "where it goes")), capability="fs"),
+    Op("fs.remove", "remove a file or directory", "`{}`",
+       (_path(), Field("recursive", (bool,), "remove a directory with its contents", default=False)),
+       capability="fs"),
+    # -- agent leg only
+    Op("guest.setup", "make a VM restored from a snapshot its own (clock, entropy, limits)", "`time_ns`",
+       (Field("time_ns", (int,), "the host's CLOCK_REALTIME", low=0),
+        Field("entropy", (bytes,), "credited to the kernel's pool", low=16, high=512),
+        Field("memory_bytes", (int,), "the sandbox cgroup's memory.max", low=1),
+        Field("pids", (int,), "the sandbox cgroup's pids.max", low=1),
+        Field("disk_bytes", (int,), "the size of the root's tmpfs", low=1)),
+       leg=AGENT, capability="guest.setup"),
+)
+
+OPS: dict[str, Op] = {op.name: op for op in _OPS}
+#: Fields that carry bytes anywhere (`sandgate.v1.json` base64-encodes exactly these).
+BINARY_FIELDS: tuple[str, ...] = tuple(sorted({f.name for op in _OPS for f in op.fields if f.kinds == (bytes,)}
+                                              | {"data"}))
+
+#: exec.start's capability by language; a runtime may add `exec.<language>` for languages it runs itself.
+PROCESS_CAPABILITY = "exec.process"
+
+
+def exec_capability(args: Mapping[str, Any]) -> str:
+    """The capability a checked exec.start needs."""
+    return PROCESS_CAPABILITY if "command" in args else f"exec.{args['language']}"
+
+
+def op_for(name: Any, leg: str) -> Op:
+    """The op named `name` as a peer on `leg` may send it; `unknown_op` otherwise (an agent-leg
+    op from a client is unknown to it, not forbidden)."""
+    op = OPS.get(name) if isinstance(name, str) else None
+    if op is None or (op.leg != BOTH and op.leg != leg):
+        raise ProtocolError("unknown_op", f"unknown op {name!r:.60}")
+    return op
+
+
+def parse(message: Mapping[str, Any], leg: str) -> Request:
+    """Validate one request as it enters on `leg` (CLIENT: at the gateway; AGENT: at the agent).
+
+    Raises:
+        ProtocolError: `bad_request` (shape, a missing or mistyped field, a bound), `unknown_op`.
+    """
+    rid = message.get("id")
+    if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < MAX_REQUEST_ID:
+        raise ProtocolError("bad_request", "'id' must be an integer in 0..2**31-1")
+    op = op_for(message.get("op"), leg)
+    args: dict[str, Any] = {}
+    for f in op.fields:
+        if f.leg != BOTH and f.leg != leg:
+            continue
+        value = message.get(f.name, _MISSING)
+        if value is _MISSING or value is None:
+            if f.required:
+                raise ProtocolError("bad_request", f"missing field {f.name!r}")
+            if f.default is not _MISSING:
+                args[f.name] = f.default
+            continue
+        args[f.name] = f.check(value)
+    if op.rules is not None:
+        op.rules(args)
+    return Request(rid, op, args)
+
+
+def request_id_of(message: Mapping[str, Any]) -> int | None:
+    """The message's id when it is a valid one (for an error reply to a bad request)."""
+    rid = message.get("id")
+    if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < MAX_REQUEST_ID:
+        return rid
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Views for clients and docs
+# ---------------------------------------------------------------------------------------------
+
+
+def describe() -> dict[str, Any]:
+    """The schema as JSON (served at `GET /v1/protocol` for clients such as the JavaScript one)."""
+    from .wire import ERRORS, PROTOCOL_VERSION
+
+    ops = {}
+    for op in _OPS:
+        ops[op.name] = {
+            "leg": op.leg,
+            "capability": op.capability,
+            **{flag: getattr(op, flag) for flag in ("stream", "control", "nested", "liveness", "idempotent")},
+            "fields": {
+                f.name: {
+                    "type": f.type_name,
+                    "required": f.required,
+                    **({"default": f.default} if f.default is not _MISSING else {}),
+                    **({"min": f.low} if f.low is not None else {}),
+                    **({"max": f.high} if f.high is not None else {}),
+                    **({"leg": f.leg} if f.leg != BOTH else {}),
+                }
+                for f in op.fields
+            },
+        }
+    return {
+        "version": PROTOCOL_VERSION,
+        "ops": ops,
+        "binary_fields": list(BINARY_FIELDS),
+        "errors": {code: {"retryable": k.retryable, "http": k.http_status} for code, k in ERRORS.items()},
+    }
+
+
+def markdown_tables() -> str:
+    """docs/protocol.md's op table (checked against the document by a test)."""
+    lines = ["| op | leg | flags | capability | fields | result |", "|---|---|---|---|---|---|"]
+    for op in _OPS:
+        flags = ", ".join(flag for flag in ("stream", "control", "nested", "liveness", "idempotent")
+                          if getattr(op, flag)) or "—"
+        fields = ", ".join(_field_text(f) for f in op.fields) or "—"
+        lines.append(f"| `{op.name}` | {op.leg} | {flags} | {op.capability or '—'} | {fields} | {op.result} |")
+    return "\n".join(lines)
+
+
+def _field_text(f: Field) -> str:
+    parts = [f.type_name]
+    if f.required:
+        parts.append("required")
+    elif f.default is not _MISSING:
+        parts.append(f"default {f.default!r}".replace("'", '"').replace("True", "true").replace("False", "false"))
+    if f.low is not None or f.high is not None:
+        parts.append(f.range_text())
+    if f.leg != BOTH:
+        parts.append(f"{f.leg} leg")
+    return f"`{f.name}` ({', '.join(parts)})"
