@@ -28,7 +28,11 @@ from gateway.runtime.base import Backend, ByteChannel, Progress, Runtime, Sandbo
 from gateway.runtime.pool import WarmPool
 from guest_agent.wire import ProtocolError
 from plugins.common import gateway_work_root, remove_orphans
-from plugins.microvm import accel, images
+from plugins.microvm import accel
+from plugins.microvm.images import build
+from plugins.microvm.images.cache import BootImage, find_image
+from plugins.microvm.images.host import find_qemu
+from plugins.microvm.images.templates import load_templates
 from plugins.microvm.snapshot import BOOT_TIMEOUT_S, find_snapshot, make_snapshot
 from plugins.microvm.vm import Boot, Machine, Vm
 
@@ -162,7 +166,7 @@ class MicrovmRuntime(Runtime):
     @classmethod
     def build_images(cls, config: Mapping[str, Any], template: str | None, progress: Progress) -> list[str]:
         runtime = cls(config)
-        built = images.build_images(template, progress)
+        built = build.build_images(template, progress)
         runtime._check_host()
         lines = []
         for image in built:
@@ -177,12 +181,12 @@ class MicrovmRuntime(Runtime):
         return lines
 
     def _check_host(self) -> None:
-        self.qemu = images.find_qemu(self.qemu_setting)
+        self.qemu = find_qemu(self.qemu_setting)
         self.accel = accel.choose(self.accel_setting)
         if not self.tsc_khz:
             self.tsc_khz = host_tsc_khz()
 
-    def machine(self, image: images.BootImage, memory_mb: int, *, network: bool) -> Machine:
+    def machine(self, image: BootImage, memory_mb: int, *, network: bool) -> Machine:
         return Machine(
             qemu=self.qemu,
             image=image,
@@ -193,11 +197,11 @@ class MicrovmRuntime(Runtime):
             tsc_khz=self.tsc_khz,
         )
 
-    def _image(self, template: str) -> images.BootImage:
-        if template not in images.load_templates():
+    def _image(self, template: str) -> BootImage:
+        if template not in load_templates():
             raise ProtocolError("bad_request", f"unknown microvm template {template!r}; have "
-                                               f"{sorted(images.load_templates())}")
-        image = images.find_image(template)
+                                               f"{sorted(load_templates())}")
+        image = find_image(template)
         if image is None:
             raise ProtocolError("unavailable", f"microvm template {template!r} is not built here: run "
                                                f"`sandgate images build microvm --template {template}`")

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from gateway.runtime.base import ByteChannel, StreamChannel
 from guest_agent.wire import FrameDecoder, ProtocolError, encode_frame
 from plugins.microvm.accel import Accel
-from plugins.microvm.images import BootImage
+from plugins.microvm.images.cache import BootImage
 
 # qemu.qmp logs every monitor connection's end at INFO: one line per VM destroyed, noise in a gateway.
 logging.getLogger("qemu.qmp").setLevel(logging.WARNING)

@@ -13,31 +13,33 @@ import pytest
 from plugins.common import TerminalProgress
 
 if TYPE_CHECKING:
-    from plugins.microvm.images import BootImage
+    from plugins.microvm.images.cache import BootImage
 
 
 @pytest.fixture(scope="session")
 def microvm_boot_image() -> BootImage:
     """The `default` template's boot image (kernel, initramfs), without any snapshot."""
-    from plugins.microvm import images
+    from plugins.microvm.images.build import build_images
+    from plugins.microvm.images.host import HostError
 
     try:
-        (image,) = images.build_images("default", TerminalProgress())
-    except images.HostError as exc:
+        (image,) = build_images("default", TerminalProgress())
+    except HostError as exc:
         pytest.skip(f"the microVM image cannot be built here: {exc}")
     return image
 
 
 def _built_with_snapshot(template: str) -> BootImage:
     """`sandgate images build microvm --template <template>`: image and snapshot, or a skip."""
-    from plugins.microvm import images
+    from plugins.microvm.images.cache import find_image
+    from plugins.microvm.images.host import HostError
     from plugins.microvm.runtime import MicrovmRuntime
 
     try:
         MicrovmRuntime.build_images({}, template, TerminalProgress())
-    except images.HostError as exc:
+    except HostError as exc:
         pytest.skip(f"the microVM {template} template cannot be built here: {exc}")
-    image = images.find_image(template)
+    image = find_image(template)
     assert image is not None, f"built the {template} image, but find_image does not see it"
     return image
 

@@ -22,19 +22,20 @@ import msgpack
 import pytest
 
 from plugins.common import file_lock
-from plugins.microvm import images
-from plugins.microvm.images import BootImage, TemplateError
+from plugins.microvm.images import build, cache, commands, cpio, elf, guest_files, host, kernel, templates, tree
+from plugins.microvm.images.cache import BootImage
+from plugins.microvm.images.templates import TemplateError
 
 pytestmark = pytest.mark.microvm
 
-TEMPLATES = images.TEMPLATES_FILE.read_text()
+TEMPLATES = templates.TEMPLATES_FILE.read_text()
 
 
 # -- templates.toml ------------------------------------------------------------------------------
 
 
 def test_templates_parse() -> None:
-    config = images.load_config()
+    config = templates.load_config()
     default, full = config.templates["default"], config.templates["full"]
     assert (default.memory_mb, default.vcpus, default.rootfs) == (256, 1, None)
     assert default.python == "python3.11" and "busybox-static" in default.packages
@@ -44,7 +45,7 @@ def test_templates_parse() -> None:
     assert {"python3", "nodejs", "bash", "gcc", "libc6-dev"} <= set(full.rootfs.packages)
     assert {"virtio_blk", "overlay"} <= set(full.modules)
     assert config.kernel.package.startswith("linux-image-") and len(config.kernel.sha256) == 64
-    assert images.load_templates() == config.templates
+    assert templates.load_templates() == config.templates
 
 
 @pytest.mark.parametrize(
@@ -67,31 +68,31 @@ def test_bad_templates_file_says_what_is_wrong(tmp_path: Path, old: str, new: st
     bad = tmp_path / "templates.toml"
     bad.write_text(TEMPLATES.replace(old, new, 1))
     with pytest.raises(TemplateError, match=error) as caught:
-        images.load_config(bad)
+        templates.load_config(bad)
     assert str(bad) in str(caught.value)
 
 
 def test_missing_templates_file(tmp_path: Path) -> None:
     with pytest.raises(TemplateError, match="no such file"):
-        images.load_config(tmp_path / "nope.toml")
+        templates.load_config(tmp_path / "nope.toml")
 
 
 def test_unknown_template_is_refused() -> None:
-    assert images.find_image("no-such-template") is None
+    assert cache.find_image("no-such-template") is None
     with pytest.raises(TemplateError, match="unknown microvm template 'no-such-template'"):
-        images.build_image("no-such-template", lambda elapsed, phase: None)
+        build.build_image("no-such-template", lambda elapsed, phase: None)
 
 
 def test_missing_host_packages_say_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(images, "_which", lambda name: None if name in ("qemu-system-x86_64", "debootstrap")
+    monkeypatch.setattr(host, "which", lambda name: None if name in ("qemu-system-x86_64", "debootstrap")
                         else f"/usr/bin/{name}")
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert images.host_packages_needed(["default"]) == ["qemu-system-x86"]
-    assert images.host_packages_needed() == ["qemu-system-x86", "debootstrap"]
-    with pytest.raises(images.HostError, match=r"missing host packages qemu-system-x86; run as root: apt-get "
-                                               r"update && apt-get install -y --no-install-recommends "
-                                               r"qemu-system-x86$"):
-        images.ensure_host_packages(lambda elapsed, phase: None, ["default"])
+    assert host.host_packages_needed(["default"]) == ["qemu-system-x86"]
+    assert host.host_packages_needed() == ["qemu-system-x86", "debootstrap"]
+    with pytest.raises(host.HostError, match=r"missing host packages qemu-system-x86; run as root: apt-get "
+                                             r"update && apt-get install -y --no-install-recommends "
+                                             r"qemu-system-x86$"):
+        host.ensure_host_packages(lambda elapsed, phase: None, ["default"])
 
 
 def test_a_build_uses_the_qemu_it_installed(microvm_image: BootImage, tmp_path: Path) -> None:
@@ -116,12 +117,12 @@ case " $* " in *" install "*) ln -s {qemu} {bin_dir}/qemu-system-x86_64 ;; esac
     apt_get.chmod(0o755)
     env = {**os.environ, "PATH": str(bin_dir)}
     # where the build looks: no QEMU there until apt-get "installs" it
-    assert shutil.which("qemu-system-x86_64", path=os.pathsep.join([str(bin_dir), *images.SBIN])) is None
-    build = subprocess.run([sys.executable, "-m", "gateway.cli", "images", "build", "microvm", "--template", "default"],
-                           env=env, capture_output=True, text=True, check=False)
-    assert build.returncode == 0, build.stderr.replace("\r", "\n")[-3000:]
+    assert shutil.which("qemu-system-x86_64", path=os.pathsep.join([str(bin_dir), *host.SBIN])) is None
+    cli = [sys.executable, "-m", "gateway.cli", "images", "build", "microvm", "--template", "default"]
+    result = subprocess.run(cli, env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr.replace("\r", "\n")[-3000:]
     assert calls.read_text().splitlines() == ["-q update", "-q install -y --no-install-recommends qemu-system-x86"]
-    assert f"default: snapshot {microvm_image.dir}/snapshot-" in build.stdout, build.stdout
+    assert f"default: snapshot {microvm_image.dir}/snapshot-" in result.stdout, result.stdout
 
 
 # -- kernel modules ---------------------------------------------------------------------------------
@@ -137,49 +138,49 @@ kernel/loop/q.ko: kernel/loop/p.ko
 
 
 def test_modules_resolve_in_load_order() -> None:
-    order = images.resolve_modules(MODULES_DEP, "kernel/fs/e.ko\n", ["a", "e", "d_x", "b"])
+    order = kernel.resolve_modules(MODULES_DEP, "kernel/fs/e.ko\n", ["a", "e", "d_x", "b"])
     # dependencies first, each once; built-in e left out; d-x found by its module name d_x
     assert order == ["kernel/lib/c.ko", "kernel/lib/b.ko", "kernel/drivers/a.ko", "kernel/net/d-x.ko"]
 
 
 def test_module_errors() -> None:
     with pytest.raises(ValueError, match=r"kernel module zz is neither in modules\.dep nor built in"):
-        images.resolve_modules(MODULES_DEP, "", ["zz"])
+        kernel.resolve_modules(MODULES_DEP, "", ["zz"])
     with pytest.raises(ValueError, match="cycle: p -> q -> p"):
-        images.resolve_modules(MODULES_DEP, "", ["p"])
+        kernel.resolve_modules(MODULES_DEP, "", ["p"])
 
 
 def test_real_modules_dep(microvm_boot_image: BootImage) -> None:
     """Debian's package has no modules.dep: the builder made one from each module's modinfo."""
-    modules = images.kernel_dir(images.load_config().kernel) / "modules"
+    modules = kernel.kernel_dir(templates.load_config().kernel) / "modules"
     dep = (modules / "modules.dep").read_text()
     builtin = (modules / "modules.builtin").read_text()
-    order = [Path(p).name for p in images.resolve_modules(dep, builtin, ["virtio_net", "virtio_mmio"])]
+    order = [Path(p).name for p in kernel.resolve_modules(dep, builtin, ["virtio_net", "virtio_mmio"])]
     assert order.index("failover.ko") < order.index("net_failover.ko") < order.index("virtio_net.ko")
     assert order.index("virtio_ring.ko") < order.index("virtio.ko") < order.index("virtio_mmio.ko")
     # ext4 is built into Debian's cloud kernel: nothing to load for it
-    assert images.resolve_modules(dep, builtin, ["ext4"]) == []
+    assert kernel.resolve_modules(dep, builtin, ["ext4"]) == []
 
 
 # -- the kernel -------------------------------------------------------------------------------------
 
 
-def _pin() -> images.KernelPin:
-    return images.load_config().kernel
+def _pin() -> templates.KernelPin:
+    return templates.load_config().kernel
 
 
 def test_pin_check_refuses_another_sha256() -> None:
     pin = _pin()
-    images.check_pin(pin, pin.sha256)
+    kernel.check_pin(pin, pin.sha256)
     with pytest.raises(RuntimeError, match=f"refusing {pin.package} {pin.version}: its sha256 is 0+, "
                                            f"templates.toml pins {pin.sha256}"):
-        images.check_pin(pin, "0" * 64)
+        kernel.check_pin(pin, "0" * 64)
 
 
 class _IndexWithOtherHash:
     """An apt index that offers the pinned version with another sha256; downloading fails the test."""
 
-    def __init__(self, debs: Path, pin: images.KernelPin) -> None:
+    def __init__(self, debs: Path, pin: templates.KernelPin) -> None:
         self.debs, self.pin = debs, pin
 
     def update(self, clock: Any, *, force: bool = False) -> None:
@@ -197,13 +198,13 @@ def test_kernel_with_another_sha256_is_refused_before_download(tmp_path: Path) -
     pin = _pin()
     # a cached .deb of that name with other content is not taken either
     (tmp_path / f"{pin.package}_{pin.version}_amd64.deb").write_bytes(b"not the pinned kernel")
-    clock = images._Clock(lambda elapsed, phase: None)
+    clock = commands.Clock(lambda elapsed, phase: None)
     with pytest.raises(RuntimeError, match="refusing"):
-        images._pinned_kernel_deb(pin, _IndexWithOtherHash(tmp_path, pin), clock)  # type: ignore[arg-type]
+        kernel._pinned_kernel_deb(pin, _IndexWithOtherHash(tmp_path, pin), clock)  # type: ignore[arg-type]
 
 
 def _lz4_frame(*blocks: bytes) -> bytes:
-    return struct.pack("<I", images.LZ4_LEGACY_MAGIC) + b"".join(struct.pack("<I", len(b)) + b for b in blocks)
+    return struct.pack("<I", kernel.LZ4_LEGACY_MAGIC) + b"".join(struct.pack("<I", len(b)) + b for b in blocks)
 
 
 def test_lz4_legacy_payload() -> None:
@@ -212,26 +213,26 @@ def test_lz4_legacy_payload() -> None:
     first = bytes([0x26]) + b"ab" + struct.pack("<H", 2) + bytes([0x60]) + b"hello!"
     second = bytes([0x50]) + b"12345"  # literals only, in a second (concatenated) frame
     payload = _lz4_frame(first) + _lz4_frame(second) + struct.pack("<I", 23)  # the kernel's size
-    assert images._lz4_legacy(payload) == b"ababababababhello!12345"
+    assert kernel._lz4_legacy(payload) == b"ababababababhello!12345"
 
 
 def test_lz4_legacy_blocks_hold_up_to_8_mib() -> None:
     import lz4.block
 
-    full = lz4.block.compress(bytes(images.LZ4_LEGACY_BLOCK), store_size=False)
-    assert images._lz4_legacy(_lz4_frame(full) + struct.pack("<I", images.LZ4_LEGACY_BLOCK)) == bytes(8 << 20)
-    over = lz4.block.compress(bytes(images.LZ4_LEGACY_BLOCK + 1), store_size=False)
+    full = lz4.block.compress(bytes(kernel.LZ4_LEGACY_BLOCK), store_size=False)
+    assert kernel._lz4_legacy(_lz4_frame(full) + struct.pack("<I", kernel.LZ4_LEGACY_BLOCK)) == bytes(8 << 20)
+    over = lz4.block.compress(bytes(kernel.LZ4_LEGACY_BLOCK + 1), store_size=False)
     with pytest.raises(ValueError, match="corrupt LZ4 block at byte 4"):
-        images._lz4_legacy(_lz4_frame(over) + bytes(4))
+        kernel._lz4_legacy(_lz4_frame(over) + bytes(4))
 
 
 def test_lz4_legacy_refuses_a_corrupt_payload() -> None:
     # a match 9 bytes back, with 2 bytes written
     bad = bytes([0x26]) + b"ab" + struct.pack("<H", 9) + bytes([0x60]) + b"hello!"
     with pytest.raises(ValueError, match=r"corrupt LZ4 block at byte 4 of the payload: .*corrupt input"):
-        images._lz4_legacy(_lz4_frame(bad) + bytes(4))
+        kernel._lz4_legacy(_lz4_frame(bad) + bytes(4))
     with pytest.raises(ValueError, match="truncated LZ4 payload"):
-        images._lz4_legacy(_lz4_frame(bytes([0x50]) + b"12345")[:-2])  # the block cut short
+        kernel._lz4_legacy(_lz4_frame(bytes([0x50]) + b"12345")[:-2])  # the block cut short
 
 
 #: `printf 'sandgate %.0s' {1..20} | zstd -c`: streamed, so the frame has no content size (as in
@@ -241,70 +242,70 @@ ZSTD_FRAME = b"(\xb5/\xfd\x04X\x85\x00\x00Hsandgate \x01\x00(R\xe5\x08!\xa7\x99>
 
 def test_zstd_payload() -> None:
     # the kernel appends the uncompressed size after the frame
-    assert images._zstd(ZSTD_FRAME + struct.pack("<I", 180)) == b"sandgate " * 20
+    assert kernel._zstd(ZSTD_FRAME + struct.pack("<I", 180)) == b"sandgate " * 20
     with pytest.raises(ValueError, match="truncated zstd payload"):
-        images._zstd(ZSTD_FRAME[:-6])
+        kernel._zstd(ZSTD_FRAME[:-6])
     with pytest.raises(ValueError, match=r"corrupt zstd payload: .*checksum"):
-        images._zstd(ZSTD_FRAME[:-3] + bytes(3))  # the frame's checksum
+        kernel._zstd(ZSTD_FRAME[:-3] + bytes(3))  # the frame's checksum
 
 
 def test_elf_readers_on_real_files() -> None:
     import lz4.block._block
 
     python = Path(sys.executable).resolve().read_bytes()
-    interp, needed = images.elf_deps(python)
+    interp, needed = elf.elf_deps(python)
     assert interp is not None and Path(interp).is_file()
     assert "libc.so.6" in needed
-    dynstr = images.elf_section(python, ".dynstr")
+    dynstr = elf.elf_section(python, ".dynstr")
     assert dynstr is not None and all(f"\0{soname}\0".encode() in dynstr for soname in needed)
-    assert images.elf_section(python, ".no-such-section") is None
+    assert elf.elf_section(python, ".no-such-section") is None
     # the GNU build id: its type is the number, not pyelftools' name for it
-    assert any(name == "GNU" and kind == 3 and len(desc) == 20 for name, kind, desc in images.elf_notes(python))
+    assert any(name == "GNU" and kind == 3 and len(desc) == 20 for name, kind, desc in elf.elf_notes(python))
     extension = Path(lz4.block._block.__file__).read_bytes()  # a shared object: no interpreter
-    interp, needed = images.elf_deps(extension)
+    interp, needed = elf.elf_deps(extension)
     assert interp is None and "libc.so.6" in needed
 
 
 def test_elf_readers_refuse_what_is_no_elf() -> None:
     python = Path(sys.executable).resolve().read_bytes()
     with pytest.raises(ValueError, match="not an ELF file"):
-        images.elf_deps(b"#!/bin/sh\n")
+        elf.elf_deps(b"#!/bin/sh\n")
     with pytest.raises(ValueError, match="corrupt ELF file"):
-        images.elf_deps(python[:64])  # the header alone: its program headers are past the end
+        elf.elf_deps(python[:64])  # the header alone: its program headers are past the end
     with pytest.raises(ValueError, match="corrupt ELF file"):
-        list(images.elf_notes(python[:64]))
+        list(elf.elf_notes(python[:64]))
     with pytest.raises(ValueError, match="corrupt ELF file"):
-        images.elf_section(python[:64], ".dynstr")
+        elf.elf_section(python[:64], ".dynstr")
 
 
 def test_extract_vmlinux_refuses_what_is_no_bzimage() -> None:
     with pytest.raises(ValueError, match="not a bzImage"):
-        images.extract_vmlinux(bytes(4096))
+        kernel.extract_vmlinux(bytes(4096))
 
 
 def test_kernel_is_an_elf_with_a_pvh_entry(microvm_boot_image: BootImage) -> None:
     data = microvm_boot_image.kernel.read_bytes()
     assert data[:4] == b"\x7fELF"
-    assert any(name == "Xen" and kind == images.PVH_NOTE for name, kind, _ in images.elf_notes(data))
+    assert any(name == "Xen" and kind == kernel.PVH_NOTE for name, kind, _ in elf.elf_notes(data))
 
 
 # -- the initramfs ----------------------------------------------------------------------------------
 
 
 def _initramfs(image: BootImage) -> dict[str, tuple[int, bytes]]:
-    return {name: (mode, data) for name, mode, data in images.read_cpio(image.initrd.read_bytes())}
+    return {name: (mode, data) for name, mode, data in cpio.read_cpio(image.initrd.read_bytes())}
 
 
 def test_cpio_round_trip(tmp_path: Path) -> None:
-    tree = tmp_path / "tree"
-    (tree / "bin").mkdir(parents=True)
-    (tree / "bin/tool").write_bytes(b"#!/bin/sh\n")
-    os.chmod(tree / "bin/tool", 0o700)
-    (tree / "notes").write_bytes(b"x" * 5)
-    (tree / "link").symlink_to("bin/tool")
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin/tool").write_bytes(b"#!/bin/sh\n")
+    os.chmod(root / "bin/tool", 0o700)
+    (root / "notes").write_bytes(b"x" * 5)
+    (root / "link").symlink_to("bin/tool")
     out = tmp_path / "out.cpio"
-    images.write_initramfs(tree, out, "none")
-    entries = {name: (mode, data) for name, mode, data in images.read_cpio(out.read_bytes())}
+    cpio.write_initramfs(root, out, "none")
+    entries = {name: (mode, data) for name, mode, data in cpio.read_cpio(out.read_bytes())}
     assert entries == {
         "bin": (stat.S_IFDIR | 0o755, b""),
         "bin/tool": (stat.S_IFREG | 0o755, b"#!/bin/sh\n"),
@@ -313,14 +314,14 @@ def test_cpio_round_trip(tmp_path: Path) -> None:
         "dev/console": (stat.S_IFCHR | 0o600, b""),
     }
     again = tmp_path / "again.cpio"
-    images.write_initramfs(tree, again, "none")
+    cpio.write_initramfs(root, again, "none")
     assert again.read_bytes() == out.read_bytes()
 
 
 def test_initramfs_holds_what_init_needs(microvm_boot_image: BootImage) -> None:
     files = _initramfs(microvm_boot_image)
     assert files["init"] == (stat.S_IFLNK | 0o777, b"opt/sandgate/init")
-    assert files["opt/sandgate/init"] == (stat.S_IFREG | 0o755, images.INIT_FILE.read_bytes())
+    assert files["opt/sandgate/init"] == (stat.S_IFREG | 0o755, guest_files.INIT_FILE.read_bytes())
     assert stat.S_ISCHR(files["dev/console"][0])
     for folder in ("dev", "proc", "sys", "tmp", "work", "etc/sandgate"):
         assert stat.S_ISDIR(files[folder][0]), folder
@@ -371,9 +372,9 @@ def test_every_elf_finds_its_libraries(microvm_boot_image: BootImage) -> None:
     for name in elves:
         if name.startswith("usr/lib/modules/"):
             continue
-        interp, needed = images.elf_deps(files[name][1])
+        interp, needed = elf.elf_deps(files[name][1])
         if interp is not None:
-            assert images._merged(interp.lstrip("/")) in files, (name, interp)
+            assert tree.merged(interp.lstrip("/")) in files, (name, interp)
         for soname in needed:
             assert libdir + soname in files, (name, soname)
 
@@ -383,10 +384,10 @@ def test_manifest_records_what_went_in(microvm_boot_image: BootImage) -> None:
     pin = _pin()
     assert manifest["kernel"]["sha256"] == pin.sha256 and manifest["key"] == microvm_boot_image.key
     debs = {d["package"]: d for d in manifest["debs"]}
-    assert set(debs) == set(images.load_templates()["default"].packages)
+    assert set(debs) == set(templates.load_templates()["default"].packages)
     assert all(len(d["sha256"]) == 64 and d["version"] for d in debs.values())
-    assert microvm_boot_image.dir.parent.parent.parent == images.microvm_cache()
-    assert microvm_boot_image.cmdline == images.load_templates()["default"].cmdline
+    assert microvm_boot_image.dir.parent.parent.parent == cache.microvm_cache()
+    assert microvm_boot_image.cmdline == templates.load_templates()["default"].cmdline
 
 
 # -- the cache --------------------------------------------------------------------------------------
@@ -396,21 +397,21 @@ def test_second_build_comes_from_the_cache(microvm_boot_image: BootImage, monkey
     def no(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a cached image was built again")
 
-    for name in ("_run", "_kernel", "Apt", "_initramfs_tree", "write_initramfs"):
-        monkeypatch.setattr(images, name, no)
-    again = images.build_image("default", lambda elapsed, phase: None)
+    for name in ("prepare_kernel", "Apt", "initramfs_tree", "write_initramfs", "rootfs_disk"):
+        monkeypatch.setattr(build, name, no)
+    again = build.build_image("default", lambda elapsed, phase: None)
     assert again == microvm_boot_image
-    assert images.find_image("default") == microvm_boot_image
+    assert cache.find_image("default") == microvm_boot_image
 
 
 def test_an_edited_input_makes_the_image_out_of_date(microvm_boot_image: BootImage, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     edited = tmp_path / "init"
-    edited.write_bytes(images.INIT_FILE.read_bytes() + b"# edited\n")
-    monkeypatch.setattr(images, "INIT_FILE", edited)
-    assert images.find_image("default") is None
+    edited.write_bytes(guest_files.INIT_FILE.read_bytes() + b"# edited\n")
+    monkeypatch.setattr(guest_files, "INIT_FILE", edited)
+    assert cache.find_image("default") is None
     monkeypatch.undo()
-    assert images.find_image("default") == microvm_boot_image
+    assert cache.find_image("default") == microvm_boot_image
 
 
 def test_build_lock_excludes_other_builders(tmp_path: Path) -> None:
@@ -453,13 +454,13 @@ class _Index:
 
 def test_repin_rewrites_the_kernel_lines_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SANDGATE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(images, "Apt", _Index)
+    monkeypatch.setattr(kernel, "Apt", _Index)
     path = tmp_path / "templates.toml"
     path.write_text(TEMPLATES)
-    pin = images.repin(path, lambda elapsed, phase: None)
-    assert pin == images.KernelPin("linux-image-6.1.0-99-cloud-amd64", "6.1.300-1", "ab" * 32,
-                                   "linux-image-cloud-amd64")
-    assert images.load_config(path).kernel == pin
+    pin = kernel.repin(path, lambda elapsed, phase: None)
+    assert pin == templates.KernelPin("linux-image-6.1.0-99-cloud-amd64", "6.1.300-1", "ab" * 32,
+                                      "linux-image-cloud-amd64")
+    assert templates.load_config(path).kernel == pin
     old = _pin()
     assert path.read_text() == (TEMPLATES.replace(f'package = "{old.package}"', f'package = "{pin.package}"')
                                 .replace(f'version = "{old.version}"', f'version = "{pin.version}"')
@@ -562,7 +563,7 @@ def test_image_boots_to_the_agents_hello(microvm_boot_image: BootImage, tmp_path
 
 def test_full_image_boots_from_its_disk(tmp_path: Path) -> None:
     """The `full` template (debootstrap, minutes to build) when this machine has built it."""
-    image = images.find_image("full")
+    image = cache.find_image("full")
     if image is None:
         pytest.skip("the full template is not built here: sandgate images build microvm --template full (as root)")
     with _booted(image, tmp_path) as conn:
