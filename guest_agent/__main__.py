@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     channel = Channel(fd_in, fd_out)
     agent = Agent(
         root,
-        channel.send,
-        receive=channel.receive,
+        channel,
         features=detect(single_thread=args.single_thread, system=args.vm),
         replace_dunder=True,
         cgroup=cgroup,

@@ -52,66 +52,37 @@ from .timers import Scheduler, Timer
 if TYPE_CHECKING:
     from .system import SandboxCgroup
 
-from .wire import (
-    DEFAULT_MAX_FRAME,
-    MAX_REQUEST_ID,
-    PROTOCOL_VERSION,
-    ProtocolError,
-    error_reply,
-    event,
-    field,
-    message_kind,
-    reply,
-)
+from . import protocol
+from .schema import PYTHON_NAMESPACE_DEFAULT, Request
+from .wire import PROTOCOL_VERSION, ProtocolError, field
 
 AGENT = f"sandgate-guest/{__version__}"
 MAX_RUNNING_EXECS = 256
 #: Finished execs kept for exec.list.
 EXEC_HISTORY = 64
 MAX_FS_READS = 64
-KEEPALIVE_IDLE = 15.0
 #: After a timeout or SIGKILL, how long a Python exec gets to unwind before its stream is ended
 #: without it (its thread is then abandoned: its later output is dropped).
 PYTHON_KILL_GRACE = 1.0
 #: Unsent output bytes a Python exec may have queued before its writes block.
 PYTHON_OUTPUT_WINDOW = 1 << 20
-#: Ops a single-threaded agent answers while an exec waits for stdin (see the module doc).
-NESTED_OPS = frozenset({"ping", "metrics", "exec.list", "exec.input", "exec.close_stdin", "exec.signal", "exec.resize"})
-_MAX_MESSAGE = 2000
 _TERMINATING = ("SIGTERM", "SIGKILL", "SIGHUP", "SIGQUIT")
 
-Send = Callable[[Mapping[str, Any]], None]
-
-
 class Stream:
-    """One stream's events: numbered 0, 1, 2, ... in the order sent, ended exactly once."""
+    """The agent's handle on one stream: the channel's leg numbers its events and ends it once."""
 
-    def __init__(self, send: Send, request_id: int) -> None:
-        self._send = send
+    def __init__(self, channel: Channel, request_id: int) -> None:
+        self._channel = channel
         self.request_id = request_id
-        self._lock = threading.Lock()
-        self.seq = 0
         self.ended = False
-        self.last_sent = time.monotonic()
 
     def emit(self, ev: str, **fields: Any) -> bool:
         """Send one event; False (and nothing sent) once the stream has ended."""
-        with self._lock:
-            if self.ended:
-                return False
-            if ev == "end":
-                self.ended = True
-            self._send(event(self.request_id, ev, self.seq, **fields))
-            self.seq += 1
-            self.last_sent = time.monotonic()
-            return True
-
-    def keepalive(self, idle: float) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if not self.ended and self.seq and now - self.last_sent >= idle:
-                self._send(event(self.request_id, "keepalive", self.seq - 1))
-                self.last_sent = now
+        if self.ended:
+            return False
+        if ev == "end":
+            self.ended = True
+        return self._channel.event(self.request_id, ev, **fields)
 
 
 @dataclass
@@ -164,9 +135,8 @@ class Agent:
 
     Args:
         root: the sandbox root: fs ops are confined to it, execs start in it.
-        send: writes one message to the gateway (thread-safe).
-        receive: reads the next message (None at EOF); used only on a single-threaded
-            platform, by a Python exec waiting for stdin.
+        channel: the agent leg to the gateway: requests in (read by a single-threaded platform's
+            Python exec too, while it waits for stdin), replies and events out (thread-safe).
         features: the platform's abilities (detected if not given).
         install_std_streams: replace sys.stdout/stderr/stdin with per-exec proxies.
         replace_dunder: also replace sys.__stdout__ & co. (when they are the channel).
@@ -176,11 +146,9 @@ class Agent:
     def __init__(
         self,
         root: str,
-        send: Send,
+        channel: Channel,
         *,
-        receive: Callable[[], Mapping[str, Any] | None] | None = None,
         features: Features | None = None,
-        max_frame: int = DEFAULT_MAX_FRAME,
         install_std_streams: bool = True,
         replace_dunder: bool = False,
         cgroup: SandboxCgroup | None = None,
@@ -189,15 +157,12 @@ class Agent:
         self._cgroup = cgroup
         self.root = Root(root)
         self.files = FileOps(self.root)
-        self.max_frame = max_frame
-        self._send_raw = send
-        self._receive = receive
+        self.channel = channel
         self._started = time.monotonic()
         self._lock = threading.Lock()
         self._execs: OrderedDict[str, ExecRecord] = OrderedDict()
         self._pgids: set[int] = set()
         self._threads: list[threading.Thread] = []
-        self._streams: dict[int, Stream] = {}
         self._fs_reads = 0
         self._namespaces = Namespaces()
         self._exec_count = 0
@@ -207,6 +172,7 @@ class Agent:
             self._std.install()
         self._install_std_streams = install_std_streams
         self._closed = False
+        # One handler per agent-leg op of the schema (a test checks they match).
         self._handlers: dict[str, Callable[[int, Mapping[str, Any]], dict[str, Any] | None]] = {
             "hello": self._hello,
             "ping": self._ping,
@@ -245,42 +211,24 @@ class Agent:
     # Dispatch
     # -----------------------------------------------------------------------------------------
 
-    def handle(self, message: Mapping[str, Any]) -> None:
-        """Handle one decoded message. Never raises: every failure becomes an error reply."""
-        rid = message.get("id")
-        if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < MAX_REQUEST_ID:
-            rid = None
+    def handle(self, request: Request) -> None:
+        """Handle one request the leg validated. Never raises: every failure becomes an error reply."""
+        rid = request.id
         try:
-            if message_kind(message) != "request":
-                raise ProtocolError("bad_request", "the agent takes requests only")
-            assert rid is not None
-            op = message["op"]
-            handler = self._handlers.get(op)
-            if handler is None:
-                raise ProtocolError("unknown_op", f"unknown op {op!r:.60}")
-            result = handler(rid, message)
+            handler = self._handlers.get(request.op.name)
+            if handler is None:  # in the schema, but not on this platform (guest.setup without --vm)
+                raise ProtocolError("unsupported", f"this agent does not offer {request.op.name}")
+            result = handler(rid, request.args)
         except ProtocolError as exc:
-            self._send_error(rid, exc)
+            self.channel.error(rid, exc)
         except OSError as exc:
-            self._send_error(rid, os_error(exc))
+            self.channel.error(rid, os_error(exc))
         except Exception as exc:
             log_exception(f"request {rid} failed")
-            self._send_error(rid, ProtocolError("internal", f"{type(exc).__name__}: {exc}"))
+            self.channel.error(rid, ProtocolError("internal", f"{type(exc).__name__}: {exc}"))
         else:
             if result is not None:
-                self.send(reply(rid, result))
-
-    def send(self, message: Mapping[str, Any]) -> None:
-        try:
-            self._send_raw(message)
-        except ProtocolError as exc:  # a reply too large to frame: say so instead
-            rid = message.get("id")
-            self._send_raw(error_reply(rid if isinstance(rid, int) else None, exc))
-
-    def _send_error(self, rid: int | None, exc: ProtocolError) -> None:
-        if len(exc.message) > _MAX_MESSAGE:
-            exc = ProtocolError(exc.code, exc.message[:_MAX_MESSAGE] + "...")
-        self.send(error_reply(rid, exc))
+                self.channel.reply(rid, result)
 
     def shutdown(self) -> None:
         """Kill every process the agent started and stop its threads (the channel is gone)."""
@@ -328,7 +276,7 @@ class Agent:
             "agent": AGENT,
             "capabilities": self.features.capabilities,
             "platform": self.features.platform,
-            "max_frame": self.max_frame,
+            "max_frame": self.channel.max_frame,
         }
 
     def _guest_setup(self, rid: int, message: Mapping[str, Any]) -> dict[str, Any]:
@@ -351,22 +299,16 @@ class Agent:
     # -----------------------------------------------------------------------------------------
 
     def _exec_start(self, rid: int, message: Mapping[str, Any]) -> None:
-        exec_id = field(message, "exec_id", str)
-        tag = field(message, "tag", str, None)
-        code = field(message, "code", str, None)
-        command = field(message, "command", (list, str), None)
-        if (code is None) == (command is None):
-            raise ProtocolError("bad_request", "give exactly one of 'code' (with 'language') or 'command'")
-        stdin = field(message, "stdin", bytes, b"")
-        pty = field(message, "pty", dict, None)
-        stdin_open = field(message, "stdin_open", bool, pty is not None)
-        env = field(message, "env", dict, {})
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise ProtocolError("bad_request", "'env' must map strings to strings")
-        timeout = field(message, "timeout", (int, float), None)
-        if timeout is not None and not timeout > 0:
-            raise ProtocolError("bad_request", "'timeout' must be positive")
-        cwd = field(message, "cwd", str, None)
+        # Validated by the schema where it entered (protocol.AgentLeg): types, bounds, defaults.
+        exec_id = message["exec_id"] if "exec_id" in message else field(message, "exec_id", str)
+        tag = message.get("tag")
+        code, command = message.get("code"), message.get("command")
+        stdin = message.get("stdin", b"")
+        pty = message.get("pty")
+        stdin_open = message["stdin_open"]
+        env = message.get("env", {})
+        timeout = message.get("timeout")
+        cwd = message.get("cwd")
         cwd_path = None if cwd is None else self._exec_cwd(cwd)
         with self._lock:
             existing = self._execs.get(exec_id)
@@ -378,28 +320,24 @@ class Agent:
         record = ExecRecord(
             exec_id=exec_id,
             tag=tag,
-            stream=Stream(self.send, rid),
+            stream=Stream(self.channel, rid),
             started=now,
             deadline=None if timeout is None else now + float(timeout),
             timeout=None if timeout is None else float(timeout),
         )
         if code is not None:
-            language = field(message, "language", str)
+            language = message["language"]
             if language != "python":
                 raise ProtocolError("unsupported", f"language {language!r:.40} is not run by the agent")
-            if pty is not None:
-                raise ProtocolError("bad_request", "'pty' is for process execs")
-            namespace = field(message, "namespace", str, "default")
+            namespace = message.get("namespace", PYTHON_NAMESPACE_DEFAULT)
             self._start_python(record, code, namespace, stdin, stdin_open, env, cwd_path)
         else:
             cwd_path = cwd_path or self.root.real
-            self._start_process(record, command, stdin, stdin_open, env, cwd_path, pty)
+            self._start_process(record, message["command"], stdin, stdin_open, env, cwd_path, pty)
 
     def _exec_cwd(self, cwd: str) -> str:
         """The working directory: relative paths are under the root; absolute ones are taken as
         they are (an exec can cd anywhere anyway: confining its cwd would protect nothing)."""
-        if "\0" in cwd:
-            raise ProtocolError("bad_request", "NUL byte in 'cwd'")
         path = cwd if cwd.startswith("/") else os.path.join(self.root.real, cwd)
         try:
             if not os.path.isdir(path):
@@ -413,7 +351,6 @@ class Agent:
         with self._lock:
             self._execs.pop(record.exec_id, None)
             self._execs[record.exec_id] = record
-            self._streams[id(record.stream)] = record.stream
             self._exec_count += 1
 
     def _exec_ended(self, record: ExecRecord, exit_code: int | None, sig: str | None) -> None:
@@ -421,7 +358,6 @@ class Agent:
             record.running = False
             record.exit_code = exit_code
             record.signal = sig
-            self._streams.pop(id(record.stream), None)
             finished = [k for k, rec in self._execs.items() if not rec.running]
             for key in finished[: max(0, len(finished) - EXEC_HISTORY)]:
                 del self._execs[key]
@@ -437,7 +373,7 @@ class Agent:
         return record
 
     def _exec_input(self, rid: int, message: Mapping[str, Any]) -> dict[str, Any]:
-        data = field(message, "data", bytes)
+        data = message["data"]
         record = self._find(message)
         if record.python is not None:
             record.python.streams.stdin_buffer.feed(data)
@@ -454,10 +390,7 @@ class Agent:
         return {}
 
     def _exec_signal(self, rid: int, message: Mapping[str, Any]) -> dict[str, Any]:
-        value = message.get("signal")
-        if not isinstance(value, str | int) or isinstance(value, bool):
-            raise ProtocolError("bad_request", "field 'signal' must be a name or a number")
-        number = signal_number(value)
+        number = signal_number(message["signal"])
         record = self._find(message)
         if record.python is None:
             record.process.send_signal(number)
@@ -479,7 +412,7 @@ class Agent:
         return {}
 
     def _exec_resize(self, rid: int, message: Mapping[str, Any]) -> dict[str, Any]:
-        rows, cols = _window(message)
+        rows, cols = message["rows"], message["cols"]
         record = self._find(message)
         if record.python is not None:
             raise ProtocolError("bad_request", "this exec has no pty")
@@ -506,17 +439,8 @@ class Agent:
             raise ProtocolError("unsupported", "this sandbox cannot run processes (no exec.process)")
         if pty is not None and not self.features.pty:
             raise ProtocolError("unsupported", "this sandbox has no pseudo-terminals (no exec.pty)")
-        if isinstance(command, str):
-            if not command:
-                raise ProtocolError("bad_request", "'command' is empty")
-            argv = ["/bin/sh", "-c", command]
-        else:
-            if not command or not all(isinstance(a, str) for a in command):
-                raise ProtocolError("bad_request", "'command' must be a non-empty list of strings")
-            argv = list(command)
-        if any("\0" in a for a in argv):
-            raise ProtocolError("bad_request", "NUL byte in 'command'")
-        window = None if pty is None else _window(pty)
+        argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
+        window = None if pty is None else (pty["rows"], pty["cols"])
         from .procexec import ProcessExec, build_env
 
         def on_end(exit_code: int | None, sig: str | None) -> None:
@@ -738,30 +662,22 @@ class Agent:
         run = record.python
         assert run is not None
         stdin = run.streams.stdin_buffer
-        if self._receive is None:
+        try:
+            request = self.channel.receive()
+        except ProtocolError:
+            request = None  # the channel is broken: the request loop reports it afterwards
+        if request is None:
             stdin.close_input()
             return
-        try:
-            message = self._receive()
-        except ProtocolError:
-            message = None  # the channel is broken: the request loop reports it afterwards
-        if message is None:
-            stdin.close_input()
-            return
-        op = message.get("op")
-        try:
-            is_request = message_kind(message) == "request"
-        except ProtocolError:
-            is_request = False
-        if is_request and op not in NESTED_OPS:
+        if not request.op.nested:
             busy = ProtocolError(
                 "busy",
                 f"exec {record.exec_id!r:.80} is running and this agent runs one request at a "
                 "time (no exec.concurrent); retry when it ends",
             )
-            self.send(error_reply(message["id"], busy))
+            self.channel.error(request.id, busy)
             return
-        self.handle(message)
+        self.handle(request)
 
     # -----------------------------------------------------------------------------------------
     # fs.read (stream)
@@ -778,13 +694,11 @@ class Agent:
             with self._lock:
                 self._fs_reads -= 1
             raise
-        stream = Stream(self.send, rid)
+        stream = Stream(self.channel, rid)
         path = message.get("path")
 
         def run() -> None:
             sent = 0
-            with self._lock:
-                self._streams[id(stream)] = stream
             try:
                 stream.emit("start", size=size)
                 for chunk in read_chunks(fd, length):
@@ -797,7 +711,6 @@ class Agent:
                 os.close(fd)
                 with self._lock:
                     self._fs_reads -= 1
-                    self._streams.pop(id(stream), None)
 
         if self.features.threads:
             self._spawn_thread(f"fs-read-{rid}", run)
@@ -812,21 +725,11 @@ class Agent:
         assert self._scheduler is not None
 
         def tick() -> None:
-            with self._lock:
-                streams = list(self._streams.values())
-            for stream in streams:
-                stream.keepalive(KEEPALIVE_IDLE)
+            self.channel.keepalives()
             if not self._closed and self._scheduler is not None:
-                self._scheduler.call_later(KEEPALIVE_IDLE / 3, tick)
+                self._scheduler.call_later(protocol.KEEPALIVE_IDLE / 3, tick)
 
-        self._scheduler.call_later(KEEPALIVE_IDLE / 3, tick)
-
-
-def _window(message: Mapping[str, Any]) -> tuple[int, int]:
-    rows, cols = field(message, "rows", int), field(message, "cols", int)
-    if not (0 < rows <= 0xFFFF and 0 < cols <= 0xFFFF):
-        raise ProtocolError("bad_request", "'rows' and 'cols' must be between 1 and 65535")
-    return rows, cols
+        self._scheduler.call_later(protocol.KEEPALIVE_IDLE / 3, tick)
 
 
 def _set_async_exc(thread_id: int | None, exc_type: type[BaseException] | None) -> None:
@@ -847,16 +750,13 @@ def serve(channel: Channel, agent: Agent) -> int:
     Either way every process the agent started is killed before this returns.
     """
     try:
-        while (message := channel.receive()) is not None:
-            agent.handle(message)
+        while (request := channel.receive()) is not None:
+            agent.handle(request)
         return 0
     except ProtocolError as exc:
         # The byte stream cannot be resynchronised: say why (best effort) and close.
         log(f"closing the channel: {exc.code}: {exc.message}")
-        try:
-            channel.send(error_reply(None, exc))
-        except ProtocolError:
-            pass
+        channel.error(None, exc)
         return 2
     finally:
         agent.shutdown()

@@ -1,7 +1,8 @@
 """The agent's only I/O: frames in and out over file descriptors (docs/protocol.md §2).
 
 A `Channel` moves bytes between the byte channel the runtime gives the agent (a pipe pair, a
-virtio-serial port, a socket) and the sans-I/O codec in `wire`. It knows nothing about ops.
+virtio-serial port, a socket) and the sans-I/O agent leg (`protocol.AgentLeg`), which validates
+requests against the op schema, numbers stream events and makes keepalives.
 """
 
 from __future__ import annotations
@@ -9,49 +10,54 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from .wire import DEFAULT_MAX_FRAME, FrameDecoder, ProtocolError, encode_frame
+from .protocol import AGENT, AgentLeg
+from .schema import Request
+from .wire import DEFAULT_MAX_FRAME, ProtocolError
 
 READ_SIZE = 256 * 1024
 
 
 class Channel:
-    """Frames over a pair of file descriptors (the same fd twice for a device or a socket).
+    """The agent's end of the agent leg over a pair of file descriptors (the same fd twice for a
+    device or a socket), around the sans-I/O `AgentLeg`.
 
     `receive` is called by one thread at a time (the request loop, or on a single-threaded
-    platform an exec waiting for stdin). `send` may be called from any thread: whole frames are
-    written under a lock, so frames never interleave. A failed write marks the channel broken
-    and later sends are dropped: the peer is gone, and the read side will see EOF.
+    platform an exec waiting for stdin). Replies and events may be sent from any thread: the leg
+    and the writes are guarded by one lock, so frames never interleave and numbering follows the
+    order of writing. A failed write marks the channel broken and later sends are dropped: the peer
+    is gone, and the read side will see EOF.
     """
 
     def __init__(self, fd_in: int, fd_out: int, *, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.fd_in = fd_in
         self.fd_out = fd_out
         self.max_frame = max_frame
-        self._decoder = FrameDecoder(max_frame=max_frame)
-        self._pending: deque[dict[str, Any]] = deque()
+        self.leg = AgentLeg(AGENT, max_frame=max_frame)
+        self._pending: deque[Request] = deque()
         self._eof = False
-        self._failure: ProtocolError | None = None
-        self._write_lock = threading.Lock()
+        self._lock = threading.Lock()
         self.broken = False
 
     @property
     def at_eof(self) -> bool:
         return self._eof and not self._pending
 
-    def receive(self) -> dict[str, Any] | None:
-        """The next message, or None at end of input.
+    def receive(self) -> Request | None:
+        """The next valid request, or None at end of input. A malformed request never comes out:
+        the leg answers it with its error.
 
         Raises:
             ProtocolError: the byte stream is not frames (`bad_frame`, `frame_too_large`). The
                 error is sticky: the stream cannot be resynchronised, so the caller closes.
         """
         while not self._pending:
-            if self._failure is not None:
-                raise self._failure
+            if self.leg.failure is not None:
+                raise self.leg.failure
             if self._eof:
                 return None
             try:
@@ -67,35 +73,48 @@ class Channel:
             if not data:
                 self._eof = True
                 continue
-            self._decoder.receive_data(data)
-            try:
-                for message in self._decoder.messages_received():
-                    self._pending.append(message)
-            except ProtocolError as exc:
-                self._failure = exc  # deliver what came before it first
+            with self._lock:
+                self.leg.receive_data(data)  # requests before a framing error still come out
+                self._pending.extend(self.leg.events_received())
+                self._write(self.leg.data_to_send())  # its answers to malformed requests
         return self._pending.popleft()
 
-    def send(self, message: Mapping[str, Any]) -> None:
-        """Write one message as a frame.
+    def reply(self, request_id: int, result: Mapping[str, Any]) -> None:
+        with self._lock:
+            self.leg.send_reply(request_id, result)
+            self._write(self.leg.data_to_send())
 
-        Raises:
-            ProtocolError: `frame_too_large` if the message cannot be framed (nothing is written).
-        """
-        frame = encode_frame(message, max_frame=self.max_frame)
-        with self._write_lock:
-            if self.broken:
-                return
-            view = memoryview(frame)
-            try:
-                while view:
-                    try:
-                        written = os.write(self.fd_out, view)
-                    except BlockingIOError:
-                        _wait_fd(self.fd_out, readable=False)
-                        continue
-                    view = view[written:]
-            except OSError:
-                self.broken = True
+    def error(self, request_id: int | None, error: ProtocolError) -> None:
+        with self._lock:
+            self.leg.send_error(request_id, error)
+            self._write(self.leg.data_to_send())
+
+    def event(self, request_id: int, ev: str, **fields: Any) -> bool:
+        """Send the next event of a stream (its first, `start`, opens it); False once it ended."""
+        with self._lock:
+            sent = self.leg.send_event(request_id, ev, time.monotonic(), **fields)
+            self._write(self.leg.data_to_send())
+            return sent
+
+    def keepalives(self) -> None:
+        with self._lock:
+            self.leg.keepalives(time.monotonic())
+            self._write(self.leg.data_to_send())
+
+    def _write(self, data: bytes) -> None:
+        if self.broken or not data:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                try:
+                    written = os.write(self.fd_out, view)
+                except BlockingIOError:
+                    _wait_fd(self.fd_out, readable=False)
+                    continue
+                view = view[written:]
+        except OSError:
+            self.broken = True
 
 
 def _wait_fd(fd: int, *, readable: bool) -> None:

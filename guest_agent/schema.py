@@ -49,6 +49,8 @@ class Field:
     low: float | None = None
     high: float | None = None
     leg: str = BOTH
+    #: The error code for a value above `high` (a chunk too large is `frame_too_large`).
+    over_code: str = "bad_request"
 
     def check(self, value: Any) -> Any:
         if isinstance(value, bool) and bool not in self.kinds:
@@ -59,6 +61,8 @@ class Field:
             raise _mistyped(self)
         measure = len(value) if isinstance(value, str | bytes | list | dict) else value
         if isinstance(measure, int | float) and not isinstance(measure, bool):
+            if self.high is not None and measure > self.high and self.over_code != "bad_request":
+                raise ProtocolError(self.over_code, f"field {self.name!r}: at most {self.high:g} bytes per request")
             if (self.low is not None and measure < self.low) or (self.high is not None and measure > self.high):
                 what = "length" if measure is not value else "value"
                 raise ProtocolError("bad_request", f"field {self.name!r}: {what} must be {self.range_text()}")
@@ -200,7 +204,7 @@ def _pty_size(pty: Mapping[str, Any], *, defaults: bool) -> dict[str, int]:
 
 
 def _path(name: str = "path", doc: str = "a path in the sandbox: relative to its root, or absolute inside it") -> Field:
-    return Field(name, (str,), doc, required=True, low=1, high=MAX_PATH)
+    return Field(name, (str,), doc, required=True, high=MAX_PATH)  # "": the root itself
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +255,8 @@ _OPS: tuple[Op, ...] = (
        (*_exec_selector(), Field("from_seq", (int,), "replay events from this seq", default=0, low=0)),
        leg=CLIENT, stream=True, rules=_needs_exec),
     Op("exec.input", "write to a running exec's stdin", "`{}`",
-       (*_exec_selector(), Field("data", (bytes,), "the bytes", required=True, high=MAX_WRITE_CHUNK)),
+       (*_exec_selector(), Field("data", (bytes,), "the bytes", required=True, high=MAX_WRITE_CHUNK,
+                                                over_code="frame_too_large")),
        capability="exec.stdin", control=True, nested=True, rules=_needs_exec),
     Op("exec.close_stdin", "close a running exec's stdin", "`{}`", _exec_selector(),
        capability="exec.stdin", control=True, nested=True, rules=_needs_exec),
@@ -276,7 +281,8 @@ _OPS: tuple[Op, ...] = (
         Field("length", (int,), "bytes to read (default: to the end)", low=0)),
        capability="fs", stream=True, idempotent=True),
     Op("fs.write", "write one chunk of a file", "`bytes`, `size`",
-       (_path(), Field("data", (bytes,), "the chunk", required=True, high=MAX_WRITE_CHUNK),
+       (_path(), Field("data", (bytes,), "the chunk", required=True, high=MAX_WRITE_CHUNK,
+                        over_code="frame_too_large"),
         Field("offset", (int,), "where the chunk goes", default=0, low=0),
         Field("truncate", (bool,), "truncate the file first", default=False)),
        capability="fs"),

@@ -220,7 +220,7 @@ class InProcessAgent:
         self.ours, theirs = socket.socketpair()
         self._theirs = theirs
         channel = Channel(theirs.fileno(), theirs.fileno())
-        self.agent = Agent(str(root), channel.send, receive=channel.receive)
+        self.agent = Agent(str(root), channel)
         self.exit_code: int | None = None
         self.thread = threading.Thread(target=self._run, args=(channel,), name="agent-loop")
         self.thread.start()

@@ -14,7 +14,7 @@ from guest_agent.channel import Channel
 from guest_agent.features import detect
 from guest_agent.fsops import Root
 from guest_agent.pyexec import compile_cell
-from guest_agent.wire import ProtocolError, encode_frame
+from guest_agent.wire import FrameDecoder, ProtocolError, encode_frame
 
 
 def test_root_resolve(tmp_path: Path) -> None:
@@ -54,21 +54,35 @@ def test_channel_receives_split_frames_and_stops_at_a_bad_one() -> None:
     ours, theirs = socket.socketpair()
     with ours, theirs:
         channel = Channel(theirs.fileno(), theirs.fileno())
-        frames = encode_frame({"id": 1, "op": "a"}) + encode_frame({"id": 2, "op": "b"})
+        frames = encode_frame({"id": 1, "op": "ping"}) + encode_frame({"id": 2, "op": "exec.list"})
         ours.sendall(frames[:3])
         ours.sendall(frames[3:] + b"\x00\x00\x00\x01\xc1")
-        assert channel.receive() == {"id": 1, "op": "a"}
-        assert channel.receive() == {"id": 2, "op": "b"}
+        first, second = channel.receive(), channel.receive()
+        assert first is not None and (first.id, first.op.name) == (1, "ping")
+        assert second is not None and (second.id, second.op.name) == (2, "exec.list")
         with pytest.raises(ProtocolError) as info:
             channel.receive()
         assert info.value.code == "bad_frame"
 
 
-def test_channel_eof_and_send() -> None:
+def test_channel_answers_a_malformed_request_itself() -> None:
     ours, theirs = socket.socketpair()
     with ours, theirs:
         channel = Channel(theirs.fileno(), theirs.fileno())
-        channel.send({"id": 3, "result": {}})
+        ours.sendall(encode_frame({"id": 4, "op": "fs.stat"}) + encode_frame({"id": 5, "op": "ping"}))
+        request = channel.receive()
+        assert request is not None and request.id == 5, "the bad request never reaches a handler"
+        decoder = FrameDecoder()
+        decoder.receive_data(ours.recv(1000))
+        (answer,) = decoder.messages_received()
+        assert answer["id"] == 4 and answer["error"]["code"] == "bad_request"
+
+
+def test_channel_eof_and_reply() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        channel = Channel(theirs.fileno(), theirs.fileno())
+        channel.reply(3, {})
         assert ours.recv(100) == encode_frame({"id": 3, "result": {}})
         ours.shutdown(socket.SHUT_WR)
         assert channel.receive() is None
@@ -82,20 +96,24 @@ def test_detect_single_thread() -> None:
 
 
 def test_stream_numbers_events_and_keepalives_repeat_the_last_seq() -> None:
-    sent: list[dict[str, Any]] = []
-    stream = Stream(sent.append, 7)
-    stream.keepalive(0.0)  # nothing before start
-    assert stream.emit("start", exec_id="e", pid=None)
-    assert stream.emit("data", fd="stdout", data=b"x")
-    stream.keepalive(0.0)
-    stream.keepalive(3600.0)  # not idle that long: nothing
-    assert stream.emit("end", exit_code=0, signal=None, duration_ms=1.0)
-    assert not stream.emit("data", fd="stdout", data=b"late")
-    stream.keepalive(0.0)
-    assert [(m["ev"], m["seq"]) for m in sent] == [
-        ("start", 0),
-        ("data", 1),
-        ("keepalive", 1),
-        ("end", 2),
-    ]
-    assert all(m["id"] == 7 for m in sent)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        channel = Channel(theirs.fileno(), theirs.fileno())
+        stream = Stream(channel, 7)
+        channel.leg.keepalives(1e9)  # nothing before start
+        assert stream.emit("start", exec_id="e", pid=None)
+        assert stream.emit("data", fd="stdout", data=b"x")
+        channel.leg.keepalives(1e9)
+        channel.keepalives()  # not idle that long: nothing
+        assert stream.emit("end", exit_code=0, signal=None, duration_ms=1.0)
+        assert not stream.emit("data", fd="stdout", data=b"late")
+        channel.leg.keepalives(2e9)
+        channel._write(channel.leg.data_to_send())
+        decoder = FrameDecoder()
+        decoder.receive_data(ours.recv(10000))
+        assert [(m["ev"], m["seq"]) for m in decoder.messages_received()] == [
+            ("start", 0),
+            ("data", 1),
+            ("keepalive", 1),
+            ("end", 2),
+        ]
