@@ -302,7 +302,7 @@ class Agent:
         # Validated by the schema where it entered (protocol.AgentLeg): types, bounds, defaults.
         exec_id = message["exec_id"] if "exec_id" in message else field(message, "exec_id", str)
         tag = message.get("tag")
-        code, command = message.get("code"), message.get("command")
+        code = message.get("code")
         stdin = message.get("stdin", b"")
         pty = message.get("pty")
         stdin_open = message["stdin_open"]

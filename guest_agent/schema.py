@@ -228,7 +228,7 @@ _OPS: tuple[Op, ...] = (
        "`{guest, host, restarts}` (`guest` is null while a one-request-at-a-time agent runs an exec)",
        capability="metrics", nested=True, idempotent=True),
     # -- exec
-    Op("exec.start", "run code or a process; its output streams back",
+    Op("exec.start", "run code (capability `exec.<language>`) or a process (`exec.process`); its output streams back",
        "stream: `start{exec_id, pid}`, `data{fd, data}`..., `end{exit_code, signal, duration_ms, error?, "
        "truncated?}`",
        (
@@ -398,12 +398,13 @@ def describe() -> dict[str, Any]:
 
 def markdown_tables() -> str:
     """docs/protocol.md's op table (checked against the document by a test)."""
-    lines = ["| op | leg | flags | capability | fields | result |", "|---|---|---|---|---|---|"]
+    lines = ["| op | what it does | leg | flags | capability | fields | result |", "|---|---|---|---|---|---|---|"]
     for op in _OPS:
         flags = ", ".join(flag for flag in ("stream", "control", "nested", "liveness", "idempotent")
                           if getattr(op, flag)) or "—"
         fields = ", ".join(_field_text(f) for f in op.fields) or "—"
-        lines.append(f"| `{op.name}` | {op.leg} | {flags} | {op.capability or '—'} | {fields} | {op.result} |")
+        cells = [f"`{op.name}`", op.doc, op.leg, flags, op.capability or "—", fields, op.result]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines)
 
 

@@ -35,15 +35,16 @@ from gateway.client.errors import (
 )
 from gateway.client.models import ExecEvent, Exited, OutputLost, Started
 from gateway.client.streams import StreamTracker, event_from_wire
-from gateway.protocol.client import SUBPROTOCOLS, ClientCodec
+from gateway.protocol.client import CLOSE_DESTROYED, CLOSE_PROTOCOL_ERROR, SUBPROTOCOLS, ClientCodec
+from guest_agent.schema import OPS
 from guest_agent.wire import PROTOCOL_VERSION, ProtocolError, message_kind
 
 log = logging.getLogger(__name__)
 
 #: Ops that change nothing, so sending them again after a reconnect is harmless.
-IDEMPOTENT_OPS = frozenset({"hello", "ping", "sandbox.info", "exec.list", "fs.stat", "fs.list", "metrics"})
+IDEMPOTENT_OPS = frozenset(name for name, op in OPS.items() if op.idempotent)
 #: Close codes after which reconnecting cannot help (docs/protocol.md §5).
-CLOSE_DESTROYED, CLOSE_PROTOCOL_ERROR, CLOSE_TOO_BIG = 4404, 4400, 1009
+CLOSE_TOO_BIG = 1009
 
 
 class _Dropped(Exception):

@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from guest_agent import schema
 from guest_agent.wire import ProtocolError, pack, unpack_message
 
 JSON = "sandgate.v1.json"
@@ -21,8 +22,36 @@ SUBPROTOCOLS = (JSON, MSGPACK)
 BEARER_PREFIX = "sandgate.bearer."
 MAX_CLIENT_MESSAGE = 1 << 20
 
-#: Fields that carry bytes; JSON base64-encodes exactly these.
-BINARY_FIELDS = ("data", "stdin")
+#: WebSocket close codes (docs/protocol.md §5), application codes in 4000-4999.
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 4400
+CLOSE_DESTROYED = 4404
+CLOSE_TOO_SLOW = 4408
+
+#: Fields that carry bytes; JSON base64-encodes exactly these (from the op schema).
+BINARY_FIELDS = schema.BINARY_FIELDS
+
+
+def describe() -> dict[str, Any]:
+    """The client leg as JSON: the op schema plus what only this leg has (subprotocols, close codes,
+    message size). Served at `GET /v1/protocol`; the JavaScript client's `protocol.js` is generated
+    from it (`python -m gateway.protocol`), and a test fails when either drifts."""
+    return {
+        **schema.describe(),
+        "subprotocols": list(SUBPROTOCOLS),
+        "bearer_prefix": BEARER_PREFIX,
+        "max_message": MAX_CLIENT_MESSAGE,
+        "close_codes": {"going_away": CLOSE_GOING_AWAY, "protocol_error": CLOSE_PROTOCOL_ERROR,
+                        "destroyed": CLOSE_DESTROYED, "too_slow": CLOSE_TOO_SLOW},
+    }
+
+
+def protocol_js() -> str:
+    """gateway/web/js/protocol.js: `describe()` as an ES module the JavaScript client imports."""
+    body = json.dumps(describe(), indent=1, sort_keys=True)
+    return ("// Generated from guest_agent/schema.py by `python -m gateway.protocol`: do not edit.\n"
+            "// tests/protocol/test_schema.py fails when this file and the schema drift.\n"
+            f"export const PROTOCOL = {body};\n")
 
 
 def choose_subprotocol(offered: Iterable[str]) -> str:

@@ -16,7 +16,8 @@ from guest_agent.wire import ProtocolError
 
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
-CLIENT = HERE / "js" / "sandgate.js"
+#: The JavaScript client and its generated protocol module, served beside the page's files.
+CLIENT = {name: HERE / "js" / name for name in ("sandgate.js", "protocol.js")}
 NODE_MODULES = HERE / "node_modules"
 #: URL folder under /static/vendor/ -> (package folder under node_modules, files served from it).
 VENDOR = {
@@ -58,8 +59,8 @@ async def page(request: web.Request) -> web.StreamResponse:
 async def static(request: web.Request) -> web.StreamResponse:
     """The page's own files (one folder, no subfolders) and the JavaScript client."""
     name = request.match_info["name"]
-    if name == "sandgate.js":
-        return _file(CLIENT)
+    if name in CLIENT:
+        return _file(CLIENT[name])
     path = STATIC / name
     if "/" in name or name.startswith(".") or name == "index.html" or not path.is_file():
         raise ProtocolError("not_found", f"no static file {name!r}")

@@ -17,14 +17,19 @@
  * @module @sandgate/client
  */
 
-export const JSON_SUBPROTOCOL = "sandgate.v1.json";
-export const MSGPACK_SUBPROTOCOL = "sandgate.v1.msgpack";
-const BEARER_PREFIX = "sandgate.bearer.";
+// Every protocol constant comes from the gateway's op schema (generated; a test checks it).
+import { PROTOCOL } from "./protocol.js";
+
+export { PROTOCOL };
+export const [JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL] = PROTOCOL.subprotocols;
+const BEARER_PREFIX = PROTOCOL.bearer_prefix;
 /** The gateway takes at most this much per `fs.write` (docs/protocol.md §3). */
-export const MAX_WRITE_CHUNK = 512 * 1024;
+export const MAX_WRITE_CHUNK = PROTOCOL.ops["fs.write"].fields.data.max;
 /** Close codes after which reconnecting cannot help (docs/protocol.md §5). */
-const CLOSE_DESTROYED = 4404;
-const CLOSE_PROTOCOL_ERROR = 4400;
+const CLOSE_DESTROYED = PROTOCOL.close_codes.destroyed;
+const CLOSE_PROTOCOL_ERROR = PROTOCOL.close_codes.protocol_error;
+/** Ops that may be sent again unchanged when the connection drops with them in flight. */
+const IDEMPOTENT_OPS = new Set(Object.entries(PROTOCOL.ops).filter(([, op]) => op.idempotent).map(([name]) => name));
 
 // ------------------------------------------------------------------------------------------------
 // Types
@@ -216,7 +221,7 @@ class Emitter {
 // ------------------------------------------------------------------------------------------------
 
 /** Fields that carry bytes: base64 strings in JSON, `bin` in msgpack. */
-const BINARY_FIELDS = ["data", "stdin"];
+const BINARY_FIELDS = PROTOCOL.binary_fields;
 
 const jsonCodec = {
   subprotocol: JSON_SUBPROTOCOL,
@@ -420,6 +425,7 @@ function encodePath(path) {
  * @property {(error: SandgateError) => void} reject
  * @property {ReturnType<typeof setTimeout>} deadline
  * @property {Record<string, any> | null} queued  the message, while it waits for a connection
+ * @property {Record<string, any> | null} resend  the message, when an idempotent op may be sent again after a drop
  */
 
 /**
@@ -580,6 +586,7 @@ export class Sandbox extends Emitter {
   /** A request sent on a dead socket may or may not have run: its caller decides (retryable). @param {string} why */
   #failInFlight(why) {
     for (const [id, pending] of this.#pending) {
+      if (pending.resend) pending.queued = pending.resend; // idempotent: sent again on the next connection
       if (pending.queued) continue;
       this.#pending.delete(id);
       clearTimeout(pending.deadline);
@@ -730,15 +737,18 @@ export class Sandbox extends Emitter {
    */
   request(op, fields = {}, timeout = undefined) {
     if (this.#closedWith) return Promise.reject(this.#closedWith);
-    if (this.state === "open") return this.#requestNow(op, fields, timeout);
+    if (this.state === "open") return this.#requestNow(op, fields, timeout, true);
     const message = { ...fields, id: this.#nextId++, op };
-    return this.#await(message, timeout, true);
+    return this.#await(message, timeout, true, true);
   }
 
-  /** @param {string} op @param {Record<string, any>} fields @param {number} [timeout] */
-  #requestNow(op, fields, timeout) {
+  /**
+   * @param {string} op @param {Record<string, any>} fields @param {number} [timeout]
+   * @param {boolean} [resendable]  a caller's request (not the connection's own hello or ping)
+   */
+  #requestNow(op, fields, timeout, resendable = false) {
     const message = { ...fields, id: this.#nextId++, op };
-    const promise = this.#await(message, timeout, false);
+    const promise = this.#await(message, timeout, false, resendable);
     try {
       this.#transmit(message);
     } catch (err) {
@@ -750,15 +760,19 @@ export class Sandbox extends Emitter {
     return promise;
   }
 
-  /** @param {Record<string, any>} message @param {number | undefined} timeout @param {boolean} queue */
-  #await(message, timeout, queue) {
+  /**
+   * @param {Record<string, any>} message @param {number | undefined} timeout @param {boolean} queue
+   * @param {boolean} [resendable]
+   */
+  #await(message, timeout, queue, resendable = false) {
     const ms = timeout ?? this.gateway.options.requestTimeout;
     return new Promise((resolve, reject) => {
       const deadline = timer(() => {
         this.#pending.delete(message.id);
         reject(new SandgateError("timeout", `${message.op} got no answer in ${ms} ms`, true));
       }, ms);
-      this.#pending.set(message.id, { resolve, reject, deadline, queued: queue ? message : null });
+      const resend = resendable && IDEMPOTENT_OPS.has(message.op) ? message : null;
+      this.#pending.set(message.id, { resolve, reject, deadline, queued: queue ? message : null, resend });
     });
   }
 
