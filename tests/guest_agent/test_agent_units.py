@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from guest_agent.agent import Stream
 from guest_agent.channel import Channel
 from guest_agent.features import detect
 from guest_agent.fsops import Root
 from guest_agent.pyexec import compile_cell
+from guest_agent.records import Stream
 from guest_agent.wire import FrameDecoder, ProtocolError, encode_frame
 
 
