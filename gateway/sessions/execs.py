@@ -118,15 +118,26 @@ class ExecRecord:
         except ProtocolError as exc:
             await self._finish(_end_with(exc))
         except asyncio.CancelledError:
-            await asyncio.shield(self._finish(_end_with(ProtocolError("guest_died", "the sandbox was closed"))))
+            # Only a destroy (or shutdown) cancels a pump, and it awaits the pump: so the end is
+            # kept (exec.list, REST waiters) but delivered to nobody. Delivering could wait on a
+            # client that stopped reading (a blocked send, or the lock held by its attach replay)
+            # and hold the destroy up; every session of the sandbox is closed with 4404 anyway.
+            if self._settle(_end_with(ProtocolError("guest_died", "the sandbox was closed"))):
+                assert self.end is not None
+                self.buffer.append(self.end)
             raise
         except Exception as exc:
             log.exception("exec %s pump failed", self.exec_id)
             await self._finish(_end_with(ProtocolError("internal", f"{type(exc).__name__}: {exc}")))
 
     async def _finish(self, end: dict[str, Any]) -> None:
+        if self._settle(end):
+            await self.publish(end)
+
+    def _settle(self, end: dict[str, Any]) -> bool:
+        """Complete `end` and mark the record done; False if it had already ended."""
         if self.done.is_set():
-            return
+            return False
         if self.timed_out_after is not None:
             end["error"] = ProtocolError(
                 "timeout",
@@ -139,7 +150,7 @@ class ExecRecord:
         end.setdefault("duration_ms", round((time.monotonic() - self.started) * 1000, 3))
         self.end = end
         self.done.set()  # before delivering: a stalled client must not hold the exec "running"
-        await self.publish(end)
+        return True
 
 
 def _end_with(error: ProtocolError) -> dict[str, Any]:

@@ -158,6 +158,8 @@ class SandboxManager:
         self._sandboxes: dict[str, Sandbox] = {}
         self._creating: dict[str, int] = {}
         self._adopting: dict[str, asyncio.Lock] = {}
+        #: Destroys under way, by sandbox id (see `destroy`).
+        self._destroying: dict[str, asyncio.Task[None]] = {}
         self._rate = _CreateRate(settings.quotas.creates_per_minute)
         self._reaper: asyncio.Task[None] | None = None
         self.draining = False
@@ -187,7 +189,7 @@ class SandboxManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
         await asyncio.gather(*(self.destroy(s, "shutdown") for s in list(self._sandboxes.values())),
-                             return_exceptions=True)
+                             *self._destroying.values(), return_exceptions=True)
         for runtime in self.runtimes.values():
             try:
                 await runtime.stop()
@@ -333,16 +335,29 @@ class SandboxManager:
         return list(self._sandboxes.values())
 
     async def destroy(self, sandbox: Sandbox, reason: str) -> None:
-        if self._sandboxes.pop(sandbox.id, None) is None:
-            return
+        """Remove the sandbox; returns once it is gone, also when another caller started it.
+
+        The work runs in a task of its own that the caller's cancellation does not reach: a
+        session that destroys its own sandbox is closed by it, a REST client may hang up, and a
+        destroy cut short would leave the runtime's sandbox behind."""
+        task = self._destroying.get(sandbox.id)
+        if task is None:
+            if self._sandboxes.pop(sandbox.id, None) is None:
+                return
+            task = asyncio.create_task(self._teardown(sandbox, reason), name=f"destroy-{sandbox.id}")
+            self._destroying[sandbox.id] = task
+            task.add_done_callback(lambda _: self._destroying.pop(sandbox.id, None))
+        await asyncio.shield(task)
+
+    async def _teardown(self, sandbox: Sandbox, reason: str) -> None:
         sandbox.state = "destroyed"
-        sandbox.destroyed.set()
         await sandbox.agent.close()
         for task in list(sandbox.tasks):
-            if task is not asyncio.current_task():
-                task.cancel()
-        await asyncio.gather(*(t for t in sandbox.tasks if t is not asyncio.current_task()),
-                             return_exceptions=True)
+            task.cancel()
+        await asyncio.gather(*sandbox.tasks, return_exceptions=True)
+        # Sessions close (4404) only now: a pump cancelled in a send to a stalled client cancels
+        # aiohttp's drain future that the session's close would be waiting on too.
+        sandbox.destroyed.set()
         try:
             await sandbox.backend.destroy()
         except Exception:
@@ -473,8 +488,14 @@ class SandboxManager:
                                                "SIGTERM, SIGINT), not deliver other signals")
         if record.running:
             record.timed_out_after = None
-            await self.restart_agent(sandbox, sandbox.agent)
+            # The restart runs on its own, so the `{}` goes out before the exec's end
+            # (docs/protocol.md): the caller sends it before this task can end the stream.
+            sandbox.spawn(self._stop_by_restart(sandbox, sandbox.agent), f"stop-{record.exec_id}")
         return {}
+
+    async def _stop_by_restart(self, sandbox: Sandbox, agent: AgentClient) -> None:
+        with contextlib.suppress(ProtocolError):  # a failed restart already marked the sandbox
+            await self.restart_agent(sandbox, agent)
 
     async def metrics(self, sandbox: Sandbox) -> dict[str, Any]:
         guest = await self.request(sandbox, "metrics", {})

@@ -14,7 +14,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from gateway import __version__
 from gateway.protocol.client import (
@@ -34,6 +34,10 @@ MAX_PROTOCOL_ERRORS = 100
 CLOSE_PROTOCOL_ERROR = 4400
 CLOSE_DESTROYED = 4404
 CLOSE_TOO_SLOW = 4408
+#: Seconds from the gateway's decision to close a session to its connection being cut, if the
+#: close handshake is not done by then. A client that stopped reading never takes the close frame,
+#: and would hold its session (and a shutdown) forever.
+CLOSE_TIMEOUT_S = 5.0
 PATH_FIELDS = ("path", "src", "dst")
 
 
@@ -75,8 +79,12 @@ class Subscription:
 
 class Session:
     def __init__(self, ws: web.WebSocketResponse, codec: ClientCodec, manager: SandboxManager,
-                 sandbox: Sandbox) -> None:
+                 sandbox: Sandbox, transport: asyncio.Transport | None = None) -> None:
         self.ws = ws
+        self.transport = transport
+        #: (code, reason) once the gateway decided to close this session (`request_close`).
+        self._close_request: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
+        self._abort_timer: asyncio.TimerHandle | None = None
         self.codec = codec
         self.manager = manager
         self.sandbox = sandbox
@@ -107,7 +115,55 @@ class Session:
         task.add_done_callback(self.tasks.discard)
 
     def close_later(self, code: int, message: str) -> None:
-        self.spawn(self.ws.close(code=code, message=message.encode()))
+        self.request_close(code, message)
+
+    def request_close(self, code: int, message: str) -> None:
+        """Close this session with `code`. The handler's task does it (`receive`): only the one
+        task that reads the socket can wait for the client's close frame before the connection
+        closes, and a client may still be decoding what came before ours (Node's WebSocket drops
+        a message it is still inflating when the connection closes under it). Whatever happens,
+        the connection is cut after CLOSE_TIMEOUT_S."""
+        if self._close_request.done():
+            return
+        self._close_request.set_result((code, message))
+        self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, self._abort)
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def receive(self) -> WSMessage | None:
+        """The client's next text or binary message; None when the session ends (the client
+        closed, or `request_close` was called: then the close handshake is done here)."""
+        while not self._close_request.done():
+            receive = asyncio.ensure_future(self.ws.receive())
+            try:
+                await asyncio.wait((receive, self._close_request), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not receive.done():
+                    receive.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await receive
+            if self._close_request.done():
+                break
+            msg = receive.result()
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                return msg
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                return None
+        code, message = self._close_request.result()
+        try:
+            await self.ws.close(code=code, message=message.encode())
+        except asyncio.CancelledError:
+            # aiohttp's sends on one connection wait on one shared drain future: a task cancelled
+            # in a send to this (stalled) client cancels the close's wait as well. Not ours: cut.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            self._abort()
+        except Exception as exc:  # the connection is already gone
+            log.debug("session close failed: %s", exc)
+        return None
 
     async def reply_error(self, request_id: Any, error: ProtocolError) -> None:
         self.errors += 1
@@ -213,6 +269,8 @@ class Session:
                     await sub.deliver_keepalive()
 
     async def close(self) -> None:
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
         for record in self.sandbox.execs.values():
             for sub in list(self.subscriptions):
                 record.detach(sub)
@@ -234,18 +292,15 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(protocols=(subprotocol,), max_msg_size=MAX_CLIENT_MESSAGE, heartbeat=30.0)
     await ws.prepare(request)
     request.app[SOCKETS].add(ws)
-    session = Session(ws, ClientCodec(subprotocol), manager, sandbox)
+    session = Session(ws, ClientCodec(subprotocol), manager, sandbox, request.transport)
     sandbox.sessions += 1
     sandbox.touch()
     session.spawn(session.keepalive(settings.keepalive_s))
     session.spawn(_close_on_destroy(session))
     try:
-        async for msg in ws:
+        while (msg := await session.receive()) is not None:
             sandbox.touch()
-            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                await session.handle(msg.data)
-            elif msg.type == WSMsgType.ERROR:
-                break
+            await session.handle(msg.data)
     finally:
         request.app[SOCKETS].discard(ws)
         sandbox.sessions -= 1
@@ -256,8 +311,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 async def _close_on_destroy(session: Session) -> None:
     await session.sandbox.destroyed.wait()
-    with contextlib.suppress(Exception):
-        await session.ws.close(code=CLOSE_DESTROYED, message=b"sandbox destroyed")
+    session.request_close(CLOSE_DESTROYED, "sandbox destroyed")
 
 
 def add_routes(app: web.Application) -> None:

@@ -91,6 +91,15 @@ class Launcher:
             # asyncio's back ("Unknown child process", a wrong exit code).
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, signal.SIGKILL)
+        # Nobody reads the agent's stdout once its channel is closed, so its pipe transport may be
+        # paused with output buffered, and then never sees end-of-file; asyncio's Process.wait()
+        # (Python < 3.12) waits for every pipe to close, so the wait would hang forever (a destroy
+        # or an agent restart during a flood). Close that pipe: its data has no reader anyway.
+        # Only this pipe: closing the whole transport could reap the child behind asyncio's back.
+        transport = getattr(self.proc, "_transport", None)
+        stdout_pipe = transport.get_pipe_transport(1) if transport is not None else None
+        if stdout_pipe is not None:
+            stdout_pipe.close()
         await self.exited()
         self._stderr_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -1,0 +1,222 @@
+"""Regression tests for session defects: destroy with stalled clients, signals on a flood, the
+destroy reply, the client-leg hello, keepalive sequence numbers, liveness ops on a busy agent.
+
+Everything runs through a real gateway (pytest-aiohttp) on the real WASM runtime, with real
+WebSocket clients. A "stalled" client is a real WebSocket client (the `websockets` library) on a
+socket with a tiny receive buffer that stops reading: once the kernel buffers and the gateway's
+transport buffer are full, the gateway's sends to it block, exactly as with a browser tab that
+froze. No test sleeps: a stall is proved by a second, reading client's keepalives (the gateway
+sends one only after `keepalive_s` without an event on that client's stream, and every event is
+delivered to the stalled client first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+from websockets.asyncio.client import ClientConnection, connect
+
+from gateway import hookimpl
+from gateway.config import Settings
+from gateway.web.app import MANAGER, create_app
+
+pytestmark = [pytest.mark.wasm, pytest.mark.usefixtures("wasm_compiled")]
+
+KEY = "session-defects-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+#: Turns a hang into a failure; nothing here should come anywhere near it.
+DEADLINE = 30.0
+#: Python in the WASM sandbox writing 60 KB lines as fast as it can, forever.
+FLOOD = "import sys\nwhile True:\n    sys.stdout.write('x' * 60000 + '\\n')\n"
+
+
+class DestroyedHook:
+    """A plugin that records each finished destroy (the hook fires at the very end of it)."""
+
+    def __init__(self) -> None:
+        self.destroyed: dict[str, asyncio.Event] = {}
+
+    def event(self, sandbox_id: str) -> asyncio.Event:
+        return self.destroyed.setdefault(sandbox_id, asyncio.Event())
+
+    @hookimpl
+    def sandgate_sandbox_destroyed(self, sandbox_id: str, tenant: str, runtime: str, reason: str) -> None:
+        self.event(sandbox_id).set()
+
+
+@pytest.fixture
+def hook() -> DestroyedHook:
+    return DestroyedHook()
+
+
+@pytest.fixture
+async def gateway(aiohttp_client: Any, hook: DestroyedHook) -> TestClient[Any, Any]:
+    # A client that stalls is never dropped for being slow here (client_send_timeout_s is an
+    # hour), so nothing in these tests can pass by waiting out that timeout.
+    settings = Settings(api_keys={KEY: "tenant"}, blocked_plugins=("microvm", "pod"), default_runtime="wasm",
+                        keepalive_s=0.05, client_send_timeout_s=3600.0, reap_interval_s=3600.0,
+                        runtimes={"wasm": {"pool_size": 1}})
+    return await aiohttp_client(create_app(settings, plugins=[hook]))  # type: ignore[no-any-return]
+
+
+async def _create(gateway: TestClient[Any, Any]) -> str:
+    resp = await gateway.post("/v1/sandboxes", json={}, headers=AUTH)
+    assert resp.status == 201, await resp.text()
+    return str((await resp.json())["id"])
+
+
+async def _ws(gateway: TestClient[Any, Any], sid: str) -> aiohttp.ClientWebSocketResponse:
+    return await gateway.ws_connect(f"/v1/sandboxes/{sid}/ws", headers=AUTH)
+
+
+async def _receive(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+    async with asyncio.timeout(DEADLINE):
+        msg = await ws.receive()
+    assert msg.type == aiohttp.WSMsgType.TEXT, (msg.type, msg.data, msg.extra)
+    return json.loads(msg.data)  # type: ignore[no-any-return]
+
+
+async def _closed_with(ws: aiohttp.ClientWebSocketResponse) -> int:
+    """Read until the gateway's close frame; its code."""
+    async with asyncio.timeout(DEADLINE):
+        while (msg := await ws.receive()).type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+            pass
+    assert msg.type == aiohttp.WSMsgType.CLOSE, msg
+    assert ws.close_code == msg.data, "a clean close handshake"
+    return int(msg.data)
+
+
+@pytest.fixture
+async def stalled(gateway: TestClient[Any, Any]) -> AsyncIterator[Any]:
+    """A factory of real WebSocket clients that never read after the handshake."""
+    opened: list[ClientConnection] = []
+
+    async def open_stalled(sid: str) -> ClientConnection:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a tiny window
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (gateway.server.host, gateway.server.port))
+        conn = await connect(f"ws://{gateway.server.host}:{gateway.server.port}/v1/sandboxes/{sid}/ws", sock=sock,
+                             additional_headers=AUTH, compression=None, max_queue=1, ping_interval=None)
+        opened.append(conn)
+        return conn
+
+    yield open_stalled
+    for conn in opened:
+        conn.transport.abort()  # a client that never read: its unread bytes reset the connection
+
+
+async def _start_flood_with_viewer(
+    gateway: TestClient[Any, Any], stalled: Any, sid: str, code: str = FLOOD
+) -> tuple[ClientConnection, aiohttp.ClientWebSocketResponse, list[dict[str, Any]]]:
+    """Start `code` from a stalled client, attach a reading viewer, and return once the viewer's
+    keepalive proves the exec's output is held up by the stalled client. Returns the stalled
+    client, the viewer, and the events the viewer got."""
+    stuck = await stalled(sid)
+    await stuck.send(json.dumps({"id": 1, "op": "exec.start", "language": "python", "tag": "flood", "code": code}))
+    viewer = await _ws(gateway, sid)
+    await viewer.send_json({"id": 1, "op": "exec.attach", "tag": "flood", "from_seq": 0})
+    reply = await _receive(viewer)
+    assert reply["result"]["exec_id"] == "e1", reply
+    seen = []
+    while (message := await _receive(viewer))["ev"] != "keepalive":
+        seen.append(message)
+    assert seen and seen[-1]["ev"] == "data" and message["seq"] == seen[-1]["seq"]
+    return stuck, viewer, seen
+
+
+# -- 1. destroy with stalled clients ---------------------------------------------------------
+
+
+async def test_rest_delete_finishes_while_a_client_stalls_on_a_flood(
+    gateway: TestClient[Any, Any], stalled: Any, hook: DestroyedHook
+) -> None:
+    sid = await _create(gateway)
+    backend = gateway.app[MANAGER].get("tenant", sid).backend
+    _stuck, viewer, _ = await _start_flood_with_viewer(gateway, stalled, sid)
+    async with asyncio.timeout(DEADLINE):
+        resp = await gateway.delete(f"/v1/sandboxes/{sid}", headers=AUTH)
+    assert resp.status == 204
+    assert hook.event(sid).is_set(), "the destroy ran to its end"
+    assert backend.launcher.proc.returncode is not None
+    assert await _closed_with(viewer) == 4404
+    # Shutting the gateway down with the stalled client still connected is prompt and clean
+    # (pytest turns ResourceWarnings and unraisable __del__ errors into failures).
+    async with asyncio.timeout(DEADLINE):
+        await gateway.close()
+
+
+async def test_ws_destroy_finishes_while_another_client_stalls_on_a_flood(
+    gateway: TestClient[Any, Any], stalled: Any, hook: DestroyedHook
+) -> None:
+    sid = await _create(gateway)
+    _stuck, viewer, _ = await _start_flood_with_viewer(gateway, stalled, sid)
+    await viewer.send_json({"id": 2, "op": "sandbox.destroy"})
+    async with asyncio.timeout(DEADLINE):
+        await hook.event(sid).wait()
+    assert await _closed_with(viewer) == 4404
+    async with asyncio.timeout(DEADLINE):
+        await gateway.close()
+
+
+async def test_rest_delete_finishes_while_the_client_reads_a_flood(
+    gateway: TestClient[Any, Any], hook: DestroyedHook
+) -> None:
+    sid = await _create(gateway)
+    ws = await _ws(gateway, sid)
+    await ws.send_json({"id": 1, "op": "exec.start", "language": "python", "code": FLOOD})
+    assert (await _receive(ws))["ev"] == "start"
+    assert (await _receive(ws))["ev"] == "data"
+    async with asyncio.timeout(DEADLINE):
+        resp = await gateway.delete(f"/v1/sandboxes/{sid}", headers=AUTH)
+    assert resp.status == 204 and hook.event(sid).is_set()
+    assert await _closed_with(ws) == 4404
+
+
+# -- 2. SIGKILL on a flooding exec -----------------------------------------------------------
+
+
+async def test_sigkill_on_a_flooding_exec_is_answered(gateway: TestClient[Any, Any], stalled: Any) -> None:
+    sid = await _create(gateway)
+    # The stalled client holds the exec's output back, so the gateway stops reading the agent:
+    # the agent's pipe is full when the signal restarts it.
+    stuck, viewer, seen = await _start_flood_with_viewer(gateway, stalled, sid)
+    await viewer.send_json({"id": 2, "op": "exec.signal", "exec_id": "e1", "signal": "SIGKILL"})
+    while (message := await _receive(viewer)).get("id") != 2:
+        seen.append(message)
+    assert message == {"id": 2, "result": {}}
+    stuck.transport.abort()  # the stalled client goes: the rest of the stream reaches the viewer
+    while not seen or seen[-1].get("ev") != "end":
+        seen.append(await _receive(viewer))
+    assert seen[-1]["error"]["code"] == "guest_died", seen[-1]
+    # The sandbox goes on with a fresh agent.
+    await viewer.send_json({"id": 3, "op": "exec.start", "language": "python", "code": "print('alive')"})
+    events = []
+    while not events or events[-1].get("ev") != "end":
+        if (message := await _receive(viewer)).get("id") == 3:
+            events.append(message)
+    assert b"".join(base64.b64decode(e["data"]) for e in events if e["ev"] == "data") == b"alive\n"
+
+
+async def test_sigkill_on_a_read_flood_is_answered(gateway: TestClient[Any, Any]) -> None:
+    sid = await _create(gateway)
+    ws = await _ws(gateway, sid)
+    await ws.send_json({"id": 1, "op": "exec.start", "language": "python", "code": FLOOD})
+    start = await _receive(ws)
+    assert (await _receive(ws))["ev"] == "data"
+    await ws.send_json({"id": 2, "op": "exec.signal", "exec_id": start["exec_id"], "signal": "SIGKILL"})
+    while (message := await _receive(ws)).get("id") != 2:
+        assert message["ev"] == "data", "the reply comes before the stream's end (docs/protocol.md)"
+    assert message == {"id": 2, "result": {}}
+    while (message := await _receive(ws))["ev"] != "end":
+        pass
+    assert message["error"]["code"] == "guest_died", message
+
