@@ -82,6 +82,8 @@ class Session:
                  sandbox: Sandbox, transport: asyncio.Transport | None = None) -> None:
         self.ws = ws
         self.transport = transport
+        #: This session asked for its sandbox's destroy: it closes itself after the reply.
+        self.destroying = False
         #: (code, reason) once the gateway decided to close this session (`request_close`).
         self._close_request: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
         self._abort_timer: asyncio.TimerHandle | None = None
@@ -212,8 +214,15 @@ class Session:
         if op == "sandbox.info":
             return sandbox.describe()
         if op == "sandbox.destroy":
-            await manager.destroy(sandbox, "api")
-            return {}
+            # docs/protocol.md §3: the reply, then the 4404 close. Every other session is closed
+            # during the destroy (_close_on_destroy); this one only after its reply.
+            self.destroying = True
+            try:
+                await manager.destroy(sandbox, "api")
+                await self.send({"id": request_id, "result": {}})
+            finally:
+                self.request_close(CLOSE_DESTROYED, "sandbox destroyed")
+            return None
         if op == "exec.start":
             subscription = Subscription(self, request_id)
             self.subscriptions.add(subscription)
@@ -311,7 +320,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 async def _close_on_destroy(session: Session) -> None:
     await session.sandbox.destroyed.wait()
-    session.request_close(CLOSE_DESTROYED, "sandbox destroyed")
+    if not session.destroying:  # a session's own sandbox.destroy closes it after the reply
+        session.request_close(CLOSE_DESTROYED, "sandbox destroyed")
 
 
 def add_routes(app: web.Application) -> None:

@@ -220,3 +220,26 @@ async def test_sigkill_on_a_read_flood_is_answered(gateway: TestClient[Any, Any]
         pass
     assert message["error"]["code"] == "guest_died", message
 
+
+# -- 3. sandbox.destroy answers before the session closes ------------------------------------
+
+
+@pytest.mark.parametrize("flooding", [False, True], ids=["quiet", "flooding"])
+async def test_ws_destroy_replies_then_closes_4404(
+    gateway: TestClient[Any, Any], hook: DestroyedHook, flooding: bool
+) -> None:
+    sid = await _create(gateway)
+    ws = await _ws(gateway, sid)
+    other = await _ws(gateway, sid)
+    if flooding:  # the reply must also get through a stream in full flow on the same socket
+        await ws.send_json({"id": 1, "op": "exec.start", "language": "python", "code": FLOOD})
+        assert (await _receive(ws))["ev"] == "start"
+    await ws.send_json({"id": 2, "op": "sandbox.destroy"})
+    while (message := await _receive(ws)).get("id") != 2:
+        assert message.get("id") == 1, message
+    assert message == {"id": 2, "result": {}}
+    assert hook.event(sid).is_set(), "the reply comes once the sandbox is gone"
+    assert await _closed_with(ws) == 4404
+    assert await _closed_with(other) == 4404
+    resp = await gateway.get(f"/v1/sandboxes/{sid}", headers=AUTH)
+    assert resp.status == 404
