@@ -3,37 +3,62 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import socket
 import sys
 from collections.abc import Sequence
 
 from gateway import __version__
+from gateway.config import ConfigError
+
+#: What binding the configured host and port can fail with: the setting's fault, not the gateway's.
+BIND_ERRORS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from gateway.config import load_settings
-    from gateway.web.app import create_app
+    from gateway.config import check_runtime_tables, load_settings
+    from gateway.web.app import MANAGER, create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(args.config, host=args.host, port=args.port).with_generated_key_if_needed()
-    if settings.generated_key is not None:
-        print(
-            f"sandgate {__version__}: no API keys configured, serving on loopback only.\n"
-            f"  API key for this run (tenant 'default'): {settings.generated_key}\n"
-            f"  try: curl -H 'Authorization: Bearer {settings.generated_key}' "
-            f"http://{settings.host}:{settings.port}/v1/runtimes",
-            flush=True,
-        )
+    # The [runtimes.<id>] tables come from the file only, so their errors name it.
+    where = f"{args.config}: " if args.config else ""
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # a runtime refusing its table in its constructor
+        raise ConfigError(f"{where}{exc}") from None
+    try:
+        check_runtime_tables(settings, app[MANAGER].runtimes)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+
+    def ready(text: str) -> None:
+        # Called once listening: a gateway that cannot listen never shows a key it will not honour.
+        if settings.generated_key is not None:
+            print(
+                f"sandgate {__version__}: no API keys configured, serving on loopback only.\n"
+                f"  API key for this run (tenant 'default'): {settings.generated_key}\n"
+                f"  try: curl -H 'Authorization: Bearer {settings.generated_key}' "
+                f"http://{settings.host}:{settings.port}/v1/runtimes",
+            )
+        print(text.strip(), flush=True)
+
     # run_app turns SIGINT/SIGTERM into a graceful shutdown: sessions closed, every sandbox destroyed.
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=_ready_line,
-                shutdown_timeout=30.0)
+    try:
+        web.run_app(app, host=settings.host, port=settings.port, print=ready, shutdown_timeout=30.0)
+    except OSError as exc:
+        if isinstance(exc, socket.gaierror):
+            reason = exc.strerror
+        elif exc.errno in BIND_ERRORS:
+            reason = os.strerror(exc.errno)
+        else:
+            raise
+        raise ConfigError(f"cannot listen on {settings.host} port {settings.port}: {reason}") from None
     return 0
-
-
-def _ready_line(text: str) -> None:
-    print(text.strip(), flush=True)
 
 
 def _images_build(args: argparse.Namespace) -> int:
@@ -105,8 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status. A bad setting is one line on stderr and status 2, the
+    status argparse gives a bad argument, and never a traceback."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"sandgate {args.command}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ import re
 import secrets
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from gateway import __version__
+from gateway.config import ConfigError, check_fields, check_keys
 
 #: The agent image the Helm chart and helm/Dockerfile.agent build: the guest agent and msgpack at
 #: /opt/sandgate, on a python3 base.
@@ -21,14 +22,6 @@ DEFAULT_EGRESS_EXCEPT = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.2
 IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|Ki|Mi|Gi)?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-
-KNOWN = {
-    "kubeconfig", "context", "namespace", "mode", "channel", "agent_image", "image", "templates",
-    "image_pull_policy", "runtime_class_name", "run_as_user", "read_only_root_filesystem", "cpu_limit",
-    "cpu_request", "tmp_mb", "pool_size", "pool_refill_per_s", "ready_timeout_s", "fail_unschedulable",
-    "max_ttl_s", "lease_duration_s", "sweep_interval_s", "egress_except", "delete_grace_s", "node_selector",
-    "tolerations", "gateway_id", "python", "service_account_name", "pool_memory_mb", "pool_disk_mb",
-}
 
 
 @dataclass(frozen=True)
@@ -79,18 +72,20 @@ class PodSettings:
     def sandbox_image(self) -> str:
         return self.image or self.agent_image
 
+    def __post_init__(self) -> None:
+        # Types only: the bounds in _check need from_config's namespace and gateway_id.
+        check_fields(self, "[runtimes.pod] ")
+
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> PodSettings:
-        """Raises ValueError naming the bad setting."""
-        unknown = set(config) - KNOWN
-        if unknown:
-            raise ValueError(f"unknown settings in [runtimes.pod]: {sorted(unknown)}")
+        """Raises ConfigError (a ValueError) naming the bad setting."""
+        check_keys(config, (f.name for f in fields(cls)), "[runtimes.pod]")
         values = dict(config)
         if "namespace" not in values:
             values["namespace"] = _default_namespace()
-        for name in ("egress_except", "tolerations"):
-            if name in values:
-                values[name] = tuple(values[name])
+        for name in ("cpu_limit", "cpu_request"):  # `cpu_limit = 1` is a quantity too
+            if isinstance(values.get(name), int | float) and not isinstance(values[name], bool):
+                values[name] = f"{values[name]:g}"
         if not values.get("gateway_id"):
             values["gateway_id"] = _gateway_id()
         settings = cls(**values)
@@ -99,27 +94,29 @@ class PodSettings:
 
     def _check(self) -> None:
         if self.mode not in ("pod", "agent-sandbox"):
-            raise ValueError(f"[runtimes.pod] mode must be 'pod' or 'agent-sandbox', not {self.mode!r}")
+            raise ConfigError(f"[runtimes.pod] mode must be 'pod' or 'agent-sandbox', not {self.mode!r}")
         if self.channel not in ("exec", "attach"):
-            raise ValueError(f"[runtimes.pod] channel must be 'exec' or 'attach', not {self.channel!r}")
+            raise ConfigError(f"[runtimes.pod] channel must be 'exec' or 'attach', not {self.channel!r}")
         if not _DNS_LABEL.match(self.namespace):
-            raise ValueError(f"[runtimes.pod] namespace {self.namespace!r} is not a DNS label")
+            raise ConfigError(f"[runtimes.pod] namespace {self.namespace!r} is not a DNS label")
         if not _DNS_LABEL.match(self.gateway_id) or len(self.gateway_id) > 50:
-            raise ValueError(f"[runtimes.pod] gateway_id {self.gateway_id!r}: a DNS label of at most 50 characters")
+            raise ConfigError(f"[runtimes.pod] gateway_id {self.gateway_id!r}: a DNS label of at most 50 characters")
         for name in ("cpu_limit", "cpu_request"):
             if not _QUANTITY.match(str(getattr(self, name))):
-                raise ValueError(f"[runtimes.pod] {name} is not a Kubernetes quantity: {getattr(self, name)!r}")
+                raise ConfigError(f"[runtimes.pod] {name} is not a Kubernetes quantity: {getattr(self, name)!r}")
         if self.image_pull_policy not in (None, "Always", "IfNotPresent", "Never"):
-            raise ValueError("[runtimes.pod] image_pull_policy must be Always, IfNotPresent or Never")
+            raise ConfigError("[runtimes.pod] image_pull_policy must be Always, IfNotPresent or Never")
         if self.run_as_user <= 0:
-            raise ValueError("[runtimes.pod] run_as_user must be a non-root uid (> 0)")
-        for name in ("ready_timeout_s", "max_ttl_s", "lease_duration_s", "sweep_interval_s"):
+            raise ConfigError("[runtimes.pod] run_as_user must be a non-root uid (> 0)")
+        for name in ("ready_timeout_s", "max_ttl_s", "lease_duration_s", "sweep_interval_s", "tmp_mb",
+                     "pool_refill_per_s", "pool_memory_mb", "pool_disk_mb"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"[runtimes.pod] {name} must be > 0")
-        if self.pool_size < 0 or self.tmp_mb <= 0 or self.delete_grace_s < 0:
-            raise ValueError("[runtimes.pod] pool_size >= 0, tmp_mb > 0 and delete_grace_s >= 0, please")
+                raise ConfigError(f"[runtimes.pod] {name} must be > 0, not {getattr(self, name)!r}")
+        for name in ("pool_size", "delete_grace_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"[runtimes.pod] {name} must be >= 0, not {getattr(self, name)!r}")
         if self.pool_size and self.mode != "pod":
-            raise ValueError("[runtimes.pod] pool_size needs mode = 'pod' (agent-sandbox has SandboxWarmPool)")
+            raise ConfigError("[runtimes.pod] pool_size needs mode = 'pod' (agent-sandbox has SandboxWarmPool)")
 
 
 def _default_namespace() -> str:
