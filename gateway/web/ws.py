@@ -208,7 +208,12 @@ class Session:
         manager, sandbox = self.manager, self.sandbox
         fields = {k: v for k, v in message.items() if k not in ("id", "op")}
         if op == "hello":
+            # docs/protocol.md §3: `agent` and `platform` are the sandbox agent's own (from its
+            # hello); `max_frame` is this leg's limit, the largest message a client may send.
+            agent_hello = sandbox.agent.hello
             return {"version": PROTOCOL_VERSION, "gateway": f"sandgate/{__version__}",
+                    "agent": agent_hello.get("agent"), "platform": agent_hello.get("platform"),
+                    "max_frame": MAX_CLIENT_MESSAGE,
                     "subprotocol": self.codec.subprotocol, "sandbox": sandbox.describe(),
                     "capabilities": sorted(sandbox.capabilities)}
         if op == "sandbox.info":

@@ -26,6 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from gateway import hookimpl
 from gateway.config import Settings
+from gateway.protocol.client import MAX_CLIENT_MESSAGE
 from gateway.web.app import MANAGER, create_app
 
 pytestmark = [pytest.mark.wasm, pytest.mark.usefixtures("wasm_compiled")]
@@ -243,3 +244,20 @@ async def test_ws_destroy_replies_then_closes_4404(
     assert await _closed_with(other) == 4404
     resp = await gateway.get(f"/v1/sandboxes/{sid}", headers=AUTH)
     assert resp.status == 404
+
+
+# -- 4. the client-leg hello -----------------------------------------------------------------
+
+
+async def test_client_hello_carries_the_agents_identity_and_the_frame_limit(gateway: TestClient[Any, Any]) -> None:
+    sid = await _create(gateway)
+    agent_hello = gateway.app[MANAGER].get("tenant", sid).agent.hello
+    ws = await _ws(gateway, sid)
+    await ws.send_json({"id": 1, "op": "hello", "version": 1})
+    hello = (await _receive(ws))["result"]
+    assert hello["version"] == 1 and hello["subprotocol"] == "sandgate.v1.json"
+    assert hello["agent"] == agent_hello["agent"] and hello["agent"].startswith("sandgate-guest/")
+    assert hello["platform"] == agent_hello["platform"] == "wasi"
+    assert hello["max_frame"] == MAX_CLIENT_MESSAGE, "the largest message the gateway takes from a client"
+    assert hello["sandbox"]["id"] == sid and "exec.python" in hello["capabilities"]
+    assert hello["gateway"].startswith("sandgate/")
