@@ -33,7 +33,7 @@ from .features import Features, detect
 from .fsops import FileOps, Root, os_error, read_chunks
 from .pyrunner import PYTHON_KILL_GRACE, PythonRunner, is_exec_thread
 from .records import ExecRecord, Stream
-from .signals import signal_name, signal_number
+from .signals import signal_name, signal_number, unignore_for_children
 from .timers import Scheduler
 
 if TYPE_CHECKING:
@@ -74,6 +74,8 @@ class Agent:
         cgroup: SandboxCgroup | None = None,
     ) -> None:
         self.features = features or detect()
+        if self.features.processes:
+            unignore_for_children()
         self._cgroup = cgroup
         self.root = Root(root)
         self.files = FileOps(self.root)

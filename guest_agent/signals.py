@@ -36,3 +36,28 @@ def signal_name(number: int) -> str:
         return signal.Signals(number).name
     except (ImportError, ValueError):
         return f"SIG{number}"
+
+
+def unignore_for_children() -> None:
+    """Let processes the agent starts get the default SIGINT and SIGQUIT.
+
+    An agent started as a background job (`cmd &` in a script, some init systems) inherits those
+    two ignored, and an ignored signal stays ignored across fork and exec: every exec's ^C would
+    then do nothing. A *handled* signal is reset to its default at exec, so the agent handles them
+    (and, as before, does nothing on them itself). Only the main thread may do this; where it is
+    not the main thread, or there are no signals (WASI), nothing changes.
+    """
+    try:
+        import signal
+    except ImportError:
+        return
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        try:
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                signal.signal(sig, _do_nothing)
+        except (ValueError, OSError):
+            return
+
+
+def _do_nothing(signum: int, frame: Any) -> None:
+    pass

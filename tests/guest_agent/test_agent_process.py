@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from tests.guest_agent.agent_harness import AgentClient, wait_gone
+from tests.guest_agent.agent_harness import AgentClient, SubprocessAgent, wait_gone
 
 
 def test_argv(client: AgentClient) -> None:
@@ -179,6 +180,21 @@ def test_sigwinch_reaches_the_foreground_process(client: AgentClient) -> None:
 
 
 def test_ctrl_c_typed_into_the_pty_interrupts_the_foreground_job(client: AgentClient) -> None:
+    _ctrl_c_interrupts_the_foreground_job(client)
+
+
+def test_ctrl_c_works_in_an_agent_started_with_sigint_ignored(tmp_path: Path) -> None:
+    # A background job (`.ci/run &`) starts with SIGINT and SIGQUIT ignored, and an ignored signal
+    # stays ignored across exec: the agent must not hand that on to the processes it starts.
+    agent_cmd = f'trap "" INT QUIT; exec "{sys.executable}" -m guest_agent --root "{tmp_path}"'
+    agent = SubprocessAgent(tmp_path, argv=["/bin/sh", "-c", agent_cmd])
+    try:
+        _ctrl_c_interrupts_the_foreground_job(agent.client)
+    finally:
+        agent.stop()
+
+
+def _ctrl_c_interrupts_the_foreground_job(client: AgentClient) -> None:
     # The job says "go" once it runs: a ^C typed before the shell forked it would be caught and
     # deferred by the shell (dash does under -c) and so would not show that it reached the job.
     job = "import time; print('go', flush=True); time.sleep(100)"
