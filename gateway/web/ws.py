@@ -57,18 +57,24 @@ class Subscription:
     def __init__(self, session: Session, client_id: int) -> None:
         self.session = session
         self.client_id = client_id
+        #: The seq of the last event written to the socket (set under the session's send lock).
         self.last_seq: int | None = None
         self.last_sent = time.monotonic()
+        #: A delivery is under way (perhaps waiting on a slow client): the stream is not quiet.
+        self.sending = False
 
     async def deliver(self, event: dict[str, Any]) -> None:
-        await self.session.send({"id": self.client_id, **event})
-        self.last_seq = event["seq"]
+        self.sending = True
+        try:
+            await self.session.send({"id": self.client_id, **event}, subscription=self)
+        finally:
+            self.sending = False
         self.last_sent = time.monotonic()
         if event["ev"] == "end":  # a finished stream gets no more keepalives
             self.session.subscriptions.discard(self)
 
     async def deliver_keepalive(self) -> None:
-        await self.session.send({"id": self.client_id, "ev": "keepalive", "seq": self.last_seq})
+        await self.session.send_keepalive(self)
         self.last_sent = time.monotonic()
 
     def dropped(self, reason: str) -> None:
@@ -103,13 +109,27 @@ class Session:
         while True:
             await self.run(await self._controls.get())
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: dict[str, Any], subscription: Subscription | None = None) -> None:
+        """Send one message; an event of `subscription`'s stream also records its seq as sent."""
         payload = self.codec.encode(message)
         async with self._send_lock:
-            if isinstance(payload, bytes):
-                await self.ws.send_bytes(payload)
-            else:
-                await self.ws.send_str(payload)
+            await self._write(payload)
+            if subscription is not None:
+                subscription.last_seq = message["seq"]
+
+    async def send_keepalive(self, subscription: Subscription) -> None:
+        # Built under the send lock, where `last_seq` is recorded: a keepalive taken while an event
+        # was still being written would otherwise name the event before it (docs/protocol.md §1).
+        async with self._send_lock:
+            if subscription.last_seq is not None:
+                await self._write(self.codec.encode(
+                    {"id": subscription.client_id, "ev": "keepalive", "seq": subscription.last_seq}))
+
+    async def _write(self, payload: str | bytes) -> None:
+        if isinstance(payload, bytes):
+            await self.ws.send_bytes(payload)
+        else:
+            await self.ws.send_str(payload)
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -242,8 +262,10 @@ class Session:
             subscription = Subscription(self, request_id)
             from_seq = field(fields, "from_seq", int, 0)
             # The client has everything before from_seq: a quiet re-attached stream gets keepalives
-            # carrying that, not silence until its next event.
-            subscription.last_seq = from_seq - 1 if from_seq > 0 else None
+            # carrying that, not silence until its next event. Never a seq the stream has not
+            # reached: a from_seq past its end stands for its last event.
+            last_seq = min(from_seq, record.buffer.next_seq) - 1
+            subscription.last_seq = last_seq if last_seq >= 0 else None
             self.subscriptions.add(subscription)
 
             async def reply_first(result: dict[str, Any]) -> None:
@@ -279,8 +301,11 @@ class Session:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for sub in list(self.subscriptions):
-                if now - sub.last_sent >= interval and sub.last_seq is not None:
-                    await sub.deliver_keepalive()
+                if now - sub.last_sent >= interval and sub.last_seq is not None and not sub.sending:
+                    try:
+                        await sub.deliver_keepalive()
+                    except (ConnectionError, RuntimeError):
+                        return  # the socket is closing: nothing more to keep alive
 
     async def close(self) -> None:
         if self._abort_timer is not None:

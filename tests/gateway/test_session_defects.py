@@ -261,3 +261,62 @@ async def test_client_hello_carries_the_agents_identity_and_the_frame_limit(gate
     assert hello["max_frame"] == MAX_CLIENT_MESSAGE, "the largest message the gateway takes from a client"
     assert hello["sandbox"]["id"] == sid and "exec.python" in hello["capabilities"]
     assert hello["gateway"].startswith("sandgate/")
+
+
+# -- 5. keepalives carry the last seq sent ----------------------------------------------------
+
+#: 24 MB of output (far more than the socket buffers of a stalled client hold), then quiet.
+BOUNDED_FLOOD = ("import sys\nfor _ in range(400):\n    sys.stdout.write('x' * 59999 + '\\n')\n"
+                 "sys.stdout.flush()\nsys.stdin.readline()\n")
+BOUNDED_FLOOD_BYTES = 400 * 60000
+
+
+async def test_keepalive_after_a_stalled_delivery_carries_the_last_seq_sent(
+    gateway: TestClient[Any, Any], stalled: Any
+) -> None:
+    sid = await _create(gateway)
+    stuck = await stalled(sid)
+    await stuck.send(json.dumps({"id": 1, "op": "exec.start", "language": "python", "tag": "flood",
+                                 "stdin_open": True, "code": BOUNDED_FLOOD}))
+    viewer = await _ws(gateway, sid)
+    await viewer.send_json({"id": 1, "op": "exec.attach", "tag": "flood", "from_seq": 0})
+    assert "result" in await _receive(viewer)
+    # Keepalives on the viewer while the output is unfinished: the stream is held up by the
+    # stalled client (every event goes to it first), long enough for its own keepalive timer to
+    # come round while its delivery is blocked.
+    viewed = keepalives = 0
+    while keepalives < 3:
+        message = await _receive(viewer)
+        if message["ev"] == "keepalive":
+            keepalives += 1
+        elif message["ev"] == "data":
+            viewed += len(base64.b64decode(message["data"]))
+    assert viewed < BOUNDED_FLOOD_BYTES, "the stalled client did not hold the stream up"
+    await viewer.close()  # it would become the next client to hold the stream up
+    # The stalled client reads again: each keepalive it gets names the last event it got.
+    last_seq, received = None, 0
+    async with asyncio.timeout(DEADLINE):
+        while True:
+            message = json.loads(await stuck.recv())
+            if message["ev"] == "keepalive":
+                assert message["seq"] == last_seq, f"keepalive seq {message['seq']} after event {last_seq}"
+                if received == BOUNDED_FLOOD_BYTES:
+                    break  # the stream went quiet, and its keepalive says where it stands
+                continue
+            last_seq = message["seq"]
+            if message["ev"] == "data":
+                received += len(base64.b64decode(message["data"]))
+
+
+async def test_keepalive_of_an_attach_past_the_end_carries_the_last_seq(gateway: TestClient[Any, Any]) -> None:
+    sid = await _create(gateway)
+    first = await _ws(gateway, sid)
+    await first.send_json({"id": 1, "op": "exec.start", "language": "python", "tag": "quiet", "stdin_open": True,
+                           "code": "print('ready', flush=True)\nimport sys\nsys.stdin.readline()"})
+    assert (await _receive(first))["ev"] == "start"
+    data = await _receive(first)
+    assert data["ev"] == "data" and data["seq"] == 1
+    second = await _ws(gateway, sid)
+    await second.send_json({"id": 5, "op": "exec.attach", "tag": "quiet", "from_seq": 1000})
+    assert (await _receive(second))["result"]["first_seq"] == 2
+    assert await _receive(second) == {"id": 5, "ev": "keepalive", "seq": 1}
