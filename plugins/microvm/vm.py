@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gateway.runtime.agent_client import call_once
 from gateway.runtime.base import ByteChannel, StreamChannel
-from guest_agent.wire import FrameDecoder, ProtocolError, encode_frame
+from guest_agent.wire import ProtocolError
 from plugins.microvm.accel import Accel
 from plugins.microvm.images.cache import BootImage
 
@@ -314,23 +315,7 @@ class Vm:
         """One request on the agent's fresh connection, before the gateway's AgentClient owns it
         (the runtime's own ping and `guest.setup`). The agent says nothing unasked, so any other
         message here is a broken guest."""
-        channel = self.channel()
-        await channel.write(encode_frame({"id": 1, "op": op, **fields}))
-        decoder = FrameDecoder()
-        async with asyncio.timeout(timeout):
-            while True:
-                data = await channel.read()
-                if not data:
-                    raise ProtocolError("guest_died", f"the agent closed its channel during {op}")
-                decoder.receive_data(data)
-                for message in decoder.messages_received():
-                    if message.get("id") != 1:
-                        raise ProtocolError("guest_protocol", f"unexpected agent message during {op}")
-                    if "error" in message:
-                        error = message["error"]
-                        raise ProtocolError(str(error.get("code", "internal")), str(error.get("message", "")))
-                    result: dict[str, Any] = message.get("result") or {}
-                    return result
+        return await call_once(self.channel(), op, timeout, **fields)
 
     async def wait_agent(self, timeout: float) -> None:
         """Wait until the agent answers a ping, or raise with the reason. Bytes sent before the

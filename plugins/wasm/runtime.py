@@ -22,9 +22,10 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from gateway.runtime.agent_client import call_once
 from gateway.runtime.base import Backend, ByteChannel, Progress, Runtime, SandboxSpec, StreamChannel
 from gateway.runtime.pool import WarmPool
-from guest_agent.wire import CHUNK_SIZE, FrameDecoder, ProtocolError, encode_frame
+from guest_agent.wire import CHUNK_SIZE, ProtocolError
 from plugins.common import TerminalProgress, gateway_work_root, remove_orphans
 from plugins.wasm import artifacts
 from plugins.wasm.agent_dir import stage_agent_dir
@@ -108,17 +109,12 @@ class Launcher:
 
     async def wait_ready(self) -> None:
         """Ping the agent once so a pooled launcher is known to answer at once."""
-        channel = self.channel()
-        decoder = FrameDecoder()
-        async with asyncio.timeout(READY_TIMEOUT_S):
-            await channel.write(encode_frame({"id": 0, "op": "ping"}))
-            while True:
-                data = await channel.read()
-                if not data:
-                    raise ProtocolError("guest_died", await self.reason())
-                decoder.receive_data(data)
-                if any(message.get("id") == 0 for message in decoder.messages_received()):
-                    return
+        try:
+            await call_once(self.channel(), "ping", READY_TIMEOUT_S)
+        except ProtocolError as exc:
+            if exc.code != "guest_died":
+                raise
+            raise ProtocolError("guest_died", await self.reason()) from None
 
 
 def close_pipes(proc: asyncio.subprocess.Process) -> None:

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from gateway.runtime.agent_client import AgentClient
+from gateway.runtime.agent_client import AgentClient, call_once
 from gateway.runtime.base import StreamChannel
-from guest_agent.wire import FrameDecoder, encode_frame
+from guest_agent.wire import FrameDecoder, ProtocolError, encode_frame
 
 
 class Guest:
@@ -89,3 +89,36 @@ async def test_guest_closing_the_channel_ends_streams_with_guest_died(pair: tupl
     async with asyncio.timeout(10):
         events = [e async for e in stream]
     assert events[-1]["error"]["code"] == "guest_died"
+
+
+@pytest.mark.parametrize(
+    ("answer", "code"),
+    [
+        ({"error": {"code": "no_such_code", "message": "x"}}, "guest_protocol"),  # was a ValueError in microvm
+        ({"error": "not a map"}, "guest_protocol"),
+        ({"error": {"code": "busy", "message": "later", "retryable": True}}, "busy"),
+        (b"\xff\xff\xff\xff", "guest_protocol"),
+        (None, "guest_died"),
+    ],
+)
+async def test_call_once_turns_whatever_a_hostile_guest_answers_into_a_wire_error(
+    answer: dict[str, Any] | bytes | None, code: str
+) -> None:
+    """A runtime's first request to a fresh agent (ping, microVM guest.setup) goes through
+    call_once, the one place that handshake lives."""
+    ours, theirs = socket.socketpair()
+    channel = StreamChannel(*await asyncio.open_connection(sock=ours))
+    guest = Guest(*await asyncio.open_connection(sock=theirs))
+    try:
+        call = asyncio.create_task(call_once(channel, "ping", 10))
+        request = await guest.next_request()
+        if answer is None:
+            guest.writer.close()
+        else:
+            await guest.send(answer if isinstance(answer, bytes) else {**answer, "id": request["id"]})
+        with pytest.raises(ProtocolError) as info:
+            await call
+        assert info.value.code == code
+    finally:
+        await channel.close()
+        guest.writer.close()
