@@ -477,6 +477,23 @@ class SandboxManager:
                 raise ProtocolError("frame_too_large", f"fs.write takes at most {MAX_WRITE_CHUNK} bytes per request")
         return await (await self._agent(sandbox)).request(op, **fields)
 
+    async def ping(self, sandbox: Sandbox) -> dict[str, Any]:
+        """`ping`, a liveness op: never refused as `busy` (docs/protocol.md §3).
+
+        The agent answers it whenever it can take a request, which proves it alive. An agent
+        without exec.concurrent cannot while it runs an exec (WASM: not until the exec ends or reads
+        stdin), and a forwarded ping would wait in its channel; then the gateway answers for it
+        from what it knows: the agent's channel is open (a dead agent closes it) and the exec's
+        stream is live. A dead agent is restarted first (or this raises guest_died)."""
+        if sandbox.state != "running":
+            raise ProtocolError("guest_died", f"the sandbox is {sandbox.state}")
+        if "exec.concurrent" in sandbox.capabilities or not sandbox.running_execs():
+            return await self.request(sandbox, "ping", {})
+        sandbox.touch()
+        if sandbox.agent.closed.done():
+            await self._agent(sandbox)  # waits out (or does) the restart; raises if it failed
+        return {}
+
     async def signal(self, sandbox: Sandbox, fields: Mapping[str, Any]) -> dict[str, Any]:
         """exec.signal; where the agent has no signals, a killing signal restarts the agent."""
         if "exec.signal" in sandbox.capabilities:

@@ -278,6 +278,8 @@ class Session:
             return {"execs": [r.summary() for r in sandbox.execs.values()]}
         if op == "exec.signal":
             return await manager.signal(sandbox, fields)
+        if op == "ping":
+            return await manager.ping(sandbox)
         if op == "metrics":
             return await manager.metrics(sandbox)
         if op == "fs.read":

@@ -320,3 +320,29 @@ async def test_keepalive_of_an_attach_past_the_end_carries_the_last_seq(gateway:
     await second.send_json({"id": 5, "op": "exec.attach", "tag": "quiet", "from_seq": 1000})
     assert (await _receive(second))["result"]["first_seq"] == 2
     assert await _receive(second) == {"id": 5, "ev": "keepalive", "seq": 1}
+
+
+# -- 6. liveness ops are never refused as busy ------------------------------------------------
+
+
+async def test_liveness_ops_answer_while_a_one_at_a_time_agent_runs_an_exec(gateway: TestClient[Any, Any]) -> None:
+    sid = await _create(gateway)
+    ws = await _ws(gateway, sid)
+    await ws.send_json({"id": 1, "op": "exec.start", "language": "python",
+                        "code": "import time\nprint('running', flush=True)\nwhile True:\n    time.sleep(0.01)"})
+    assert (await _receive(ws))["ev"] == "start"
+    assert (await _receive(ws))["ev"] == "data"  # the exec runs: the WASM agent is inside it
+    results = {}
+    for request_id, op in enumerate(("ping", "hello", "sandbox.info"), start=2):
+        await ws.send_json({"id": request_id, "op": op, "version": 1})
+        while (message := await _receive(ws)).get("id") != request_id:
+            assert message["ev"] == "keepalive", message
+        assert "result" in message, message
+        results[op] = message["result"]
+    assert results["ping"] == {}
+    assert results["hello"]["sandbox"]["id"] == sid and results["sandbox.info"]["execs_running"] == 1
+    # Other requests still wait for the exec to end (docs/architecture.md: busy, not queued).
+    await ws.send_json({"id": 9, "op": "fs.stat", "path": "."})
+    while (message := await _receive(ws)).get("id") != 9:
+        pass
+    assert message["error"]["code"] == "busy"
