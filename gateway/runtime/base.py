@@ -176,6 +176,12 @@ class Runtime(ABC):
             raise ProtocolError("bad_request", f"unknown options for {self.id}: {sorted(options)}")
         return {}
 
+    def check_create(self, template: str | None, network: bool) -> None:
+        """Refuse a template or network setting this runtime cannot honour (`bad_request`,
+        `unsupported`, or `unavailable` for a template not built here). Called by
+        SandboxManager.create with `validate_options`, before any quota or rate token is taken, so
+        a request that cannot succeed costs the tenant nothing. The default accepts both."""
+
     async def start(self) -> None:
         """Prepare (fill warm pools, check host support). Called once at gateway start-up; a
         runtime that cannot work here raises, and the gateway serves without it."""

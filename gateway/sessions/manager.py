@@ -228,6 +228,7 @@ class SandboxManager:
         ):
             raise ProtocolError("bad_request", "metadata: at most 32 string keys (<= 64) to strings (<= 256)")
         options = runtime.validate_options({k: v for k, v in body.items() if k not in CREATE_FIELDS})
+        runtime.check_create(template, network)
 
         # Quotas are checked after validation, so a bad request never costs a token.
         count = sum(1 for s in self._sandboxes.values() if s.tenant == tenant) + self._creating.get(tenant, 0)

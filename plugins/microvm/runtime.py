@@ -197,6 +197,9 @@ class MicrovmRuntime(Runtime):
             tsc_khz=self.tsc_khz,
         )
 
+    def check_create(self, template: str | None, network: bool) -> None:
+        self._image(template or self.template)
+
     def _image(self, template: str) -> BootImage:
         if template not in load_templates():
             raise ProtocolError("bad_request", f"unknown microvm template {template!r}; have "

@@ -368,6 +368,9 @@ class PodRuntime(Runtime):
             raise ProtocolError("bad_request", f"unknown pod template {template!r}; have "
                                                f"{sorted(self.settings.templates)}") from None
 
+    def check_create(self, template: str | None, network: bool) -> None:
+        self._image(template)
+
     def _poolable(self, spec: SandboxSpec) -> bool:
         return (self.pool is not None and self.settings.mode == "pod" and not spec.network and spec.template is None
                 and (spec.memory_mb, spec.disk_mb) == (self.settings.pool_memory_mb, self.settings.pool_disk_mb))

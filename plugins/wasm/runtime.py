@@ -301,11 +301,13 @@ class WasmRuntime(Runtime):
             raise
         return backend
 
-    async def create(self, spec: SandboxSpec) -> Backend:
-        if spec.network:
+    def check_create(self, template: str | None, network: bool) -> None:
+        if network:
             raise ProtocolError("unsupported", "WASM sandboxes have no network")
-        if spec.template is not None:
+        if template is not None:
             raise ProtocolError("unsupported", "the WASM runtime has no templates")
+
+    async def create(self, spec: SandboxSpec) -> Backend:
         if (spec.memory_mb, spec.cpu_seconds) == (self.default_memory_mb, self.default_cpu_seconds):
             warm = self.pool.take()
             if warm is not None:
