@@ -352,7 +352,6 @@ class SandboxManager:
 
     async def _teardown(self, sandbox: Sandbox, reason: str) -> None:
         sandbox.state = "destroyed"
-        await sandbox.agent.close()
         for task in list(sandbox.tasks):
             task.cancel()
         await asyncio.gather(*sandbox.tasks, return_exceptions=True)
@@ -363,6 +362,10 @@ class SandboxManager:
             await sandbox.backend.destroy()
         except Exception:
             log.exception("runtime %s failed to destroy %s", sandbox.runtime.id, sandbox.id)
+        # After the runtime removed the guest: closing the channel waits until what the gateway
+        # still writes to the agent is taken, and an agent that does not read (a WASM exec busy
+        # without reading stdin, sent a large exec.input) would never take it.
+        await sandbox.agent.close()
         self.pm.hook.sandgate_sandbox_destroyed(sandbox_id=sandbox.id, tenant=sandbox.tenant,
                                                 runtime=sandbox.runtime.id, reason=reason)
 

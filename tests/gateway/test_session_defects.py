@@ -182,6 +182,27 @@ async def test_rest_delete_finishes_while_the_client_reads_a_flood(
     assert await _closed_with(ws) == 4404
 
 
+
+async def test_rest_delete_finishes_with_stdin_the_busy_agent_does_not_read(
+    gateway: TestClient[Any, Any], hook: DestroyedHook
+) -> None:
+    sid = await _create(gateway)
+    ws = await _ws(gateway, sid)
+    await ws.send_json({"id": 1, "op": "exec.start", "language": "python", "stdin_open": True,
+                        "code": "import time\nprint('busy', flush=True)\nwhile True:\n    time.sleep(0.01)"})
+    start = await _receive(ws)
+    assert (await _receive(ws))["ev"] == "data"
+    # More stdin than the pipe holds, for an exec that never reads it: the gateway's write waits.
+    data = base64.b64encode(b"y" * 500_000).decode()
+    await ws.send_json({"id": 2, "op": "exec.input", "exec_id": start["exec_id"], "data": data})
+    await ws.send_json({"id": 3, "op": "ping"})  # answered once the input is being written
+    while (await _receive(ws)).get("id") != 3:
+        pass
+    async with asyncio.timeout(DEADLINE):
+        resp = await gateway.delete(f"/v1/sandboxes/{sid}", headers=AUTH)
+    assert resp.status == 204 and hook.event(sid).is_set()
+
+
 # -- 2. SIGKILL on a flooding exec -----------------------------------------------------------
 
 
