@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 #: A restore answers in ~0.1-0.2 s; past this something is wrong and the next way is tried.
 RESTORE_TIMEOUT_S = 15.0
+#: How long the guest may take to end an agent it was told to restart (a SIGKILL to its cgroup;
+#: slow only in an emulated guest on a busy host).
+AGENT_EXIT_TIMEOUT_S = 30.0
 #: How often the host checks a VM's CPU time against the sandbox's budget.
 CPU_CHECK_INTERVAL_S = 1.0
 
@@ -103,11 +106,11 @@ class MicrovmBackend(Backend):
         return self._budget_reason or reason
 
     async def restart_agent(self) -> None:
-        """A fresh port connection: the old agent reads end of input and exits (killing what it
-        started), the guest's init starts a new one, and it answers here."""
+        """The guest's init kills the agent and every sandbox process, the port gets a fresh
+        connection, init starts a new agent, and it answers here. Files in /work stay."""
         self._restarting = True
         try:
-            await self.vm.new_agent_channel()
+            await self.vm.replace_agent(AGENT_EXIT_TIMEOUT_S)
             await self.vm.wait_agent(RESTORE_TIMEOUT_S + BOOT_TIMEOUT_S / 4)
         finally:
             self._restarting = False

@@ -1,10 +1,10 @@
 """One QEMU `microvm` process: its command line, the guest agent's socket, its QMP monitor.
 
-The agent's virtio-serial port and the QMP monitor are socket chardevs over socketpairs made before
-QEMU starts (QEMU gets one end of each): nothing to poll for, nothing on the file system, and the
-port is connected from the first instant, which matters for clones: a port that looked unplugged
-while a clone's state loads would make the guest's agent read end-of-input and exit. An agent
-restart swaps in a fresh socketpair with QMP's `chardev-change`.
+The agent's virtio-serial port, the guest init's control port and the QMP monitor are socket
+chardevs over socketpairs made before QEMU starts (QEMU gets one end of each): nothing to poll for,
+nothing on the file system, and the ports are connected from the first instant, which matters for
+clones: a port that looked unplugged while a clone's state loads would make its reader in the
+guest read end-of-input and exit. An agent restart goes through the guest's init (`replace_agent`).
 
 QEMU dies with the gateway (PR_SET_PDEATHSIG), so a crashed gateway leaves no VM running.
 """
@@ -34,8 +34,11 @@ logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
 T = TypeVar("T")
 
 AGENT_PORT = "sandgate.agent"
+#: The port the guest's init takes the host's requests on, one a line: `restart` (kill the agent
+#: and every sandbox process) and `start` (start the next agent). guest/init reads it.
+CONTROL_PORT = "sandgate.control"
 #: Bump when the devices `Machine.argv` gives a VM change: a snapshot fits only the same devices.
-DEVICE_LAYOUT = 2
+DEVICE_LAYOUT = 3
 PR_SET_PDEATHSIG = 1
 #: Loading a snapshot takes ~30 ms (clone) to ~1 s (full restore); past this something is wrong.
 INCOMING_TIMEOUT_S = 30.0
@@ -79,7 +82,8 @@ class Machine:
 
     def kernel_cmdline(self) -> str:
         # No disk size here: `guest.setup` sizes /work per sandbox, so one snapshot fits every size.
-        parts = [self.image.cmdline, "console=ttyS0", "quiet", "panic=-1"]
+        # sandgate.control=1: the init waits for the control port and starts agents when told to.
+        parts = [self.image.cmdline, "console=ttyS0", "quiet", "panic=-1", "sandgate.control=1"]
         if self.accel.name == "tcg":
             # Without it the kernel hangs calibrating a TSC that TCG does not tick like hardware.
             parts.append(f"tsc_early_khz={self.tsc_khz}")
@@ -87,7 +91,8 @@ class Machine:
             parts.append("sandgate.net=1")
         return " ".join(p for p in parts if p)
 
-    def argv(self, boot: Boot, *, agent_fd: int, qmp_fd: int, incoming_fd: int | None, console: Path) -> list[str]:
+    def argv(self, boot: Boot, *, agent_fd: int, control_fd: int, qmp_fd: int, incoming_fd: int | None,
+             console: Path) -> list[str]:
         machine = "microvm,x-option-roms=off,memory-backend=ram"
         if boot.ram_file is not None:
             ram = (
@@ -110,10 +115,12 @@ class Machine:
             "-append", self.kernel_cmdline(),
             "-chardev", f"file,id=console,path={console}",
             "-serial", "chardev:console",
-            "-device", "virtio-serial-device,max_ports=2",
+            "-device", "virtio-serial-device,max_ports=3",
             "-chardev", f"socket,id=agent,fd={agent_fd}",
             # The id makes QEMU report the guest opening and closing the port (VSERPORT_CHANGE).
             "-device", f"virtserialport,id=agent-port,chardev=agent,name={AGENT_PORT}",
+            "-chardev", f"socket,id=control,fd={control_fd}",
+            "-device", f"virtserialport,chardev=control,name={CONTROL_PORT}",
             "-chardev", f"socket,id=qmp,fd={qmp_fd}",
             "-mon", "chardev=qmp,mode=control",
         ]
@@ -148,6 +155,7 @@ class Vm:
         self.proc: asyncio.subprocess.Process | None = None
         self.stderr_tail = bytearray()
         self._qmp_sock: socket.socket | None = None
+        self._control: socket.socket | None = None
         self._qmp: Any = None
         self._events_task: asyncio.Task[None] | None = None
         self._stderr_task: asyncio.Task[None] | None = None
@@ -156,6 +164,10 @@ class Vm:
         #: Called with True/False when the guest opens/closes the agent's port (QMP
         #: VSERPORT_CHANGE): the agent started, or died or exited.
         self.on_port_change: Callable[[bool], None] = lambda is_open: None
+        #: Whether the guest holds the agent's port open, as VSERPORT_CHANGE last said. A restored
+        #: VM holds it from the start: its template's agent had it open when it was saved.
+        self.port_open = boot.incoming is not None
+        self._port_changed = asyncio.Event()
         self.exited: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._migration_status: str | None = None
         self._migration_changed = asyncio.Event()
@@ -173,17 +185,22 @@ class Vm:
     async def _spawn(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         agent_ours, agent_theirs = socket.socketpair()
+        control_ours, control_theirs = socket.socketpair()
         qmp_ours, qmp_theirs = socket.socketpair()
+        control_ours.setblocking(False)
+        self._control = control_ours
         self._qmp_sock = qmp_ours
         incoming_fd = None
         try:
             await self._attach_agent(agent_ours)
             if self.boot.incoming is not None:
                 incoming_fd = os.open(self.boot.incoming, os.O_RDONLY | os.O_CLOEXEC)
-            fds = [agent_theirs.fileno(), qmp_theirs.fileno(), *([incoming_fd] if incoming_fd is not None else [])]
+            fds = [agent_theirs.fileno(), control_theirs.fileno(), qmp_theirs.fileno(),
+                   *([incoming_fd] if incoming_fd is not None else [])]
             argv = self.machine.argv(
                 self.boot,
                 agent_fd=agent_theirs.fileno(),
+                control_fd=control_theirs.fileno(),
                 qmp_fd=qmp_theirs.fileno(),
                 incoming_fd=incoming_fd,
                 console=self.console,
@@ -199,6 +216,7 @@ class Vm:
             )
         finally:
             agent_theirs.close()
+            control_theirs.close()
             qmp_theirs.close()
             if incoming_fd is not None:
                 os.close(incoming_fd)
@@ -260,8 +278,10 @@ class Vm:
                 if event["event"] == "MIGRATION":
                     self._migration_status = event["data"]["status"]
                     self._migration_changed.set()
-                elif event["event"] == "VSERPORT_CHANGE":
-                    self.on_port_change(bool(event["data"].get("open")))
+                elif event["event"] == "VSERPORT_CHANGE":  # only the agent's port has an id
+                    self.port_open = bool(event["data"].get("open"))
+                    self._port_changed.set()
+                    self.on_port_change(self.port_open)
 
     async def qmp(self, command: str, **arguments: Any) -> Any:
         """Run a QMP command; a QEMU error becomes ProtocolError('internal')."""
@@ -290,10 +310,35 @@ class Vm:
             raise ProtocolError("guest_died", "the VM's agent is not connected")
         return self._channel
 
-    async def new_agent_channel(self) -> None:
-        """Swap the agent's port onto a fresh socketpair: the guest sees its host side close (the
-        agent reads end of input, kills its processes and exits; init starts a new one) and open
-        again, and no byte of the old connection can reach the new agent."""
+    async def replace_agent(self, timeout: float) -> None:
+        """End the guest's agent and every sandbox process, and give the next agent a fresh
+        connection. The guest's init kills them (`restart`) and starts no agent until `start`:
+        once the guest has closed the agent's port, nothing of the old agent is left to write,
+        a fresh socketpair goes in (`chardev-change`, which drops what QEMU held of the old
+        connection), and the next agent opens the port with the host already connected.
+
+        Nothing here waits on the old agent's cooperation. Ending it by closing the connection
+        (it reads end of input and exits) is not enough: `chardev-change` tells the guest "host
+        closed" and "host open" back to back, the guest's driver takes both in one go when it
+        next runs, and a reader blocked in read wakes to a connected port with nothing to read.
+        On a busy host that is what happens, the old agent lives on, and its last events (the
+        `end` of an exec it killed) arrive on the new connection. Kept disconnected instead, an
+        agent can still hang: writes to a disconnected port block, and its shutdown waits on
+        threads blocked in them.
+
+        Raises:
+            ProtocolError: `unavailable` when the port is still held after `timeout`, or QEMU
+                exited.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                await self._tell_init("restart")
+                while self.port_open:
+                    self._port_changed.clear()
+                    await self._unless_exited(self._port_changed.wait())
+        except TimeoutError:
+            raise ProtocolError("unavailable", f"the agent's port was still held {timeout:.0f}s after the guest "
+                                               f"was told to restart it: {self.console_tail()[-800:]}") from None
         ours, theirs = socket.socketpair()
         try:
             self.send_fd(theirs.fileno())
@@ -306,6 +351,12 @@ class Vm:
             id="agent",
             backend={"type": "socket", "data": {"addr": {"type": "fd", "data": {"str": "agent"}}, "server": False}},
         )
+        await self._tell_init("start")
+
+    async def _tell_init(self, request: str) -> None:
+        """One request on the control port (CONTROL_PORT)."""
+        assert self._control is not None
+        await asyncio.get_running_loop().sock_sendall(self._control, f"{request}\n".encode())
 
     def send_fd(self, fd: int) -> None:
         """Pass `fd` to QEMU for the next QMP command that takes one (`getfd`)."""
@@ -411,6 +462,8 @@ class Vm:
                 await self._events_task
         if self._qmp_sock is not None:
             self._qmp_sock.close()
+        if self._control is not None:
+            self._control.close()
         if self._stderr_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._stderr_task

@@ -139,6 +139,26 @@ class TestMicrovm(GatewayFixtures):
         assert len(left["stdout"].split()) == 1, "only the `cat` itself: every bomb process was killed"
         assert _backend(gateway, bombed["id"]).vm.exited.done() is False
 
+    async def test_restart_ends_a_busy_agent(self, gateway: Gateway) -> None:
+        """What the exec watchdog does when the agent's own `end` is late (a loaded host): restart
+        the agent while it is alive and busy. The old agent and all it started end, and nothing
+        of it reaches the new agent's connection (#19: its output did, and the restart failed
+        the sandbox)."""
+        sandbox = await gateway.create()
+        sid = sandbox["id"]
+        ws = await gateway.ws(sid, MSGPACK)
+        rid = await ws.send("exec.start", command="yes flood", tag="flood")
+        while (await ws.receive_for(rid)).get("ev") != "data":
+            pass
+        manager = gateway.client.app[MANAGER]
+        record = manager._sandboxes[sid]
+        await manager.restart_agent(record, record.agent)
+        end = (await ws.collect(rid))[-1]
+        assert end["error"]["code"] == "guest_died", end
+        left = await gateway.exec(sid, command="cat /sys/fs/cgroup/sandbox/cgroup.procs")
+        assert len(left["stdout"].split()) == 1, "only the `cat` itself: the flood was killed"
+        assert (record.state, record.restarts) == ("running", 1)
+
     async def test_clones_are_isolated(self, gateway: Gateway) -> None:
         a, b = await gateway.create(), await gateway.create()
         await gateway.exec(a["id"], command="echo mine > secret.txt")
