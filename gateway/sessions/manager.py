@@ -373,11 +373,13 @@ class SandboxManager:
 
     async def _watch(self, sandbox: Sandbox) -> None:
         """Notice an agent that died on its own; restart it where the runtime can, else fail."""
-        while sandbox.state != "destroyed":
+        # Only while running: a failed sandbox's agent stays closed, and waiting on its finished
+        # `closed` again would spin without ever yielding to the event loop.
+        while sandbox.state == "running":
             agent = sandbox.agent
             error = await asyncio.shield(agent.closed)
-            if sandbox.state == "destroyed" or sandbox.agent is not agent:
-                continue  # destroyed, or already replaced by the watchdog
+            if sandbox.state != "running" or sandbox.agent is not agent:
+                continue  # destroyed or failed meanwhile, or already replaced by the watchdog
             log.warning("sandbox %s: agent stopped: %s", sandbox.id, error.message)
             try:
                 await self.restart_agent(sandbox, agent)

@@ -6,13 +6,14 @@ A real gateway on the real WASM runtime (whose template and network refusals use
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.config import Quotas, Settings
-from gateway.web.app import create_app
+from gateway.web.app import MANAGER, create_app
 
 pytestmark = [pytest.mark.wasm, pytest.mark.usefixtures("wasm_compiled")]
 
@@ -51,3 +52,15 @@ async def test_a_refused_create_costs_no_rate_token(
     assert ok.status == 201, await ok.text()
     limited = await gateway.post("/v1/sandboxes", json={}, headers=AUTH)
     assert limited.status == 429, "the valid create took the one token"
+
+
+async def test_the_watcher_of_a_failed_sandbox_stops_instead_of_spinning(gateway: TestClient[Any, Any]) -> None:
+    # A sandbox marked failed elsewhere (an exec watchdog's restart that failed), whose agent then
+    # closes: its watcher used to wait on the closed agent again and again, never yielding.
+    resp = await gateway.post("/v1/sandboxes", json={}, headers=AUTH)
+    sandbox = gateway.app[MANAGER].get("tenant", (await resp.json())["id"])
+    [watcher] = [t for t in sandbox.tasks if t.get_name().startswith("watch-")]
+    sandbox.state = "failed"
+    await sandbox.agent.close()
+    async with asyncio.timeout(10):
+        await watcher
