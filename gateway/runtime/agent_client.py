@@ -102,8 +102,10 @@ class AgentClient:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            await self._flush()
+            # The write is under the deadline too: an agent that takes no input (busy, wedged)
+            # must not hold its caller (a session's queue of keystrokes) forever.
             async with asyncio.timeout(timeout if timeout is not None else self.request_timeout):
+                await self._flush()
                 reply = await future
         except TimeoutError:
             raise ProtocolError("timeout", f"the agent did not answer {op} in time") from None

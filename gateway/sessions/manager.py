@@ -25,28 +25,13 @@ from gateway.config import Settings
 from gateway.runtime.agent_client import AgentClient, AgentStream
 from gateway.runtime.base import Backend, NotConfigured, Runtime, SandboxSpec
 from gateway.sessions.execs import ExecRecord, OutputCollector, Subscriber
-from guest_agent.wire import MAX_WRITE_CHUNK, ProtocolError
+from guest_agent import schema
+from guest_agent.schema import OPS
+from guest_agent.wire import ProtocolError
 from guest_agent.wire import field as wire_field
 
 log = logging.getLogger(__name__)
 
-#: Which capability each forwarded op needs (docs/protocol.md §2). One table, used for every check.
-OP_CAPABILITY = {
-    "ping": None,
-    "exec.input": "exec.stdin",
-    "exec.close_stdin": "exec.stdin",
-    "exec.signal": "exec.signal",
-    "exec.resize": "exec.pty",
-    "fs.stat": "fs",
-    "fs.list": "fs",
-    "fs.read": "fs",
-    "fs.write": "fs",
-    "fs.mkdir": "fs",
-    "fs.move": "fs",
-    "fs.remove": "fs",
-    "metrics": "metrics",
-}
-EXEC_CONTROL_OPS = ("exec.input", "exec.close_stdin", "exec.signal", "exec.resize")
 #: Signals a runtime without in-guest signals can still honour by restarting its agent.
 KILLING_SIGNALS = {"SIGKILL", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", 9, 15, 2, 1, 3}
 MAX_FINISHED_EXECS = 64
@@ -439,48 +424,47 @@ class SandboxManager:
             return sandbox.agent
 
     def _check_usable(self, sandbox: Sandbox, op: str) -> None:
+        """The gateway's checks before an op reaches the agent, all from the op schema."""
         if sandbox.state != "running":
             raise ProtocolError("guest_died", f"the sandbox is {sandbox.state}")
-        needed = OP_CAPABILITY.get(op)
-        if needed is not None and needed not in sandbox.capabilities:
-            raise ProtocolError("unsupported", f"{op} needs {needed}, which runtime {sandbox.runtime.id} lacks")
-        if "exec.concurrent" not in sandbox.capabilities and op not in EXEC_CONTROL_OPS and op != "exec.start":
+        spec = OPS[op]
+        if spec.capability is not None and spec.capability not in sandbox.capabilities:
+            raise ProtocolError("unsupported", f"{op} needs {spec.capability}, which runtime {sandbox.runtime.id} "
+                                               "lacks")
+        # exec.start decides for itself (a one-shot language runs beside a running exec).
+        if "exec.concurrent" not in sandbox.capabilities and not spec.control and op != "exec.start":
             running = sandbox.running_execs()
             if running:
                 raise ProtocolError("busy", f"the agent runs one thing at a time and exec {running[0].exec_id} "
                                             "is running")
 
-    def find_exec(self, sandbox: Sandbox, message: Mapping[str, Any]) -> ExecRecord:
-        exec_id = wire_field(message, "exec_id", str, None)
-        tag = wire_field(message, "tag", str, None)
-        if exec_id is not None:
-            record = sandbox.execs.get(exec_id)
-        elif tag is not None:
-            matches = [r for r in sandbox.execs.values() if r.tag == tag]
-            record = matches[-1] if matches else None
+    def find_exec(self, sandbox: Sandbox, args: Mapping[str, Any]) -> ExecRecord:
+        """The exec a checked request names by `exec_id`, or the latest with its `tag`."""
+        if "exec_id" in args:
+            record = sandbox.execs.get(args["exec_id"])
         else:
-            raise ProtocolError("bad_request", "name the exec with 'exec_id' or 'tag'")
+            matches = [r for r in sandbox.execs.values() if r.tag == args["tag"]]
+            record = matches[-1] if matches else None
         if record is None:
             raise ProtocolError("not_found", "no such exec")
         return record
 
     async def request(self, sandbox: Sandbox, op: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-        """Forward a non-stream op to the agent after the gateway's own checks."""
-        if op not in OP_CAPABILITY or op == "fs.read":
-            raise ProtocolError("unknown_op", f"unknown op {op!r}")
+        """Forward a non-stream op of both legs to the agent after the gateway's own checks.
+        `fields` are the op's arguments as the schema checked them where the client's request
+        entered (`schema.parse`), or the gateway's own (REST uploads)."""
+        spec = schema.op_for(op, schema.CLIENT)
+        if spec.stream or spec.leg != schema.BOTH:
+            raise ProtocolError("unknown_op", f"{op} is not forwarded as a request")
         self._check_usable(sandbox, op)
         sandbox.touch()
         fields = dict(fields)
-        if op in EXEC_CONTROL_OPS:
+        if spec.control:
             record = self.find_exec(sandbox, fields)
             if not record.running:
                 raise ProtocolError("not_found", f"exec {record.exec_id} has ended")
             fields.pop("tag", None)
             fields["exec_id"] = record.exec_id
-        if op == "fs.write":
-            data = wire_field(fields, "data", bytes)
-            if len(data) > MAX_WRITE_CHUNK:
-                raise ProtocolError("frame_too_large", f"fs.write takes at most {MAX_WRITE_CHUNK} bytes per request")
         return await (await self._agent(sandbox)).request(op, **fields)
 
     async def ping(self, sandbox: Sandbox) -> dict[str, Any]:
@@ -521,7 +505,11 @@ class SandboxManager:
             await self.restart_agent(sandbox, agent)
 
     async def metrics(self, sandbox: Sandbox) -> dict[str, Any]:
-        guest = await self.request(sandbox, "metrics", {})
+        """Guest and host figures. An agent that serves one request at a time cannot answer while
+        it runs an exec (WASM): then `guest` is null and the host's figures still come."""
+        guest: dict[str, Any] | None = None
+        if "exec.concurrent" in sandbox.capabilities or not sandbox.running_execs():
+            guest = await self.request(sandbox, "metrics", {})
         host = await sandbox.backend.host_metrics()
         return {"guest": guest, "host": host, "restarts": sandbox.restarts}
 
@@ -534,56 +522,23 @@ class SandboxManager:
         return await (await self._agent(sandbox)).stream("fs.read", **fields)
 
     def _exec_fields(
-        self, sandbox: Sandbox, message: Mapping[str, Any], default_timeout: float | None
+        self, sandbox: Sandbox, args: Mapping[str, Any], default_timeout: float | None
     ) -> dict[str, Any]:
-        """The checked exec.start request to forward; refuses what the sandbox cannot do."""
+        """The exec.start request to forward: the schema checked its fields (`args`); here the
+        gateway refuses what this sandbox cannot do and applies its own limits."""
         limits = self.settings.limits
-        code = wire_field(message, "code", str, None)
-        command = wire_field(message, "command", (list, str), None)
-        if (code is None) == (command is None):
-            raise ProtocolError("bad_request", "give exactly one of 'code' (with 'language') or 'command'")
-        out: dict[str, Any] = {}
-        if code is not None:
-            language = wire_field(message, "language", str, "python")
-            out.update(language=language, code=code)
-            namespace = wire_field(message, "namespace", str, None)
-            if namespace is not None:
-                out["namespace"] = namespace
-        else:
-            if isinstance(command, list) and (not command or not all(isinstance(a, str) for a in command)):
-                raise ProtocolError("bad_request", "'command' must be a non-empty list of strings or a string")
-            if "exec.process" not in sandbox.capabilities:
-                raise ProtocolError("unsupported", f"runtime {sandbox.runtime.id} runs no processes; "
-                                                   "use 'code' with 'language'")
-            out["command"] = command
-        stdin = wire_field(message, "stdin", (bytes, str), None)
-        if stdin is not None:
-            out["stdin"] = stdin.encode() if isinstance(stdin, str) else stdin
-        stdin_open = wire_field(message, "stdin_open", bool, False)
-        if stdin_open:
-            if "exec.stdin" not in sandbox.capabilities:
-                raise ProtocolError("unsupported", "this sandbox takes no stdin after start")
-            out["stdin_open"] = True
-        env = wire_field(message, "env", dict, None)
-        if env is not None:
-            if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-                raise ProtocolError("bad_request", "'env' must map strings to strings")
-            out["env"] = env
-        cwd = wire_field(message, "cwd", str, None)
-        if cwd is not None:
-            out["cwd"] = cwd
-        pty = wire_field(message, "pty", dict, None)
-        if pty is not None:
-            if "exec.pty" not in sandbox.capabilities:
-                raise ProtocolError("unsupported", f"runtime {sandbox.runtime.id} has no PTY")
-            rows, cols = wire_field(pty, "rows", int, 24), wire_field(pty, "cols", int, 80)
-            if not (0 < rows < 1000 and 0 < cols < 1000):
-                raise ProtocolError("bad_request", "pty rows and cols must be 1..999")
-            out["pty"] = {"rows": rows, "cols": cols}
-        timeout = wire_field(message, "timeout", (int, float), default_timeout)
+        out = {k: v for k, v in args.items() if k not in ("exec_id", "tag")}
+        if "command" in out and "exec.process" not in sandbox.capabilities:
+            raise ProtocolError("unsupported", f"runtime {sandbox.runtime.id} runs no processes; "
+                                               "use 'code' with 'language'")
+        if out.get("stdin_open") and "exec.stdin" not in sandbox.capabilities:
+            raise ProtocolError("unsupported", "this sandbox takes no stdin after start")
+        if "pty" in out and "exec.pty" not in sandbox.capabilities:
+            raise ProtocolError("unsupported", f"runtime {sandbox.runtime.id} has no PTY")
+        timeout = out.get("timeout", default_timeout)
         if timeout is not None:
-            if not 0 < timeout <= limits.max_exec_timeout_s:
-                raise ProtocolError("bad_request", f"timeout must be > 0 and <= {limits.max_exec_timeout_s:g}")
+            if timeout > limits.max_exec_timeout_s:
+                raise ProtocolError("bad_request", f"timeout must be <= {limits.max_exec_timeout_s:g}")
             out["timeout"] = float(timeout)
         return out
 
@@ -595,20 +550,19 @@ class SandboxManager:
         *,
         default_timeout: float | None = None,
     ) -> ExecRecord:
-        """Start an exec and subscribe `subscriber` before its first event can be delivered."""
+        """Start an exec and subscribe `subscriber` before its first event can be delivered.
+        `message` holds exec.start's arguments as the schema checked them (`schema.parse`)."""
         self._check_usable(sandbox, "exec.start")
         fields = self._exec_fields(sandbox, message, default_timeout)
-        tag = wire_field(message, "tag", str, None)
-        if tag is not None and len(tag) > 128:
-            raise ProtocolError("bad_request", "'tag' is at most 128 characters")
+        tag = message.get("tag")
         oneshot = fields.get("language") in sandbox.backend.oneshot_languages()
         if "language" in fields and not oneshot and f"exec.{fields['language']}" not in sandbox.capabilities:
             raise ProtocolError("unsupported", f"runtime {sandbox.runtime.id} does not run {fields['language']}")
         if "exec.concurrent" not in sandbox.capabilities and not oneshot and sandbox.running_execs():
             raise ProtocolError("busy", "the agent runs one exec at a time; wait for the running one")
-        requested = wire_field(message, "exec_id", str, None)
-        if requested is not None and (requested in sandbox.execs or not 0 < len(requested) <= 64):
-            raise ProtocolError("bad_request", "exec_id must be new and 1..64 characters")
+        requested = message.get("exec_id")
+        if requested is not None and requested in sandbox.execs:
+            raise ProtocolError("bad_request", f"exec_id {requested!r} is taken: it must be new")
         exec_id = requested or f"e{next(sandbox.exec_ids)}"
         record = ExecRecord(exec_id, tag, replay_bytes=self.settings.limits.replay_bytes,
                             send_timeout=self.settings.client_send_timeout_s)
@@ -659,7 +613,8 @@ class SandboxManager:
         sandbox.live_execs.add(record)
 
     async def run_collected(self, sandbox: Sandbox, message: Mapping[str, Any]) -> dict[str, Any]:
-        """The REST exec: run to the end and return the collected output."""
+        """The REST exec: run to the end and return the collected output. `message` holds
+        exec.start's arguments as the schema checked them."""
         collector = OutputCollector(self.settings.limits.exec_output_bytes)
         record = await self.start_exec(sandbox, message, collector,
                                        default_timeout=self.settings.limits.exec_timeout_s)

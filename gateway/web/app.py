@@ -2,36 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
-import hmac
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
 
 import pluggy
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
 from gateway.config import Settings
 from gateway.plugins import collect_runtimes, get_plugin_manager
-from gateway.sessions.manager import QuotaExceeded, SandboxManager
-from guest_agent.wire import ERRORS, ProtocolError
+from gateway.protocol.client import CLOSE_GOING_AWAY
+from gateway.sessions.manager import SandboxManager
+from gateway.web import ide, rest, ws
+from gateway.web.context import MANAGER, PLUGINS, SESSIONS, SETTINGS, Closable, error_response
+from guest_agent.wire import ProtocolError
+
+__all__ = ["MANAGER", "PLUGINS", "SESSIONS", "SETTINGS", "create_app"]
 
 log = logging.getLogger(__name__)
-
-SETTINGS = web.AppKey("settings", Settings)
-MANAGER = web.AppKey("manager", SandboxManager)
-PLUGINS = web.AppKey("plugins", pluggy.PluginManager)
-SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets", set)
-
-
-def error_response(error: ProtocolError) -> web.Response:
-    """The REST form of a wire error: its HTTP status and `{"error": {...}}`."""
-    headers = {}
-    if isinstance(error, QuotaExceeded):
-        headers["Retry-After"] = str(error.retry_after)
-    return web.json_response({"error": error.to_wire()}, status=ERRORS[error.code].http_status, headers=headers)
-
 
 #: Wire codes for the HTTP errors aiohttp raises itself (no route, wrong method, body too large).
 HTTP_ERROR_CODES = {401: "unauthorized", 404: "not_found", 405: "unknown_op", 413: "frame_too_large"}
@@ -61,42 +48,6 @@ async def errors_middleware(
         return error_response(ProtocolError("internal", "internal error; see the gateway's log"))
 
 
-def bearer_token(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return None
-
-
-def authenticate(request: web.Request, token: str | None) -> str:
-    """The tenant for `token`; constant-time over every configured key, then the auth hook."""
-    if not token:
-        raise ProtocolError("unauthorized", "send 'Authorization: Bearer <API key>'")
-    tenant = None
-    for key, key_tenant in request.app[SETTINGS].api_keys.items():
-        if hmac.compare_digest(key.encode(), token.encode()):
-            tenant = key_tenant
-    if tenant is None:
-        tenant = request.app[PLUGINS].hook.sandgate_authenticate(token=token)
-    if not tenant:
-        raise ProtocolError("unauthorized", "unknown API key")
-    return str(tenant)
-
-
-async def json_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object, or `bad_request`."""
-    if not request.can_read_body:
-        return {}
-    try:
-        body = json.loads(await request.read())
-    except ValueError:
-        raise ProtocolError("bad_request", "the body is not JSON") from None
-    if not isinstance(body, dict):
-        raise ProtocolError("bad_request", "the body must be a JSON object")
-    return body
-
-
 def create_app(
     settings: Settings | None = None,
     *,
@@ -110,14 +61,12 @@ def create_app(
         plugins: extra plugin objects to register (embedding applications, tests).
         pm: a ready plugin manager, replacing entry-point discovery.
     """
-    from gateway.web import ide, rest, ws  # the routes import this module for its keys
-
     settings = settings or Settings()
     pm = pm or get_plugin_manager(blocked=settings.blocked_plugins, extra_plugins=plugins)
     app = web.Application(middlewares=[errors_middleware], client_max_size=1 << 20)
     app[SETTINGS] = settings
     app[PLUGINS] = pm
-    app[SOCKETS] = set()
+    app[SESSIONS] = set()
     registry = collect_runtimes(pm)
     runtimes = {rid: registry.get(rid)(settings.runtimes.get(rid, {})) for rid in registry.ids()}
     app[MANAGER] = SandboxManager(settings, runtimes, pm)
@@ -137,7 +86,8 @@ async def _manager_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 async def _close_sockets(app: web.Application) -> None:
     app[MANAGER].draining = True
-    sockets: set[web.WebSocketResponse] = app[SOCKETS]
-    for socket in list(sockets):
-        with contextlib.suppress(Exception):
-            await socket.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
+    # Each session closes itself (a client that stopped reading is cut after a few seconds, so a
+    # stalled client cannot hold the shutdown); aiohttp then waits for the handlers to return.
+    sessions: set[Closable] = app[SESSIONS]
+    for session in list(sessions):
+        session.request_close(CLOSE_GOING_AWAY, "gateway shutting down")

@@ -8,9 +8,11 @@ from typing import Any
 from aiohttp import web
 
 from gateway import __version__
+from gateway.protocol.client import describe as describe_client_leg
 from gateway.protocol.paths import check_path
 from gateway.sessions.manager import Sandbox
-from gateway.web.app import MANAGER, authenticate, bearer_token, json_body
+from gateway.web.context import MANAGER, authenticate, bearer_token, json_body
+from guest_agent import schema
 from guest_agent.wire import CHUNK_SIZE, MAX_WRITE_CHUNK, ProtocolError
 
 routes = web.RouteTableDef()
@@ -30,6 +32,14 @@ async def healthz(request: web.Request) -> web.Response:
     status = 503 if manager.draining else 200
     return web.json_response({"status": "draining" if manager.draining else "ok", "version": __version__},
                              status=status)
+
+
+@routes.get("/v1/protocol")
+async def protocol(request: web.Request) -> web.Response:
+    """The op schema and the client leg's constants (what gateway/web/js/protocol.js holds), for
+    clients that take them from the gateway they talk to. Public, like /healthz: it is the same
+    for every gateway of this version."""
+    return web.json_response(describe_client_leg())
 
 
 @routes.get("/v1/runtimes")
@@ -69,7 +79,10 @@ async def delete_sandbox(request: web.Request) -> web.Response:
 async def exec_sandbox(request: web.Request) -> web.Response:
     sandbox = await _sandbox(request)
     body = await json_body(request)
-    return web.json_response(await request.app[MANAGER].run_collected(sandbox, body))
+    if isinstance(body.get("stdin"), str):  # JSON has no bytes: REST takes stdin as text
+        body["stdin"] = body["stdin"].encode()
+    args = schema.parse({**body, "id": 0, "op": "exec.start"}, schema.CLIENT).args
+    return web.json_response(await request.app[MANAGER].run_collected(sandbox, args))
 
 
 @routes.get("/v1/sandboxes/{sandbox_id}/metrics")

@@ -11,29 +11,33 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from aiohttp import WSMessage, WSMsgType, web
 
 from gateway import __version__
 from gateway.protocol.client import (
+    CLOSE_DESTROYED,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_TOO_SLOW,
     MAX_CLIENT_MESSAGE,
     ClientCodec,
     bearer_from_subprotocols,
     choose_subprotocol,
 )
 from gateway.protocol.paths import check_path
-from gateway.sessions.manager import EXEC_CONTROL_OPS, Sandbox, SandboxManager
-from gateway.web.app import MANAGER, SETTINGS, SOCKETS, authenticate, bearer_token
-from guest_agent.wire import PROTOCOL_VERSION, ProtocolError, field, message_kind
+from gateway.sessions.manager import Sandbox, SandboxManager
+from gateway.web.context import MANAGER, SESSIONS, SETTINGS, authenticate, bearer_token
+from guest_agent import schema
+from guest_agent.wire import PROTOCOL_VERSION, ProtocolError
+
+Handler = Callable[[schema.Request], Awaitable[dict[str, Any] | None]]
 
 log = logging.getLogger(__name__)
 
 MAX_PROTOCOL_ERRORS = 100
-CLOSE_PROTOCOL_ERROR = 4400
-CLOSE_DESTROYED = 4404
-CLOSE_TOO_SLOW = 4408
 #: Seconds from the gateway's decision to close a session to its connection being cut, if the
 #: close handshake is not done by then. A client that stopped reading never takes the close frame,
 #: and would hold its session (and a shutdown) forever.
@@ -84,6 +88,16 @@ class Subscription:
 
 
 class Session:
+    #: The method answering each client-leg op of the schema (a test checks they match); None: the
+    #: gateway forwards the op to the agent after its checks (`SandboxManager.request`).
+    HANDLERS: ClassVar[dict[str, str | None]] = {
+        "hello": "_hello", "ping": "_ping", "sandbox.info": "_info", "sandbox.destroy": "_destroy",
+        "metrics": "_metrics", "exec.start": "_exec_start", "exec.attach": "_exec_attach", "exec.list": "_exec_list",
+        "exec.signal": "_exec_signal", "fs.read": "_fs_read", "exec.input": None, "exec.close_stdin": None,
+        "exec.resize": None, "fs.stat": None, "fs.list": None, "fs.write": None, "fs.mkdir": None, "fs.move": None,
+        "fs.remove": None,
+    }
+
     def __init__(self, ws: web.WebSocketResponse, codec: ClientCodec, manager: SandboxManager,
                  sandbox: Sandbox, transport: asyncio.Transport | None = None) -> None:
         self.ws = ws
@@ -102,8 +116,9 @@ class Session:
         self._send_lock = asyncio.Lock()
         # Keystrokes, resizes and signals must reach the agent in the order they were typed, so
         # they go through one queue and one worker; every other request runs in its own task.
-        self._controls: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._controls: asyncio.Queue[schema.Request] = asyncio.Queue()
         self.spawn(self._run_controls())
+
 
     async def _run_controls(self) -> None:
         while True:
@@ -195,99 +210,110 @@ class Session:
             self.close_later(CLOSE_PROTOCOL_ERROR, "too many protocol errors")
 
     async def handle(self, payload: str | bytes) -> None:
+        """Decode one client message and validate it against the op schema, once, here."""
         request_id = None
         try:
             message = self.codec.decode(payload)
-            request_id = message.get("id")
-            if message_kind(message) != "request":
-                raise ProtocolError("bad_request", "clients send requests (with 'op')")
+            request_id = schema.request_id_of(message)
+            request = schema.parse(message, schema.CLIENT)
         except ProtocolError as exc:
             await self.reply_error(request_id, exc)
             return
-        if message["op"] in EXEC_CONTROL_OPS:
-            self._controls.put_nowait(message)
+        if request.op.control:
+            self._controls.put_nowait(request)
         else:
-            self.spawn(self.run(message))
+            self.spawn(self.run(request))
 
-    async def run(self, message: dict[str, Any]) -> None:
-        request_id, op = message["id"], message["op"]
+    async def run(self, request: schema.Request) -> None:
         try:
             for name in PATH_FIELDS:
-                if name in message and op.startswith("fs."):
-                    check_path(field(message, name, str), allow_absolute=True)
-            result = await self.dispatch(request_id, op, message)
+                if name in request.args:
+                    check_path(request.args[name], allow_absolute=True)
+            method = self.HANDLERS[request.op.name]
+            result: dict[str, Any] | None
+            if method is None:
+                result = await self.manager.request(self.sandbox, request.op.name, request.args)
+            else:
+                handler: Handler = getattr(self, method)
+                result = await handler(request)
             if result is not None:
-                await self.send({"id": request_id, "result": result})
+                await self.send({"id": request.id, "result": result})
         except ProtocolError as exc:
-            await self.reply_error(request_id, exc)
+            await self.reply_error(request.id, exc)
         except (ConnectionError, RuntimeError) as exc:
             log.debug("session send failed: %s", exc)  # the socket is going away; the loop ends
 
-    async def dispatch(self, request_id: int, op: str, message: dict[str, Any]) -> dict[str, Any] | None:
-        """Run one op; returns its result, or None when it answered with a stream."""
-        manager, sandbox = self.manager, self.sandbox
-        fields = {k: v for k, v in message.items() if k not in ("id", "op")}
-        if op == "hello":
-            # docs/protocol.md §3: `agent` and `platform` are the sandbox agent's own (from its
-            # hello); `max_frame` is this leg's limit, the largest message a client may send.
-            agent_hello = sandbox.agent.hello
-            return {"version": PROTOCOL_VERSION, "gateway": f"sandgate/{__version__}",
-                    "agent": agent_hello.get("agent"), "platform": agent_hello.get("platform"),
-                    "max_frame": MAX_CLIENT_MESSAGE,
-                    "subprotocol": self.codec.subprotocol, "sandbox": sandbox.describe(),
-                    "capabilities": sorted(sandbox.capabilities)}
-        if op == "sandbox.info":
-            return sandbox.describe()
-        if op == "sandbox.destroy":
-            # docs/protocol.md §3: the reply, then the 4404 close. Every other session is closed
-            # during the destroy (_close_on_destroy); this one only after its reply.
-            self.destroying = True
-            try:
-                await manager.destroy(sandbox, "api")
-                await self.send({"id": request_id, "result": {}})
-            finally:
-                self.request_close(CLOSE_DESTROYED, "sandbox destroyed")
-            return None
-        if op == "exec.start":
-            subscription = Subscription(self, request_id)
-            self.subscriptions.add(subscription)
-            try:
-                await manager.start_exec(sandbox, fields, subscription)
-            except BaseException:
-                self.subscriptions.discard(subscription)
-                raise
-            return None
-        if op == "exec.attach":
-            record = manager.find_exec(sandbox, fields)
-            subscription = Subscription(self, request_id)
-            from_seq = field(fields, "from_seq", int, 0)
-            # The client has everything before from_seq: a quiet re-attached stream gets keepalives
-            # carrying that, not silence until its next event. Never a seq the stream has not
-            # reached: a from_seq past its end stands for its last event.
-            last_seq = min(from_seq, record.buffer.next_seq) - 1
-            subscription.last_seq = last_seq if last_seq >= 0 else None
-            self.subscriptions.add(subscription)
+    # -- the ops the gateway answers itself, or forwards with more than checks ----------------------
+    # Each returns the op's result, or None when it answered with a stream (or itself).
 
-            async def reply_first(result: dict[str, Any]) -> None:
-                # The client learns what was lost before the replay arrives.
-                await self.send({"id": request_id, "result": result})
+    async def _hello(self, request: schema.Request) -> dict[str, Any]:
+        version = request["version"]
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError("unsupported", f"protocol version {version} (this gateway speaks {PROTOCOL_VERSION})")
+        # docs/protocol.md §3: `agent` and `platform` are the sandbox agent's own (from its hello);
+        # `max_frame` is this leg's limit, the largest message a client may send.
+        sandbox = self.sandbox
+        agent_hello = sandbox.agent.hello
+        return {"version": PROTOCOL_VERSION, "gateway": f"sandgate/{__version__}",
+                "agent": agent_hello.get("agent"), "platform": agent_hello.get("platform"),
+                "max_frame": MAX_CLIENT_MESSAGE,
+                "subprotocol": self.codec.subprotocol, "sandbox": sandbox.describe(),
+                "capabilities": sorted(sandbox.capabilities)}
 
-            await record.attach(subscription, from_seq, reply_first)
-            return None
-        if op == "exec.list":
-            return {"execs": [r.summary() for r in sandbox.execs.values()]}
-        if op == "exec.signal":
-            return await manager.signal(sandbox, fields)
-        if op == "ping":
-            return await manager.ping(sandbox)
-        if op == "metrics":
-            return await manager.metrics(sandbox)
-        if op == "fs.read":
-            await self.forward_stream(request_id, await manager.read_file(
-                sandbox, field(fields, "path", str), field(fields, "offset", int, 0),
-                field(fields, "length", int, None)))
-            return None
-        return await manager.request(sandbox, op, fields)
+    async def _ping(self, request: schema.Request) -> dict[str, Any]:
+        return await self.manager.ping(self.sandbox)
+
+    async def _info(self, request: schema.Request) -> dict[str, Any]:
+        return self.sandbox.describe()
+
+    async def _destroy(self, request: schema.Request) -> None:
+        # docs/protocol.md §3: the reply, then the 4404 close. Every other session is closed
+        # during the destroy (_close_on_destroy); this one only after its reply.
+        self.destroying = True
+        try:
+            await self.manager.destroy(self.sandbox, "api")
+            await self.send({"id": request.id, "result": {}})
+        finally:
+            self.request_close(CLOSE_DESTROYED, "sandbox destroyed")
+
+    async def _metrics(self, request: schema.Request) -> dict[str, Any]:
+        return await self.manager.metrics(self.sandbox)
+
+    async def _exec_start(self, request: schema.Request) -> None:
+        subscription = Subscription(self, request.id)
+        self.subscriptions.add(subscription)
+        try:
+            await self.manager.start_exec(self.sandbox, request.args, subscription)
+        except BaseException:
+            self.subscriptions.discard(subscription)
+            raise
+
+    async def _exec_attach(self, request: schema.Request) -> None:
+        record = self.manager.find_exec(self.sandbox, request.args)
+        subscription = Subscription(self, request.id)
+        from_seq = request["from_seq"]
+        # The client has everything before from_seq: a quiet re-attached stream gets keepalives
+        # carrying that, not silence until its next event. Never a seq the stream has not
+        # reached: a from_seq past its end stands for its last event.
+        last_seq = min(from_seq, record.buffer.next_seq) - 1
+        subscription.last_seq = last_seq if last_seq >= 0 else None
+        self.subscriptions.add(subscription)
+
+        async def reply_first(result: dict[str, Any]) -> None:
+            # The client learns what was lost before the replay arrives.
+            await self.send({"id": request.id, "result": result})
+
+        await record.attach(subscription, from_seq, reply_first)
+
+    async def _exec_list(self, request: schema.Request) -> dict[str, Any]:
+        return {"execs": [r.summary() for r in self.sandbox.execs.values()]}
+
+    async def _exec_signal(self, request: schema.Request) -> dict[str, Any]:
+        return await self.manager.signal(self.sandbox, request.args)
+
+    async def _fs_read(self, request: schema.Request) -> None:
+        await self.forward_stream(request.id, await self.manager.read_file(
+            self.sandbox, request["path"], request["offset"], request.get("length")))
 
     async def forward_stream(self, request_id: int, stream: Any) -> None:
         try:
@@ -332,8 +358,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     subprotocol = choose_subprotocol(offered)
     ws = web.WebSocketResponse(protocols=(subprotocol,), max_msg_size=MAX_CLIENT_MESSAGE, heartbeat=30.0)
     await ws.prepare(request)
-    request.app[SOCKETS].add(ws)
     session = Session(ws, ClientCodec(subprotocol), manager, sandbox, request.transport)
+    request.app[SESSIONS].add(session)
     sandbox.sessions += 1
     sandbox.touch()
     session.spawn(session.keepalive(settings.keepalive_s))
@@ -343,7 +369,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             sandbox.touch()
             await session.handle(msg.data)
     finally:
-        request.app[SOCKETS].discard(ws)
+        request.app[SESSIONS].discard(session)
         sandbox.sessions -= 1
         sandbox.touch()
         await session.close()

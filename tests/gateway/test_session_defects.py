@@ -367,3 +367,33 @@ async def test_liveness_ops_answer_while_a_one_at_a_time_agent_runs_an_exec(gate
     while (message := await _receive(ws)).get("id") != 9:
         pass
     assert message["error"]["code"] == "busy"
+
+
+async def test_metrics_while_a_one_at_a_time_agent_runs_an_exec_has_host_figures_and_null_guest(
+    gateway: TestClient[Any, Any],
+) -> None:
+    sid = await _create(gateway)
+    ws = await _ws(gateway, sid)
+    await ws.send_json({"id": 1, "op": "exec.start", "language": "python",
+                        "code": "import time\nprint('running', flush=True)\nwhile True:\n    time.sleep(0.01)"})
+    assert (await _receive(ws))["ev"] == "start"
+    assert (await _receive(ws))["ev"] == "data"
+    resp = await gateway.get(f"/v1/sandboxes/{sid}/metrics", headers=AUTH)
+    metrics = await resp.json()
+    assert resp.status == 200 and metrics["guest"] is None and metrics["host"]["rss_bytes"] > 0, metrics
+
+
+async def test_client_hello_refuses_a_protocol_version_it_does_not_speak(gateway: TestClient[Any, Any]) -> None:
+    ws = await _ws(gateway, await _create(gateway))
+    await ws.send_json({"id": 1, "op": "hello", "version": 99})
+    error = (await _receive(ws))["error"]
+    assert error["code"] == "unsupported" and "99" in error["message"]
+
+
+async def test_shutdown_finishes_with_a_stalled_client_on_a_live_sandbox(
+    gateway: TestClient[Any, Any], stalled: Any
+) -> None:
+    sid = await _create(gateway)
+    await _start_flood_with_viewer(gateway, stalled, sid)
+    async with asyncio.timeout(DEADLINE):
+        await gateway.close()

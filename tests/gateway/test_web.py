@@ -243,3 +243,14 @@ async def test_download_cut_by_a_dying_guest_is_a_broken_transfer_not_a_short_fi
     os.killpg(backend._proc.pid, signal.SIGKILL)
     with pytest.raises(aiohttp.ClientPayloadError):
         await resp.read()
+
+
+async def test_protocol_description_is_served_and_matches_the_js_module(client: TestClient[Any, Any]) -> None:
+    from gateway.protocol.client import describe
+
+    resp = await client.get("/v1/protocol")
+    served = await resp.json()
+    assert resp.status == 200 and served == json.loads(json.dumps(describe()))
+    assert served["ops"]["exec.input"]["control"] is True and "guest.setup" in served["ops"]
+    js = await client.get("/static/protocol.js")
+    assert js.status == 200 and "export const PROTOCOL" in await js.text()

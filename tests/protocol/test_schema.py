@@ -68,6 +68,16 @@ def test_agent_handles_every_agent_leg_op_and_no_other() -> None:
     assert handled | {"guest.setup"} == agent_leg
 
 
+def test_the_websocket_session_answers_every_client_leg_op_and_no_other() -> None:
+    from gateway.web.ws import Session
+
+    assert set(Session.HANDLERS) == {name for name, op in OPS.items() if op.leg != AGENT}
+    for name, method in Session.HANDLERS.items():
+        assert method is None or callable(getattr(Session, method)), name
+        if method is None:  # forwarded as a plain request: never a stream, never client-only
+            assert not OPS[name].stream and OPS[name].leg == schema.BOTH, name
+
+
 def test_binary_fields_are_the_schemas_bin_fields() -> None:
     assert set(BINARY_FIELDS) == {"data", "stdin", "entropy"}
     assert describe()["binary_fields"] == list(BINARY_FIELDS)
