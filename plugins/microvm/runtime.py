@@ -24,14 +24,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.runtime.base import Backend, ByteChannel, Progress, Runtime, SandboxSpec
+from gateway.runtime.base import Backend, ByteChannel, NotConfigured, Progress, Runtime, SandboxSpec
 from gateway.runtime.pool import WarmPool
 from guest_agent.wire import ProtocolError
 from plugins.common import gateway_work_root, remove_orphans
 from plugins.microvm import accel
 from plugins.microvm.images import build
 from plugins.microvm.images.cache import BootImage, find_image
-from plugins.microvm.images.host import find_qemu
+from plugins.microvm.images.host import HostError, find_qemu
 from plugins.microvm.images.templates import load_templates
 from plugins.microvm.snapshot import BOOT_TIMEOUT_S, find_snapshot, make_snapshot
 from plugins.microvm.vm import Boot, Machine, Vm
@@ -216,9 +216,15 @@ class MicrovmRuntime(Runtime):
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await asyncio.to_thread(self._check_host)
+        try:
+            await asyncio.to_thread(self._check_host)
+            image = self._image(self.template)
+        except (HostError, ProtocolError) as exc:
+            if self.config:  # the operator asked for microVMs: that they cannot start is an error
+                raise
+            # A default start on a host never set up for microVMs: off, and not an error.
+            raise NotConfigured(f"{exc} (`sandgate images build microvm` sets this host up)") from None
         log.info("microvm: accelerator %s (%s)", self.accel.name, self.accel.reason)
-        image = self._image(self.template)
         await asyncio.to_thread(remove_orphans, self.work_root)
         self.work_root.mkdir(parents=True, mode=0o700)
         self.pool_machine = self.machine(image, image.memory_mb, network=False)

@@ -3,12 +3,14 @@ stops `sandgate serve` with one line and status 2, and a default start logs no e
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -181,3 +183,17 @@ def test_default_start_logs_no_error_and_lists_pod_as_off(tmp_path: Path) -> Non
     assert "pod" in listed["unavailable"] and "not configured" in listed["unavailable"]["pod"], listed
     assert not re.search(r"\b(ERROR|CRITICAL)\b", output), output
     assert re.search(r" INFO gateway\.sessions\.manager: runtime pod is off: not configured", output), output
+
+
+async def test_microvm_on_a_host_never_set_up_is_off_without_an_error(
+    aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No [runtimes.microvm] table and no images built (an empty cache): off, said at INFO."""
+    from gateway.web.app import MANAGER, create_app
+
+    monkeypatch.setenv("SANDGATE_CACHE_DIR", str(tmp_path / "empty-cache"))
+    settings = Settings(api_keys={"k": "t"}, blocked_plugins=("wasm", "pod"), default_runtime="microvm")
+    client = await aiohttp_client(create_app(settings))
+    unavailable = client.app[MANAGER].unavailable
+    assert "microvm" in unavailable and "images build microvm" in unavailable["microvm"], unavailable
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
