@@ -161,10 +161,12 @@ def test_pty_resize_is_seen_by_the_child(client: AgentClient) -> None:
 def test_sigwinch_reaches_the_foreground_process(client: AgentClient) -> None:
     code = (
         "import os, signal\n"
-        # os.write, not print: the signal may land while print('ready') still holds stdout's lock
-        "signal.signal(signal.SIGWINCH, lambda *a: os.write(1, b'winch\\n'))\n"
+        # Blocked, then waited for: a SIGWINCH between 'ready' and the wait stays pending instead of
+        # running a handler before the wait (which then waited forever).
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGWINCH})\n"
         "print('ready', flush=True)\n"
-        "signal.pause()\n"
+        "signal.sigwait({signal.SIGWINCH})\n"
+        "os.write(1, b'winch\\n')\n"
     )
     rid, _ = client.start(exec_id="w", command=[sys.executable, "-c", code], pty={"rows": 5, "cols": 5})
     out = b""
