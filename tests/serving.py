@@ -8,9 +8,10 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -53,12 +54,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(env: Mapping[str, str], *args: str) -> Iterator[Served]:
-    """`python -m gateway.cli serve --port <free> *args`, ready to take requests. The microVM runtime
-    is blocked unless `env` says otherwise: its pool would boot VMs these tests never use."""
+def serve(env: Mapping[str, str], *args: str, command: Sequence[str] = (sys.executable, "-m", "gateway.cli"),
+          cwd: Path | None = None) -> Iterator[Served]:
+    """`<command> serve --port <free> *args` (the checkout's CLI unless `command` names another,
+    such as an installed wheel's `sandgate`), ready to take requests. The microVM runtime is blocked
+    unless `env` says otherwise: its pool would boot VMs these tests never use."""
     port = free_port()
     env = {"SANDGATE_BLOCKED_PLUGINS": "microvm", **env}  # "" defers to a config file's list
-    with subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), *args],
+    with subprocess.Popen([*command, "serve", "--port", str(port), *args], cwd=cwd,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(env)) as proc:
         assert proc.stdout is not None
         banner = []

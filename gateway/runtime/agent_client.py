@@ -235,14 +235,15 @@ def check_hello(hello: dict[str, Any]) -> dict[str, Any]:
     return hello
 
 
-async def call_once(channel: ByteChannel, op: str, timeout: float, **fields: Any) -> dict[str, Any]:
+async def call_once(channel: ByteChannel, op: str, timeout: float, *,
+                    death_reason: Callable[[], Awaitable[str]] | None = None, **fields: Any) -> dict[str, Any]:
     """One request on an agent's fresh channel, before an AgentClient owns it: a runtime's ping
     that proves a pooled or booted guest answers, or the microVM's `guest.setup`. The agent says
     nothing unasked, so anything but the reply fails the leg (a broken guest).
 
     Raises:
-        ProtocolError: the agent's error, `guest_died` at end of input, `guest_protocol`, or
-            TimeoutError past `timeout`.
+        ProtocolError: the agent's error, `guest_died` at end of input (with what `death_reason`
+            says, when given), `guest_protocol`, or TimeoutError past `timeout`.
     """
     leg = AgentLeg(GATEWAY)
     request_id = leg.send_request(op, fields)
@@ -253,7 +254,8 @@ async def call_once(channel: ByteChannel, op: str, timeout: float, **fields: Any
             if data:
                 leg.receive_data(data)
             else:
-                leg.receive_eof(ProtocolError("guest_died", f"the agent closed its channel during {op}"))
+                why = await death_reason() if death_reason is not None else f"the agent closed its channel during {op}"
+                leg.receive_eof(ProtocolError("guest_died", why))
             for event in leg.events_received():
                 if isinstance(event, Reply) and event.id == request_id:
                     if event.error is not None:

@@ -95,12 +95,7 @@ class PodBackend(Backend):
     async def wait_agent(self, timeout: float) -> None:
         """Ping the agent until it answers, so a warm-pool pod hands out an agent that already
         started (through exec, its interpreter starts only when the stream opens)."""
-        try:
-            await call_once(self.channel(), "ping", timeout)
-        except ProtocolError as exc:
-            if exc.code != "guest_died":
-                raise
-            raise ProtocolError("guest_died", await self.wait_exited()) from None
+        await call_once(self.channel(), "ping", timeout, death_reason=self.wait_exited)
 
     def alive(self) -> bool:
         pod = self.runtime.watcher.find(self.pod)

@@ -109,12 +109,7 @@ class Launcher:
 
     async def wait_ready(self) -> None:
         """Ping the agent once so a pooled launcher is known to answer at once."""
-        try:
-            await call_once(self.channel(), "ping", READY_TIMEOUT_S)
-        except ProtocolError as exc:
-            if exc.code != "guest_died":
-                raise
-            raise ProtocolError("guest_died", await self.reason()) from None
+        await call_once(self.channel(), "ping", READY_TIMEOUT_S, death_reason=self.reason)
 
 
 def close_pipes(proc: asyncio.subprocess.Process) -> None:

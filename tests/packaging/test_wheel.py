@@ -15,17 +15,16 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import threading
 import urllib.request
 import zipfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.serving import Served, free_port
+from tests.serving import Served, serve
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("gateway", "plugins", "guest_agent")
@@ -124,32 +123,9 @@ def test_the_wheel_holds_every_data_file(installed: Installed) -> None:
     assert [n for n in shipped if NOT_SHIPPED & set(n.split("/")) or n.endswith(".pyc")] == []
 
 
-@contextmanager
-def _serve_installed(installed: Installed, env: Mapping[str, str], *args: str) -> Iterator[Served]:
+def _serve_installed(installed: Installed, env: Mapping[str, str], *args: str) -> AbstractContextManager[Served]:
     """The wheel's `sandgate serve`, run from outside the checkout, ready to take requests."""
-    port = free_port()
-    with subprocess.Popen([str(installed.venv / "bin" / "sandgate"), "serve", "--port", str(port), *args],
-                          cwd=installed.outside, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True) as proc:
-        assert proc.stdout is not None
-        banner = []
-        for line in proc.stdout:  # aiohttp prints this once it listens
-            banner.append(line)
-            if "Running on" in line:
-                break
-        else:
-            raise AssertionError("the installed gateway exited before listening:\n" + "".join(banner))
-        served = Served(proc, port, "".join(banner))
-        stdout = proc.stdout
-        served.reader = threading.Thread(target=lambda: served.output.extend(stdout), daemon=True)
-        served.reader.start()
-        try:
-            yield served
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            served.reader.join(timeout=60)
+    return serve(env, *args, command=[str(installed.venv / "bin" / "sandgate")], cwd=installed.outside)
 
 
 def _run_code(gateway: Served, runtime: str) -> None:
