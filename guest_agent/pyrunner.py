@@ -17,7 +17,7 @@ stream is ended without it.
 One thread (WASI): a Python exec runs inside `Agent.handle`, so requests that arrive meanwhile
 wait in the channel (no `exec.concurrent`), except when the exec reads stdin with nothing
 buffered: then the read itself pulls frames from the channel, handles exec.input /
-exec.close_stdin and the harmless ops in `NESTED_OPS` (ping, metrics, exec.list, ...) and answers
+exec.close_stdin and the ops the schema marks `nested` (ping, metrics, exec.list, ...) and answers
 every other request `busy` (retryable). There are no keepalives and no hard timeout on that
 platform: a deadline is checked whenever the exec writes output or reads stdin, and the runtime
 enforces its own.
