@@ -1,141 +1,42 @@
-"""The sandbox registry: tenants, quotas, lifecycle, and routing of ops to the agent.
+"""Lifecycle: the registry of sandboxes, and `SandboxManager`, which creates, finds and ends them.
 
-This is where the gateway decides things: which ops a sandbox supports, what a request may ask for,
-when a sandbox is idle or expired, when an exec is wedged. The web layer only translates HTTP and
-WebSocket messages into calls here.
+The manager starts and stops the runtimes; creates a sandbox once `admission` has checked the
+request and the tenant's quota; finds a tenant's sandbox, adopting one a runtime still has (another
+replica's, or this gateway's before a restart); keeps each sandbox's agent alive (the watcher, and
+`restart_agent`, which the op router uses too); and destroys sandboxes on request, on shutdown and
+when the reaper finds them expired or idle.
+
+The model is `sandbox.Sandbox`; admission is `admission`; what ops reach the agent, and how, is
+`routing.OpRouter`, mixed into `SandboxManager` so that callers keep one object (why a mixin: see
+`routing`). The web layer only translates HTTP and WebSocket messages into calls here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import math
 import secrets
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import pluggy
 
 from gateway.config import Settings
-from gateway.runtime.agent_client import AgentClient, AgentStream
+from gateway.runtime.agent_client import AgentClient
 from gateway.runtime.base import Backend, NotConfigured, Runtime, SandboxSpec
-from gateway.sessions.execs import ExecRecord, OutputCollector, Subscriber
-from guest_agent import schema
-from guest_agent.schema import OPS
+from gateway.sessions.admission import TenantQuota, check_create
+from gateway.sessions.routing import OpRouter
+from gateway.sessions.sandbox import Sandbox
 from guest_agent.wire import ProtocolError
-from guest_agent.wire import field as wire_field
 
 log = logging.getLogger(__name__)
 
-#: Signals a runtime without in-guest signals can still honour by restarting its agent.
-KILLING_SIGNALS = {"SIGKILL", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", 9, 15, 2, 1, 3}
-MAX_FINISHED_EXECS = 64
-CREATE_FIELDS = ("runtime", "ttl", "idle_timeout", "memory_mb", "cpu_seconds", "disk_mb", "network",
-                 "template", "metadata")
 
+class SandboxManager(OpRouter):
+    """The sandboxes of every tenant, from create to destroy; and, through `OpRouter`, their ops."""
 
-@dataclass
-class Sandbox:
-    id: str
-    tenant: str
-    runtime: Runtime
-    spec: SandboxSpec
-    backend: Backend
-    agent: AgentClient
-    ttl: float
-    idle_timeout: float
-    metadata: dict[str, str]
-    created_at: float = field(default_factory=time.time)
-    created_mono: float = field(default_factory=time.monotonic)
-    last_activity: float = field(default_factory=time.monotonic)
-    state: str = "running"
-    sessions: int = 0
-    execs: dict[str, ExecRecord] = field(default_factory=dict)
-    #: Records whose pump still runs, and finished exec ids oldest first (for pruning `execs`).
-    live_execs: set[ExecRecord] = field(default_factory=set)
-    finished_execs: deque[str] = field(default_factory=deque)
-    exec_ids: Any = field(default_factory=lambda: itertools.count(1))
-    restarts: int = 0
-    destroyed: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
-    _restart_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    @property
-    def capabilities(self) -> frozenset[str]:
-        oneshot = {f"exec.{lang}" for lang in self.backend.oneshot_languages()}
-        return self.agent.capabilities | self.runtime.capabilities | oneshot
-
-    def running_execs(self) -> list[ExecRecord]:
-        # `running` too: a record is done (its end published) a moment before its pump leaves.
-        return [r for r in self.live_execs if r.running]
-
-    @property
-    def active(self) -> bool:
-        """Open sessions and running execs are activity: the idle reaper leaves the sandbox be."""
-        return self.sessions > 0 or bool(self.running_execs())
-
-    def touch(self) -> None:
-        self.last_activity = time.monotonic()
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "runtime": self.runtime.id,
-            "state": self.state,
-            "created_at": self.created_at,
-            "expires_at": self.created_at + self.ttl,
-            "ttl": self.ttl,
-            "idle_timeout": self.idle_timeout,
-            "memory_mb": self.spec.memory_mb,
-            "cpu_seconds": self.spec.cpu_seconds,
-            "disk_mb": self.spec.disk_mb,
-            "network": self.spec.network,
-            "template": self.spec.template,
-            "capabilities": sorted(self.capabilities),
-            "metadata": self.metadata,
-            "execs_running": len(self.running_execs()),
-            "ws_url": f"/v1/sandboxes/{self.id}/ws",
-        }
-
-    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro, name=name)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
-
-
-class _CreateRate:
-    """A token bucket per tenant for creates."""
-
-    def __init__(self, per_minute: int) -> None:
-        self.rate = per_minute / 60.0
-        self.capacity = float(per_minute)
-        self.tokens: dict[str, tuple[float, float]] = {}
-
-    def take(self, tenant: str) -> float:
-        """0 if a create may go ahead now, else the seconds until one may."""
-        now = time.monotonic()
-        tokens, at = self.tokens.get(tenant, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - at) * self.rate)
-        if tokens < 1:
-            self.tokens[tenant] = (tokens, now)
-            return (1 - tokens) / self.rate if self.rate else 60.0
-        self.tokens[tenant] = (tokens - 1, now)
-        return 0.0
-
-
-class QuotaExceeded(ProtocolError):
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__("quota_exceeded", message)
-        self.retry_after = max(1, math.ceil(retry_after))
-
-
-class SandboxManager:
     def __init__(self, settings: Settings, runtimes: Mapping[str, Runtime], pm: pluggy.PluginManager) -> None:
         self.settings = settings
         self.runtimes = dict(runtimes)
@@ -145,7 +46,7 @@ class SandboxManager:
         self._adopting: dict[str, asyncio.Lock] = {}
         #: Destroys under way, by sandbox id (see `destroy`).
         self._destroying: dict[str, asyncio.Task[None]] = {}
-        self._rate = _CreateRate(settings.quotas.creates_per_minute)
+        self._quota = TenantQuota(settings.quotas)
         self._reaper: asyncio.Task[None] | None = None
         self.draining = False
         self.unavailable: dict[str, str] = {}
@@ -183,51 +84,24 @@ class SandboxManager:
 
     # -- create, find, destroy ---------------------------------------------------------------
 
-    def _bounded(self, body: Mapping[str, Any], name: str, default: float, maximum: float, kind: type) -> Any:
-        value = wire_field(body, name, (int, float) if kind is float else int, default)
-        if not 0 < value <= maximum:
-            raise ProtocolError("bad_request", f"{name} must be > 0 and <= {maximum:g}")
-        return kind(value)
-
     async def create(self, tenant: str, body: Mapping[str, Any]) -> Sandbox:
+        """Create a sandbox for `tenant` from a create request's body (`admission` checks it).
+
+        Raises:
+            ProtocolError: `unavailable` while draining; what `check_create` raises; `QuotaExceeded`;
+                whatever the runtime raises while it creates the sandbox or its agent says hello.
+        """
         if self.draining:
             raise ProtocolError("unavailable", "the gateway is shutting down")
-        limits = self.settings.limits
-        runtime_id = wire_field(body, "runtime", str, self.settings.default_runtime)
-        runtime = self.runtimes.get(runtime_id)
-        if runtime is None:
-            why = self.unavailable.get(runtime_id)
-            if why is not None:
-                raise ProtocolError("unavailable", f"runtime {runtime_id!r} is unavailable here: {why}")
-            raise ProtocolError("bad_request", f"unknown runtime {runtime_id!r}; have {sorted(self.runtimes)}")
-        ttl = self._bounded(body, "ttl", limits.ttl_s, limits.max_ttl_s, float)
-        idle = self._bounded(body, "idle_timeout", limits.idle_timeout_s, limits.max_idle_timeout_s, float)
-        memory = self._bounded(body, "memory_mb", limits.memory_mb, limits.max_memory_mb, int)
-        cpu = self._bounded(body, "cpu_seconds", limits.cpu_seconds, limits.max_cpu_seconds, float)
-        disk = self._bounded(body, "disk_mb", limits.disk_mb, limits.max_disk_mb, int)
-        network = wire_field(body, "network", bool, False)
-        template = wire_field(body, "template", str, None)
-        metadata = wire_field(body, "metadata", dict, {})
-        if len(metadata) > 32 or not all(
-            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 256 for k, v in metadata.items()
-        ):
-            raise ProtocolError("bad_request", "metadata: at most 32 string keys (<= 64) to strings (<= 256)")
-        options = runtime.validate_options({k: v for k, v in body.items() if k not in CREATE_FIELDS})
-        runtime.check_create(template, network)
-
-        # Quotas are checked after validation, so a bad request never costs a token.
+        request = check_create(body, self.settings, self.runtimes, self.unavailable)
+        # Only now, with every option checked: a bad request never costs a quota or rate token.
         count = sum(1 for s in self._sandboxes.values() if s.tenant == tenant) + self._creating.get(tenant, 0)
-        if count >= self.settings.quotas.max_sandboxes:
-            raise QuotaExceeded(f"tenant has {count} sandboxes, the quota is {self.settings.quotas.max_sandboxes}", 5)
-        wait = self._rate.take(tenant)
-        if wait:
-            raise QuotaExceeded("sandbox creation rate quota exceeded", wait)
+        self._quota.admit(tenant, count)
 
+        runtime = request.runtime
         sandbox_id = "sb_" + secrets.token_urlsafe(16)
         now = time.time()
-        spec = SandboxSpec(sandbox_id=sandbox_id, tenant=tenant, memory_mb=memory, cpu_seconds=cpu,
-                           disk_mb=disk, network=network, template=template, options=options,
-                           ttl_s=ttl, idle_timeout_s=idle, created_at=now)
+        spec = request.spec(sandbox_id, tenant, now)
         self._creating[tenant] = self._creating.get(tenant, 0) + 1
         try:
             backend = await runtime.create(spec)
@@ -239,7 +113,8 @@ class SandboxManager:
         finally:
             self._creating[tenant] -= 1
         sandbox = Sandbox(id=sandbox_id, tenant=tenant, runtime=runtime, spec=spec, backend=backend,
-                          agent=agent, ttl=ttl, idle_timeout=idle, metadata=metadata, created_at=now)
+                          agent=agent, ttl=request.ttl, idle_timeout=request.idle_timeout,
+                          metadata=request.metadata, created_at=now)
         self._sandboxes[sandbox_id] = sandbox
         sandbox.spawn(self._watch(sandbox), f"watch-{sandbox_id}")
         self.pm.hook.sandgate_sandbox_created(sandbox_id=sandbox_id, tenant=tenant, runtime=runtime.id)
@@ -374,7 +249,7 @@ class SandboxManager:
     async def restart_agent(self, sandbox: Sandbox, agent: AgentClient) -> None:
         """Replace `agent` with a fresh one from the runtime (files are kept). A runtime that
         cannot restart leaves the sandbox `failed`, and this raises guest_died."""
-        async with sandbox._restart_lock:
+        async with sandbox.restart_lock:
             if sandbox.agent is not agent or sandbox.state != "running":
                 return
             await agent.close()
@@ -410,227 +285,3 @@ class SandboxManager:
             await self.destroy(sandbox, reason)
         return reaped
 
-    # -- ops ---------------------------------------------------------------------------------
-
-    async def _agent(self, sandbox: Sandbox) -> AgentClient:
-        """The sandbox's live agent: waits out a restart in progress, and restarts a dead agent
-        itself rather than racing the watcher (whoever comes first restarts, once)."""
-        agent = sandbox.agent
-        if agent.closed.done() and sandbox.state == "running":
-            await self.restart_agent(sandbox, agent)
-        async with sandbox._restart_lock:
-            if sandbox.state != "running":
-                raise ProtocolError("guest_died", f"the sandbox is {sandbox.state}")
-            return sandbox.agent
-
-    def _check_usable(self, sandbox: Sandbox, op: str) -> None:
-        """The gateway's checks before an op reaches the agent, all from the op schema."""
-        if sandbox.state != "running":
-            raise ProtocolError("guest_died", f"the sandbox is {sandbox.state}")
-        spec = OPS[op]
-        if spec.capability is not None and spec.capability not in sandbox.capabilities:
-            raise ProtocolError("unsupported", f"{op} needs {spec.capability}, which runtime {sandbox.runtime.id} "
-                                               "lacks")
-        # exec.start decides for itself (a one-shot language runs beside a running exec).
-        if "exec.concurrent" not in sandbox.capabilities and not spec.control and op != "exec.start":
-            running = sandbox.running_execs()
-            if running:
-                raise ProtocolError("busy", f"the agent runs one thing at a time and exec {running[0].exec_id} "
-                                            "is running")
-
-    def find_exec(self, sandbox: Sandbox, args: Mapping[str, Any]) -> ExecRecord:
-        """The exec a checked request names by `exec_id`, or the latest with its `tag`."""
-        if "exec_id" in args:
-            record = sandbox.execs.get(args["exec_id"])
-        else:
-            matches = [r for r in sandbox.execs.values() if r.tag == args["tag"]]
-            record = matches[-1] if matches else None
-        if record is None:
-            raise ProtocolError("not_found", "no such exec")
-        return record
-
-    async def request(self, sandbox: Sandbox, op: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-        """Forward a non-stream op of both legs to the agent after the gateway's own checks.
-        `fields` are the op's arguments as the schema checked them where the client's request
-        entered (`schema.parse`), or the gateway's own (REST uploads)."""
-        spec = schema.op_for(op, schema.CLIENT)
-        if spec.stream or spec.leg != schema.BOTH:
-            raise ProtocolError("unknown_op", f"{op} is not forwarded as a request")
-        self._check_usable(sandbox, op)
-        sandbox.touch()
-        fields = dict(fields)
-        if spec.control:
-            record = self.find_exec(sandbox, fields)
-            if not record.running:
-                raise ProtocolError("not_found", f"exec {record.exec_id} has ended")
-            fields.pop("tag", None)
-            fields["exec_id"] = record.exec_id
-        return await (await self._agent(sandbox)).request(op, **fields)
-
-    async def ping(self, sandbox: Sandbox) -> dict[str, Any]:
-        """`ping`, a liveness op: never refused as `busy` (docs/protocol.md §3).
-
-        The agent answers it whenever it can take a request, which proves it alive. An agent
-        without exec.concurrent cannot while it runs an exec (WASM: not until the exec ends or reads
-        stdin), and a forwarded ping would wait in its channel; then the gateway answers for it
-        from what it knows: the agent's channel is open (a dead agent closes it) and the exec's
-        stream is live. A dead agent is restarted first (or this raises guest_died)."""
-        if sandbox.state != "running":
-            raise ProtocolError("guest_died", f"the sandbox is {sandbox.state}")
-        if "exec.concurrent" in sandbox.capabilities or not sandbox.running_execs():
-            return await self.request(sandbox, "ping", {})
-        sandbox.touch()
-        if sandbox.agent.closed.done():
-            await self._agent(sandbox)  # waits out (or does) the restart; raises if it failed
-        return {}
-
-    async def signal(self, sandbox: Sandbox, fields: Mapping[str, Any]) -> dict[str, Any]:
-        """exec.signal; where the agent has no signals, a killing signal restarts the agent."""
-        if "exec.signal" in sandbox.capabilities:
-            return await self.request(sandbox, "exec.signal", fields)
-        record = self.find_exec(sandbox, fields)
-        sig = fields.get("signal")
-        if sig not in KILLING_SIGNALS:
-            raise ProtocolError("unsupported", f"runtime {sandbox.runtime.id} can only stop an exec (SIGKILL, "
-                                               "SIGTERM, SIGINT), not deliver other signals")
-        if record.running:
-            record.timed_out_after = None
-            # The restart runs on its own, so the `{}` goes out before the exec's end
-            # (docs/protocol.md): the caller sends it before this task can end the stream.
-            sandbox.spawn(self._stop_by_restart(sandbox, sandbox.agent), f"stop-{record.exec_id}")
-        return {}
-
-    async def _stop_by_restart(self, sandbox: Sandbox, agent: AgentClient) -> None:
-        with contextlib.suppress(ProtocolError):  # a failed restart already marked the sandbox
-            await self.restart_agent(sandbox, agent)
-
-    async def metrics(self, sandbox: Sandbox) -> dict[str, Any]:
-        """Guest and host figures. An agent that serves one request at a time cannot answer while
-        it runs an exec (WASM): then `guest` is null and the host's figures still come."""
-        guest: dict[str, Any] | None = None
-        if "exec.concurrent" in sandbox.capabilities or not sandbox.running_execs():
-            guest = await self.request(sandbox, "metrics", {})
-        host = await sandbox.backend.host_metrics()
-        return {"guest": guest, "host": host, "restarts": sandbox.restarts}
-
-    async def read_file(self, sandbox: Sandbox, path: str, offset: int = 0, length: int | None = None) -> AgentStream:
-        self._check_usable(sandbox, "fs.read")
-        sandbox.touch()
-        fields: dict[str, Any] = {"path": path, "offset": offset}
-        if length is not None:
-            fields["length"] = length
-        return await (await self._agent(sandbox)).stream("fs.read", **fields)
-
-    def _exec_fields(
-        self, sandbox: Sandbox, args: Mapping[str, Any], default_timeout: float | None
-    ) -> dict[str, Any]:
-        """The exec.start request to forward: the schema checked its fields (`args`); here the
-        gateway refuses what this sandbox cannot do and applies its own limits."""
-        limits = self.settings.limits
-        out = {k: v for k, v in args.items() if k not in ("exec_id", "tag")}
-        if "command" in out and "exec.process" not in sandbox.capabilities:
-            raise ProtocolError("unsupported", f"runtime {sandbox.runtime.id} runs no processes; "
-                                               "use 'code' with 'language'")
-        if out.get("stdin_open") and "exec.stdin" not in sandbox.capabilities:
-            raise ProtocolError("unsupported", "this sandbox takes no stdin after start")
-        if "pty" in out and "exec.pty" not in sandbox.capabilities:
-            raise ProtocolError("unsupported", f"runtime {sandbox.runtime.id} has no PTY")
-        timeout = out.get("timeout", default_timeout)
-        if timeout is not None:
-            if timeout > limits.max_exec_timeout_s:
-                raise ProtocolError("bad_request", f"timeout must be <= {limits.max_exec_timeout_s:g}")
-            out["timeout"] = float(timeout)
-        return out
-
-    async def start_exec(
-        self,
-        sandbox: Sandbox,
-        message: Mapping[str, Any],
-        subscriber: Subscriber | None = None,
-        *,
-        default_timeout: float | None = None,
-    ) -> ExecRecord:
-        """Start an exec and subscribe `subscriber` before its first event can be delivered.
-        `message` holds exec.start's arguments as the schema checked them (`schema.parse`)."""
-        self._check_usable(sandbox, "exec.start")
-        fields = self._exec_fields(sandbox, message, default_timeout)
-        tag = message.get("tag")
-        oneshot = fields.get("language") in sandbox.backend.oneshot_languages()
-        if "language" in fields and not oneshot and f"exec.{fields['language']}" not in sandbox.capabilities:
-            raise ProtocolError("unsupported", f"runtime {sandbox.runtime.id} does not run {fields['language']}")
-        if "exec.concurrent" not in sandbox.capabilities and not oneshot and sandbox.running_execs():
-            raise ProtocolError("busy", "the agent runs one exec at a time; wait for the running one")
-        requested = message.get("exec_id")
-        if requested is not None and requested in sandbox.execs:
-            raise ProtocolError("bad_request", f"exec_id {requested!r} is taken: it must be new")
-        exec_id = requested or f"e{next(sandbox.exec_ids)}"
-        record = ExecRecord(exec_id, tag, replay_bytes=self.settings.limits.replay_bytes,
-                            send_timeout=self.settings.client_send_timeout_s)
-        if subscriber is not None:
-            record.subscribers.append(subscriber)
-        timeout = fields.get("timeout")
-        events: AsyncIterator[dict[str, Any]]
-        if oneshot:
-            events = sandbox.backend.run_oneshot(fields["language"], fields["code"], stdin=fields.get("stdin", b""),
-                                                 env=fields.get("env", {}), timeout=timeout)
-        else:
-            agent = await self._agent(sandbox)
-            events = aiter(await agent.stream("exec.start", exec_id=exec_id, **fields))
-            if timeout is not None:
-                # The agent enforces timeouts where it can signal; the watchdog catches the rest.
-                grace = self.settings.limits.exec_grace_s if "exec.signal" in sandbox.capabilities else 0.0
-                sandbox.spawn(self._watchdog(sandbox, agent, record, timeout, grace), f"watchdog-{exec_id}")
-        self._remember(sandbox, record)
-        sandbox.touch()
-        sandbox.spawn(self._pump(sandbox, record, events), f"exec-{exec_id}")
-        return record
-
-    async def _pump(self, sandbox: Sandbox, record: ExecRecord, events: AsyncIterator[dict[str, Any]]) -> None:
-        try:
-            await record.pump(events)
-        finally:
-            sandbox.live_execs.discard(record)
-            sandbox.finished_execs.append(record.exec_id)
-            while len(sandbox.finished_execs) > MAX_FINISHED_EXECS:
-                sandbox.execs.pop(sandbox.finished_execs.popleft(), None)
-        sandbox.touch()
-        assert record.end is not None
-        self.pm.hook.sandgate_exec_finished(sandbox_id=sandbox.id, tenant=sandbox.tenant,
-                                            exec_id=record.exec_id, end=record.end)
-
-    async def _watchdog(self, sandbox: Sandbox, agent: AgentClient, record: ExecRecord, timeout: float,
-                        grace: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout + grace):
-                await record.done.wait()
-        if record.running and sandbox.agent is agent:
-            record.timed_out_after = timeout
-            with contextlib.suppress(ProtocolError):  # a failed restart already marked the sandbox
-                await self.restart_agent(sandbox, agent)
-
-    def _remember(self, sandbox: Sandbox, record: ExecRecord) -> None:
-        sandbox.execs[record.exec_id] = record
-        sandbox.live_execs.add(record)
-
-    async def run_collected(self, sandbox: Sandbox, message: Mapping[str, Any]) -> dict[str, Any]:
-        """The REST exec: run to the end and return the collected output. `message` holds
-        exec.start's arguments as the schema checked them."""
-        collector = OutputCollector(self.settings.limits.exec_output_bytes)
-        record = await self.start_exec(sandbox, message, collector,
-                                       default_timeout=self.settings.limits.exec_timeout_s)
-        await record.done.wait()
-        end = record.end or {}
-        result: dict[str, Any] = {
-            "exec_id": record.exec_id,
-            "exit_code": end.get("exit_code"),
-            "signal": end.get("signal"),
-            "duration_ms": end.get("duration_ms"),
-            "stdout": collector.out["stdout"].decode("utf-8", "replace"),
-            "stderr": collector.out["stderr"].decode("utf-8", "replace"),
-            "truncated": collector.truncated,
-        }
-        if collector.out["pty"]:
-            result["pty"] = collector.out["pty"].decode("utf-8", "replace")
-        if "error" in end:
-            result["error"] = end["error"]
-        return result

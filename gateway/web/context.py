@@ -12,7 +12,8 @@ import pluggy
 from aiohttp import web
 
 from gateway.config import Settings
-from gateway.sessions.manager import QuotaExceeded, SandboxManager
+from gateway.sessions.admission import QuotaExceeded
+from gateway.sessions.manager import SandboxManager
 from guest_agent.wire import ERRORS, ProtocolError
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -10,7 +10,7 @@ from aiohttp import web
 from gateway import __version__
 from gateway.protocol.client import describe as describe_client_leg
 from gateway.protocol.paths import check_path
-from gateway.sessions.manager import Sandbox
+from gateway.sessions.sandbox import Sandbox
 from gateway.web.context import MANAGER, authenticate, bearer_token, json_body
 from guest_agent import schema
 from guest_agent.wire import CHUNK_SIZE, MAX_WRITE_CHUNK, ProtocolError

@@ -28,7 +28,8 @@ from gateway.protocol.client import (
     choose_subprotocol,
 )
 from gateway.protocol.paths import check_path
-from gateway.sessions.manager import Sandbox, SandboxManager
+from gateway.sessions.manager import SandboxManager
+from gateway.sessions.sandbox import Sandbox
 from gateway.web.context import MANAGER, SESSIONS, SETTINGS, authenticate, bearer_token
 from guest_agent import schema
 from guest_agent.wire import PROTOCOL_VERSION, ProtocolError

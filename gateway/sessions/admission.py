@@ -1,0 +1,154 @@
+"""Admission: whether a create request may go ahead, decided before it costs anything.
+
+Two steps, in this order, because a request that cannot succeed must not cost the tenant a quota
+or rate token:
+
+1. `check_create` builds a `CreateRequest` from the request body: the gateway's own fields
+   (bounded by `Limits`), the metadata, and the runtime's options (`Runtime.validate_options`) and
+   template/network support (`Runtime.check_create`). It raises on the first bad field.
+2. `TenantQuota.admit` counts the tenant's sandboxes against `max_sandboxes` and only then takes a
+   token from the per-tenant `creates_per_minute` bucket, raising `QuotaExceeded` (429 with
+   Retry-After).
+
+Nothing here does I/O or knows about sandboxes that exist: the manager passes the count in.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.config import Quotas, Settings
+from gateway.runtime.base import Runtime, SandboxSpec
+from guest_agent.wire import ProtocolError
+from guest_agent.wire import field as wire_field
+
+#: The create body's fields the gateway reads itself; the rest are the runtime's options.
+CREATE_FIELDS = ("runtime", "ttl", "idle_timeout", "memory_mb", "cpu_seconds", "disk_mb", "network",
+                 "template", "metadata")
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """A create request whose every field has been checked, the runtime's options included."""
+
+    runtime: Runtime
+    ttl: float
+    idle_timeout: float
+    memory_mb: int
+    cpu_seconds: float
+    disk_mb: int
+    network: bool
+    template: str | None
+    metadata: dict[str, str]
+    options: dict[str, Any]
+
+    def spec(self, sandbox_id: str, tenant: str, created_at: float) -> SandboxSpec:
+        """What the runtime is asked to create for this request."""
+        return SandboxSpec(sandbox_id=sandbox_id, tenant=tenant, memory_mb=self.memory_mb,
+                           cpu_seconds=self.cpu_seconds, disk_mb=self.disk_mb, network=self.network,
+                           template=self.template, options=self.options, ttl_s=self.ttl,
+                           idle_timeout_s=self.idle_timeout, created_at=created_at)
+
+
+def check_create(
+    body: Mapping[str, Any], settings: Settings, runtimes: Mapping[str, Runtime], unavailable: Mapping[str, str]
+) -> CreateRequest:
+    """Check a create request's body.
+
+    Args:
+        body: the request's JSON object.
+        settings: the gateway's default runtime and its `Limits`.
+        runtimes: the runtimes that started, by id.
+        unavailable: why each runtime that did not start is off, by id.
+
+    Returns:
+        The checked request.
+
+    Raises:
+        ProtocolError: `bad_request` for a bad or unknown field, metadata or runtime; `unavailable`
+            for a runtime that is off here; whatever the runtime's checks raise (`unsupported`).
+    """
+    limits = settings.limits
+    runtime_id = wire_field(body, "runtime", str, settings.default_runtime)
+    runtime = runtimes.get(runtime_id)
+    if runtime is None:
+        why = unavailable.get(runtime_id)
+        if why is not None:
+            raise ProtocolError("unavailable", f"runtime {runtime_id!r} is unavailable here: {why}")
+        raise ProtocolError("bad_request", f"unknown runtime {runtime_id!r}; have {sorted(runtimes)}")
+    ttl = _bounded(body, "ttl", limits.ttl_s, limits.max_ttl_s, float)
+    idle = _bounded(body, "idle_timeout", limits.idle_timeout_s, limits.max_idle_timeout_s, float)
+    memory = _bounded(body, "memory_mb", limits.memory_mb, limits.max_memory_mb, int)
+    cpu = _bounded(body, "cpu_seconds", limits.cpu_seconds, limits.max_cpu_seconds, float)
+    disk = _bounded(body, "disk_mb", limits.disk_mb, limits.max_disk_mb, int)
+    network = wire_field(body, "network", bool, False)
+    template = wire_field(body, "template", str, None)
+    metadata = wire_field(body, "metadata", dict, {})
+    if len(metadata) > 32 or not all(
+        isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 256 for k, v in metadata.items()
+    ):
+        raise ProtocolError("bad_request", "metadata: at most 32 string keys (<= 64) to strings (<= 256)")
+    options = runtime.validate_options({k: v for k, v in body.items() if k not in CREATE_FIELDS})
+    runtime.check_create(template, network)
+    return CreateRequest(runtime=runtime, ttl=ttl, idle_timeout=idle, memory_mb=memory, cpu_seconds=cpu,
+                         disk_mb=disk, network=network, template=template, metadata=metadata, options=options)
+
+
+def _bounded(body: Mapping[str, Any], name: str, default: float, maximum: float, kind: type) -> Any:
+    value = wire_field(body, name, (int, float) if kind is float else int, default)
+    if not 0 < value <= maximum:
+        raise ProtocolError("bad_request", f"{name} must be > 0 and <= {maximum:g}")
+    return kind(value)
+
+
+class QuotaExceeded(ProtocolError):
+    """A tenant's quota is used up; the REST layer answers 429 with `Retry-After: retry_after`."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__("quota_exceeded", message)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+
+class TenantQuota:
+    """The per-tenant quotas a create is admitted under: how many sandboxes, and how fast."""
+
+    def __init__(self, quotas: Quotas) -> None:
+        self.max_sandboxes = quotas.max_sandboxes
+        self._rate = _CreateRate(quotas.creates_per_minute)
+
+    def admit(self, tenant: str, count: int) -> None:
+        """Admit one create for `tenant`, which has `count` sandboxes (made or being made).
+
+        Raises:
+            QuotaExceeded: the tenant is at `max_sandboxes`, or out of rate tokens. The count is
+                checked first, so a create refused for it costs no token.
+        """
+        if count >= self.max_sandboxes:
+            raise QuotaExceeded(f"tenant has {count} sandboxes, the quota is {self.max_sandboxes}", 5)
+        wait = self._rate.take(tenant)
+        if wait:
+            raise QuotaExceeded("sandbox creation rate quota exceeded", wait)
+
+
+class _CreateRate:
+    """A token bucket per tenant for creates."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = float(per_minute)
+        self.tokens: dict[str, tuple[float, float]] = {}
+
+    def take(self, tenant: str) -> float:
+        """0 if a create may go ahead now, else the seconds until one may."""
+        now = time.monotonic()
+        tokens, at = self.tokens.get(tenant, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - at) * self.rate)
+        if tokens < 1:
+            self.tokens[tenant] = (tokens, now)
+            return (1 - tokens) / self.rate if self.rate else 60.0
+        self.tokens[tenant] = (tokens - 1, now)
+        return 0.0

@@ -1,0 +1,93 @@
+"""The model: one sandbox as the gateway keeps it (`Sandbox`).
+
+A module of its own because every other part of `gateway.sessions` and the web layer use it, while
+it depends on none of them: admission, the manager and the op router all import it, never the other
+way round. It holds state and the facts derived from state (capabilities, activity, the REST
+description); decisions about a sandbox are made elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.runtime.agent_client import AgentClient
+from gateway.runtime.base import Backend, Runtime, SandboxSpec
+from gateway.sessions.execs import ExecRecord
+
+
+@dataclass
+class Sandbox:
+    id: str
+    tenant: str
+    runtime: Runtime
+    spec: SandboxSpec
+    backend: Backend
+    agent: AgentClient
+    ttl: float
+    idle_timeout: float
+    metadata: dict[str, str]
+    created_at: float = field(default_factory=time.time)
+    created_mono: float = field(default_factory=time.monotonic)
+    last_activity: float = field(default_factory=time.monotonic)
+    state: str = "running"
+    sessions: int = 0
+    execs: dict[str, ExecRecord] = field(default_factory=dict)
+    #: Records whose pump still runs, and finished exec ids oldest first (for pruning `execs`).
+    live_execs: set[ExecRecord] = field(default_factory=set)
+    finished_execs: deque[str] = field(default_factory=deque)
+    exec_ids: Any = field(default_factory=lambda: itertools.count(1))
+    restarts: int = 0
+    destroyed: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    #: Held while the agent is replaced. Shared by lifecycle (the restart itself) and op routing
+    #: (which waits out a restart before it uses `agent`), hence public.
+    restart_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        oneshot = {f"exec.{lang}" for lang in self.backend.oneshot_languages()}
+        return self.agent.capabilities | self.runtime.capabilities | oneshot
+
+    def running_execs(self) -> list[ExecRecord]:
+        # `running` too: a record is done (its end published) a moment before its pump leaves.
+        return [r for r in self.live_execs if r.running]
+
+    @property
+    def active(self) -> bool:
+        """Open sessions and running execs are activity: the idle reaper leaves the sandbox be."""
+        return self.sessions > 0 or bool(self.running_execs())
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "runtime": self.runtime.id,
+            "state": self.state,
+            "created_at": self.created_at,
+            "expires_at": self.created_at + self.ttl,
+            "ttl": self.ttl,
+            "idle_timeout": self.idle_timeout,
+            "memory_mb": self.spec.memory_mb,
+            "cpu_seconds": self.spec.cpu_seconds,
+            "disk_mb": self.spec.disk_mb,
+            "network": self.spec.network,
+            "template": self.spec.template,
+            "capabilities": sorted(self.capabilities),
+            "metadata": self.metadata,
+            "execs_running": len(self.running_execs()),
+            "ws_url": f"/v1/sandboxes/{self.id}/ws",
+        }
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        """Run `coro` as one of the sandbox's tasks: a destroy cancels and awaits them all."""
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
