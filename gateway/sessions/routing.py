@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -36,15 +37,15 @@ KILLING_SIGNALS = {"SIGKILL", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", 9, 15, 2
 MAX_FINISHED_EXECS = 64
 
 
-class OpRouter:
+class OpRouter(ABC):
     """The ops a client sends to a sandbox; mixed into `SandboxManager` (see the module docstring)."""
 
     settings: Settings
     pm: pluggy.PluginManager
 
+    @abstractmethod
     async def restart_agent(self, sandbox: Sandbox, agent: AgentClient) -> None:
-        """Replace the sandbox's dead or wedged `agent`; provided by `SandboxManager`."""
-        raise NotImplementedError
+        """Replace the sandbox's dead or wedged `agent` (lifecycle: `SandboxManager`'s)."""
 
     async def _agent(self, sandbox: Sandbox) -> AgentClient:
         """The sandbox's live agent: waits out a restart in progress, and restarts a dead agent
