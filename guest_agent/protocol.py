@@ -91,7 +91,8 @@ class AgentLeg:
     max_frame: int = DEFAULT_MAX_FRAME
     keepalive_idle: float = KEEPALIVE_IDLE
     _decoder: FrameDecoder = field(init=False)
-    _out: bytearray = field(default_factory=bytearray)
+    #: Frames to send, whole: a list, so a 64 KiB output chunk is not copied once more.
+    _out: list[bytes] = field(default_factory=list)
     _events: list[Any] = field(default_factory=list)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
     _pending: dict[int, str] = field(default_factory=dict)
@@ -134,7 +135,7 @@ class AgentLeg:
         return events
 
     def data_to_send(self) -> bytes:
-        out = bytes(self._out)
+        out = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         self._out.clear()
         return out
 
@@ -167,7 +168,7 @@ class AgentLeg:
         if self.failure is not None:
             raise self.failure
         rid: int = next(self._ids) % MAX_REQUEST_ID
-        self._out += encode_frame({"id": rid, "op": op, **fields}, max_frame=self.max_frame)
+        self._out.append(encode_frame({"id": rid, "op": op, **fields}, max_frame=self.max_frame))
         if schema.OPS[op].stream:
             self._in_streams[rid] = _InStream()
         else:
@@ -242,7 +243,7 @@ class AgentLeg:
         """Queue a request's result; one too large to frame is answered with that error instead."""
         self._need(AGENT)
         try:
-            self._out += encode_frame({"id": request_id, "result": dict(result)}, max_frame=self.max_frame)
+            self._out.append(encode_frame({"id": request_id, "result": dict(result)}, max_frame=self.max_frame))
         except ProtocolError as exc:
             self.send_error(request_id, exc)
 
@@ -250,7 +251,7 @@ class AgentLeg:
         self._need(AGENT)
         if len(error.message) > _MAX_ERROR_MESSAGE:
             error = ProtocolError(error.code, error.message[:_MAX_ERROR_MESSAGE] + "...")
-        self._out += encode_frame(error_reply(request_id, error), max_frame=self.max_frame)
+        self._out.append(encode_frame(error_reply(request_id, error), max_frame=self.max_frame))
 
     def send_event(self, request_id: int, ev: str, now: float, **fields: Any) -> bool:
         """Queue the next event of the stream answering `request_id` (opened by its first event).
@@ -261,8 +262,8 @@ class AgentLeg:
             if ev != "start":
                 return False
             stream = self._out_streams[request_id] = _OutStream()
-        self._out += encode_frame({"id": request_id, "ev": ev, "seq": stream.next_seq, **fields},
-                                  max_frame=self.max_frame)
+        self._out.append(encode_frame({"id": request_id, "ev": ev, "seq": stream.next_seq, **fields},
+                                      max_frame=self.max_frame))
         stream.next_seq += 1
         stream.last_sent = now
         if ev == "end":
@@ -277,7 +278,7 @@ class AgentLeg:
         self._need(AGENT)
         for rid, stream in self._out_streams.items():
             if now - stream.last_sent >= self.keepalive_idle:
-                self._out += encode_frame({"id": rid, "ev": "keepalive", "seq": stream.next_seq - 1})
+                self._out.append(encode_frame({"id": rid, "ev": "keepalive", "seq": stream.next_seq - 1}))
                 stream.last_sent = now
 
     # -----------------------------------------------------------------------------------------
