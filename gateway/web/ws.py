@@ -85,7 +85,7 @@ class Subscription:
     def dropped(self, reason: str) -> None:
         self.session.subscriptions.discard(self)
         if reason == "too slow":
-            self.session.close_later(CLOSE_TOO_SLOW, "too slow to take output; re-attach with exec.attach")
+            self.session.request_close(CLOSE_TOO_SLOW, "too slow to take output; re-attach with exec.attach")
 
 
 class Session:
@@ -120,7 +120,6 @@ class Session:
         self._controls: asyncio.Queue[schema.Request] = asyncio.Queue()
         self.spawn(self._run_controls())
 
-
     async def _run_controls(self) -> None:
         while True:
             await self.run(await self._controls.get())
@@ -151,9 +150,6 @@ class Session:
         task = asyncio.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-
-    def close_later(self, code: int, message: str) -> None:
-        self.request_close(code, message)
 
     def request_close(self, code: int, message: str) -> None:
         """Close this session with `code`. The handler's task does it (`receive`): only the one
@@ -208,7 +204,7 @@ class Session:
         rid = request_id if isinstance(request_id, int) and not isinstance(request_id, bool) else None
         await self.send({"id": rid, "error": error.to_wire()})
         if self.errors >= MAX_PROTOCOL_ERRORS:
-            self.close_later(CLOSE_PROTOCOL_ERROR, "too many protocol errors")
+            self.request_close(CLOSE_PROTOCOL_ERROR, "too many protocol errors")
 
     async def handle(self, payload: str | bytes) -> None:
         """Decode one client message and validate it against the op schema, once, here."""
