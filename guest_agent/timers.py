@@ -23,10 +23,15 @@ class Timer:
         self.cancelled = True
 
 
+#: How long `Scheduler.stop` waits for the timer thread.
+STOP_TIMEOUT_S = 5.0
+
+
 class Scheduler:
     """Runs each callback once, on the scheduler's thread, at or after its time."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, stop_timeout: float = STOP_TIMEOUT_S) -> None:
+        self.stop_timeout = stop_timeout
         self._heap: list[Timer] = []
         self._cond = threading.Condition(threading.Lock())
         self._counter = itertools.count()
@@ -49,7 +54,9 @@ class Scheduler:
             self._stopped = True
             self._cond.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+            # Bounded: a callback may be blocked writing to a peer that is gone (a keepalive to a
+            # disconnected port), and shutdown must not wait on it. The thread is a daemon.
+            self._thread.join(self.stop_timeout)
 
     def _run(self) -> None:
         with self._cond:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from guest_agent.features import detect
 from guest_agent.fsops import Root
 from guest_agent.pyexec import compile_cell
 from guest_agent.records import Stream
+from guest_agent.timers import Scheduler
 from guest_agent.wire import FrameDecoder, ProtocolError, encode_frame
 
 
@@ -117,3 +119,16 @@ def test_stream_numbers_events_and_keepalives_repeat_the_last_seq() -> None:
             ("keepalive", 1),
             ("end", 2),
         ]
+
+
+def test_scheduler_stop_does_not_wait_on_a_blocked_callback() -> None:
+    # A keepalive blocked writing to a gone peer must not hold the agent's shutdown.
+    release, entered = threading.Event(), threading.Event()
+    scheduler = Scheduler(stop_timeout=0.05)
+    scheduler.start()
+    scheduler.call_later(0, lambda: (entered.set(), release.wait()))
+    assert entered.wait(10)
+    scheduler.stop()  # returns although the callback is still blocked
+    assert scheduler._thread is not None and scheduler._thread.is_alive()
+    release.set()
+    scheduler._thread.join(10)
