@@ -134,17 +134,48 @@ def gateway_work_root(runtime_id: str) -> Path:
     return Path(state) / runtime_id / f"{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def remove_orphans(work_root: Path) -> None:
-    """Remove the work folders beside `work_root` of gateways that died without cleaning up."""
+def remove_orphans(work_root: Path, marker_env: str | None = None) -> None:
+    """Remove the work folders beside `work_root` of gateways that died without cleaning up, after
+    killing (SIGKILL) their processes still running: those whose environment has `marker_env`
+    naming that folder (a parent-death signal ends them with their gateway, but not one that
+    died between fork and prctl, or a process of a runtime that sets none)."""
     import shutil
 
     parent = work_root.parent
     if not parent.is_dir():
         return
+    dead = []
     for entry in parent.iterdir():
         pid, _, _ = entry.name.partition("-")
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(entry, ignore_errors=True)
+            dead.append(entry)
+    if dead and marker_env is not None:
+        kill_marked(marker_env, {str(entry) for entry in dead})
+    for entry in dead:
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def kill_marked(marker_env: str, values: set[str]) -> list[int]:
+    """SIGKILL every process of this user whose environment sets `marker_env` to one of `values`;
+    returns their pids. (A process's environ is readable by its own user and root only.)"""
+    import signal
+
+    killed = []
+    wanted = {f"{marker_env}={value}".encode() for value in values}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+        except OSError:  # gone, or not ours
+            continue
+        if wanted & set(environ.split(b"\0")):
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except OSError:
+                continue
+            killed.append(int(proc.name))
+    return killed
 
 
 # The guest agent's files.

@@ -130,6 +130,12 @@ class Backend(ABC):
         """Host-side figures (rss_bytes, cpu_s of the sandbox's processes). Called for `metrics`."""
         return {}
 
+    def disk_usage(self) -> tuple[int, int] | None:
+        """(used, total) bytes of the sandbox's file system, measured on the host where the guest
+        cannot change the figure, cheaply (no tree walk); None when the runtime cannot tell from
+        outside the guest (the gateway then asks the agent). Called by REST uploads' quota check."""
+        return None
+
     def oneshot_languages(self) -> frozenset[str]:
         """Languages this runtime runs itself, outside the agent (e.g. WASM's QuickJS)."""
         return frozenset()
@@ -155,6 +161,9 @@ class Runtime(ABC):
     capabilities: ClassVar[frozenset[str]] = frozenset()
     #: One line for `GET /v1/runtimes`.
     description: ClassVar[str] = ""
+    #: The least `memory_mb` a sandbox of this runtime can start with; a create asking for less
+    #: answers `bad_request` before anything starts (docs/plugins.md).
+    min_memory_mb: ClassVar[int] = 1
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         """`config` is this runtime's table from the gateway config file (`[runtimes.<id>]`)."""

@@ -83,6 +83,9 @@ def check_create(
     ttl = _bounded(body, "ttl", limits.ttl_s, limits.max_ttl_s, float)
     idle = _bounded(body, "idle_timeout", limits.idle_timeout_s, limits.max_idle_timeout_s, float)
     memory = _bounded(body, "memory_mb", limits.memory_mb, limits.max_memory_mb, int)
+    if memory < runtime.min_memory_mb:
+        raise ProtocolError("bad_request", f"memory_mb must be >= {runtime.min_memory_mb} for runtime "
+                                           f"{runtime.id!r}: its guest cannot start with less")
     cpu = _bounded(body, "cpu_seconds", limits.cpu_seconds, limits.max_cpu_seconds, float)
     disk = _bounded(body, "disk_mb", limits.disk_mb, limits.max_disk_mb, int)
     network = wire_field(body, "network", bool, False)

@@ -131,10 +131,17 @@ async def upload(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
     sandbox = await _sandbox(request)
     path = check_path(request.match_info["path"], allow_absolute=False)
-    used = (await manager.request(sandbox, "metrics", {})).get("disk_bytes") or 0
+    # The host's figure where the runtime has one (the guest's could be forged, and costs a walk).
+    usage = sandbox.backend.disk_usage()
+    if usage is not None:
+        used = usage[0]
+    else:
+        reported = (await manager.request(sandbox, "metrics", {})).get("disk_bytes")
+        used = reported if isinstance(reported, int) and reported > 0 else 0
     quota = (sandbox.spec.disk_mb << 20) - used
     if request.content_length is not None and request.content_length > quota:
-        raise ProtocolError("disk_quota", f"{request.content_length} bytes exceed the {sandbox.spec.disk_mb} MB quota")
+        raise ProtocolError("disk_quota", f"{request.content_length} bytes with the {used} bytes already in use "
+                                          f"exceed the {sandbox.spec.disk_mb} MB quota")
     head, _, name = path.rpartition("/")
     temp = f"{head}/" if head else ""
     temp += f".{name}.upload-{secrets.token_hex(4)}"

@@ -14,6 +14,12 @@ Options:
   --mode python|javascript
   --code SRC / --code-file PATH   the JS source (javascript mode)
   --env K=V           guest environment (repeatable; overrides the defaults)
+  --env-file PATH     guest environment from a JSON object of strings (after --env; the gateway
+                      passes a JS exec's env this way, never on the command line, which /proc shows)
+  --status-fd N       write the exit report (below) to fd N instead of stderr, always (also for a
+                      normal exit), with the process's CPU seconds: the guest cannot write there
+  --parent-pid PID    die with SIGKILL when the parent dies (prctl PDEATHSIG); exit at once if the
+                      parent is not PID any more (it died before the prctl)
 
 The python argv's first item is ignored (the guest runs `python.wasm`): `-- python -m guest_agent`,
 `-- python -c CODE`, `-- python /work/script.py`, or `-- python` for a REPL on stdin. The guest
@@ -22,9 +28,11 @@ sys.setrecursionlimit is capped (see MAX_RECURSION_LIMIT).
 
 Exit status: the guest's exit code, or when the guest stopped abnormally one of the EXIT_*
 codes below (110 error, 111 trap, 112 cpu_limit, 113 memory, 114 stack_overflow), and then the
-last line on stderr is one JSON object:
+last line on stderr (or the one line on --status-fd) is one JSON object:
   {"sandgate_launcher": "exit", "reason": "trap"|"cpu_limit"|"memory"|"stack_overflow"|"error",
    "message": "..."}
+With --status-fd the line is written for every exit (reason null for the guest's own exit), with
+"cpu_s": the process's CPU seconds (the sandbox's budget is charged with them).
 
 Startup time matters (cold create -> ready), so module level imports only what every start
 needs; the compiled module is mapped with `deserialize_file`.
@@ -105,6 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--code", help="javascript mode: the JS source")
     p.add_argument("--code-file", help="javascript mode: a host file holding the JS source")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="guest env")
+    p.add_argument("--env-file", help="guest env: a host file holding a JSON object of strings")
+    p.add_argument("--status-fd", type=int, help="fd for the exit report (not the guest's stderr)")
+    p.add_argument("--parent-pid", type=int, help="die with the parent (parent-death signal)")
     p.add_argument("argv", nargs="*", help="python mode: the guest argv, after --")
     args = p.parse_args(argv)
     if args.mode == "javascript" and (args.code is None) == (args.code_file is None):
@@ -136,6 +147,14 @@ def guest_env(args: argparse.Namespace) -> list[tuple[str, str]]:
     for item in args.env:
         key, _, value = item.partition("=")
         env[key] = value
+    if args.env_file:
+        import json
+
+        with open(args.env_file, encoding="utf-8") as f:
+            extra = json.load(f)
+        if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
+            raise LauncherError("--env-file must hold a JSON object of strings")
+        env.update(extra)
     return sorted(env.items())
 
 
@@ -434,23 +453,48 @@ def _flushing(code: str) -> str:
     )
 
 
-def report(outcome: Outcome) -> None:
-    """The JSON line for an abnormal end: the last thing written to stderr."""
-    if outcome.reason is None:
+def report(outcome: Outcome, status_fd: int | None = None) -> None:
+    """The JSON exit report: on `status_fd` always (one line the guest cannot forge: the guest
+    sees only its stdio and preopens, never this fd), else on stderr after an abnormal end."""
+    if outcome.reason is None and status_fd is None:
         return
     import json
 
-    line = json.dumps({"sandgate_launcher": "exit", "reason": outcome.reason, "message": outcome.message})
+    info: dict[str, object] = {"sandgate_launcher": "exit", "reason": outcome.reason, "message": outcome.message}
     try:
-        sys.stderr.write("\n" + line + "\n")
-        sys.stderr.flush()
+        if status_fd is not None:
+            times = os.times()
+            info["cpu_s"] = round(times.user + times.system, 3)
+            os.write(status_fd, (json.dumps(info) + "\n").encode())
+        else:
+            sys.stderr.write("\n" + json.dumps(info) + "\n")
+            sys.stderr.flush()
     except OSError:
         pass
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent (the gateway) dies, so a gateway killed outright
+    leaves no guest spinning. The prctl only covers deaths after it: a parent already gone has
+    made this process an orphan (another parent pid), and then it exits now."""
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise LauncherError(f"prctl(PR_SET_PDEATHSIG): {os.strerror(ctypes.get_errno())}")
+    if os.getppid() != parent_pid:
+        os._exit(EXIT_ERROR)
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
     args = parse_args(argv)
     try:
+        if args.parent_pid is not None:
+            die_with_parent(args.parent_pid)
         if args.mode == "python":
             outcome = run_python(args)
         else:
@@ -459,7 +503,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         outcome = _abnormal("error", "interrupted")
     except Exception as e:  # any failure before the guest ran is still one JSON line
         outcome = classify(e)
-    report(outcome)
+    report(outcome, args.status_fd)
     # os._exit: nothing is left to flush (wasmtime wrote the guest's output straight to the
     # fds) and tearing down the store and engine would only cost time.
     os._exit(outcome.exit_code)

@@ -26,10 +26,11 @@ from gateway.runtime.agent_client import call_once
 from gateway.runtime.base import Backend, ByteChannel, Progress, Runtime, SandboxSpec, StreamChannel
 from gateway.runtime.pool import WarmPool
 from guest_agent.wire import CHUNK_SIZE, ProtocolError
-from plugins.common import TerminalProgress, gateway_work_root, remove_orphans
+from plugins.common import CACHE_ENV, TerminalProgress, cache_root, gateway_work_root, remove_orphans
 from plugins.wasm import artifacts
 from plugins.wasm.agent_dir import stage_agent_dir
-from plugins.wasm.launcher import EXIT_CODES
+from plugins.wasm.disk import WORK_ROOT_ENV, DiskHolder
+from plugins.wasm.settings import WasmSettings
 
 log = logging.getLogger(__name__)
 
@@ -38,25 +39,52 @@ log = logging.getLogger(__name__)
 #: How much of a launcher's stderr the gateway keeps (the guest could write without end).
 STDERR_TAIL = 16 * 1024
 READY_TIMEOUT_S = 30.0
+#: A sandbox with less CPU budget left than this starts no launcher (it would only trap at once).
+MIN_CPU_S = 0.01
+#: The least linear memory a JavaScript run gets (QuickJS's initial memory and a little heap),
+#: even when the agent's launcher already holds most of memory_mb.
+JS_MIN_MEMORY_MB = 16
+#: The least memory_mb a WASM sandbox may ask for (Runtime.min_memory_mb): CPython-for-WASI's
+#: initial linear memory is 640 pages (40 MiB). Measured: 39 cannot instantiate, 40 boots the
+#: agent and runs an exec (and a JavaScript run, which gets JS_MIN_MEMORY_MB).
+MIN_MEMORY_MB = 40
 
 
 class Launcher:
-    """One launcher process and its bounded stderr tail."""
+    """One launcher process: its bounded stderr tail (the guest's), its exit report (on a pipe of
+    its own, which the guest cannot write), and the CPU it used."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, status_fd: int) -> None:
         self.proc = proc
         self.tail = bytearray()
+        self._status_fd = status_fd
+        self._status: dict[str, Any] | None = None
+        #: The most CPU seen used by the process (from /proc, while it ran).
+        self._cpu_seen = 0.0
+        self._charged = False
         assert proc.stderr is not None
         self._stderr_task = asyncio.create_task(self._drain(proc.stderr))
 
     @classmethod
-    async def spawn(cls, args: list[str]) -> Launcher:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "plugins.wasm.launcher", *args,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,  # a terminal's ^C reaches the gateway, which then cleans up
-        )
-        return cls(proc)
+    async def spawn(cls, args: list[str], env: Mapping[str, str]) -> Launcher:
+        """Start `python -m plugins.wasm.launcher args`, with only `env` for environment. Must run
+        on the event loop's thread (see DiskHolder.start: the parent-death signal)."""
+        status_r, status_w = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "plugins.wasm.launcher", "--status-fd", str(status_w),
+                "--parent-pid", str(os.getpid()), *args,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                pass_fds=(status_w,), env=dict(env),
+                start_new_session=True,  # a terminal's ^C reaches the gateway, which then cleans up
+            )
+        except BaseException:
+            os.close(status_r)
+            raise
+        finally:
+            os.close(status_w)
+        os.set_blocking(status_r, False)
+        return cls(proc, status_r)
 
     async def _drain(self, stream: asyncio.StreamReader) -> None:
         while chunk := await stream.read(4096):
@@ -74,20 +102,40 @@ class Launcher:
             await asyncio.wait_for(asyncio.shield(self._stderr_task), 2)
         return code
 
+    def status(self) -> dict[str, Any]:
+        """The launcher's exit report ({} if it wrote none: killed). Read once, after the exit:
+        the launcher writes one short line (atomic on a pipe) just before it exits."""
+        if self._status is None and self._status_fd >= 0:
+            data = b""
+            with contextlib.suppress(BlockingIOError, OSError):
+                while chunk := os.read(self._status_fd, 4096):
+                    data += chunk
+            os.close(self._status_fd)
+            self._status_fd = -1
+            try:
+                report = json.loads(data.splitlines()[-1]) if data.strip() else {}
+            except ValueError:
+                report = {}
+            self._status = report if isinstance(report, dict) else {}
+        return self._status or {}
+
     async def reason(self) -> str:
-        """Why the launcher exited, from its exit code and its last JSON stderr line."""
+        """Why the launcher exited, from its exit code and its exit report."""
         code = await self.exited()
-        for line in reversed(self.tail.decode("utf-8", "replace").splitlines()):
-            if line.startswith("{") and "sandgate_launcher" in line:
-                try:
-                    info = json.loads(line)
-                    return f"{info.get('reason')}: {info.get('message')}"
-                except ValueError:
-                    break
+        info = self.status()
+        if info.get("reason"):
+            return f"{info.get('reason')}: {info.get('message')}"
         return f"the WASM launcher exited with code {code}"
+
+    def sample_cpu(self) -> float:
+        """The CPU seconds the process used so far (the most seen: /proc goes with the process)."""
+        if self.proc.returncode is None:
+            self._cpu_seen = max(self._cpu_seen, process_metrics(self.proc.pid).get("cpu_s", 0.0))
+        return self._cpu_seen
 
     async def kill(self) -> None:
         if self.proc.returncode is None:
+            self.sample_cpu()  # the last look at its CPU before it goes
             # os.kill, not Process.kill: the latter polls first and can reap the child behind
             # asyncio's back ("Unknown child process", a wrong exit code).
             with contextlib.suppress(ProcessLookupError):
@@ -105,7 +153,19 @@ class Launcher:
         self._stderr_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._stderr_task
+        self.status()
         close_pipes(self.proc)
+
+    async def finish(self) -> float:
+        """Kill (if still running) and return the CPU seconds it used, once: later calls return 0,
+        so a sandbox's budget is charged exactly once per launcher. The figure is the larger of
+        what /proc last showed and what the launcher reported as it exited by itself."""
+        await self.kill()
+        if self._charged:
+            return 0.0
+        self._charged = True
+        reported = self.status().get("cpu_s")
+        return max(self._cpu_seen, float(reported) if isinstance(reported, int | float) else 0.0)
 
     async def wait_ready(self) -> None:
         """Ping the agent once so a pooled launcher is known to answer at once."""
@@ -120,27 +180,78 @@ def close_pipes(proc: asyncio.subprocess.Process) -> None:
         transport.close()
 
 
+def launcher_env(work_root: Path) -> dict[str, str]:
+    """A launcher's whole environment, explicit: what Python needs to import the launcher and find
+    the compiled modules, and the orphan marker. Nothing of the gateway's (its API keys)."""
+    env = artifacts.child_env()
+    return {
+        "PATH": "/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": env["PYTHONPATH"],
+        CACHE_ENV: str(cache_root()),
+        WORK_ROOT_ENV: str(work_root),
+    }
+
+
+def _private_file(folder: Path, suffix: str, text: str) -> str:
+    """`text` in a new 0600 file in the runtime's private folder (the caller removes it)."""
+    with tempfile.NamedTemporaryFile("w", suffix=suffix, dir=folder, delete=False, encoding="utf-8") as f:
+        f.write(text)
+    return f.name
+
+
+def _check_text(what: str, text: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate cannot be encoded for the guest)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ProtocolError("bad_request", f"{what} is not valid Unicode: a lone surrogate at index "
+                                           f"{exc.start}") from None
+
+
 class WasmBackend(Backend):
-    def __init__(self, runtime: WasmRuntime, work: Path, memory_mb: int, cpu_seconds: float) -> None:
+    """One WASM sandbox: its disk holder (the /work tmpfs), the agent's launcher, at most one
+    JavaScript launcher at a time, and the CPU budget they all draw from."""
+
+    def __init__(self, runtime: WasmRuntime, work: Path, holder: DiskHolder, memory_mb: int, cpu_seconds: float,
+                 disk_mb: int) -> None:
         self.runtime = runtime
         self.work = work
-        self.host_root = work
+        self.holder = holder
+        self.host_root = holder.path
         self.memory_mb = memory_mb
         self.cpu_seconds = cpu_seconds
+        self.disk_mb = disk_mb
+        #: CPU seconds used by this sandbox's launchers that have ended.
+        self.cpu_used = 0.0
         self.launcher: Launcher | None = None
+        self.js_launcher: Launcher | None = None
+        self._js_running = False
+        self._destroyed = False
         self._channel: ByteChannel | None = None
 
-    def launcher_args(self, mode: str = "python") -> list[str]:
-        return ["--mode", mode, "--work", str(self.work), "--agent-dir", str(self.runtime.agent_dir),
-                "--memory-bytes", str(self.memory_mb << 20), "--cpu-seconds", str(self.cpu_seconds)]
+    def cpu_remaining(self) -> float:
+        """The budget a new launcher gets; `guest_died` (cpu_limit) when none is left."""
+        running = [launcher for launcher in (self.launcher, self.js_launcher)
+                   if launcher is not None and not launcher._charged]
+        left = self.cpu_seconds - self.cpu_used - sum(launcher.sample_cpu() for launcher in running)
+        if left < MIN_CPU_S:
+            raise ProtocolError("guest_died", f"cpu_limit: the sandbox used up its CPU budget "
+                                              f"({self.cpu_seconds:g} s)")
+        return left
+
+    def launcher_args(self, mode: str, memory_bytes: int, cpu_seconds: float) -> list[str]:
+        return ["--mode", mode, "--work", str(self.holder.path), "--agent-dir", str(self.runtime.agent_dir),
+                "--memory-bytes", str(memory_bytes), "--cpu-seconds", f"{cpu_seconds:.3f}"]
 
     async def boot(self) -> None:
         """Start a launcher and wait until its agent answers. At most one boot per core runs at a
         time: in a burst, booting everything at once makes every create finish last (bench/: 100
         concurrent cold creates, p50 11 s -> ~5 s)."""
         async with self.runtime.boot_slots:
-            self.launcher = await Launcher.spawn([*self.launcher_args(), "--", "python", "-m", "guest_agent",
-                                                  "--root", "/work"])
+            args = self.launcher_args("python", self.memory_mb << 20, self.cpu_remaining())
+            self.launcher = await Launcher.spawn([*args, "--", "python", "-m", "guest_agent", "--root", "/work"],
+                                                 self.runtime.launcher_env)
             self._channel = self.launcher.channel()
             await self.launcher.wait_ready()
 
@@ -152,36 +263,75 @@ class WasmBackend(Backend):
         assert self.launcher is not None
         return await self.launcher.reason()
 
+    async def _retire(self, launcher: Launcher | None) -> None:
+        if launcher is not None:
+            self.cpu_used += await launcher.finish()
+
     async def restart_agent(self) -> None:
-        if self.launcher is not None:
-            await self.launcher.kill()
+        await self._retire(self.launcher)
         await self.boot()
 
     async def destroy(self) -> None:
-        if self.launcher is not None:
-            await self.launcher.kill()
+        await self._retire(self.launcher)
+        await self._retire(self.js_launcher)
+        await self.holder.stop()
         await asyncio.to_thread(shutil.rmtree, self.work, True)
+        if not self._destroyed:
+            self._destroyed = True
+            self.runtime.release_disk(self.disk_mb)
+
+    def disk_usage(self) -> tuple[int, int] | None:
+        return self.holder.usage()
 
     async def host_metrics(self) -> dict[str, Any]:
-        if self.launcher is None:
-            return {}
-        return await asyncio.to_thread(process_metrics, self.launcher.proc.pid)
+        metrics: dict[str, Any] = {}
+        if self.launcher is not None:
+            metrics = await asyncio.to_thread(process_metrics, self.launcher.proc.pid)
+        usage = self.disk_usage()
+        if usage is not None:
+            metrics["disk_used_bytes"], metrics["disk_total_bytes"] = usage
+        with contextlib.suppress(ProtocolError):
+            metrics["cpu_remaining_s"] = round(self.cpu_remaining(), 3)
+        metrics.setdefault("cpu_remaining_s", 0.0)
+        metrics["holder_pid"] = self.holder.proc.pid
+        return metrics
 
     def oneshot_languages(self) -> frozenset[str]:
         return frozenset({"javascript"})
 
-    async def run_oneshot(
+    def run_oneshot(
         self, language: str, code: str, *, stdin: bytes, env: Mapping[str, str], timeout: float | None
     ) -> AsyncIterator[dict[str, Any]]:
-        """QuickJS, one launcher per run, sharing the sandbox's /work and limits."""
+        """QuickJS, one launcher per run, sharing the sandbox's /work and limits: one run at a time
+        (`busy` otherwise), its CPU from the sandbox's remaining budget, and its memory what the
+        agent's launcher leaves of memory_mb (its private memory, from /proc), at least
+        JS_MIN_MEMORY_MB. Everything is checked here, before the exec starts."""
         if language != "javascript":
             raise ProtocolError("unsupported", f"the WASM runtime does not run {language} itself")
+        _check_text("the JavaScript source", code)
+        for key, value in env.items():
+            _check_text("an env name", key)
+            _check_text(f"env {key!r}", value)
+        if self._js_running:
+            raise ProtocolError("busy", "the sandbox runs one JavaScript exec at a time; wait for the running one")
+        cpu = self.cpu_remaining()
+        agent_bytes = 0
+        if self.launcher is not None:
+            agent_bytes = process_metrics(self.launcher.proc.pid).get("private_bytes", 0)
+        memory = max(JS_MIN_MEMORY_MB << 20, (self.memory_mb << 20) - agent_bytes)
+        self._js_running = True
+        return self._oneshot(code, stdin, env, timeout, memory, cpu)
+
+    async def _oneshot(self, code: str, stdin: bytes, env: Mapping[str, str], timeout: float | None,
+                       memory: int, cpu: float) -> AsyncIterator[dict[str, Any]]:
         started = time.monotonic()
-        with tempfile.NamedTemporaryFile("w", suffix=".js", dir=self.runtime.private_dir, delete=False) as f:
-            f.write(code)
-        env_args = [arg for k, v in env.items() for arg in ("--env", f"{k}={v}")]
-        launcher = await Launcher.spawn([*self.launcher_args("javascript"), "--code-file", f.name, *env_args])
+        files = [_private_file(self.runtime.private_dir, ".js", code)]
         try:
+            args = [*self.launcher_args("javascript", memory, cpu), "--code-file", files[0]]
+            if env:
+                files.append(_private_file(self.runtime.private_dir, ".env.json", json.dumps(dict(env))))
+                args += ["--env-file", files[1]]
+            launcher = self.js_launcher = await Launcher.spawn(args, self.runtime.launcher_env)
             assert launcher.proc.stdin is not None and launcher.proc.stdout is not None
             yield {"ev": "start", "pid": None}
             error = None
@@ -196,26 +346,30 @@ class WasmBackend(Backend):
                 code_ = None
                 error = ProtocolError("timeout", f"the script ran past its {timeout:g} s timeout").to_wire()
             await launcher.kill()  # after a timeout; a no-op wait otherwise
-            err = _without_launcher_line(bytes(launcher.tail))
+            _remove(files)  # before the end goes out: nothing of the run is left once it has ended
+            err = bytes(launcher.tail)
             if err:
                 yield {"ev": "data", "fd": "stderr", "data": err}
             end: dict[str, Any] = {"ev": "end", "exit_code": code_, "signal": None,
                                    "duration_ms": round((time.monotonic() - started) * 1000, 3)}
             if error is not None:
                 end["error"] = error
-            elif code_ in EXIT_CODES.values():  # the launcher's own codes: QuickJS exits 0 or 1
+            elif launcher.status().get("reason"):  # the launcher's own end: QuickJS exits 0 or 1
                 end["error"] = ProtocolError("guest_died", await launcher.reason()).to_wire()
             yield end
         finally:
-            await launcher.kill()
-            with contextlib.suppress(OSError):
-                os.unlink(f.name)
+            self._js_running = False
+            if self.js_launcher is not None:
+                await self._retire(self.js_launcher)
+                self.js_launcher = None
+            _remove(files)
 
 
-def _without_launcher_line(err: bytes) -> bytes:
-    lines = err.splitlines(keepends=True)
-    kept = [line for line in lines if not line.startswith(b'{"sandgate_launcher"')]
-    return b"".join(kept).strip(b"\n") + (b"\n" if kept and b"".join(kept).strip() else b"")
+def _remove(files: list[str]) -> None:
+    for name in files:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+    files.clear()
 
 
 def process_metrics(pid: int) -> dict[str, Any]:
@@ -236,27 +390,32 @@ def process_metrics(pid: int) -> dict[str, Any]:
 
 
 class WasmRuntime(Runtime):
-    """Settings (`[runtimes.wasm]`): pool_size (default 2), pool_refill_per_s (default 4),
-    memory_mb and cpu_seconds of pooled sandboxes (defaults 256 and 600)."""
+    """Settings: `[runtimes.wasm]`, plugins.wasm.settings.WasmSettings."""
 
     id = "wasm"
     description = "CPython 3.15 and QuickJS on wasmtime; in-process Python, one-shot JavaScript"
     capabilities = frozenset()
+    min_memory_mb = MIN_MEMORY_MB
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
-        self.default_memory_mb = int(config.get("memory_mb", 256))
-        self.default_cpu_seconds = float(config.get("cpu_seconds", 600.0))
+        self.settings = WasmSettings.from_config(config)
+        self.default_memory_mb = self.settings.memory_mb
+        self.default_cpu_seconds = self.settings.cpu_seconds
+        self.default_disk_mb = self.settings.disk_mb
+        #: The sum of disk_mb over live sandboxes (warm pool included): tmpfs is memory.
+        self.disk_committed_mb = 0
         self.pool: WarmPool[WasmBackend] = WarmPool(
             self.id,
-            int(config.get("pool_size", 2)),
-            float(config.get("pool_refill_per_s", 4.0)),
+            self.settings.pool_size,
+            self.settings.pool_refill_per_s,
             make=self._make_pooled,
             alive=lambda backend: backend.launcher is not None and backend.launcher.proc.returncode is None,
             discard=lambda backend: backend.destroy(),
         )
         self.work_root = gateway_work_root(self.id)
         self.private_dir = self.work_root / ".private"
+        self.launcher_env = launcher_env(self.work_root)
         self.agent_dir = Path()
         self.boot_slots = asyncio.Semaphore(os.cpu_count() or 1)
 
@@ -274,7 +433,7 @@ class WasmRuntime(Runtime):
                             "does this ahead of time)", kind)
             await asyncio.to_thread(artifacts.ensure_compiled, kind, TerminalProgress())
         self.agent_dir = await asyncio.to_thread(stage_agent_dir)
-        await asyncio.to_thread(remove_orphans, self.work_root)
+        await asyncio.to_thread(remove_orphans, self.work_root, WORK_ROOT_ENV)
         self.private_dir.mkdir(parents=True, mode=0o700)
         self.pool.start()
 
@@ -282,13 +441,30 @@ class WasmRuntime(Runtime):
         await self.pool.stop()
         await asyncio.to_thread(shutil.rmtree, self.work_root, True)
 
-    def new_backend(self, memory_mb: int, cpu_seconds: float) -> WasmBackend:
+    def release_disk(self, disk_mb: int) -> None:
+        self.disk_committed_mb -= disk_mb
+
+    async def new_backend(self, memory_mb: int, cpu_seconds: float, disk_mb: int) -> WasmBackend:
+        """A sandbox's folder and disk holder (no launcher yet); `unavailable` when its disk_mb
+        would take the gateway past max_total_disk_mb."""
+        limit = self.settings.max_total_disk_mb
+        if self.disk_committed_mb + disk_mb > limit:
+            raise ProtocolError("unavailable", f"the WASM runtime's disk capacity is used up: live sandboxes hold "
+                                               f"{self.disk_committed_mb} of {limit} MB (max_total_disk_mb) and "
+                                               f"this one asks {disk_mb} MB")
+        self.disk_committed_mb += disk_mb
         work = self.work_root / secrets.token_hex(8)
-        work.mkdir(parents=True, mode=0o700)
-        return WasmBackend(self, work, memory_mb, cpu_seconds)
+        try:
+            work.mkdir(parents=True, mode=0o700)
+            holder = await DiskHolder.start(work, disk_mb, self.work_root)
+        except BaseException:
+            self.release_disk(disk_mb)
+            await asyncio.to_thread(shutil.rmtree, work, True)
+            raise
+        return WasmBackend(self, work, holder, memory_mb, cpu_seconds, disk_mb)
 
     async def _make_pooled(self) -> WasmBackend:
-        backend = self.new_backend(self.default_memory_mb, self.default_cpu_seconds)
+        backend = await self.new_backend(self.default_memory_mb, self.default_cpu_seconds, self.default_disk_mb)
         try:
             await backend.boot()
         except BaseException:  # failed, or the pool is stopping mid-boot: leave nothing behind
@@ -303,11 +479,12 @@ class WasmRuntime(Runtime):
             raise ProtocolError("unsupported", "the WASM runtime has no templates")
 
     async def create(self, spec: SandboxSpec) -> Backend:
-        if (spec.memory_mb, spec.cpu_seconds) == (self.default_memory_mb, self.default_cpu_seconds):
+        wanted = (spec.memory_mb, spec.cpu_seconds, spec.disk_mb)
+        if wanted == (self.default_memory_mb, self.default_cpu_seconds, self.default_disk_mb):
             warm = self.pool.take()
             if warm is not None:
                 return warm
-        backend = self.new_backend(spec.memory_mb, spec.cpu_seconds)
+        backend = await self.new_backend(*wanted)
         try:
             await backend.boot()
         except BaseException:

@@ -25,8 +25,12 @@ def test_serve_prints_a_key_and_sigterm_cleans_up(tmp_path: Path) -> None:
         done = gateway.call(key, "POST", f"/v1/sandboxes/{sandbox['id']}/exec",
                             {"language": "python", "code": "open('/work/keep.txt', 'w').write('x'); print('ok')"})
         assert done["stdout"] == "ok\n"
-        pid = gateway.call(key, "GET", f"/v1/sandboxes/{sandbox['id']}/metrics")["host"]["pid"]
-        assert len(list((tmp_path / "state" / "wasm").rglob("keep.txt"))) == 1
+        host = gateway.call(key, "GET", f"/v1/sandboxes/{sandbox['id']}/metrics")["host"]
+        pid, holder = host["pid"], host["holder_pid"]
+        # /work is a tmpfs only the sandbox's disk holder sees: not on the host's disk.
+        assert not list((tmp_path / "state" / "wasm").rglob("keep.txt"))
+        assert len(list(Path(f"/proc/{holder}/root/{tmp_path}/state/wasm").rglob("keep.txt"))) == 1
         log = gateway.stop()
     assert not Path(f"/proc/{pid}").exists(), "the sandbox's launcher is gone"
+    assert not Path(f"/proc/{holder}").exists(), "the sandbox's disk holder is gone"
     assert not list((tmp_path / "state" / "wasm").rglob("*")), f"every sandbox and pool directory is gone: {log}"
