@@ -21,6 +21,7 @@ import pytest
 
 from gateway.testing.conformance import AUTH, Gateway, GatewayFixtures, RequestFailed, output
 from gateway.web.app import MANAGER
+from plugins.wasm.disk import inode_bound
 from plugins.wasm.runtime import WasmBackend
 from tests.serving import serve
 
@@ -79,6 +80,22 @@ class TestDiskQuota(GatewayFixtures):
         assert total == MiB and used is not None and used <= MiB
         host = (await (await gateway.client.get(f"/v1/sandboxes/{sandbox['id']}/metrics", headers=AUTH)).json())
         assert host["host"]["disk_total_bytes"] == MiB and host["host"]["disk_used_bytes"] == used
+
+    async def test_empty_files_are_bounded_too(self, gateway: Gateway) -> None:
+        # An empty file takes no blocks: without an inode bound, a 1 MB quota holds millions of
+        # them, each costing the host kernel memory.
+        sandbox = await gateway.create(disk_mb=1)
+        done = await gateway.exec(sandbox["id"], language="python", code=(
+            "import errno\n"
+            "n = 0\n"
+            "try:\n"
+            "    while n < 100_000:\n"
+            "        open(f'/work/{n}', 'w').close()\n"
+            "        n += 1\n"
+            "except OSError as e:\n"
+            "    print(errno.errorcode[e.errno], n <= inode_bound)\n").replace(
+                "inode_bound", str(inode_bound(1))))
+        assert done["stdout"] == "ENOSPC True\n", done
 
     async def test_websocket_fs_write_past_disk_mb_is_disk_quota(self, gateway: Gateway) -> None:
         sandbox = await gateway.create(disk_mb=1)
