@@ -133,6 +133,10 @@ class Launcher:
             self._cpu_seen = max(self._cpu_seen, process_metrics(self.proc.pid).get("cpu_s", 0.0))
         return self._cpu_seen
 
+    def uncharged_cpu(self) -> float:
+        """The CPU this launcher used that no budget has been charged with yet."""
+        return 0.0 if self._charged else self.sample_cpu()
+
     async def kill(self) -> None:
         if self.proc.returncode is None:
             self.sample_cpu()  # the last look at its CPU before it goes
@@ -232,9 +236,8 @@ class WasmBackend(Backend):
 
     def cpu_remaining(self) -> float:
         """The budget a new launcher gets; `guest_died` (cpu_limit) when none is left."""
-        running = [launcher for launcher in (self.launcher, self.js_launcher)
-                   if launcher is not None and not launcher._charged]
-        left = self.cpu_seconds - self.cpu_used - sum(launcher.sample_cpu() for launcher in running)
+        running = sum(launcher.uncharged_cpu() for launcher in (self.launcher, self.js_launcher) if launcher)
+        left = self.cpu_seconds - self.cpu_used - running
         if left < MIN_CPU_S:
             raise ProtocolError("guest_died", f"cpu_limit: the sandbox used up its CPU budget "
                                               f"({self.cpu_seconds:g} s)")
@@ -435,7 +438,22 @@ class WasmRuntime(Runtime):
         self.agent_dir = await asyncio.to_thread(stage_agent_dir)
         await asyncio.to_thread(remove_orphans, self.work_root, WORK_ROOT_ENV)
         self.private_dir.mkdir(parents=True, mode=0o700)
+        await self._probe_disk_holder()
         self.pool.start()
+
+    async def _probe_disk_holder(self) -> None:
+        """Mount one tmpfs now, so a host without mount (or user) namespaces turns the runtime off
+        at start with the reason, instead of failing every create: disk_mb is never unenforced."""
+        probe = self.work_root / ".probe"
+        probe.mkdir(mode=0o700)
+        try:
+            holder = await DiskHolder.start(probe, 1, self.work_root)
+            await holder.stop()
+        except ProtocolError as exc:
+            raise RuntimeError(f"the WASM runtime enforces disk_mb with a tmpfs per sandbox and cannot here: "
+                               f"{exc.message}") from None
+        finally:
+            probe.rmdir()
 
     async def stop(self) -> None:
         await self.pool.stop()

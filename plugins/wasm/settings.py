@@ -51,8 +51,9 @@ class WasmSettings:
         for name in ("pool_size", "max_total_disk_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"[runtimes.wasm] {name} must be >= 0, not {getattr(self, name)!r}")
-        if self.max_total_disk_mb == 0:
-            object.__setattr__(self, "max_total_disk_mb", default_max_total_disk_mb())
+        if self.max_total_disk_mb == 0:  # never below what the pool alone holds
+            object.__setattr__(self, "max_total_disk_mb", max(default_max_total_disk_mb(),
+                                                              self.pool_size * self.disk_mb))
         if self.pool_size and self.pool_size * self.disk_mb > self.max_total_disk_mb:
             raise ConfigError(f"[runtimes.wasm] the warm pool alone ({self.pool_size} x {self.disk_mb} MB) "
                               f"exceeds max_total_disk_mb = {self.max_total_disk_mb}")

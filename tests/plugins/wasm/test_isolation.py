@@ -211,6 +211,25 @@ class TestSandboxLimits(GatewayFixtures):
                                        "os._exit(113)")
         assert died["error"]["code"] == "guest_died" and "forged" not in died["error"]["message"], died
 
+    @pytest.mark.parametrize("attack", [
+        # The recursion cap lifted through the prelude's own closure, then a deep recursion.
+        "import sys\nsys.setrecursionlimit.__defaults__[0](10**6)\ndef f(n): return f(n + 1)\n"
+        "try:\n    f(0)\nexcept RecursionError:\n    pass",
+        # No cap involved: freeing a million nested lists recurses in C (list_dealloc).
+        "l = []\nfor _ in range(10**6):\n    l = [l]\ndel l",
+    ])
+    async def test_a_wasm_stack_overflow_costs_the_agent_not_the_files(self, gateway: Gateway, attack: str) -> None:
+        # Not preventable from outside CPython (its stack checks do not see the wasm stack): what
+        # is checked is the containment, an exec that ends with the reason and files that stay.
+        sandbox = await gateway.create()
+        await gateway.exec(sandbox["id"], language="python", code="open('/work/kept', 'w').write('still here')")
+        done = await gateway.exec(sandbox["id"], language="python", code=attack)
+        if "error" not in done:  # the overflow came while freeing after the end went out
+            done = await gateway.exec(sandbox["id"], language="python", code="pass")
+        assert done["error"]["code"] == "guest_died" and "stack_overflow" in done["error"]["message"], done
+        after = await gateway.exec(sandbox["id"], language="python", code="print(open('/work/kept').read())")
+        assert after["stdout"] == "still here\n", after
+
     async def test_launchers_get_no_gateway_secrets(self, gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("SANDGATE_API_KEYS", "gateway-secret-key:tenant")
         sandbox = await gateway.create()
