@@ -408,6 +408,7 @@ class WasmRuntime(Runtime):
         self.default_disk_mb = self.settings.disk_mb
         #: The sum of disk_mb over live sandboxes (warm pool included): tmpfs is memory.
         self.disk_committed_mb = 0
+        self._disk_freed = asyncio.Event()
         self.pool: WarmPool[WasmBackend] = WarmPool(
             self.id,
             self.settings.pool_size,
@@ -461,6 +462,7 @@ class WasmRuntime(Runtime):
 
     def release_disk(self, disk_mb: int) -> None:
         self.disk_committed_mb -= disk_mb
+        self._disk_freed.set()
 
     async def new_backend(self, memory_mb: int, cpu_seconds: float, disk_mb: int) -> WasmBackend:
         """A sandbox's folder and disk holder (no launcher yet); `unavailable` when its disk_mb
@@ -482,6 +484,10 @@ class WasmRuntime(Runtime):
         return WasmBackend(self, work, holder, memory_mb, cpu_seconds, disk_mb)
 
     async def _make_pooled(self) -> WasmBackend:
+        # A full gateway is no failure of the pool's: its refill waits for a destroy to free room.
+        while self.disk_committed_mb + self.default_disk_mb > self.settings.max_total_disk_mb:
+            self._disk_freed.clear()
+            await self._disk_freed.wait()
         backend = await self.new_backend(self.default_memory_mb, self.default_cpu_seconds, self.default_disk_mb)
         try:
             await backend.boot()

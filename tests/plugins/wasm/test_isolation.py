@@ -19,10 +19,12 @@ from typing import Any, ClassVar
 
 import pytest
 
+from gateway.config import ConfigError
 from gateway.testing.conformance import AUTH, Gateway, GatewayFixtures, RequestFailed, output
 from gateway.web.app import MANAGER
 from plugins.wasm.disk import inode_bound
 from plugins.wasm.runtime import WasmBackend
+from plugins.wasm.settings import WasmSettings
 from tests.serving import serve
 
 pytestmark = [pytest.mark.wasm, pytest.mark.usefixtures("wasm_compiled")]
@@ -325,3 +327,15 @@ def test_restart_kills_what_a_dead_gateway_left_running(tmp_path: Path) -> None:
     finally:
         survivor.kill()
         survivor.wait()
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"max_total_disk_mb": -1}, "max_total_disk_mb must be >= 0"),
+    ({"disk_mb": 0}, "disk_mb must be > 0"),
+    ({"pool_size": 4, "disk_mb": 512, "max_total_disk_mb": 1024}, "the warm pool alone"),
+    ({"max_total_disk": 5}, "did you mean 'max_total_disk_mb'"),
+])
+def test_wasm_settings_are_checked_at_start(table: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        WasmSettings.from_config(table)
+    assert WasmSettings.from_config({}).max_total_disk_mb >= WasmSettings().pool_size * WasmSettings().disk_mb
