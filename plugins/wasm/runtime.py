@@ -1,8 +1,14 @@
 """The WASM runtime: one launcher process per sandbox, CPython-for-WASI running the guest agent.
 
 The launcher (`plugins.wasm.launcher`) owns wasmtime; this module owns processes and directories:
-spawning launchers, a warm pool of launchers whose agent already answered, the per-sandbox host
-directory preopened as /work, one-shot JavaScript runs, and cleaning all of it up.
+spawning launchers, a warm pool of launchers whose agent already answered, the per-sandbox /work
+(a tmpfs of disk_mb held by plugins.wasm.disk), one-shot JavaScript runs, and cleaning all of it up.
+
+Every process of a sandbox counts against its limits: its launchers draw on one CPU budget (each
+new launcher gets what is left; a finished one is charged from its exit report or, when killed,
+from /proc just before), a JavaScript run gets the memory the agent's launcher leaves of
+memory_mb, and one JavaScript run at a time. Launchers get an explicit minimal environment, report
+on a pipe of their own (fd --status-fd, never the guest's stderr), and die with the gateway.
 """
 
 from __future__ import annotations
@@ -34,8 +40,6 @@ from plugins.wasm.settings import WasmSettings
 
 log = logging.getLogger(__name__)
 
-#: A take wakes the refill this much later, so the fork does not compete with the create that took
-#: the warm launcher (bench/: warm create p50 3.8 -> 2.3 ms).
 #: How much of a launcher's stderr the gateway keeps (the guest could write without end).
 STDERR_TAIL = 16 * 1024
 READY_TIMEOUT_S = 30.0
