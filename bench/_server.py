@@ -36,7 +36,7 @@ def build_settings(raw: Mapping[str, Any]) -> Any:
                             "pool_refill_per_s": float(raw.get("refill_per_s", 4.0))}
     limits = Limits(**raw.get("limits", {}))
     return Settings(
-        api_keys={KEY: TENANT},
+        api_keys={KEY: TENANT, **raw.get("api_keys_extra", {})},  # more tenants (bench/soak.py)
         quotas=Quotas(max_sandboxes=int(raw.get("max_sandboxes", 200)),
                       creates_per_minute=int(raw.get("creates_per_minute", 100_000))),
         limits=limits,

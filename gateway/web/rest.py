@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 from typing import Any
 
@@ -16,6 +18,9 @@ from guest_agent import schema
 from guest_agent.wire import CHUNK_SIZE, MAX_WRITE_CHUNK, ProtocolError
 
 routes = web.RouteTableDef()
+#: How long a failed upload's cleanup waits for a dying agent to be declared dead (the runtime's
+#: reason for the death is asked for with 5 s to answer).
+AGENT_DEATH_WAIT_S = 10.0
 
 
 def _tenant(request: web.Request) -> str:
@@ -162,12 +167,28 @@ async def upload(request: web.Request) -> web.Response:
         await manager.request(sandbox, "fs.move", {"src": temp, "dst": path})
         moved = True
     finally:
-        if not moved and sandbox.state == "running":
-            try:
-                await manager.request(sandbox, "fs.remove", {"path": temp})
-            except ProtocolError:
-                pass  # best effort: the upload already failed with its own error
+        if not moved:
+            await _remove_temporary(manager, sandbox, temp)
     return web.json_response({"path": path, "bytes": written}, status=201)
+
+
+async def _remove_temporary(manager: Any, sandbox: Sandbox, temp: str) -> None:
+    """Best effort: the upload already failed with its own error. When the agent died under the
+    upload, the remove can still reach the dying agent (its channel broke, and it is closed only once
+    the runtime said why it died); then wait for that, and remove through the restarted agent, so the
+    temporary file is not left behind to eat the quota."""
+    dying = sandbox.agent
+    for _attempt in range(2):
+        if sandbox.state != "running":
+            return
+        try:
+            await manager.request(sandbox, "fs.remove", {"path": temp})
+            return
+        except ProtocolError as exc:
+            if exc.code != "guest_died":
+                return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(dying.closed), AGENT_DEATH_WAIT_S)
 
 
 async def _write(manager: Any, sandbox: Sandbox, path: str, data: bytearray, offset: int, quota: int) -> int:
