@@ -259,6 +259,22 @@ class TestSandboxLimits(GatewayFixtures):
         assert not list(gateway.client.app[MANAGER].runtimes["wasm"].private_dir.iterdir()), "code and env files go"
         await ws.ws.close()
 
+    async def test_guests_yield_the_cpu_to_the_gateway(self, gateway: Gateway) -> None:
+        """A spinning guest must not take CPU from the event loop that serves every tenant."""
+        from plugins.wasm.launcher import GUEST_NICENESS
+
+        sandbox = await gateway.create()
+        backend = backend_of(gateway, sandbox)
+        assert backend.launcher is not None
+        pid = backend.launcher.proc.pid
+        niceness = int(proc_file(pid, "stat").rsplit(b")", 1)[1].split()[16])
+        assert niceness == GUEST_NICENESS > os.getpriority(os.PRIO_PROCESS, 0)
+        try:
+            autogroup = proc_file(pid, "autogroup")
+        except FileNotFoundError:  # a kernel without autogroup scheduling
+            return
+        assert autogroup.split()[-1] == str(GUEST_NICENESS).encode(), "with autogroups, the group's weight counts"
+
 
 class TestCreateChecks(GatewayFixtures):
     runtime = "wasm"
