@@ -43,7 +43,9 @@ def netdev(socket_path: Path) -> str:
     command = shlex.join([sys.executable, "-I", "-S", str(HELPER), str(socket_path)])
     # QEMU's option syntax: a comma inside a value is written twice.
     rule = f"tcp:{PROXY_ADDRESS}:{PROXY_PORT}-cmd:{command}".replace(",", ",,")
-    return f"user,id=net0,restrict=on,guestfwd={rule}"
+    # ipv6=off: slirp's IPv6 side (router adverts, its fec0::2 host alias) is not needed by the
+    # one forward, and leaving it off leaves nothing to trust about how `restrict` treats it.
+    return f"user,id=net0,restrict=on,ipv6=off,guestfwd={rule}"
 
 
 def kernel_argument() -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import Limits, NetworkAccess, Settings
+from gateway.config import ConfigError, Limits, NetworkAccess, Settings, load_settings
 from gateway.testing.conformance import AUTH, KEY, MSGPACK, OTHER_AUTH, OTHER_KEY, Gateway, output
 from gateway.web.app import MANAGER, create_app
 from plugins.microvm import egress
@@ -38,7 +38,7 @@ results = {"env": os.environ.get("http_proxy"), "direct": {}, "proxied": {}, "fe
 def connect(target):
     host, port = target.rsplit(":", 1)
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
         results["direct"][target] = "connected"
     except OSError as exc:
         results["direct"][target] = "failed: " + repr(exc)
@@ -173,7 +173,7 @@ async def test_a_guest_reaches_public_addresses_through_the_proxy_and_nothing_el
     results = await _probe(
         gateway, sid,
         direct=[f"10.0.2.2:{gateway_port}", f"10.0.2.2:{loopback_port}", "10.0.2.3:53", "192.168.1.1:80",
-                upstream_host],
+                f"[fec0::2]:{gateway_port}", upstream_host],
         proxied=[f"127.0.0.1:{loopback_port}", f"localhost:{gateway_port}", f"10.0.2.2:{gateway_port}",
                  "192.168.1.1:80", "172.16.0.1:443", "100.64.0.1:80", "169.254.169.254:80", "[::1]:80",
                  "[fd00::1]:80", f"[::ffff:127.0.0.1]:{loopback_port}", f"{HOST_SIDE}:{host_public_port}",
@@ -182,7 +182,8 @@ async def test_a_guest_reaches_public_addresses_through_the_proxy_and_nothing_el
                  "http://169.254.169.254/latest/meta-data/"],
     )
     # (a, b) Nothing but the proxy's address is reachable directly: not the gateway through
-    # 10.0.2.2, not a host loopback service, not slirp's DNS, not a private or a public address.
+    # 10.0.2.2 (or slirp's IPv6 alias of the host), not a host loopback service, not slirp's DNS,
+    # not a private or a public address.
     for target, outcome in results["direct"].items():
         assert outcome.startswith("failed"), f"the guest connected to {target} directly: {results}"
     # The proxy refuses the gateway's host (by loopback, name, slirp's alias, or its own public
@@ -243,3 +244,15 @@ async def test_an_operator_can_forbid_a_tenant_the_network(gateway: Gateway) -> 
     # The same tenant may still have a sandbox without a network.
     sandbox = await gateway.create(headers=OTHER_AUTH)
     assert sandbox["network"] is False
+
+
+def test_the_network_setting_is_checked_at_start(tmp_path: Path) -> None:
+    config = tmp_path / "sandgate.toml"
+    config.write_text('[network]\nallowed = false\ntenants = { trusted = true }\n')
+    network = load_settings(config, env={}).network
+    assert (network.allows("trusted"), network.allows("anyone")) == (True, False)
+    for bad, message in (('[network]\nalowed = false\n', "did you mean 'allowed'"),
+                         ('[network]\ntenants = { a = "no" }\n', "tenants.a must be true or false")):
+        config.write_text(bad)
+        with pytest.raises(ConfigError, match=message):
+            load_settings(config, env={})
