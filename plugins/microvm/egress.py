@@ -55,7 +55,8 @@ def kernel_argument() -> str:
 
 class EgressListener:
     """Takes the connections `guestfwd.py` hands over for one VM and serves each with the proxy.
-    `close` ends them all and removes the socket."""
+    `close` ends them all and leaves the socket's file unbound, as a gateway that was killed would
+    (the VM's folder goes with the VM): a helper started later fails to send and exits."""
 
     def __init__(self, path: Path, label: str) -> None:
         if len(os.fsencode(path)) > MAX_SOCKET_PATH:
@@ -122,5 +123,3 @@ class EgressListener:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()

@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway.config import ConfigError, Limits, NetworkAccess, Settings, load_settings
-from gateway.testing.conformance import AUTH, KEY, MSGPACK, OTHER_AUTH, OTHER_KEY, Gateway, output
+from gateway.testing.conformance import AUTH, KEY, MSGPACK, OTHER_AUTH, OTHER_KEY, Gateway, WsClient
 from gateway.web.app import MANAGER, create_app
 from plugins.microvm import egress
 from tests.plugins.microvm.upstream import HOST_SIDE, UnavailableHere, Upstream
@@ -119,8 +127,8 @@ async def gateway(aiohttp_client: Any) -> Gateway:
     return Gateway(client, "microvm", {})
 
 
-#: Run in the guest: CONNECT through the proxy, print the status line, then what the connection
-#: reads next ("then b''" at its end, "then reset" if it was reset).
+#: Run in the guest: CONNECT through the proxy, print the status line, then wait for what the
+#: connection reads next.
 HOLD = r"""
 import socket, sys
 s = socket.create_connection(("10.0.2.100", 3128), timeout=60)
@@ -133,6 +141,25 @@ try:
 except ConnectionResetError:
     print("then reset")
 """
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _children(pid: int) -> list[int]:
+    """The pids of `pid`'s child processes."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def _helpers_running() -> list[int]:
@@ -201,36 +228,75 @@ async def test_a_guest_reaches_public_addresses_through_the_proxy_and_nothing_el
     assert fetched[f"{upstream.url}/bytes/3000000"] == 3000000
     assert fetched[f"{upstream.url}/bytes/2000000"] == 2000000
     assert "403" in fetched["http://169.254.169.254/latest/meta-data/"], fetched
-
-
-async def test_nothing_outlives_the_vm_or_the_gateway(gateway: Gateway, upstream: Upstream) -> None:
-    sandbox = await gateway.create(network=True)
-    sid = sandbox["id"]
     vm = gateway.client.app[MANAGER]._sandboxes[sid].backend.vm
-    listener = vm._egress
-    assert listener is not None and listener.path.exists()
-    # A connection held open through the proxy; then the gateway side goes away, as when the
-    # gateway is SIGKILLed: the connection ends (the guest reads end of input), nothing hangs.
-    ws = await gateway.ws(sid, MSGPACK)
-    rid = await ws.send("exec.start", command=["python3", "-c", HOLD, upstream.url.removeprefix("http://")])
-    stdout = b""
-    while b"\n" not in stdout:
-        message = await ws.receive_for(rid)
-        assert message.get("ev") != "end" and "error" not in message, message
-        if message.get("ev") == "data":
-            stdout += message["data"]
-    assert stdout == b"HTTP/1.1 200 Connection established\n"
-    await listener.close()
-    events = await ws.collect(rid)
-    assert output(events).decode().strip() in ("then b''", "then reset"), "the held connection ended with the gateway"
-    await ws.ws.close()
-    # With no listener, a new connection is closed at once by its helper, which exits.
-    after = await gateway.exec(sid, timeout=90, command=["python3", "-c", HOLD, "203.0.113.10:8080"])
-    assert after["stdout"] in ("then b''\n", "then reset\n"), after
     resp = await gateway.client.delete(f"/v1/sandboxes/{sid}", headers=AUTH)
     assert resp.status == 204
-    assert not listener.path.exists() and not vm.workdir.exists()
+    assert not vm.workdir.exists(), "the VM's folder, its egress socket with it, is gone"
     assert _helpers_running() == [], "a guestfwd helper outlived its connection"
+
+
+async def test_a_gateway_sigkill_leaves_nothing_running(tmp_path: Path, upstream: Upstream) -> None:
+    """A real gateway (`sandgate serve`) with a network sandbox holding a connection through the
+    proxy is SIGKILLed: QEMU dies with it (its parent-death signal) and no helper is left."""
+    port = _free_port()
+    config = tmp_path / "sandgate.toml"
+    config.write_text(f'api_keys = "{KEY}:tenant-a"\ndefault_runtime = "microvm"\n'
+                      '[plugins]\nblocked = ["wasm", "pod"]\n[runtimes.microvm]\npool_size = 0\n')
+    # Its own state folder (what a dead gateway leaves goes there), short: a Unix socket's path is.
+    state = Path(tempfile.mkdtemp(prefix="sg-"))
+    env = {**os.environ, "SANDGATE_STATE_DIR": str(state)}
+    gateway = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    try:
+        assert gateway.stdout is not None
+        line = await gateway.stdout.readline()
+        assert b"Running on" in line, line
+        url = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{url}/v1/sandboxes", json={"network": True}, headers=AUTH) as resp:
+                assert resp.status == 201, await resp.text()
+                sid = (await resp.json())["id"]
+            ws = WsClient(await session.ws_connect(f"{url}/v1/sandboxes/{sid}/ws", protocols=(MSGPACK,),
+                                                   headers=AUTH), MSGPACK)
+            rid = await ws.send("exec.start", command=["python3", "-c", HOLD, upstream.url.removeprefix("http://")])
+            stdout = b""
+            while b"\n" not in stdout:
+                message = await ws.receive_for(rid)
+                assert message.get("ev") != "end" and "error" not in message, message
+                if message.get("ev") == "data":
+                    stdout += message["data"]
+            assert stdout == b"HTTP/1.1 200 Connection established\n", "a connection is held through the proxy"
+            (qemu,) = _children(gateway.pid)
+            qemu_exit = os.pidfd_open(qemu)
+            gateway.kill()
+            await gateway.wait()
+            await ws.ws.close()
+        readable, _, _ = await asyncio.to_thread(select.select, [qemu_exit], [], [], 60)
+        os.close(qemu_exit)
+        assert readable, "QEMU outlived the gateway"
+        assert _helpers_running() == [], "a guestfwd helper outlived the gateway"
+    finally:
+        if gateway.returncode is None:
+            gateway.kill()
+            await gateway.wait()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_a_helper_with_no_gateway_exits_and_closes_the_connection(tmp_path: Path) -> None:
+    """What a guest connection meets after a gateway SIGKILL: the listener's socket file, bound by
+    no one. The helper must not hang or write anything into the connection."""
+    stale = tmp_path / "egress.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as bound:
+        bound.bind(str(stale))
+    guest, helper_end = socket.socketpair()
+    with guest, helper_end:
+        done = subprocess.run([sys.executable, "-I", "-S", str(egress.HELPER), str(stale)], stdin=helper_end,
+                              stdout=helper_end, stderr=helper_end, timeout=60, check=False)
+        helper_end.close()
+        assert done.returncode == 1
+        guest.settimeout(60)
+        assert guest.recv(100) == b"", "the guest's connection ends, with nothing written into it"
 
 
 async def test_an_operator_can_forbid_a_tenant_the_network(gateway: Gateway) -> None:
