@@ -9,6 +9,12 @@ datagram socket in the VM's folder and exits. From then on the connection is the
 served by `gateway.egress.proxy` (names resolved by the gateway, public addresses only) in the
 gateway's event loop: nothing runs beside the gateway and QEMU, and everything ends with either.
 
+A process per connection is what a hostile guest can make the host pay for: opening connections
+from 8 threads, one guest kept both cores busy with helpers (~40 ms of CPU each) and nothing else
+got done. So the helpers of one VM run one at a time (`flock` on the VM's lock file; the others
+wait, asleep, up to HANDOFF_WAIT_S) and at the lowest CPU priority (`nice -n 19`): a flood costs
+its VM at most about one idle-priority core, and a VM's own connections only queue.
+
 The guest's init sets `http_proxy`, `https_proxy` and `no_proxy` (kernel argument `sandgate.proxy`)
 for the guest agent and every process it starts, so curl, pip and npm go through the proxy.
 """
@@ -20,6 +26,7 @@ import contextlib
 import logging
 import os
 import shlex
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -36,11 +43,23 @@ MAX_CONNECTIONS = 256
 #: A Unix socket's path must fit `sun_path`.
 MAX_SOCKET_PATH = 107
 HELPER = Path(__file__).with_name("guestfwd.py")
+#: How long a connection's helper waits for the one before it (then the connection is closed).
+HANDOFF_WAIT_S = 10
 
 
 def netdev(socket_path: Path) -> str:
-    """The `-netdev` option of a VM with a network whose egress listener is at `socket_path`."""
-    command = shlex.join([sys.executable, "-I", "-S", str(HELPER), str(socket_path)])
+    """The `-netdev` option of a VM with a network whose egress listener is at `socket_path`.
+
+    Raises:
+        OSError: no `nice` or `flock` on PATH (coreutils and util-linux, on every Debian).
+    """
+    tools = [shutil.which(name) for name in ("nice", "flock")]
+    if None in tools:
+        raise OSError("the microVM network needs `nice` and `flock` (coreutils, util-linux) on PATH")
+    nice, flock = tools
+    lock = socket_path.with_name("egress.lock")
+    command = shlex.join([str(nice), "-n", "19", str(flock), "-w", str(HANDOFF_WAIT_S), str(lock),
+                          sys.executable, "-I", "-S", str(HELPER), str(socket_path)])
     # QEMU's option syntax: a comma inside a value is written twice.
     rule = f"tcp:{PROXY_ADDRESS}:{PROXY_PORT}-cmd:{command}".replace(",", ",,")
     # ipv6=off: slirp's IPv6 side (router adverts, its fec0::2 host alias) is not needed by the
