@@ -63,10 +63,10 @@ def check_create(
 
     Args:
         body: the request's JSON object.
-        tenant: who asks (`settings.network` says whether it may have a network).
-        settings: the gateway's default runtime and its `Limits`.
+        settings: the gateway's default runtime, its `Limits`, and who may have a network.
         runtimes: the runtimes that started, by id.
         unavailable: why each runtime that did not start is off, by id.
+        tenant: who asks.
 
     Returns:
         The checked request.
