@@ -228,6 +228,9 @@ async def test_a_guest_reaches_public_addresses_through_the_proxy_and_nothing_el
     assert fetched[f"{upstream.url}/bytes/3000000"] == 3000000
     assert fetched[f"{upstream.url}/bytes/2000000"] == 2000000
     assert "403" in fetched["http://169.254.169.254/latest/meta-data/"], fetched
+    # A tool that is not Python finds the proxy in its environment too (busybox wget, as curl would).
+    wget = await gateway.exec(sid, command=["wget", "-q", "-O", "-", f"{upstream.url}/hello"])
+    assert wget["stdout"] == "hello from 203.0.113.10\n", wget
     vm = gateway.client.app[MANAGER]._sandboxes[sid].backend.vm
     resp = await gateway.client.delete(f"/v1/sandboxes/{sid}", headers=AUTH)
     assert resp.status == 204
