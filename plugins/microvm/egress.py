@@ -43,8 +43,9 @@ MAX_CONNECTIONS = 256
 #: A Unix socket's path must fit `sun_path`.
 MAX_SOCKET_PATH = 107
 HELPER = Path(__file__).with_name("guestfwd.py")
-#: How long a connection's helper waits for the one before it (then the connection is closed).
-HANDOFF_WAIT_S = 10
+#: How long a connection's helper waits for the ones before it (then the connection is closed):
+#: long enough for a burst on a busy host, short enough that a flood's sleepers do not pile up.
+HANDOFF_WAIT_S = 30
 
 
 def netdev(socket_path: Path) -> str:

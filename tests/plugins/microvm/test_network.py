@@ -202,11 +202,9 @@ async def test_a_guest_reaches_public_addresses_through_the_proxy_and_nothing_el
         direct=[f"10.0.2.2:{gateway_port}", f"10.0.2.2:{loopback_port}", "10.0.2.3:53", "192.168.1.1:80",
                 f"[fec0::2]:{gateway_port}", upstream_host],
         proxied=[f"127.0.0.1:{loopback_port}", f"localhost:{gateway_port}", f"10.0.2.2:{gateway_port}",
-                 "192.168.1.1:80", "172.16.0.1:443", "100.64.0.1:80", "169.254.169.254:80", "[::1]:80",
-                 "[fd00::1]:80", f"[::ffff:127.0.0.1]:{loopback_port}", f"{HOST_SIDE}:{host_public_port}",
-                 upstream_host],
-        fetches=[f"{upstream.url}/hello", f"{upstream.url}/bytes/3000000", f"{upstream.url}/bytes/2000000",
-                 "http://169.254.169.254/latest/meta-data/"],
+                 "192.168.1.1:80", "169.254.169.254:80", "[fd00::1]:80", f"[::ffff:127.0.0.1]:{loopback_port}",
+                 f"{HOST_SIDE}:{host_public_port}", upstream_host],
+        fetches=[f"{upstream.url}/hello", f"{upstream.url}/bytes/3000000", "http://169.254.169.254/latest/meta-data/"],
     )
     # (a, b) Nothing but the proxy's address is reachable directly: not the gateway through
     # 10.0.2.2 (or slirp's IPv6 alias of the host), not a host loopback service, not slirp's DNS,
@@ -214,7 +212,8 @@ async def test_a_guest_reaches_public_addresses_through_the_proxy_and_nothing_el
     for target, outcome in results["direct"].items():
         assert outcome.startswith("failed"), f"the guest connected to {target} directly: {results}"
     # The proxy refuses the gateway's host (by loopback, name, slirp's alias, or its own public
-    # address), private, CGNAT, link-local (the metadata address), ULA and IPv4-mapped loopback.
+    # address), private, link-local (the metadata address), ULA and IPv4-mapped loopback (every
+    # refused range: tests/gateway/test_egress.py).
     refused = {t: s for t, s in results["proxied"].items() if t != upstream_host}
     for target, status in refused.items():
         assert status.startswith("HTTP/1.1 403"), f"the proxy let {target} through: {status}"
@@ -226,7 +225,6 @@ async def test_a_guest_reaches_public_addresses_through_the_proxy_and_nothing_el
     fetched = results["fetched"]
     assert fetched[f"{upstream.url}/hello"] == "hello from 203.0.113.10\n"
     assert fetched[f"{upstream.url}/bytes/3000000"] == 3000000
-    assert fetched[f"{upstream.url}/bytes/2000000"] == 2000000
     assert "403" in fetched["http://169.254.169.254/latest/meta-data/"], fetched
     # A tool that is not Python finds the proxy in its environment too (busybox wget, as curl would).
     wget = await gateway.exec(sid, command=["wget", "-q", "-O", "-", f"{upstream.url}/hello"])
