@@ -192,6 +192,28 @@ class Quotas:
 
 
 @dataclass(frozen=True)
+class NetworkAccess:
+    """Which tenants may create sandboxes with `"network": true` (`[network]`). A sandbox's
+    network reaches public addresses only, never the gateway's host or private ranges (see the
+    runtime); this decides who gets even that."""
+
+    #: Whether a tenant that `tenants` does not name may.
+    allowed: bool = True
+    #: Tenant -> whether it may, over `allowed`.
+    tenants: Mapping[str, bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "[network] ")
+        for tenant in self.tenants:
+            if not tenant.strip():
+                raise ConfigError("[network] tenants: a tenant name must not be empty")
+
+    def allows(self, tenant: str) -> bool:
+        """Whether `tenant` may create a sandbox with a network."""
+        return self.tenants.get(tenant, self.allowed)
+
+
+@dataclass(frozen=True)
 class Settings:
     """The gateway's settings (README: Configuration); `load_settings` reads them."""
 
@@ -204,6 +226,7 @@ class Settings:
     default_runtime: str = "wasm"
     limits: Limits = field(default_factory=Limits)
     quotas: Quotas = field(default_factory=Quotas)
+    network: NetworkAccess = field(default_factory=NetworkAccess)
     #: `[runtimes.<id>]` tables, handed to each runtime's constructor.
     runtimes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: Entry-point names of runtime plugins not to load.
@@ -321,7 +344,7 @@ ENVIRONMENT: dict[str, tuple[str, typing.Callable[[str], Any]]] = {
 #: Top-level keys of the file that are settings of the same name; the tables are read apart.
 FILE_SETTINGS = ("host", "port", "api_keys", "allowed_origins", "default_runtime", "reap_interval_s",
                  "client_send_timeout_s", "keepalive_s", "runtimes")
-FILE_TABLES = ("limits", "quotas", "plugins")
+FILE_TABLES = ("limits", "quotas", "network", "plugins")
 
 
 def _from_table(data: Mapping[str, Any]) -> Settings:
@@ -336,7 +359,7 @@ def _from_table(data: Mapping[str, Any]) -> Settings:
         values["runtimes"] = _table(values["runtimes"], "[runtimes]")
         for runtime_id, table in values["runtimes"].items():
             _table(table, f"[runtimes.{runtime_id}]")
-    for name, cls in (("limits", Limits), ("quotas", Quotas)):
+    for name, cls in (("limits", Limits), ("quotas", Quotas), ("network", NetworkAccess)):
         if name in data:
             table = _table(data[name], f"[{name}]")
             check_keys(table, (f.name for f in fields(cls)), f"[{name}]")

@@ -47,8 +47,14 @@ _EOF_CHAR = b"\x04"
 Emit = Callable[..., Any]
 
 
+#: The agent's own variables every process it starts gets: how the sandbox reaches the network
+#: (a microVM's init sets them to the host's egress proxy; the guest has no other way out).
+INHERITED_ENV = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+
+
 def build_env(root: str, extra: Mapping[str, str], *, pty: bool) -> dict[str, str]:
     env = {"PATH": DEFAULT_PATH, "HOME": root, "LANG": "C.UTF-8"}
+    env.update({name: os.environ[name] for name in INHERITED_ENV if name in os.environ})
     if pty:
         env["TERM"] = "xterm-256color"
     env.update(extra)

@@ -50,6 +50,7 @@ ERRORS: dict[str, ErrorKind] = _table(
     ("unsupported", False, 501, "an op or option this sandbox's runtime or agent does not offer"),
     ("unauthorized", False, 401, "no or unknown API key"),
     ("forbidden_origin", False, 403, "a WebSocket upgrade from an Origin not on the allowlist"),
+    ("forbidden", False, 403, "the tenant is not permitted this (e.g. a sandbox with a network)"),
     ("not_found", False, 404, "no such sandbox (for this tenant), exec or file"),
     ("path_escape", False, 400, "a path that leaves the sandbox's root"),
     ("exists", False, 409, "the target already exists"),

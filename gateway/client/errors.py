@@ -87,6 +87,10 @@ class ForbiddenOrigin(SandgateError):
     code = "forbidden_origin"
 
 
+class Forbidden(SandgateError):
+    code = "forbidden"
+
+
 class NotFound(SandgateError):
     code = "not_found"
 

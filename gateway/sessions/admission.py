@@ -4,8 +4,9 @@ Two steps, in this order, because a request that cannot succeed must not cost th
 or rate token:
 
 1. `check_create` builds a `CreateRequest` from the request body: the gateway's own fields
-   (bounded by `Limits`), the metadata, and the runtime's options (`Runtime.validate_options`) and
-   template/network support (`Runtime.check_create`). It raises on the first bad field.
+   (bounded by `Limits`), the metadata, whether the tenant may have a network (`NetworkAccess`),
+   and the runtime's options (`Runtime.validate_options`) and template/network support
+   (`Runtime.check_create`). It raises on the first bad field.
 2. `TenantQuota.admit` counts the tenant's sandboxes against `max_sandboxes` and only then takes a
    token from the per-tenant `creates_per_minute` bucket, raising `QuotaExceeded` (429 with
    Retry-After).
@@ -55,22 +56,25 @@ class CreateRequest:
 
 
 def check_create(
-    body: Mapping[str, Any], settings: Settings, runtimes: Mapping[str, Runtime], unavailable: Mapping[str, str]
+    body: Mapping[str, Any], settings: Settings, runtimes: Mapping[str, Runtime], unavailable: Mapping[str, str],
+    tenant: str,
 ) -> CreateRequest:
     """Check a create request's body.
 
     Args:
         body: the request's JSON object.
-        settings: the gateway's default runtime and its `Limits`.
+        settings: the gateway's default runtime, its `Limits`, and who may have a network.
         runtimes: the runtimes that started, by id.
         unavailable: why each runtime that did not start is off, by id.
+        tenant: who asks.
 
     Returns:
         The checked request.
 
     Raises:
-        ProtocolError: `bad_request` for a bad or unknown field, metadata or runtime; `unavailable`
-            for a runtime that is off here; whatever the runtime's checks raise (`unsupported`).
+        ProtocolError: `bad_request` for a bad or unknown field, metadata or runtime; `forbidden`
+            for a network the tenant may not have; `unavailable` for a runtime that is off here;
+            whatever the runtime's checks raise (`unsupported`).
     """
     limits = settings.limits
     runtime_id = wire_field(body, "runtime", str, settings.default_runtime)
@@ -89,6 +93,9 @@ def check_create(
     cpu = _bounded(body, "cpu_seconds", limits.cpu_seconds, limits.max_cpu_seconds, float)
     disk = _bounded(body, "disk_mb", limits.disk_mb, limits.max_disk_mb, int)
     network = wire_field(body, "network", bool, False)
+    if network and not settings.network.allows(tenant):
+        raise ProtocolError("forbidden", "this tenant may not create sandboxes with a network "
+                                         "(the operator's [network] settings)")
     template = wire_field(body, "template", str, None)
     metadata = wire_field(body, "metadata", dict, {})
     if len(metadata) > 32 or not all(

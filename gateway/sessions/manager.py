@@ -93,7 +93,7 @@ class SandboxManager(OpRouter):
         """
         if self.draining:
             raise ProtocolError("unavailable", "the gateway is shutting down")
-        request = check_create(body, self.settings, self.runtimes, self.unavailable)
+        request = check_create(body, self.settings, self.runtimes, self.unavailable, tenant)
         # Only now, with every option checked: a bad request never costs a quota or rate token.
         count = sum(1 for s in self._sandboxes.values() if s.tenant == tenant) + self._creating.get(tenant, 0)
         self._quota.admit(tenant, count)

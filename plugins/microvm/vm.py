@@ -7,6 +7,7 @@ clones: a port that looked unplugged while a clone's state loads would make its 
 guest read end-of-input and exit. An agent restart goes through the guest's init (`replace_agent`).
 
 QEMU dies with the gateway (PR_SET_PDEATHSIG), so a crashed gateway leaves no VM running.
+A VM with a network reaches only the gateway's egress proxy (egress.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 from gateway.runtime.agent_client import call_once
 from gateway.runtime.base import ByteChannel, StreamChannel
 from guest_agent.wire import ProtocolError
+from plugins.microvm import egress
 from plugins.microvm.accel import Accel
 from plugins.microvm.images.cache import BootImage
 
@@ -88,11 +90,12 @@ class Machine:
             # Without it the kernel hangs calibrating a TSC that TCG does not tick like hardware.
             parts.append(f"tsc_early_khz={self.tsc_khz}")
         if self.network:
-            parts.append("sandgate.net=1")
+            parts += ["sandgate.net=1", egress.kernel_argument()]
         return " ".join(p for p in parts if p)
 
     def argv(self, boot: Boot, *, agent_fd: int, control_fd: int, qmp_fd: int, incoming_fd: int | None,
-             console: Path) -> list[str]:
+             console: Path, egress_socket: Path | None) -> list[str]:
+        """QEMU's command line. `egress_socket`: the VM's `EgressListener` (a VM with a network)."""
         machine = "microvm,x-option-roms=off,memory-backend=ram"
         if boot.ram_file is not None:
             ram = (
@@ -130,7 +133,10 @@ class Machine:
                 "-device", "virtio-blk-device,drive=root",
             ]
         if self.network:
-            argv += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]
+            if egress_socket is None:
+                raise ValueError("a VM with a network needs its egress listener's socket")
+            # Restricted user networking: the guest reaches the egress proxy and nothing else.
+            argv += ["-netdev", egress.netdev(egress_socket), "-device", "virtio-net-device,netdev=net0"]
         if boot.paused:
             argv.append("-S")
         if incoming_fd is not None:
@@ -161,6 +167,7 @@ class Vm:
         self._stderr_task: asyncio.Task[None] | None = None
         self._reap_task: asyncio.Task[None] | None = None
         self._channel: StreamChannel | None = None
+        self._egress: egress.EgressListener | None = None
         #: Called with True/False when the guest opens/closes the agent's port (QMP
         #: VSERPORT_CHANGE): the agent started, or died or exited.
         self.on_port_change: Callable[[bool], None] = lambda is_open: None
@@ -191,6 +198,9 @@ class Vm:
         self._control = control_ours
         self._qmp_sock = qmp_ours
         incoming_fd = None
+        if self.machine.network:
+            self._egress = egress.EgressListener(self.workdir / "egress.sock", self.workdir.name)
+            self._egress.start()
         try:
             await self._attach_agent(agent_ours)
             if self.boot.incoming is not None:
@@ -204,6 +214,7 @@ class Vm:
                 qmp_fd=qmp_theirs.fileno(),
                 incoming_fd=incoming_fd,
                 console=self.console,
+                egress_socket=self._egress.path if self._egress is not None else None,
             )
             self.proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -453,6 +464,9 @@ class Vm:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             await self.proc.wait()
+        if self._egress is not None:
+            await self._egress.close()
+            self._egress = None
         if self._qmp is not None:
             with contextlib.suppress(Exception):
                 await self._qmp.disconnect()

@@ -34,6 +34,10 @@ export const PROTOCOL = {
    "http": 409,
    "retryable": false
   },
+  "forbidden": {
+   "http": 403,
+   "retryable": false
+  },
   "forbidden_origin": {
    "http": 403,
    "retryable": false
