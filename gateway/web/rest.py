@@ -9,7 +9,7 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.protocol.client import describe as describe_client_leg
-from gateway.protocol.paths import check_path
+from gateway.protocol.paths import MAX_NAME, check_path
 from gateway.sessions.sandbox import Sandbox
 from gateway.web.context import MANAGER, authenticate, bearer_token, json_body
 from guest_agent import schema
@@ -131,13 +131,17 @@ async def upload(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
     sandbox = await _sandbox(request)
     path = check_path(request.match_info["path"], allow_absolute=False)
+    if path.endswith("/"):
+        raise ProtocolError("bad_request", "an upload names a file: the path must not end with '/'")
     used = (await manager.request(sandbox, "metrics", {})).get("disk_bytes") or 0
     quota = (sandbox.spec.disk_mb << 20) - used
     if request.content_length is not None and request.content_length > quota:
         raise ProtocolError("disk_quota", f"{request.content_length} bytes exceed the {sandbox.spec.disk_mb} MB quota")
     head, _, name = path.rpartition("/")
     temp = f"{head}/" if head else ""
-    temp += f".{name}.upload-{secrets.token_hex(4)}"
+    # The name, cut so the temporary name stays within MAX_NAME bytes too (a 255-byte name is legal).
+    stem = name.encode()[: MAX_NAME - 32].decode("utf-8", "ignore")
+    temp += f".{stem}.upload-{secrets.token_hex(4)}"
     if head:
         await manager.request(sandbox, "fs.mkdir", {"path": head, "parents": True})
     written = 0
