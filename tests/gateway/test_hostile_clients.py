@@ -14,11 +14,13 @@ from typing import Any
 import aiohttp
 import msgpack
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 
 from gateway.config import Settings
 from gateway.protocol.client import JSON, MSGPACK
-from gateway.web.app import create_app
+from gateway.web.app import SETTINGS, create_app
+from gateway.web.connections import make_runner
 from guest_agent.wire import ERRORS
 
 pytestmark = [pytest.mark.wasm, pytest.mark.usefixtures("wasm_compiled")]
@@ -303,3 +305,86 @@ async def test_origin_must_match_the_gateways_own_scheme_too(gateway: TestClient
     for origin in (f"http://{own}", ALLOWED):
         ws = await gateway.ws_connect(url, headers={**AUTH, "Origin": origin})
         await ws.close()
+
+
+# -- item 3: connections that never finish their head; one address holding many -----------------
+
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n"
+
+
+class GuardedTestServer(TestServer):
+    """The gateway served as `sandgate serve` serves it: through the connection guard."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return make_runner(self.app, self.app[SETTINGS], **kwargs)
+
+
+async def _guarded(aiohttp_client: Any, **settings: Any) -> TestClient[Any, Any]:
+    app = create_app(Settings(api_keys={KEY: "tenant"}, blocked_plugins=("microvm", "pod"), default_runtime="wasm",
+                              reap_interval_s=3600.0, runtimes={"wasm": {"pool_size": 1}}, **settings))
+    return await aiohttp_client(GuardedTestServer(app))  # type: ignore[no-any-return]
+
+
+async def _connect(client: TestClient[Any, Any], source: str = "127.0.0.1") -> tuple[asyncio.StreamReader,
+                                                                                       asyncio.StreamWriter]:
+    return await asyncio.open_connection(client.server.host, client.server.port, local_addr=(source, 0))
+
+
+async def _closed_by_gateway(reader: asyncio.StreamReader) -> bytes:
+    """Everything the gateway sent until it closed the connection (a hang fails at DEADLINE)."""
+    async with asyncio.timeout(DEADLINE):
+        try:
+            return await reader.read()
+        except ConnectionResetError:
+            return b""
+
+
+async def test_connections_that_never_finish_their_head_are_closed(aiohttp_client: Any) -> None:
+    client = await _guarded(aiohttp_client, http_header_timeout_s=0.5)
+    partial = []
+    for i in range(200):
+        reader, writer = await _connect(client)
+        if i % 2:  # half send part of a head, half nothing at all
+            writer.write(b"GET /v1/sandboxes HTTP/1.1\r\nHost: gateway\r\nX-Slow: ")
+        partial.append((reader, writer))
+    # A client that sends its head in time is served, on a connection opened after all of them.
+    reader, writer = await _connect(client)
+    writer.write(HEALTHZ)
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200"), "a prompt client is served"
+    closed = await asyncio.gather(*(_closed_by_gateway(r) for r, _ in partial))
+    assert closed == [b""] * 200, "closed without an answer"
+    for _, w in (*partial, (reader, writer)):
+        w.close()
+
+
+async def test_an_idle_keep_alive_connection_is_closed(aiohttp_client: Any) -> None:
+    client = await _guarded(aiohttp_client, http_idle_timeout_s=0.5)
+    reader, writer = await _connect(client)
+    writer.write(HEALTHZ)
+    answer = await _closed_by_gateway(reader)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"}"), answer
+    writer.close()
+
+
+async def test_one_address_past_its_bound_is_refused_and_others_get_through(aiohttp_client: Any) -> None:
+    client = await _guarded(aiohttp_client, max_connections_per_address=3)
+    held = [await _connect(client) for _ in range(3)]
+    reader, writer = await _connect(client)
+    writer.write(HEALTHZ)
+    assert await _closed_by_gateway(reader) == b"", "the fourth connection from one address is closed at accept"
+    writer.close()
+    # Another address is not affected (the loopback range is 127/8: 127.0.0.2 is this machine too).
+    reader, writer = await _connect(client, source="127.0.0.2")
+    writer.write(HEALTHZ)
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    writer.close()
+    # A connection the gateway closes frees its place (the gateway drops its count before the FIN).
+    reader, writer = held.pop()
+    writer.write(HEALTHZ.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+    assert (await _closed_by_gateway(reader)).startswith(b"HTTP/1.1 200")
+    writer.close()
+    reader, writer = await _connect(client)
+    writer.write(HEALTHZ)
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200"), "the freed place is taken"
+    for _, w in (*held, (reader, writer)):
+        w.close()
