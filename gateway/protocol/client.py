@@ -155,7 +155,7 @@ class ClientCodec:
             if isinstance(value, str):
                 try:
                     message[name] = base64.b64decode(value, validate=True)
-                except binascii.Error:
+                except ValueError:  # binascii.Error, or plain ValueError for non-ASCII text
                     raise InvalidMessage(message, f"field {name!r} must be base64") from None
         return message
 

@@ -115,6 +115,7 @@ JSON_ATTACKS = {
     "NaN timeout": '{"id": 1, "op": "exec.start", "code": "1", "timeout": NaN}',
     "Infinity timeout": '{"id": 1, "op": "exec.start", "code": "1", "timeout": Infinity}',
     "1e999 timeout": '{"id": 1, "op": "exec.start", "code": "1", "timeout": 1e999}',
+    "non-ASCII base64 (found by the fuzzer)": '{"id": 1, "op": "fs.write", "path": "x", "data": "\u00e9"}',
     "signal as a list": '{"id": 1, "op": "exec.signal", "tag": "t", "signal": [1]}',
     "lone surrogate in a signal name": '{"id": 1, "op": "exec.signal", "tag": "t", "signal": "SIG\\ud800"}',
     "signal as a map": '{"id": 1, "op": "exec.signal", "tag": "t", "signal": {"a": 1}}',
