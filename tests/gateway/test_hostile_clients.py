@@ -17,7 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 
-from gateway.config import Settings
+from gateway.config import ConfigError, Settings
 from gateway.protocol.client import JSON, MSGPACK
 from gateway.web.app import SETTINGS, create_app
 from gateway.web.connections import make_runner
@@ -389,3 +389,10 @@ async def test_one_address_past_its_bound_is_refused_and_others_get_through(aioh
     assert (await reader.readline()).startswith(b"HTTP/1.1 200"), "the freed place is taken"
     for _, w in (*held, (reader, writer)):
         w.close()
+
+
+@pytest.mark.parametrize("bad", [{"http_header_timeout_s": 0}, {"http_idle_timeout_s": -1.0},
+                                 {"max_connections_per_address": -1}, {"http_header_timeout_s": "10"}])
+def test_connection_settings_are_checked(bad: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        Settings(**bad)
