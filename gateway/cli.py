@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
 import logging
 import os
@@ -18,10 +19,9 @@ BIND_ERRORS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from gateway.config import check_runtime_tables, load_settings
     from gateway.web.app import MANAGER, create_app
+    from gateway.web.connections import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(args.config, host=args.host, port=args.port).with_generated_key_if_needed()
@@ -47,9 +47,10 @@ def _serve(args: argparse.Namespace) -> int:
             )
         print(text.strip(), flush=True)
 
-    # run_app turns SIGINT/SIGTERM into a graceful shutdown: sessions closed, every sandbox destroyed.
+    # SIGINT/SIGTERM are a graceful shutdown: sessions closed, every sandbox destroyed. Served through
+    # the connection guard (gateway/web/connections.py): head and idle timeouts, a bound per address.
     try:
-        web.run_app(app, host=settings.host, port=settings.port, print=ready, shutdown_timeout=30.0)
+        asyncio.run(serve(app, settings, ready, shutdown_timeout=30.0))
     except OSError as exc:
         if isinstance(exc, socket.gaierror):
             reason = exc.strerror

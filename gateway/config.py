@@ -236,6 +236,13 @@ class Settings:
     client_send_timeout_s: float = 30.0
     #: Seconds of silence after which a running exec's stream gets a keepalive event.
     keepalive_s: float = 15.0
+    #: Seconds a new connection has to send a complete request head before it is closed.
+    http_header_timeout_s: float = 10.0
+    #: Seconds a keep-alive connection may sit between requests (a partial head counts as idle).
+    http_idle_timeout_s: float = 75.0
+    #: Connections one remote address may hold open at once (0: no bound, e.g. behind a proxy);
+    #: more are closed at accept. WebSocket sessions count: allow for a client's sessions.
+    max_connections_per_address: int = 256
     #: A key generated at start when none is configured (loopback only); printed by `serve`.
     generated_key: str | None = None
 
@@ -257,9 +264,13 @@ class Settings:
         for runtime_id in self.runtimes:
             if not runtime_id:
                 raise ConfigError("[runtimes] a runtime table needs a name: [runtimes.<id>]")
-        for name in ("reap_interval_s", "client_send_timeout_s", "keepalive_s"):
+        for name in ("reap_interval_s", "client_send_timeout_s", "keepalive_s", "http_header_timeout_s",
+                     "http_idle_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, not {getattr(self, name)!r}")
+        if self.max_connections_per_address < 0:
+            raise ConfigError(f"max_connections_per_address must be >= 0 (0: no bound), "
+                              f"not {self.max_connections_per_address}")
 
     def with_generated_key_if_needed(self) -> Settings:
         """With no API keys configured, refuse non-loopback hosts and make one key for this run.
@@ -343,7 +354,8 @@ ENVIRONMENT: dict[str, tuple[str, typing.Callable[[str], Any]]] = {
 
 #: Top-level keys of the file that are settings of the same name; the tables are read apart.
 FILE_SETTINGS = ("host", "port", "api_keys", "allowed_origins", "default_runtime", "reap_interval_s",
-                 "client_send_timeout_s", "keepalive_s", "runtimes")
+                 "client_send_timeout_s", "keepalive_s", "http_header_timeout_s", "http_idle_timeout_s",
+                 "max_connections_per_address", "runtimes")
 FILE_TABLES = ("limits", "quotas", "network", "plugins")
 
 

@@ -15,6 +15,7 @@ compatibility, docs/protocol.md §1).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,10 @@ from .wire import MAX_REQUEST_ID, MAX_WRITE_CHUNK, ProtocolError
 BOTH, CLIENT, AGENT = "both", "client", "agent"
 
 _MISSING: Any = object()
+
+#: The integers every leg can carry: msgpack's signed 64-bit range.
+MIN_INT, MAX_INT = -(2**63), 2**63 - 1
+_NUMBERS = (int, float)
 
 #: The JSON names of the field types, as `describe()` and docs/protocol.md spell them.
 TYPE_NAMES: dict[type, str] = {str: "str", int: "int", float: "float", bool: "bool", bytes: "bin",
@@ -54,14 +59,22 @@ class Field:
 
     def check(self, value: Any) -> Any:
         kind = type(value)  # exact: bool is not int here, as the protocol wants
-        if kind in self.kinds and self.low is None and self.high is None:
+        if kind in self.kinds and self.low is None and self.high is None and kind not in _NUMBERS:
             return value  # the common case, on every request: nothing more to check
         if isinstance(value, bool) and bool not in self.kinds:
             raise _mistyped(self)
         if float in self.kinds and isinstance(value, int) and not isinstance(value, bool):
+            if not MIN_INT <= value <= MAX_INT:
+                raise ProtocolError("bad_request", f"field {self.name!r}: a number must fit in 64 bits")
             value = float(value)
         if not isinstance(value, self.kinds):
             raise _mistyped(self)
+        # What msgpack can carry to the agent (and JSON decoders accept beyond it): a 64-bit
+        # integer, a finite float. Checked here so no value fails later, half-way to the agent.
+        if isinstance(value, int) and not MIN_INT <= value <= MAX_INT:
+            raise ProtocolError("bad_request", f"field {self.name!r}: an integer must fit in 64 bits")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ProtocolError("bad_request", f"field {self.name!r}: a number must be finite")
         measure = len(value) if isinstance(value, str | bytes | list | dict) else value
         if isinstance(measure, int | float) and not isinstance(measure, bool):
             if self.high is not None and measure > self.high and self.over_code != "bad_request":

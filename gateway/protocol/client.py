@@ -83,6 +83,53 @@ def bearer_subprotocol(key: str) -> str:
     return BEARER_PREFIX + base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
 
 
+class InvalidMessage(ProtocolError):
+    """A message that decoded but holds a value the codec cannot take (a lone surrogate escape, a
+    binary field that is not base64): `bad_request`, with the message's id when it has a valid
+    one, so the error reply goes where the request came from."""
+
+    def __init__(self, value: Any, message: str) -> None:
+        super().__init__("bad_request", message)
+        self.request_id = schema.request_id_of(value) if isinstance(value, dict) else None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(text: str | bytes, code: str) -> Any:
+    """Strict JSON from a client (a WebSocket text message or a REST body).
+
+    Stricter than `json.loads` where its leniency lets through what the gateway cannot carry:
+    bytes must be UTF-8 (json.loads would pass encoded surrogates through), NaN and Infinity are
+    not JSON, and nesting past the interpreter's recursion limit is refused instead of raising
+    RecursionError from wherever the decoder happened to be.
+
+    Raises:
+        ProtocolError: `code` for what is not JSON; `InvalidMessage` (`bad_request`) for a lone
+            surrogate escape (`"\\ud800"`), which is JSON but not text: it cannot be encoded for
+            the agent.
+    """
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        value = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise ProtocolError(code, "JSON nested too deeply") from None
+    except UnicodeDecodeError:  # a ValueError too: caught first
+        raise ProtocolError(code, "not UTF-8 text") from None
+    except ValueError as exc:
+        raise ProtocolError(code, f"not JSON: {str(exc).splitlines()[0]:.120}") from None
+    if "\\u" in text:  # only an escape can make a lone surrogate: strict UTF-8 text has none
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidMessage(value, "a string holds a lone surrogate escape: not Unicode text") from None
+        except RecursionError:
+            raise ProtocolError(code, "JSON nested too deeply") from None
+    return value
+
+
 class ClientCodec:
     """Encodes and decodes client messages for one negotiated subprotocol."""
 
@@ -100,10 +147,7 @@ class ClientCodec:
             return unpack_message(payload, max_size=MAX_CLIENT_MESSAGE)
         if not isinstance(payload, str):
             raise ProtocolError("bad_frame", f"{JSON} takes text frames")
-        try:
-            message = json.loads(payload)
-        except ValueError:
-            raise ProtocolError("bad_frame", "not JSON") from None
+        message = parse_json(payload, "bad_frame")
         if not isinstance(message, dict):
             raise ProtocolError("bad_frame", "a message must be a JSON object")
         for name in BINARY_FIELDS:
@@ -111,8 +155,8 @@ class ClientCodec:
             if isinstance(value, str):
                 try:
                     message[name] = base64.b64decode(value, validate=True)
-                except binascii.Error:
-                    raise ProtocolError("bad_request", f"field {name!r} must be base64") from None
+                except ValueError:  # binascii.Error, or plain ValueError for non-ASCII text
+                    raise InvalidMessage(message, f"field {name!r} must be base64") from None
         return message
 
     def encode(self, message: Mapping[str, Any]) -> str | bytes:

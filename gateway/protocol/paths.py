@@ -10,6 +10,8 @@ from __future__ import annotations
 from guest_agent.wire import ProtocolError
 
 MAX_PATH = 4096
+#: The longest name of one path component, in bytes (Linux NAME_MAX): longer is no file name at all.
+MAX_NAME = 255
 
 
 def check_path(path: str, *, allow_absolute: bool) -> str:
@@ -20,6 +22,13 @@ def check_path(path: str, *, allow_absolute: bool) -> str:
         raise ProtocolError("path_escape", "control characters are not allowed in paths")
     if path.startswith("/") and not allow_absolute:
         raise ProtocolError("path_escape", "paths are relative to the sandbox's root")
-    if ".." in path.replace("\\", "/").split("/"):
+    parts = path.replace("\\", "/").split("/")
+    if ".." in parts:
         raise ProtocolError("path_escape", "'..' is not allowed in paths")
+    try:
+        longest = max(len(part.encode("utf-8")) for part in parts)
+    except UnicodeEncodeError:  # a lone surrogate (from a percent-escaped URL, say)
+        raise ProtocolError("bad_request", "a path must be valid Unicode text") from None
+    if longest > MAX_NAME:
+        raise ProtocolError("bad_request", f"a path component is at most {MAX_NAME} bytes")
     return path

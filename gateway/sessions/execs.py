@@ -34,6 +34,8 @@ class ExecRecord:
         self.exec_id = exec_id
         self.tag = tag
         self.pid: int | None = None
+        #: The agent reported the start: an exec that ends without one never ran.
+        self.start_seen = False
         self.buffer = ReplayBuffer(replay_bytes)
         self.send_timeout = send_timeout
         self.subscribers: list[Subscriber] = []
@@ -107,6 +109,7 @@ class ExecRecord:
                     continue
                 event = {k: v for k, v in raw.items() if k not in ("id", "seq")}
                 if ev == "start":
+                    self.start_seen = True
                     event["exec_id"] = self.exec_id
                     pid = event.get("pid")
                     self.pid = pid if isinstance(pid, int) and not isinstance(pid, bool) else None

@@ -255,6 +255,8 @@ class OpRouter(ABC):
                                        default_timeout=self.settings.limits.exec_timeout_s)
         await record.done.wait()
         end = record.end or {}
+        if not record.start_seen and "error" in end:  # refused before it ran (a missing cwd): a plain error
+            raise ProtocolError.from_wire(end["error"])
         result: dict[str, Any] = {
             "exec_id": record.exec_id,
             "exit_code": end.get("exit_code"),

@@ -5,13 +5,13 @@ route modules) and the route modules (rest, ws, ide) import it instead of each o
 from __future__ import annotations
 
 import hmac
-import json
 from typing import Any, Protocol
 
 import pluggy
 from aiohttp import web
 
 from gateway.config import Settings
+from gateway.protocol.client import parse_json
 from gateway.sessions.admission import QuotaExceeded
 from gateway.sessions.manager import SandboxManager
 from guest_agent.wire import ERRORS, ProtocolError
@@ -65,10 +65,7 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     """The request's JSON object, or `bad_request`."""
     if not request.can_read_body:
         return {}
-    try:
-        body = json.loads(await request.read())
-    except ValueError:
-        raise ProtocolError("bad_request", "the body is not JSON") from None
+    body = parse_json(await request.read(), "bad_request")
     if not isinstance(body, dict):
         raise ProtocolError("bad_request", "the body must be a JSON object")
     return body

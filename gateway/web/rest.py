@@ -11,7 +11,7 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.protocol.client import describe as describe_client_leg
-from gateway.protocol.paths import check_path
+from gateway.protocol.paths import MAX_NAME, check_path
 from gateway.sessions.sandbox import Sandbox
 from gateway.web.context import MANAGER, authenticate, bearer_token, json_body
 from guest_agent import schema
@@ -136,6 +136,8 @@ async def upload(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
     sandbox = await _sandbox(request)
     path = check_path(request.match_info["path"], allow_absolute=False)
+    if path.endswith("/"):
+        raise ProtocolError("bad_request", "an upload names a file: the path must not end with '/'")
     # The host's figure where the runtime has one (the guest's could be forged, and costs a walk).
     usage = sandbox.backend.disk_usage()
     if usage is not None:
@@ -149,7 +151,9 @@ async def upload(request: web.Request) -> web.Response:
                                           f"exceed the {sandbox.spec.disk_mb} MB quota")
     head, _, name = path.rpartition("/")
     temp = f"{head}/" if head else ""
-    temp += f".{name}.upload-{secrets.token_hex(4)}"
+    # The name, cut so the temporary name stays within MAX_NAME bytes too (a 255-byte name is legal).
+    stem = name.encode()[: MAX_NAME - 32].decode("utf-8", "ignore")
+    temp += f".{stem}.upload-{secrets.token_hex(4)}"
     if head:
         await manager.request(sandbox, "fs.mkdir", {"path": head, "parents": True})
     written = 0

@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
 
 from aiohttp import WSMessage, WSMsgType, web
 
@@ -24,6 +23,7 @@ from gateway.protocol.client import (
     CLOSE_TOO_SLOW,
     MAX_CLIENT_MESSAGE,
     ClientCodec,
+    InvalidMessage,
     bearer_from_subprotocols,
     choose_subprotocol,
 )
@@ -47,21 +47,31 @@ PATH_FIELDS = ("path", "src", "dst")
 
 
 def origin_allowed(request: web.Request, allowed: tuple[str, ...]) -> bool:
-    """No Origin (not a browser), the gateway's own origin, or one on the allowlist."""
+    """No Origin (not a browser), the gateway's own origin, or one on the allowlist.
+
+    The own origin is the page's: the scheme the request came in on (http for a page served over
+    http, https behind TLS) and the Host it named. An `https://` or `ws://` Origin naming the same
+    host:port is another origin (RFC 6454), so it is refused unless it is on the allowlist.
+    """
     origin = request.headers.get("Origin")
     if origin is None:
         return True
     if origin in allowed or "*" in allowed:
         return True
-    return urlsplit(origin).netloc == request.host
+    return origin.lower() == f"{request.scheme}://{request.host}".lower()
 
 
 class Subscription:
-    """Delivers one exec's events to this session under the client's request id."""
+    """Delivers one exec's events to this session under the client's request id.
 
-    def __init__(self, session: Session, client_id: int) -> None:
+    The subscription of the exec.start that made the exec (`starting`) answers an exec that ended
+    before it started (a missing `cwd`, a refused start) with an error reply, as any refused
+    request is answered: the client never sees a start that did not happen."""
+
+    def __init__(self, session: Session, client_id: int, *, starting: bool = False) -> None:
         self.session = session
         self.client_id = client_id
+        self.starting = starting
         #: The seq of the last event written to the socket (set under the session's send lock).
         self.last_seq: int | None = None
         self.last_sent = time.monotonic()
@@ -69,6 +79,13 @@ class Subscription:
         self.sending = False
 
     async def deliver(self, event: dict[str, Any]) -> None:
+        if self.starting:
+            self.starting = event["ev"] not in ("start", "end")
+            if event["ev"] == "end" and isinstance(event.get("error"), dict):
+                self.session.subscriptions.discard(self)
+                error = ProtocolError.from_wire(event["error"])
+                await self.session.send({"id": self.client_id, "error": error.to_wire()})
+                return
         self.sending = True
         try:
             await self.session.send({"id": self.client_id, **event}, subscription=self)
@@ -214,7 +231,11 @@ class Session:
             request_id = schema.request_id_of(message)
             request = schema.parse(message, schema.CLIENT)
         except ProtocolError as exc:
-            await self.reply_error(request_id, exc)
+            await self.reply_error(exc.request_id if isinstance(exc, InvalidMessage) else request_id, exc)
+            return
+        except Exception:  # a bug, not the client's: it still gets its answer, the session goes on
+            log.exception("client message not parsed")
+            await self.reply_error(request_id, ProtocolError("internal", "internal error; see the gateway's log"))
             return
         if request.op.control:
             self._controls.put_nowait(request)
@@ -239,6 +260,11 @@ class Session:
             await self.reply_error(request.id, exc)
         except (ConnectionError, RuntimeError) as exc:
             log.debug("session send failed: %s", exc)  # the socket is going away; the loop ends
+        except Exception:
+            # A bug, not the client's: the request is still answered, and the task that runs it
+            # (perhaps the session's one control worker) lives on.
+            log.exception("%s failed", request.op.name)
+            await self.reply_error(request.id, ProtocolError("internal", "internal error; see the gateway's log"))
 
     # -- the ops the gateway answers itself, or forwards with more than checks ----------------------
     # Each returns the op's result, or None when it answered with a stream (or itself).
@@ -277,7 +303,7 @@ class Session:
         return await self.manager.metrics(self.sandbox)
 
     async def _exec_start(self, request: schema.Request) -> None:
-        subscription = Subscription(self, request.id)
+        subscription = Subscription(self, request.id, starting=True)
         self.subscriptions.add(subscription)
         try:
             await self.manager.start_exec(self.sandbox, request.args, subscription)

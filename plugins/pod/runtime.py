@@ -20,7 +20,9 @@ import importlib
 import json
 import logging
 import secrets
-from collections.abc import Mapping
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -41,6 +43,17 @@ log = logging.getLogger(__name__)
 
 #: How long a deleted pod may take to go before it is deleted again with no grace at all.
 DELETE_WAIT_S = 20.0
+#: A sandbox id no pod had is not looked up again for this long (each look-up is a LIST on the API
+#: server, and a client can ask for made-up ids as fast as it likes). Ids are random, so a real
+#: sandbox is never asked for before it exists, except through this gateway's own create, which
+#: forgets the miss.
+MISS_TTL_S = 10.0
+#: Misses remembered at most (the oldest go first): bounded memory under a flood of made-up ids.
+MISS_CACHE_SIZE = 4096
+#: LISTs for look-ups in flight at once, and look-ups allowed to wait for one; past that a look-up
+#: is refused as `unavailable` (retryable) instead of queueing without end.
+MAX_FINDS_RUNNING = 4
+MAX_FINDS_WAITING = 64
 #: After a stream ends, how long to wait for the pod's status to say why.
 DEATH_WAIT_S = 2.0
 #: API failures that mean "cannot reach or use the cluster now".
@@ -170,6 +183,9 @@ class PodRuntime(Runtime):
         self.kube_error: type[Exception] = Exception
         self.pool: WarmPool[PodBackend] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.misses = MissCache(MISS_CACHE_SIZE, MISS_TTL_S)
+        self._finds = asyncio.Semaphore(MAX_FINDS_RUNNING)
+        self._finds_waiting = 0
 
     @property
     def kube(self) -> Kube:
@@ -371,6 +387,7 @@ class PodRuntime(Runtime):
                 and (spec.memory_mb, spec.disk_mb) == (self.settings.pool_memory_mb, self.settings.pool_disk_mb))
 
     async def create(self, spec: SandboxSpec) -> Backend:
+        self.misses.forget(spec.sandbox_id)
         image = self._image(spec.template)
         if self._poolable(spec):
             assert self.pool is not None
@@ -477,7 +494,31 @@ class PodRuntime(Runtime):
 
     async def find(self, sandbox_id: str) -> dict[str, Any] | None:
         """The state (as `Backend.get_state`) of the sandbox `sandbox_id`, whichever gateway made it,
-        found by its label; None if no pod has it."""
+        found by its label; None if no pod has it (remembered for MISS_TTL_S).
+
+        Raises:
+            ProtocolError: `unavailable` when MAX_FINDS_WAITING look-ups already wait for the API server.
+        """
+        if self.misses.holds(sandbox_id):
+            return None
+        if self._finds.locked() and self._finds_waiting >= MAX_FINDS_WAITING:
+            raise ProtocolError("unavailable", "too many sandbox look-ups in flight; retry shortly")
+        self._finds_waiting += 1
+        try:
+            await self._finds.acquire()
+        finally:
+            self._finds_waiting -= 1
+        try:
+            if self.misses.holds(sandbox_id):  # found missing while this one waited
+                return None
+            found = await self._find(sandbox_id)
+        finally:
+            self._finds.release()
+        if found is None:
+            self.misses.add(sandbox_id)
+        return found
+
+    async def _find(self, sandbox_id: str) -> dict[str, Any] | None:
         listing = await self._api("find a sandbox pod", self.kube.call(
             self.kube.core.list_namespaced_pod, self.settings.namespace,
             label_selector=f"{m.SANDBOX_SELECTOR},{m.SANDBOX_ID}={m.label_value(sandbox_id)}"))
@@ -539,6 +580,37 @@ class PodRuntime(Runtime):
             raise ProtocolError("unavailable", f"pod {ns}/{name} adopted but never seen by the watch") from None
         await backend.connect(resync=self.settings.channel == "attach")
         return backend
+
+
+class MissCache:
+    """Sandbox ids recently looked up and not found: at most `size`, each for `ttl_s` (sans-I/O)."""
+
+    def __init__(self, size: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.size = size
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._expiry: OrderedDict[str, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def holds(self, key: str) -> bool:
+        expiry = self._expiry.get(key)
+        if expiry is None:
+            return False
+        if expiry <= self._clock():
+            del self._expiry[key]
+            return False
+        return True
+
+    def add(self, key: str) -> None:
+        self._expiry[key] = self._clock() + self.ttl_s
+        self._expiry.move_to_end(key)
+        while len(self._expiry) > self.size:
+            self._expiry.popitem(last=False)
+
+    def forget(self, key: str) -> None:
+        self._expiry.pop(key, None)
 
 
 def _number(value: Any) -> float | None:
