@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -20,38 +21,69 @@ from guest_agent.wire import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, ProtocolError
 
 log = logging.getLogger(__name__)
 
-#: Events a stream may hold before the reader stops reading the channel (backpressure).
-STREAM_QUEUE = 64
+#: Bytes of events a stream may hold before the reader stops reading the channel (backpressure).
+STREAM_QUEUE_BYTES = 256 * 1024
+#: Bytes of the channel decoded per turn of the event loop before the reader lets others run.
+TURN_BYTES = 16 * 1024
+#: What one queued event costs beyond its data (measured: gateway/sessions/replay.py).
+_EVENT_OVERHEAD = 368
+
+
+def _cost(message: dict[str, Any]) -> int:
+    data = message.get("data")
+    return _EVENT_OVERHEAD + (len(data) if isinstance(data, bytes) else 0)
 
 
 class AgentStream:
-    """The events of one stream op, in order, ending with `end` (always, even if the guest dies)."""
+    """The events of one stream op, in order, ending with `end` (always, even if the guest dies).
 
-    def __init__(self, client: AgentClient, request_id: int) -> None:
+    Its queue is bounded in bytes, not events: the reader waits while the next event would take
+    it past `max_bytes` (an empty queue takes any one event), and so stops reading the channel: a
+    guest that writes faster than the consumer takes is held back in its pipe, not in the
+    gateway's memory."""
+
+    def __init__(self, client: AgentClient, request_id: int, max_bytes: int = STREAM_QUEUE_BYTES) -> None:
         self._client = client
         self.request_id = request_id
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(STREAM_QUEUE)
+        self.max_bytes = max_bytes
+        self._queue: deque[dict[str, Any]] = deque()
+        self.queued_bytes = 0
+        self._readable = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
         self.finished = False
 
     async def _put(self, message: dict[str, Any]) -> None:
-        await self._queue.put(message)
+        cost = _cost(message)
+        while self._queue and self.queued_bytes + cost > self.max_bytes and not self.finished:
+            self._room.clear()
+            await self._room.wait()
+        if not self.finished:
+            self._append(message)
 
     def _put_now(self, message: dict[str, Any]) -> None:
         """Deliver without waiting (the channel is gone): the end matters more than what the
-        consumer has not taken yet."""
-        while True:
-            try:
-                self._queue.put_nowait(message)
-                return
-            except asyncio.QueueFull:
-                self._queue.get_nowait()
+        consumer has not taken yet, so queued data makes room for it."""
+        while self._queue and self.queued_bytes + _cost(message) > self.max_bytes:
+            self.queued_bytes -= _cost(self._queue.popleft())
+        self._append(message)
+
+    def _append(self, message: dict[str, Any]) -> None:
+        self._queue.append(message)
+        self.queued_bytes += _cost(message)
+        self._readable.set()
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         return self._events()
 
     async def _events(self) -> AsyncIterator[dict[str, Any]]:
         while not self.finished:
-            message = await self._queue.get()
+            while not self._queue:
+                self._readable.clear()
+                await self._readable.wait()
+            message = self._queue.popleft()
+            self.queued_bytes -= _cost(message)
+            self._room.set()
             if message["ev"] == "end":
                 self.finished = True
             yield message
@@ -59,6 +91,9 @@ class AgentStream:
     def discard(self) -> None:
         """Stop delivering this stream's events (its consumer is gone) so the channel never stalls."""
         self.finished = True
+        self._queue.clear()
+        self.queued_bytes = 0
+        self._room.set()
         self._client._forget(self.request_id)
 
 
@@ -72,8 +107,12 @@ class AgentClient:
         max_frame: int = DEFAULT_MAX_FRAME,
         request_timeout: float = 30.0,
         death_reason: Callable[[], Awaitable[str]] | None = None,
+        stream_queue_bytes: int = STREAM_QUEUE_BYTES,
+        turn_bytes: int = TURN_BYTES,
     ) -> None:
         self._channel = channel
+        self.stream_queue_bytes = stream_queue_bytes
+        self.turn_bytes = turn_bytes
         self._leg = AgentLeg(GATEWAY, max_frame=max_frame)
         self.request_timeout = request_timeout
         self._death_reason = death_reason
@@ -121,7 +160,7 @@ class AgentClient:
         """Send a stream request; iterate the returned stream for its events."""
         self._check_open()
         request_id = self._leg.send_request(op, fields)
-        stream = self._streams[request_id] = AgentStream(self, request_id)
+        stream = self._streams[request_id] = AgentStream(self, request_id, self.stream_queue_bytes)
         await self._flush()
         return stream
 
@@ -151,11 +190,19 @@ class AgentClient:
                 if not data:
                     error = ProtocolError("guest_died", "the sandbox's agent closed its channel")
                     break
-                self._leg.receive_data(data)
-                if self._leg.failure is not None:  # the guest broke the protocol
+                # A turn's share at a time, then the other tasks run: a guest writing tiny frames
+                # as fast as it can must not hold the event loop that serves every tenant. What
+                # is not yet read waits in the pipe, so the guest feels it as backpressure.
+                for start in range(0, len(data), self.turn_bytes):
+                    self._leg.receive_data(data if len(data) <= self.turn_bytes
+                                           else data[start:start + self.turn_bytes])
+                    if self._leg.failure is not None:  # the guest broke the protocol
+                        break
+                    for event in self._leg.events_received():
+                        await self._dispatch(event)
+                    await asyncio.sleep(0)
+                if self._leg.failure is not None:
                     break
-                for event in self._leg.events_received():
-                    await self._dispatch(event)
         except (ConnectionError, OSError) as exc:
             error = ProtocolError("guest_died", f"channel to the agent failed: {exc}")
         except Exception as exc:  # a bug here must still end every stream, never hang them
