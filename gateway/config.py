@@ -175,9 +175,9 @@ class Limits:
     #: Bytes of one agent stream's events the gateway holds for a consumer that has not taken them
     #: yet; past it, the gateway stops reading the sandbox's channel (backpressure on the guest).
     agent_stream_queue_bytes: int = 256 << 10
-    #: Bytes of one sandbox's channel the gateway decodes before it lets other work run (each
-    #: sandbox's share of a turn of the event loop; the rest waits in the pipe).
-    agent_turn_bytes: int = 16 << 10
+    #: Frames of one sandbox's channel the gateway decodes (and events of one stream it queues)
+    #: before it lets other work run: each sandbox's share of a turn of the event loop.
+    agent_turn_events: int = 8
     #: An exec past its timeout plus this grace is taken as wedged and its agent restarted.
     exec_grace_s: float = 1.0
     agent_request_timeout_s: float = 30.0

@@ -109,19 +109,31 @@ class AgentLeg:
     # Bytes in, events out
     # -----------------------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes, max_messages: int | None = None) -> bool:
         """Decode what arrived. A framing or protocol violation fails the leg (`failure`); the
-        events decoded before it are still delivered."""
+        events decoded before it are still delivered.
+
+        With `max_messages`, decode at most that many and keep the rest buffered; returns True
+        when it stopped there (call again, with b"", to go on). The gateway decodes a turn's share
+        at a time this way, so one guest's flood of tiny frames cannot hold the event loop."""
         if self.failure is not None:
-            return
+            return False
+        messages = None
         try:
             self._decoder.receive_data(data)
-            for message in self._decoder.messages_received():
+            messages = self._decoder.messages_received()
+            for count, message in enumerate(messages, 1):
                 self._receive_message(message)
                 if self.failure is not None:
-                    return
+                    return False
+                if count == max_messages:
+                    return True
         except ProtocolError as exc:
             self.fail(exc if self.role == AGENT else _guest_protocol(exc))
+        finally:
+            if messages is not None:
+                messages.close()  # keeps what it has not decoded yet
+        return False
 
     def receive_eof(self, error: ProtocolError | None = None) -> None:
         """The channel closed (or broke, with `error`): every open request and stream ends."""

@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 #: Bytes of events a stream may hold before the reader stops reading the channel (backpressure).
 STREAM_QUEUE_BYTES = 256 * 1024
-#: Bytes of the channel decoded per turn of the event loop before the reader lets others run.
-TURN_BYTES = 16 * 1024
+#: Frames of one sandbox's channel decoded per turn of the event loop before its reader lets the
+#: other tasks run; a stream's queue holds as many events (so its consumer's turn is as short).
+TURN_EVENTS = 8
 #: What one queued event costs beyond its data (measured: gateway/sessions/replay.py).
 _EVENT_OVERHEAD = 368
 
@@ -37,40 +38,47 @@ def _cost(message: dict[str, Any]) -> int:
 class AgentStream:
     """The events of one stream op, in order, ending with `end` (always, even if the guest dies).
 
-    Its queue is bounded in bytes, not events: the reader waits while the next event would take
-    it past `max_bytes` (an empty queue takes any one event), and so stops reading the channel: a
-    guest that writes faster than the consumer takes is held back in its pipe, not in the
-    gateway's memory."""
+    Its queue is bounded in bytes (and events): the reader waits while the next event would take
+    it past `max_bytes` or `max_events` (an empty queue takes any one event), and so stops
+    reading the channel: a guest that writes faster than the consumer takes is held back in its
+    pipe, not in the gateway's memory."""
 
-    def __init__(self, client: AgentClient, request_id: int, max_bytes: int = STREAM_QUEUE_BYTES) -> None:
+    def __init__(self, client: AgentClient, request_id: int, max_bytes: int = STREAM_QUEUE_BYTES,
+                 max_events: int = TURN_EVENTS) -> None:
         self._client = client
         self.request_id = request_id
         self.max_bytes = max_bytes
-        self._queue: deque[dict[str, Any]] = deque()
+        self.max_events = max_events
+        self._queue: deque[tuple[dict[str, Any], int]] = deque()
         self.queued_bytes = 0
         self._readable = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
         self.finished = False
 
+    def _full(self, cost: int) -> bool:
+        return bool(self._queue) and (self.queued_bytes + cost > self.max_bytes
+                                      or len(self._queue) >= self.max_events)
+
     async def _put(self, message: dict[str, Any]) -> None:
         cost = _cost(message)
-        while self._queue and self.queued_bytes + cost > self.max_bytes and not self.finished:
+        while self._full(cost) and not self.finished:
             self._room.clear()
             await self._room.wait()
         if not self.finished:
-            self._append(message)
+            self._append(message, cost)
 
     def _put_now(self, message: dict[str, Any]) -> None:
         """Deliver without waiting (the channel is gone): the end matters more than what the
         consumer has not taken yet, so queued data makes room for it."""
-        while self._queue and self.queued_bytes + _cost(message) > self.max_bytes:
-            self.queued_bytes -= _cost(self._queue.popleft())
-        self._append(message)
+        cost = _cost(message)
+        while self._full(cost):
+            self.queued_bytes -= self._queue.popleft()[1]
+        self._append(message, cost)
 
-    def _append(self, message: dict[str, Any]) -> None:
-        self._queue.append(message)
-        self.queued_bytes += _cost(message)
+    def _append(self, message: dict[str, Any], cost: int) -> None:
+        self._queue.append((message, cost))
+        self.queued_bytes += cost
         self._readable.set()
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
@@ -81,8 +89,8 @@ class AgentStream:
             while not self._queue:
                 self._readable.clear()
                 await self._readable.wait()
-            message = self._queue.popleft()
-            self.queued_bytes -= _cost(message)
+            message, cost = self._queue.popleft()
+            self.queued_bytes -= cost
             self._room.set()
             if message["ev"] == "end":
                 self.finished = True
@@ -108,11 +116,11 @@ class AgentClient:
         request_timeout: float = 30.0,
         death_reason: Callable[[], Awaitable[str]] | None = None,
         stream_queue_bytes: int = STREAM_QUEUE_BYTES,
-        turn_bytes: int = TURN_BYTES,
+        turn_events: int = TURN_EVENTS,
     ) -> None:
         self._channel = channel
         self.stream_queue_bytes = stream_queue_bytes
-        self.turn_bytes = turn_bytes
+        self.turn_events = turn_events
         self._leg = AgentLeg(GATEWAY, max_frame=max_frame)
         self.request_timeout = request_timeout
         self._death_reason = death_reason
@@ -160,7 +168,8 @@ class AgentClient:
         """Send a stream request; iterate the returned stream for its events."""
         self._check_open()
         request_id = self._leg.send_request(op, fields)
-        stream = self._streams[request_id] = AgentStream(self, request_id, self.stream_queue_bytes)
+        stream = self._streams[request_id] = AgentStream(self, request_id, self.stream_queue_bytes,
+                                                                   self.turn_events)
         await self._flush()
         return stream
 
@@ -192,15 +201,17 @@ class AgentClient:
                     break
                 # A turn's share at a time, then the other tasks run: a guest writing tiny frames
                 # as fast as it can must not hold the event loop that serves every tenant. What
-                # is not yet read waits in the pipe, so the guest feels it as backpressure.
-                for start in range(0, len(data), self.turn_bytes):
-                    self._leg.receive_data(data if len(data) <= self.turn_bytes
-                                           else data[start:start + self.turn_bytes])
-                    if self._leg.failure is not None:  # the guest broke the protocol
-                        break
+                # is not read yet waits in the pipe, so the guest feels it as backpressure.
+                # (A batch that did not use its whole share needs no extra yield: the next read
+                # waits for the pipe, which lets the others run, or returns the little that came.)
+                more = self._leg.receive_data(data, self.turn_events)
+                while self._leg.failure is None:  # else the guest broke the protocol
                     for event in self._leg.events_received():
                         await self._dispatch(event)
+                    if not more:
+                        break
                     await asyncio.sleep(0)
+                    more = self._leg.receive_data(b"", self.turn_events)
                 if self._leg.failure is not None:
                     break
         except (ConnectionError, OSError) as exc:

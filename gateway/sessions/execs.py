@@ -96,6 +96,9 @@ class ExecRecord:
             self.subscribers.remove(subscriber)
 
     async def _deliver(self, subscriber: Subscriber, event: dict[str, Any]) -> bool:
+        if getattr(subscriber, "never_waits", False):  # no timer to arm for each event
+            await subscriber.deliver(event)
+            return True
         try:
             async with asyncio.timeout(self.send_timeout):
                 await subscriber.deliver(event)
@@ -188,6 +191,9 @@ class OutputCollector:
 
     It keeps at most `stream_bytes` of each output stream (its first bytes) and `max_bytes` in
     all; the rest is counted, not kept (`dropped_bytes`), while the exec runs on to its end."""
+
+    #: Its `deliver` never waits and never raises: the record arms no send timeout for it.
+    never_waits = True
 
     def __init__(self, max_bytes: int, stream_bytes: int) -> None:
         self.max_bytes = max_bytes

@@ -134,7 +134,7 @@ class SandboxManager(OpRouter):
         limits = self.settings.limits
         agent = AgentClient(backend.channel(), request_timeout=limits.agent_request_timeout_s,
                             death_reason=backend.wait_exited, stream_queue_bytes=limits.agent_stream_queue_bytes,
-                            turn_bytes=limits.agent_turn_bytes)
+                            turn_events=limits.agent_turn_events)
         try:
             await agent.start()
         except BaseException:

@@ -102,6 +102,8 @@ class ReplayBuffer:
         self.next_seq += 1
         self._events.append(event)
         self._grow(event_size(event))
+        if self._bytes <= self.max_bytes and (self.budget is None or not self.budget.over()):
+            return event
         if self.budget is not None and self.budget.over():
             self.budget.reclaim()
         # Never drop the newest event, so `end` is always replayable.

@@ -221,3 +221,32 @@ async def test_mistyped_end_fields_end_the_agent_with_guest_protocol(
     done = await _exec(gateway, sandbox, FORGE + f"ch.event(rid, 'end', **{fields!r})\nimport time\ntime.sleep(600)\n")
     assert done["error"]["code"] == "guest_protocol" and what in done["error"]["message"], done
     assert done["exit_code"] is None
+
+
+# -- event-loop fairness (High 5) ----------------------------------------------------------------
+
+
+async def test_a_flooding_sandbox_decodes_at_most_its_share_per_turn_of_the_event_loop(
+    gateway: TestClient[Any, Any],
+) -> None:
+    """A guest printing tiny lines as fast as it can: between two turns of the event loop (seen by a
+    probe task that yields at every turn), the gateway decodes at most one turn's share of frames
+    from it, so every other task (other tenants' requests) runs between its shares. (Latencies under
+    such floods are measured by bench/flood_fairness.py.)"""
+    sandbox = await _create(gateway)
+    await _exec(gateway, sandbox, "1")
+    flood = asyncio.ensure_future(_exec(gateway, sandbox, "for i in range(20000):\n    print(i)\n"))
+    per_turn: list[int] = []
+    last = 0
+    while not flood.done():
+        await asyncio.sleep(0)  # one turn of the loop
+        streams = list(sandbox.agent._leg._in_streams.values())
+        decoded = streams[0].next_seq if streams else 0
+        if decoded >= last:
+            per_turn.append(decoded - last)
+        last = decoded
+    done = await flood
+    assert done["exit_code"] == 0 and done["stdout"].startswith("0\n1\n"), done
+    assert sum(per_turn) > 10_000, "the probe saw the flood decoded"
+    share = LIMITS.agent_turn_events
+    assert max(per_turn) <= 2 * share, f"a turn decoded {max(per_turn)} frames of one sandbox (share {share})"
