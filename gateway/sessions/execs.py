@@ -207,10 +207,6 @@ class OutputCollector:
     def truncated(self) -> bool:
         return any(self.dropped_bytes.values())
 
-    @property
-    def kept_bytes(self) -> int:
-        return sum(len(b) for b in self.out.values())
-
     async def deliver(self, event: dict[str, Any]) -> None:
         if event["ev"] == "data":
             fd, data = event["fd"], event["data"]
