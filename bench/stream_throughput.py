@@ -5,10 +5,11 @@
 One exec writes `--mb` MB in 64 KiB chunks; the client (aiohttp, `sandgate.v1.msgpack`) counts the
 `data` bytes from sending `exec.start` to the `end` event. Two guest-side writers: bytes through
 `sys.stdout.buffer.write` (the agent's proxy has a binary `buffer`) and str through
-`sys.stdout.write`. For information: the same over `sandgate.v1.json` (base64), the REST exec (its
-output is capped at 16 MiB by default, so 16 MiB), and the agent alone (launcher spawned directly,
-blocking pipe reader) as the ceiling. Each case runs `--runs` times on a quiet machine; the best
-and the median are reported, with the CPU each process spent per MB. Target: >= 100 MB/s (MB = 10^6 B).
+`sys.stdout.write`. For information: the same over `sandgate.v1.json` (base64), the REST exec (16 MiB
+written; the answer keeps the first 1 MiB, the per-stream cap, and counts the rest), and the agent
+alone (launcher spawned directly, blocking pipe reader) as the ceiling. Each case runs `--runs`
+times on a quiet machine; the best and the median are reported, with the CPU each process spent
+per MB. Target: >= 100 MB/s (MB = 10^6 B).
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ async def rest_stream(gw: Gateway, total: int) -> dict[str, Any]:
         elapsed = time.perf_counter() - t0
         async with s.delete(f"{gw.url}/v1/sandboxes/{sid}") as r:
             assert r.status == 204
-    got = len(body["stdout"])
+    # The answer keeps the first [limits] exec_stream_output_bytes of stdout and counts the rest.
+    got = len(body["stdout"]) + body["dropped_bytes"]["stdout"]
     assert body["exit_code"] == 0 and got == total, (body.get("exit_code"), got, body.get("truncated"))
     return {"bytes": got, "seconds": round(elapsed, 3), "mb_per_s": round(got / elapsed / 1e6, 1)}
 
@@ -151,7 +153,7 @@ async def main() -> None:
         results["ws_json_bytes"] = await repeat(f"gateway WS json (base64), {small / 1e6:.0f} MB",
                                                 lambda: ws_stream(gw, "sandgate.v1.json", small, "bytes"))
         rest_total = (16 << 20) // CHUNK * CHUNK
-        results["rest_16mib"] = await repeat("gateway REST exec, 16 MiB (the default cap)",
+        results["rest_16mib"] = await repeat("gateway REST exec, 16 MiB (1 MiB kept)",
                                              lambda: rest_stream(gw, rest_total))
 
     async def direct(kind: str) -> dict[str, Any]:

@@ -162,8 +162,22 @@ class Limits:
     max_exec_timeout_s: float = 3600.0
     #: REST exec: output beyond this is cut and the reply says `truncated: true`.
     exec_output_bytes: int = 16 << 20
+    #: REST exec: each output stream (stdout, stderr, pty) keeps at most its first this many bytes;
+    #: the reply counts the rest in `dropped_bytes` and says `<stream>_truncated: true`.
+    exec_stream_output_bytes: int = 1 << 20
     #: What a reconnecting client can get replayed, per exec.
     replay_bytes: int = 4 << 20
+    #: Replay kept for all execs of one sandbox, and of the whole gateway (real bytes of memory):
+    #: past either, the buffers of the execs that finished longest ago are emptied first (an
+    #: attach then reports the range as `lost`).
+    replay_sandbox_bytes: int = 16 << 20
+    replay_gateway_bytes: int = 512 << 20
+    #: Bytes of one agent stream's events the gateway holds for a consumer that has not taken them
+    #: yet; past it, the gateway stops reading the sandbox's channel (backpressure on the guest).
+    agent_stream_queue_bytes: int = 256 << 10
+    #: Frames of one sandbox's channel the gateway decodes (and events of one stream it queues)
+    #: before it lets other work run: each sandbox's share of a turn of the event loop.
+    agent_turn_events: int = 8
     #: An exec past its timeout plus this grace is taken as wedged and its agent restarted.
     exec_grace_s: float = 1.0
     agent_request_timeout_s: float = 30.0
@@ -177,6 +191,11 @@ class Limits:
                 if default > maximum:
                     raise ConfigError(f"[limits] {f.name.removeprefix('max_')} = {default:g} is above "
                                       f"{f.name} = {maximum:g}")
+        for smaller, larger in (("replay_bytes", "replay_sandbox_bytes"),
+                                ("replay_sandbox_bytes", "replay_gateway_bytes")):
+            if getattr(self, smaller) > getattr(self, larger):
+                raise ConfigError(f"[limits] {smaller} = {getattr(self, smaller)} is above {larger} = "
+                                  f"{getattr(self, larger)}")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .wire import MAX_REQUEST_ID, MAX_WRITE_CHUNK, ProtocolError
+from .wire import CHUNK_SIZE, ERRORS, MAX_REQUEST_ID, MAX_WRITE_CHUNK, OUTPUT_FDS, ProtocolError
 
 #: Which leg an op or field belongs to: both, only client -> gateway, only gateway -> agent.
 BOTH, CLIENT, AGENT = "both", "client", "agent"
@@ -385,6 +385,75 @@ def parse(message: Mapping[str, Any], leg: str) -> Request:
     if op.rules is not None:
         op.rules(args)
     return Request(rid, op, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stream events from the agent (checked where they enter the gateway)
+# ---------------------------------------------------------------------------------------------
+
+_NONE = type(None)
+#: What each stream event may carry from the agent, by field name: the accepted types (exact,
+#: so bool is no int). The gateway-role `AgentLeg` checks every event against this table where it
+#: enters (`check_event`): a mistyped field is the guest breaking the protocol (`guest_protocol`),
+#: and fields not listed here are dropped, so nothing unchecked reaches a client or the gateway.
+#: `start` carries `exec_id`/`pid` (exec.start) or `size` (fs.read); `end` carries `exit_code`,
+#: `signal`, `duration_ms`, `error`, `truncated` (exec.start) or `bytes`, `error` (fs.read).
+EVENT_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "start": {"exec_id": (str,), "pid": (int, _NONE), "size": (int, _NONE)},
+    "data": {"fd": (str,), "data": (bytes,)},
+    "end": {"exit_code": (int, _NONE), "signal": (str, int, _NONE), "duration_ms": (int, float, _NONE),
+            "error": (dict, _NONE), "truncated": (bool,), "bytes": (int,)},
+    "keepalive": {},
+}
+_TYPE_WORDS = {bytes: "binary", str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+               dict: "a map"}
+#: The most bytes one data event may carry (docs/protocol.md: output and file chunks).
+MAX_EVENT_DATA = CHUNK_SIZE
+#: Bounds on the strings an event carries (an exec id is a client's, an error message the agent's).
+_MAX_EVENT_TEXT = {"exec_id": MAX_EXEC_ID, "signal": 32, "fd": 8}
+_MAX_ERROR_TEXT = 4096
+
+
+def check_event(ev: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of one agent stream event (without id/ev/seq) as the gateway may use them.
+
+    Raises:
+        ProtocolError: `guest_protocol` for a mistyped or out-of-bounds field, a data event without
+            bytes or above `MAX_EVENT_DATA`, an unknown fd, or a malformed `error`.
+    """
+    table = EVENT_FIELDS[ev]
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        kinds = table.get(name)
+        if kinds is None:
+            continue  # forward compatibility: a field this gateway does not know is dropped
+        if type(value) not in kinds:
+            wanted = " or ".join("nil" if k is _NONE else _TYPE_WORDS.get(k, k.__name__) for k in kinds)
+            raise ProtocolError("guest_protocol", f"{ev} event: field {name!r} must be {wanted}, not "
+                                                  f"{type(value).__name__}")
+        high = _MAX_EVENT_TEXT.get(name)
+        if high is not None and isinstance(value, str) and len(value) > high:
+            raise ProtocolError("guest_protocol", f"{ev} event: field {name!r} longer than {high}")
+        if name == "error" and value is not None:
+            value = _checked_error(ev, value)
+        out[name] = value
+    if ev == "data":
+        data = out.get("data")
+        if data is None:
+            raise ProtocolError("guest_protocol", "a data event without binary 'data'")
+        if len(data) > MAX_EVENT_DATA:
+            raise ProtocolError("guest_protocol", f"a data event of {len(data)} bytes (at most {MAX_EVENT_DATA})")
+        if "fd" in out and out["fd"] not in OUTPUT_FDS:
+            raise ProtocolError("guest_protocol", f"a data event for unknown fd {out['fd']!r:.40}")
+    return out
+
+
+def _checked_error(ev: str, error: Mapping[str, Any]) -> dict[str, Any]:
+    code, message = error.get("code"), error.get("message")
+    if not (isinstance(code, str) and code in ERRORS and isinstance(message, str)
+            and len(message) <= _MAX_ERROR_TEXT):
+        raise ProtocolError("guest_protocol", f"{ev} event: malformed 'error' {error!r:.80}")
+    return ProtocolError(code, message).to_wire()
 
 
 def request_id_of(message: Mapping[str, Any]) -> int | None:

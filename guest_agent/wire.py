@@ -9,7 +9,7 @@ bytes `encode_frame` returns. See docs/protocol.md.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,7 +151,7 @@ class FrameDecoder:
             raise self._error
         self._buffer += data
 
-    def messages_received(self) -> Iterator[dict[str, Any]]:
+    def messages_received(self) -> Generator[dict[str, Any], None, None]:
         """Yield every complete message buffered so far.
 
         Not re-entrant: finish (or drop) one iteration before starting another. Feeding more data

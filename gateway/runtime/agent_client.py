@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -20,38 +21,77 @@ from guest_agent.wire import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, ProtocolError
 
 log = logging.getLogger(__name__)
 
-#: Events a stream may hold before the reader stops reading the channel (backpressure).
-STREAM_QUEUE = 64
+#: Bytes of events a stream may hold before the reader stops reading the channel (backpressure).
+STREAM_QUEUE_BYTES = 256 * 1024
+#: Frames of one sandbox's channel decoded per turn of the event loop before its reader lets the
+#: other tasks run; a stream's queue holds as many events (so its consumer's turn is as short).
+TURN_EVENTS = 8
+#: What one queued event costs beyond its data (measured: gateway/sessions/replay.py).
+_EVENT_OVERHEAD = 368
+
+
+def _cost(message: dict[str, Any]) -> int:
+    data = message.get("data")
+    return _EVENT_OVERHEAD + (len(data) if isinstance(data, bytes) else 0)
 
 
 class AgentStream:
-    """The events of one stream op, in order, ending with `end` (always, even if the guest dies)."""
+    """The events of one stream op, in order, ending with `end` (always, even if the guest dies).
 
-    def __init__(self, client: AgentClient, request_id: int) -> None:
+    Its queue is bounded in bytes (and events): the reader waits while the next event would take
+    it past `max_bytes` or `max_events` (an empty queue takes any one event), and so stops
+    reading the channel: a guest that writes faster than the consumer takes is held back in its
+    pipe, not in the gateway's memory."""
+
+    def __init__(self, client: AgentClient, request_id: int, max_bytes: int = STREAM_QUEUE_BYTES,
+                 max_events: int = TURN_EVENTS) -> None:
         self._client = client
         self.request_id = request_id
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(STREAM_QUEUE)
+        self.max_bytes = max_bytes
+        self.max_events = max_events
+        self._queue: deque[tuple[dict[str, Any], int]] = deque()
+        self.queued_bytes = 0
+        self._readable = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
         self.finished = False
 
+    def _full(self, cost: int) -> bool:
+        return bool(self._queue) and (self.queued_bytes + cost > self.max_bytes
+                                      or len(self._queue) >= self.max_events)
+
     async def _put(self, message: dict[str, Any]) -> None:
-        await self._queue.put(message)
+        cost = _cost(message)
+        while self._full(cost) and not self.finished:
+            self._room.clear()
+            await self._room.wait()
+        if not self.finished:
+            self._append(message, cost)
 
     def _put_now(self, message: dict[str, Any]) -> None:
         """Deliver without waiting (the channel is gone): the end matters more than what the
-        consumer has not taken yet."""
-        while True:
-            try:
-                self._queue.put_nowait(message)
-                return
-            except asyncio.QueueFull:
-                self._queue.get_nowait()
+        consumer has not taken yet, so queued data makes room for it."""
+        cost = _cost(message)
+        while self._full(cost):
+            self.queued_bytes -= self._queue.popleft()[1]
+        self._append(message, cost)
+
+    def _append(self, message: dict[str, Any], cost: int) -> None:
+        self._queue.append((message, cost))
+        self.queued_bytes += cost
+        self._readable.set()
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         return self._events()
 
     async def _events(self) -> AsyncIterator[dict[str, Any]]:
         while not self.finished:
-            message = await self._queue.get()
+            while not self._queue:
+                self._readable.clear()
+                await self._readable.wait()
+            message, cost = self._queue.popleft()
+            self.queued_bytes -= cost
+            self._room.set()
             if message["ev"] == "end":
                 self.finished = True
             yield message
@@ -59,6 +99,9 @@ class AgentStream:
     def discard(self) -> None:
         """Stop delivering this stream's events (its consumer is gone) so the channel never stalls."""
         self.finished = True
+        self._queue.clear()
+        self.queued_bytes = 0
+        self._room.set()
         self._client._forget(self.request_id)
 
 
@@ -72,8 +115,12 @@ class AgentClient:
         max_frame: int = DEFAULT_MAX_FRAME,
         request_timeout: float = 30.0,
         death_reason: Callable[[], Awaitable[str]] | None = None,
+        stream_queue_bytes: int = STREAM_QUEUE_BYTES,
+        turn_events: int = TURN_EVENTS,
     ) -> None:
         self._channel = channel
+        self.stream_queue_bytes = stream_queue_bytes
+        self.turn_events = turn_events
         self._leg = AgentLeg(GATEWAY, max_frame=max_frame)
         self.request_timeout = request_timeout
         self._death_reason = death_reason
@@ -121,7 +168,8 @@ class AgentClient:
         """Send a stream request; iterate the returned stream for its events."""
         self._check_open()
         request_id = self._leg.send_request(op, fields)
-        stream = self._streams[request_id] = AgentStream(self, request_id)
+        stream = self._streams[request_id] = AgentStream(self, request_id, self.stream_queue_bytes,
+                                                                   self.turn_events)
         await self._flush()
         return stream
 
@@ -151,11 +199,21 @@ class AgentClient:
                 if not data:
                     error = ProtocolError("guest_died", "the sandbox's agent closed its channel")
                     break
-                self._leg.receive_data(data)
-                if self._leg.failure is not None:  # the guest broke the protocol
+                # A turn's share at a time, then the other tasks run: a guest writing tiny frames
+                # as fast as it can must not hold the event loop that serves every tenant. What
+                # is not read yet waits in the pipe, so the guest feels it as backpressure.
+                # (A batch that did not use its whole share needs no extra yield: the next read
+                # waits for the pipe, which lets the others run, or returns the little that came.)
+                more = self._leg.receive_data(data, self.turn_events)
+                while self._leg.failure is None:  # else the guest broke the protocol
+                    for event in self._leg.events_received():
+                        await self._dispatch(event)
+                    if not more:
+                        break
+                    await asyncio.sleep(0)
+                    more = self._leg.receive_data(b"", self.turn_events)
+                if self._leg.failure is not None:
                     break
-                for event in self._leg.events_received():
-                    await self._dispatch(event)
         except (ConnectionError, OSError) as exc:
             error = ProtocolError("guest_died", f"channel to the agent failed: {exc}")
         except Exception as exc:  # a bug here must still end every stream, never hang them

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
-from gateway.sessions.replay import ReplayBuffer
+from gateway.sessions.replay import ReplayBudget, ReplayBuffer
 from guest_agent.wire import OUTPUT_FDS, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -30,13 +30,27 @@ class Subscriber(Protocol):
 
 
 class ExecRecord:
-    def __init__(self, exec_id: str, tag: str | None, *, replay_bytes: int, send_timeout: float) -> None:
+    """One exec as the gateway keeps it.
+
+    `confirm_end`, when given, is awaited when the agent says the exec ended and before the
+    gateway takes it as ended: the agent's `end` is a claim, and only the gateway decides (for an
+    agent that serves one request at a time, the routing layer confirms it with a ping the agent
+    can only answer once its exec handler returned). If the confirmation fails, the exec ends with
+    that error instead of the claimed end.
+    """
+
+    def __init__(self, exec_id: str, tag: str | None, *, replay_bytes: int, send_timeout: float,
+                 budget: ReplayBudget | None = None,
+                 confirm_end: Callable[[], Awaitable[None]] | None = None) -> None:
         self.exec_id = exec_id
         self.tag = tag
         self.pid: int | None = None
         #: The agent reported the start: an exec that ends without one never ran.
         self.start_seen = False
-        self.buffer = ReplayBuffer(replay_bytes)
+        self.buffer = ReplayBuffer(replay_bytes, budget)
+        self.confirm_end = confirm_end
+        #: Why a cancelled pump ended the exec (a destroy's reason; a shutdown says so).
+        self.cancel_error = ProtocolError("guest_died", "the sandbox was closed")
         self.send_timeout = send_timeout
         self.subscribers: list[Subscriber] = []
         self.done = asyncio.Event()
@@ -84,6 +98,9 @@ class ExecRecord:
             self.subscribers.remove(subscriber)
 
     async def _deliver(self, subscriber: Subscriber, event: dict[str, Any]) -> bool:
+        if getattr(subscriber, "never_waits", False):  # no timer to arm for each event
+            await subscriber.deliver(event)
+            return True
         try:
             async with asyncio.timeout(self.send_timeout):
                 await subscriber.deliver(event)
@@ -114,6 +131,11 @@ class ExecRecord:
                     pid = event.get("pid")
                     self.pid = pid if isinstance(pid, int) and not isinstance(pid, bool) else None
                 elif ev == "end":
+                    if self.confirm_end is not None:
+                        try:
+                            await self.confirm_end()
+                        except ProtocolError as exc:  # the agent died or was stopped meanwhile
+                            event = _end_with(exc)
                     await self._finish(event)
                     return
                 await self.publish(event)
@@ -125,9 +147,10 @@ class ExecRecord:
             # kept (exec.list, REST waiters) but delivered to nobody. Delivering could wait on a
             # client that stopped reading (a blocked send, or the lock held by its attach replay)
             # and hold the destroy up; every session of the sandbox is closed with 4404 anyway.
-            if self._settle(_end_with(ProtocolError("guest_died", "the sandbox was closed"))):
+            if self._settle(_end_with(self.cancel_error)):
                 assert self.end is not None
                 self.buffer.append(self.end)
+                self._retire()
             raise
         except Exception as exc:
             log.exception("exec %s pump failed", self.exec_id)
@@ -136,6 +159,12 @@ class ExecRecord:
     async def _finish(self, end: dict[str, Any]) -> None:
         if self._settle(end):
             await self.publish(end)
+            self._retire()
+
+    def _retire(self) -> None:
+        """The exec ended and its end is buffered: its replay may now be reclaimed for others."""
+        if self.buffer.budget is not None:
+            self.buffer.budget.finished(self.buffer)
 
     def _settle(self, end: dict[str, Any]) -> bool:
         """Complete `end` and mark the record done; False if it had already ended."""
@@ -161,24 +190,35 @@ def _end_with(error: ProtocolError) -> dict[str, Any]:
 
 
 class OutputCollector:
-    """A subscriber that gathers an exec's output for a REST reply, up to a byte cap."""
+    """A subscriber that gathers an exec's output for a REST reply.
 
-    def __init__(self, max_bytes: int) -> None:
+    It keeps at most `stream_bytes` of each output stream (its first bytes) and `max_bytes` in
+    all; the rest is counted, not kept (`dropped_bytes`), while the exec runs on to its end."""
+
+    #: Its `deliver` never waits and never raises: the record arms no send timeout for it.
+    never_waits = True
+
+    def __init__(self, max_bytes: int, stream_bytes: int) -> None:
         self.max_bytes = max_bytes
+        self.stream_bytes = stream_bytes
         self.taken = 0
-        # The agent client admits only these fds (OUTPUT_FDS), so indexing below cannot fail.
+        # The agent leg admits only these fds (OUTPUT_FDS), so indexing below cannot fail.
         self.out: dict[str, bytearray] = {fd: bytearray() for fd in OUTPUT_FDS}
-        self.truncated = False
+        self.dropped_bytes: dict[str, int] = dict.fromkeys(OUTPUT_FDS, 0)
+
+    @property
+    def truncated(self) -> bool:
+        return any(self.dropped_bytes.values())
 
     async def deliver(self, event: dict[str, Any]) -> None:
         if event["ev"] == "data":
-            data = event["data"]
-            room = self.max_bytes - self.taken
+            fd, data = event["fd"], event["data"]
+            room = max(0, min(self.max_bytes - self.taken, self.stream_bytes - len(self.out[fd])))
             if len(data) > room:
-                data = data[: max(room, 0)]
-                self.truncated = True
+                self.dropped_bytes[fd] += len(data) - room
+                data = data[:room]
             self.taken += len(data)
-            self.out[event["fd"]].extend(data)
+            self.out[fd].extend(data)
 
     def dropped(self, reason: str) -> None:  # never raises, so never dropped
         pass

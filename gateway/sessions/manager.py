@@ -27,6 +27,7 @@ from gateway.config import Settings
 from gateway.runtime.agent_client import AgentClient
 from gateway.runtime.base import Backend, NotConfigured, Runtime, SandboxSpec
 from gateway.sessions.admission import TenantQuota, check_create
+from gateway.sessions.replay import ReplayBudget
 from gateway.sessions.routing import OpRouter
 from gateway.sessions.sandbox import Sandbox
 from guest_agent.wire import ProtocolError
@@ -47,6 +48,8 @@ class SandboxManager(OpRouter):
         #: Destroys under way, by sandbox id (see `destroy`).
         self._destroying: dict[str, asyncio.Task[None]] = {}
         self._quota = TenantQuota(settings.quotas)
+        #: The replay bytes of every sandbox's execs together (each sandbox has its own share).
+        self.replay_budget = ReplayBudget(settings.limits.replay_gateway_bytes)
         self._reaper: asyncio.Task[None] | None = None
         self.draining = False
         self.unavailable: dict[str, str] = {}
@@ -67,8 +70,11 @@ class SandboxManager(OpRouter):
                 del self.runtimes[runtime_id]
         self._reaper = asyncio.create_task(self._reap_forever(), name="sandbox-reaper")
 
-    async def close(self) -> None:
-        """Drain: refuse new sandboxes, destroy every sandbox, stop the runtimes."""
+    async def drain(self) -> None:
+        """Refuse new sandboxes and destroy every sandbox: in-flight execs end now with
+        `unavailable` (a REST caller gets its partial output and that error) and guests stop.
+        Called when shutdown begins, before the web server waits for its handlers: a REST exec
+        would otherwise hold the shutdown for its whole timeout with its guest running."""
         self.draining = True
         if self._reaper is not None:
             self._reaper.cancel()
@@ -76,6 +82,10 @@ class SandboxManager(OpRouter):
                 await self._reaper
         await asyncio.gather(*(self.destroy(s, "shutdown") for s in list(self._sandboxes.values())),
                              *self._destroying.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Drain (see `drain`), then stop the runtimes."""
+        await self.drain()
         for runtime in self.runtimes.values():
             try:
                 await runtime.stop()
@@ -114,15 +124,17 @@ class SandboxManager(OpRouter):
             self._creating[tenant] -= 1
         sandbox = Sandbox(id=sandbox_id, tenant=tenant, runtime=runtime, spec=spec, backend=backend,
                           agent=agent, ttl=request.ttl, idle_timeout=request.idle_timeout,
-                          metadata=request.metadata, created_at=now)
+                          metadata=request.metadata, created_at=now, replay_budget=self._sandbox_budget())
         self._sandboxes[sandbox_id] = sandbox
         sandbox.spawn(self._watch(sandbox), f"watch-{sandbox_id}")
         self.pm.hook.sandgate_sandbox_created(sandbox_id=sandbox_id, tenant=tenant, runtime=runtime.id)
         return sandbox
 
     async def _connect(self, backend: Backend) -> AgentClient:
-        agent = AgentClient(backend.channel(), request_timeout=self.settings.limits.agent_request_timeout_s,
-                            death_reason=backend.wait_exited)
+        limits = self.settings.limits
+        agent = AgentClient(backend.channel(), request_timeout=limits.agent_request_timeout_s,
+                            death_reason=backend.wait_exited, stream_queue_bytes=limits.agent_stream_queue_bytes,
+                            turn_events=limits.agent_turn_events)
         try:
             await agent.start()
         except BaseException:
@@ -183,11 +195,14 @@ class SandboxManager(OpRouter):
         idle = spec.idle_timeout_s if spec.idle_timeout_s is not None else limits.idle_timeout_s
         sandbox = Sandbox(id=sandbox_id, tenant=tenant, runtime=runtime, spec=spec, backend=backend, agent=agent,
                           ttl=ttl, idle_timeout=idle, metadata={}, created_at=created_at,
-                          created_mono=time.monotonic() - age)
+                          created_mono=time.monotonic() - age, replay_budget=self._sandbox_budget())
         self._sandboxes[sandbox_id] = sandbox
         sandbox.spawn(self._watch(sandbox), f"watch-{sandbox_id}")
         log.info("sandbox %s: adopted from runtime %s", sandbox_id, runtime.id)
         return sandbox
+
+    def _sandbox_budget(self) -> ReplayBudget:
+        return ReplayBudget(self.settings.limits.replay_sandbox_bytes, parent=self.replay_budget)
 
     def list_for(self, tenant: str) -> list[Sandbox]:
         return [s for s in self._sandboxes.values() if s.tenant == tenant]
@@ -212,9 +227,16 @@ class SandboxManager(OpRouter):
 
     async def _teardown(self, sandbox: Sandbox, reason: str) -> None:
         sandbox.state = "destroyed"
+        if reason == "shutdown":
+            for record in sandbox.live_execs:
+                record.cancel_error = ProtocolError("unavailable", "the gateway is shutting down; the exec was "
+                                                                   "stopped")
         for task in list(sandbox.tasks):
             task.cancel()
         await asyncio.gather(*sandbox.tasks, return_exceptions=True)
+        if sandbox.replay_budget is not None:  # nobody can attach any more: give the gateway its bytes back
+            for record in sandbox.execs.values():
+                sandbox.replay_budget.release(record.buffer)
         # Sessions close (4404) only now: a pump cancelled in a send to a stalled client cancels
         # aiohttp's drain future that the session's close would be waiting on too.
         sandbox.destroyed.set()

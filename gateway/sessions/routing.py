@@ -200,7 +200,7 @@ class OpRouter(ABC):
             raise ProtocolError("bad_request", f"exec_id {requested!r} is taken: it must be new")
         exec_id = requested or f"e{next(sandbox.exec_ids)}"
         record = ExecRecord(exec_id, tag, replay_bytes=self.settings.limits.replay_bytes,
-                            send_timeout=self.settings.client_send_timeout_s)
+                            send_timeout=self.settings.client_send_timeout_s, budget=sandbox.replay_budget)
         if subscriber is not None:
             record.subscribers.append(subscriber)
         timeout = fields.get("timeout")
@@ -210,6 +210,8 @@ class OpRouter(ABC):
                                                  env=fields.get("env", {}), timeout=timeout)
         else:
             agent = await self._agent(sandbox)
+            if "exec.concurrent" not in sandbox.capabilities:
+                record.confirm_end = lambda: _confirm_idle(agent)
             events = aiter(await agent.stream("exec.start", exec_id=exec_id, **fields))
             if timeout is not None:
                 # The agent enforces timeouts where it can signal; the watchdog catches the rest.
@@ -227,7 +229,9 @@ class OpRouter(ABC):
             sandbox.live_execs.discard(record)
             sandbox.finished_execs.append(record.exec_id)
             while len(sandbox.finished_execs) > MAX_FINISHED_EXECS:
-                sandbox.execs.pop(sandbox.finished_execs.popleft(), None)
+                forgotten = sandbox.execs.pop(sandbox.finished_execs.popleft(), None)
+                if forgotten is not None and sandbox.replay_budget is not None:
+                    sandbox.replay_budget.release(forgotten.buffer)
         sandbox.touch()
         assert record.end is not None
         self.pm.hook.sandgate_exec_finished(sandbox_id=sandbox.id, tenant=sandbox.tenant,
@@ -249,8 +253,13 @@ class OpRouter(ABC):
 
     async def run_collected(self, sandbox: Sandbox, message: Mapping[str, Any]) -> dict[str, Any]:
         """The REST exec: run to the end and return the collected output. `message` holds
-        exec.start's arguments as the schema checked them."""
-        collector = OutputCollector(self.settings.limits.exec_output_bytes)
+        exec.start's arguments as the schema checked them.
+
+        Each output stream keeps its first `exec_stream_output_bytes` (and all of them together
+        `exec_output_bytes`); the rest is counted, not kept: `truncated` says output was cut,
+        `<stream>_truncated` which stream, and `dropped_bytes` how many bytes of each."""
+        limits = self.settings.limits
+        collector = OutputCollector(limits.exec_output_bytes, limits.exec_stream_output_bytes)
         record = await self.start_exec(sandbox, message, collector,
                                        default_timeout=self.settings.limits.exec_timeout_s)
         await record.done.wait()
@@ -265,9 +274,28 @@ class OpRouter(ABC):
             "stdout": collector.out["stdout"].decode("utf-8", "replace"),
             "stderr": collector.out["stderr"].decode("utf-8", "replace"),
             "truncated": collector.truncated,
+            "stdout_truncated": collector.dropped_bytes["stdout"] > 0,
+            "stderr_truncated": collector.dropped_bytes["stderr"] > 0,
+            "dropped_bytes": {fd: n for fd, n in collector.dropped_bytes.items() if n or fd != "pty"},
         }
-        if collector.out["pty"]:
+        if collector.out["pty"] or collector.dropped_bytes["pty"]:
             result["pty"] = collector.out["pty"].decode("utf-8", "replace")
+            result["pty_truncated"] = collector.dropped_bytes["pty"] > 0
         if "error" in end:
             result["error"] = end["error"]
         return result
+
+
+async def _confirm_idle(agent: AgentClient) -> None:
+    """Return once `agent` answers a ping: an agent that serves one request at a time answers only
+    after its exec's handler returned, so an `end` forged by guest code that runs on is not taken
+    as the exec's end: only the gateway decides that an exec ended. Waits as long as the exec
+    runs on: the exec's timeout (the watchdog restarts the agent) or the sandbox's CPU budget ends
+    it, and the agent's death then raises `guest_died` here."""
+    while True:
+        try:
+            await agent.request("ping")
+            return
+        except ProtocolError as exc:
+            if exc.code != "timeout":
+                raise

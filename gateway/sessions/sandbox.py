@@ -18,6 +18,7 @@ from typing import Any
 from gateway.runtime.agent_client import AgentClient
 from gateway.runtime.base import Backend, Runtime, SandboxSpec
 from gateway.sessions.execs import ExecRecord
+from gateway.sessions.replay import ReplayBudget
 
 
 @dataclass
@@ -47,6 +48,8 @@ class Sandbox:
     #: Held while the agent is replaced. Shared by lifecycle (the restart itself) and op routing
     #: (which waits out a restart before it uses `agent`), hence public.
     restart_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: The replay bytes all of this sandbox's execs share (its parent is the gateway's).
+    replay_budget: ReplayBudget | None = None
 
     @property
     def capabilities(self) -> frozenset[str]:

@@ -91,3 +91,6 @@ async def _close_sockets(app: web.Application) -> None:
     sessions: set[Closable] = app[SESSIONS]
     for session in list(sessions):
         session.request_close(CLOSE_GOING_AWAY, "gateway shutting down")
+    # Then end what runs: in-flight execs end with `unavailable` (a REST exec answers with what it
+    # collected), so no handler waits out an exec's timeout with its guest still running.
+    await app[MANAGER].drain()

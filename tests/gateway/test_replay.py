@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-from gateway.sessions.replay import ReplayBuffer
+from gateway.sessions.replay import EVENT_OVERHEAD, ReplayBuffer
 
 
 def test_replay_since_and_exact_loss() -> None:
-    buffer = ReplayBuffer(max_bytes=74 * 2 + 10)  # two 74-byte events fit
+    buffer = ReplayBuffer(max_bytes=(EVENT_OVERHEAD + 10) * 2 + 10)  # two events of 10 data bytes fit
     for i in range(5):
         buffer.append({"ev": "data", "data": b"x" * 10, "i": i})
     events, lost = buffer.since(0)
