@@ -147,6 +147,12 @@ class Backend(ABC):
         by SandboxManager.start_exec for a language in `oneshot_languages()`."""
         raise ProtocolError("unsupported", f"this runtime does not run {language} itself")
 
+    async def stop_oneshot(self) -> None:
+        """Stop the running one-shot exec now (SIGKILL); its stream then ends as killed. Called by
+        OpRouter.signal for a killing exec.signal naming a one-shot exec; returns without waiting
+        for the end."""
+        raise ProtocolError("unsupported", "this runtime runs no one-shot execs")
+
     def get_state(self) -> dict[str, Any]:
         """JSON-able state from which `Runtime.load_state` can reattach after a gateway restart."""
         return {}

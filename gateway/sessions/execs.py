@@ -47,6 +47,8 @@ class ExecRecord:
         self.pid: int | None = None
         #: The agent reported the start: an exec that ends without one never ran.
         self.start_seen = False
+        #: Run by the runtime itself, not the agent (Backend.run_oneshot): stopped by the runtime.
+        self.oneshot = False
         self.buffer = ReplayBuffer(replay_bytes, budget)
         self.confirm_end = confirm_end
         #: Why a cancelled pump ended the exec (a destroy's reason; a shutdown says so).

@@ -120,14 +120,19 @@ class OpRouter(ABC):
         return {}
 
     async def signal(self, sandbox: Sandbox, fields: Mapping[str, Any]) -> dict[str, Any]:
-        """exec.signal; where the agent has no signals, a killing signal restarts the agent."""
-        if "exec.signal" in sandbox.capabilities:
-            return await self.request(sandbox, "exec.signal", fields)
+        """exec.signal; where the agent has no signals, a killing signal restarts the agent. A
+        one-shot exec (run by the runtime, not the agent) is stopped by its runtime."""
         record = self.find_exec(sandbox, fields)
+        if "exec.signal" in sandbox.capabilities and not record.oneshot:
+            return await self.request(sandbox, "exec.signal", fields)
         sig = fields.get("signal")
         if sig not in KILLING_SIGNALS:
-            raise ProtocolError("unsupported", f"runtime {sandbox.runtime.id} can only stop an exec (SIGKILL, "
+            raise ProtocolError("unsupported", f"runtime {sandbox.runtime.id} can only stop this exec (SIGKILL, "
                                                "SIGTERM, SIGINT), not deliver other signals")
+        if record.oneshot:
+            if record.running:
+                await sandbox.backend.stop_oneshot()
+            return {}
         if record.running:
             record.timed_out_after = None
             # The restart runs on its own, so the `{}` goes out before the exec's end
@@ -201,6 +206,7 @@ class OpRouter(ABC):
         exec_id = requested or f"e{next(sandbox.exec_ids)}"
         record = ExecRecord(exec_id, tag, replay_bytes=self.settings.limits.replay_bytes,
                             send_timeout=self.settings.client_send_timeout_s, budget=sandbox.replay_budget)
+        record.oneshot = oneshot
         if subscriber is not None:
             record.subscribers.append(subscriber)
         timeout = fields.get("timeout")

@@ -306,6 +306,11 @@ class WasmBackend(Backend):
     def oneshot_languages(self) -> frozenset[str]:
         return frozenset({"javascript"})
 
+    async def stop_oneshot(self) -> None:
+        if self.js_launcher is not None and self.js_launcher.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.js_launcher.proc.pid, signal.SIGKILL)  # the run's stream ends as killed
+
     def run_oneshot(
         self, language: str, code: str, *, stdin: bytes, env: Mapping[str, str], timeout: float | None
     ) -> AsyncIterator[dict[str, Any]]:
@@ -357,11 +362,12 @@ class WasmBackend(Backend):
             err = bytes(launcher.tail)
             if err:
                 yield {"ev": "data", "fd": "stderr", "data": err}
-            end: dict[str, Any] = {"ev": "end", "exit_code": code_, "signal": None,
+            killed_by = signal.Signals(-code_).name if code_ is not None and code_ < 0 else None
+            end: dict[str, Any] = {"ev": "end", "exit_code": None if killed_by else code_, "signal": killed_by,
                                    "duration_ms": round((time.monotonic() - started) * 1000, 3)}
             if error is not None:
                 end["error"] = error
-            elif launcher.status().get("reason"):  # the launcher's own end: QuickJS exits 0 or 1
+            elif killed_by is None and launcher.status().get("reason"):  # the launcher's own end: QuickJS exits 0 or 1
                 end["error"] = ProtocolError("guest_died", await launcher.reason()).to_wire()
             yield end
         finally:

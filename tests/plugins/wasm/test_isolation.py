@@ -183,6 +183,24 @@ class TestSandboxLimits(GatewayFixtures):
         await gateway.client.delete(f"/v1/sandboxes/{sandbox['id']}", headers=AUTH)
         assert wait_gone(js.proc.pid)
 
+    async def test_a_signal_stops_a_javascript_run_and_leaves_the_agent_alone(self, gateway: Gateway) -> None:
+        sandbox = await gateway.create()
+        backend = backend_of(gateway, sandbox)
+        await gateway.exec(sandbox["id"], language="python", code="kept = 'interpreter state'")
+        ws = await gateway.ws(sandbox["id"])
+        await ws.call("hello", version=1)
+        spinning = await ws.send("exec.start", language="javascript", code="while (true) {}", tag="spin")
+        assert (await ws.receive_for(spinning))["ev"] == "start"
+        js = backend.js_launcher
+        assert js is not None
+        assert await ws.call("exec.signal", tag="spin", signal="SIGKILL") == {}
+        end = (await ws.collect(spinning))[-1]
+        assert end["ev"] == "end" and end["signal"] == "SIGKILL" and end["exit_code"] is None, end
+        assert wait_gone(js.proc.pid)
+        after = await gateway.exec(sandbox["id"], language="python", code="print(kept)")
+        assert after["stdout"] == "interpreter state\n", "the agent was not restarted for the JS run"
+        await ws.ws.close()
+
     async def test_cpu_budget_survives_agent_restarts(self, gateway: Gateway) -> None:
         sandbox = await gateway.create(cpu_seconds=1)
         spun = await gateway.exec(sandbox["id"], language="python", code="while True: pass")
