@@ -44,6 +44,7 @@ def build_settings(raw: Mapping[str, Any]) -> Any:
         # Only the runtimes a bench names: another's warm pool would share the CPU being measured.
         blocked_plugins=tuple(raw.get("blocked", ("microvm", "pod"))),
         client_send_timeout_s=float(raw.get("client_send_timeout_s", 30.0)),
+        **raw.get("settings", {}),  # any other Settings field, as is (bench/soak.py)
     )
 
 

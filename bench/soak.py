@@ -34,6 +34,7 @@ from _common import AUTH, Gateway, LoadMonitor, banner, fmt_stats, stats_ms, wri
 HOSTILE_KEY = "bench-hostile-key"
 HOSTILE_AUTH = {"Authorization": f"Bearer {HOSTILE_KEY}"}
 SUBPROTOCOL = ("sandgate.v1.msgpack",)
+DISK_MB = 64
 
 #: Each hostile attack: the exec request, and whether its client reads what comes back.
 ATTACKS: dict[str, tuple[dict[str, Any], bool]] = {
@@ -76,8 +77,10 @@ class Ws:
             m = await self.receive()
             if m.get("id") != rid:
                 continue
-            if isinstance(m.get("result"), dict):
+            if isinstance(m.get("result"), dict):  # exec.attach's answer
                 exec_id = m["result"].get("exec_id", exec_id)
+            if m.get("ev") == "start":  # exec.start's first event
+                exec_id = m.get("exec_id", exec_id)
             if m.get("ev") == "end" or ("error" in m and "ev" not in m):
                 return {**m, "exec_id": exec_id}
 
@@ -109,12 +112,15 @@ async def polite(s: aiohttp.ClientSession, url: str, sid: str, index: int, deadl
             async with s.ws_connect(f"{url}/v1/sandboxes/{sid}/ws", protocols=SUBPROTOCOL, headers=AUTH,
                                     heartbeat=None) as raw:
                 ws = Ws(raw)
-                if last_exec is not None:  # a reconnect: replay the last exec from its start
-                    rid = await ws.send({"op": "exec.attach", "exec_id": last_exec, "from_seq": 0})
-                    end = await ws.until_end(rid)
-                    if "error" in end and "ev" not in end:
-                        tally.error("attach", end)
+                if rounds:  # a reconnect: replay the last exec from its start
                     tally.reconnects += 1
+                    if last_exec is None:
+                        tally.error("no exec id", "exec.start's start event named no exec_id")
+                    else:
+                        rid = await ws.send({"op": "exec.attach", "exec_id": last_exec, "from_seq": 0})
+                        end = await ws.until_end(rid)
+                        if "error" in end and "ev" not in end:
+                            tally.error("attach", end)
                 for _ in range(reconnect_every):
                     if time.monotonic() >= deadline:
                         return
@@ -183,8 +189,12 @@ async def memory_sampler(gw: Gateway, s: aiohttp.ClientSession, stop: asyncio.Ev
 
 async def run(sessions: int, minutes: float, baseline: float, hostile_n: int, reconnect_every: int) -> dict[str, Any]:
     attacks = list(ATTACKS)[:hostile_n] if hostile_n <= len(ATTACKS) else list(ATTACKS)
-    settings = {"pool_size": 2, "refill_per_s": 4.0, "max_sandboxes": sessions + 10, "creates_per_minute": 100_000,
-                "api_keys_extra": {HOSTILE_KEY: "hostile"}}
+    # Every session and its REST calls come from 127.0.0.1: no per-address bound. /work is memory
+    # (a tmpfs) on WASM, and 200 sandboxes at the default 512 MB would promise more than the host has.
+    settings = {"max_sandboxes": sessions + 10, "creates_per_minute": 100_000,
+                "api_keys_extra": {HOSTILE_KEY: "hostile"}, "limits": {"disk_mb": DISK_MB},
+                "runtimes": {"wasm": {"pool_size": 2, "pool_refill_per_s": 4.0, "disk_mb": DISK_MB}},
+                "settings": {"max_connections_per_address": 0}}
     out: dict[str, Any] = {"sessions": sessions, "minutes": minutes, "attacks": attacks,
                            "reconnect_every": reconnect_every}
     async with Gateway(settings) as gw:

@@ -256,15 +256,21 @@ class Session:
                 result = await handler(request)
             if result is not None:
                 await self.send({"id": request.id, "result": result})
+            return
         except ProtocolError as exc:
-            await self.reply_error(request.id, exc)
+            error = exc
         except (ConnectionError, RuntimeError) as exc:
             log.debug("session send failed: %s", exc)  # the socket is going away; the loop ends
+            return
         except Exception:
             # A bug, not the client's: the request is still answered, and the task that runs it
             # (perhaps the session's one control worker) lives on.
             log.exception("%s failed", request.op.name)
-            await self.reply_error(request.id, ProtocolError("internal", "internal error; see the gateway's log"))
+            error = ProtocolError("internal", "internal error; see the gateway's log")
+        try:
+            await self.reply_error(request.id, error)
+        except (ConnectionError, RuntimeError) as exc:  # the client left meanwhile (bench/soak.py found it)
+            log.debug("session send failed: %s", exc)
 
     # -- the ops the gateway answers itself, or forwards with more than checks ----------------------
     # Each returns the op's result, or None when it answered with a stream (or itself).

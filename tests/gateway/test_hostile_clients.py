@@ -396,3 +396,21 @@ async def test_one_address_past_its_bound_is_refused_and_others_get_through(aioh
 def test_connection_settings_are_checked(bad: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         Settings(**bad)
+
+
+async def test_a_refused_request_of_a_client_that_left_ends_quietly(
+    gateway: TestClient[Any, Any], sandbox: str
+) -> None:
+    """The error reply to a client whose connection is already closing must not escape the request's
+    task ("Task exception was never retrieved"); bench/soak.py met it when hostile tenants left."""
+    from gateway.web.app import SESSIONS
+    from guest_agent import schema
+
+    client = await _session(gateway, sandbox)
+    await client.still_answers()
+    (server_session,) = gateway.app[SESSIONS]
+    transport = server_session.ws._req.transport  # type: ignore[attr-defined]
+    transport.close()  # the client's connection is going away
+    refused = schema.parse({"id": 7, "op": "exec.signal", "tag": "none", "signal": "SIGKILL"}, schema.CLIENT)
+    async with asyncio.timeout(DEADLINE):
+        await server_session.run(refused)  # not_found, and no way left to say so: returns quietly
