@@ -40,6 +40,11 @@ from .wire import (
 GATEWAY, AGENT = "gateway", "agent"
 #: A stream with no event for this long gets a keepalive (docs/protocol.md §3).
 KEEPALIVE_IDLE = 15.0
+#: What one decoded event costs its holder's memory beyond its data bytes (the gateway queues and
+#: buffers events for replay): the event dict, its keys' and values' objects and a deque slot.
+#: Measured with tracemalloc (tests/gateway/test_bounds.py measures it again): a data event of a
+#: short output line takes ~370 bytes, of which ~5 are the line.
+EVENT_OVERHEAD = 368
 _MAX_ERROR_MESSAGE = 2000
 
 
@@ -303,6 +308,12 @@ class AgentLeg:
     def _need(self, role: str) -> None:
         if self.role != role:
             raise TypeError(f"only the {role} end does that")
+
+
+def event_size(event: Mapping[str, Any]) -> int:
+    """What a decoded event really costs while it is held (EVENT_OVERHEAD plus its data)."""
+    data = event.get("data")
+    return EVENT_OVERHEAD + (len(data) if isinstance(data, bytes | bytearray) else 0)
 
 
 def _reply(rid: int, message: Mapping[str, Any]) -> Reply:

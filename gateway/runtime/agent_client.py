@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from gateway.runtime.base import ByteChannel
-from guest_agent.protocol import GATEWAY, AgentLeg, Reply, StreamEvent
+from guest_agent.protocol import GATEWAY, AgentLeg, Reply, StreamEvent, event_size
 from guest_agent.wire import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -26,14 +26,6 @@ STREAM_QUEUE_BYTES = 256 * 1024
 #: Frames of one sandbox's channel decoded per turn of the event loop before its reader lets the
 #: other tasks run; a stream's queue holds as many events (so its consumer's turn is as short).
 TURN_EVENTS = 8
-#: What one queued event costs beyond its data (measured: gateway/sessions/replay.py).
-_EVENT_OVERHEAD = 368
-
-
-def _cost(message: dict[str, Any]) -> int:
-    data = message.get("data")
-    return _EVENT_OVERHEAD + (len(data) if isinstance(data, bytes) else 0)
-
 
 class AgentStream:
     """The events of one stream op, in order, ending with `end` (always, even if the guest dies).
@@ -61,7 +53,7 @@ class AgentStream:
                                       or len(self._queue) >= self.max_events)
 
     async def _put(self, message: dict[str, Any]) -> None:
-        cost = _cost(message)
+        cost = event_size(message)
         while self._full(cost) and not self.finished:
             self._room.clear()
             await self._room.wait()
@@ -71,7 +63,7 @@ class AgentStream:
     def _put_now(self, message: dict[str, Any]) -> None:
         """Deliver without waiting (the channel is gone): the end matters more than what the
         consumer has not taken yet, so queued data makes room for it."""
-        cost = _cost(message)
+        cost = event_size(message)
         while self._full(cost):
             self.queued_bytes -= self._queue.popleft()[1]
         self._append(message, cost)

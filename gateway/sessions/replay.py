@@ -13,17 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from typing import Any
 
-#: What one buffered event costs beyond its data bytes: the event dict, its keys' and values' objects
-#: and the deque's slot. Measured with tracemalloc (bench: tests/gateway/test_bounds.py measures it
-#: again): a data event of a short output line, decoded by the agent leg and kept here, takes ~370
-#: bytes of which ~5 are the line; the previous flat 64 undercounted small lines about six times.
-EVENT_OVERHEAD = 368
-
-
-def event_size(event: dict[str, Any]) -> int:
-    """What an event really costs the gateway's memory while buffered."""
-    data = event.get("data")
-    return EVENT_OVERHEAD + (len(data) if isinstance(data, bytes | bytearray) else 0)
+from guest_agent.protocol import event_size
 
 
 class ReplayBudget:

@@ -19,9 +19,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.config import Limits, Settings
-from gateway.sessions.replay import event_size
 from gateway.sessions.sandbox import Sandbox
 from gateway.web.app import MANAGER, create_app
+from guest_agent.protocol import event_size
 
 pytestmark = [pytest.mark.wasm, pytest.mark.usefixtures("wasm_compiled")]
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from gateway.sessions.replay import EVENT_OVERHEAD, ReplayBuffer
+from gateway.sessions.replay import ReplayBuffer
+from guest_agent.protocol import EVENT_OVERHEAD
 
 
 def test_replay_since_and_exact_loss() -> None:
