@@ -129,7 +129,13 @@ def _table(value: Any, where: str) -> dict[str, Any]:
     return dict(value)
 
 
-def _positive(settings: Any, prefix: str, zero_ok: Iterable[str] = ()) -> None:
+def check_positive(settings: Any, prefix: str, zero_ok: Iterable[str] = ()) -> None:
+    """Every field of `settings` > 0 (those in `zero_ok` >= 0); called from `__post_init__` after
+    `check_fields` (the runtimes' settings too).
+
+    Raises:
+        ConfigError: naming `prefix` + the field.
+    """
     for f in fields(settings):
         value = getattr(settings, f.name)
         if f.name in zero_ok:
@@ -184,7 +190,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         check_fields(self, "[limits] ")
-        _positive(self, "[limits] ", zero_ok={"exec_grace_s"})
+        check_positive(self, "[limits] ", zero_ok={"exec_grace_s"})
         for f in fields(self):
             if f.name.startswith("max_"):
                 default, maximum = getattr(self, f.name.removeprefix("max_")), getattr(self, f.name)
@@ -207,7 +213,7 @@ class Quotas:
 
     def __post_init__(self) -> None:
         check_fields(self, "[quotas] ")
-        _positive(self, "[quotas] ")
+        check_positive(self, "[quotas] ")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from gateway.config import ConfigError, check_fields, check_keys
+from gateway.config import ConfigError, check_fields, check_keys, check_positive
 
 
 def mem_total_mb() -> int:
@@ -45,12 +45,7 @@ class WasmSettings:
 
     def __post_init__(self) -> None:
         check_fields(self, "[runtimes.wasm] ")
-        for name in ("pool_refill_per_s", "memory_mb", "cpu_seconds", "disk_mb"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"[runtimes.wasm] {name} must be > 0, not {getattr(self, name)!r}")
-        for name in ("pool_size", "max_total_disk_mb"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"[runtimes.wasm] {name} must be >= 0, not {getattr(self, name)!r}")
+        check_positive(self, "[runtimes.wasm] ", zero_ok=("pool_size", "max_total_disk_mb"))
         if self.max_total_disk_mb == 0:  # never below what the pool alone holds
             object.__setattr__(self, "max_total_disk_mb", max(default_max_total_disk_mb(),
                                                               self.pool_size * self.disk_mb))

@@ -13,9 +13,7 @@ import asyncio
 import io
 import json
 import os
-import select
 import signal
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from websockets.sync.client import connect
 
 from gateway.config import Settings
 from gateway.web.app import MANAGER, create_app
+from tests.guest_agent.agent_harness import wait_gone
 from tests.serving import serve
 
 pytestmark = [pytest.mark.wasm, pytest.mark.usefixtures("wasm_compiled")]
@@ -233,30 +232,6 @@ def _processes_naming(text: str) -> list[int]:
     return pids
 
 
-def _wait_gone(pids: list[int], timeout: float) -> list[int]:
-    """Wait on pidfds (no polling) until every process in `pids` has exited; those still alive."""
-    fds: dict[int, int] = {}
-    for pid in pids:
-        try:
-            fds[os.pidfd_open(pid)] = pid
-        except ProcessLookupError:
-            continue
-    poller = select.poll()
-    for fd in fds:
-        poller.register(fd, select.POLLIN)
-    alive = set(fds.values())
-    end = time.monotonic() + timeout
-    try:
-        while alive and (remaining := end - time.monotonic()) > 0:
-            for fd, _ in poller.poll(remaining * 1000):
-                alive.discard(fds[fd])
-                poller.unregister(fd)
-        return sorted(alive)
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
 def test_sigterm_mid_stream_stops_within_the_shutdown_timeout_and_leaves_nothing_running(tmp_path: Path) -> None:
     env = {**os.environ, "SANDGATE_API_KEYS": f"{KEY}:tenant", "SANDGATE_STATE_DIR": str(tmp_path)}
     with serve(env) as served:
@@ -271,7 +246,7 @@ def test_sigterm_mid_stream_stops_within_the_shutdown_timeout_and_leaves_nothing
             served.proc.send_signal(signal.SIGTERM)
             # 30 s is the gateway's shutdown timeout; the margin covers the interpreter's own exit.
             served.proc.wait(timeout=SHUTDOWN_TIMEOUT + 10)
-    assert _wait_gone(launchers, DEADLINE) == []
+    assert all(wait_gone(pid, DEADLINE) for pid in launchers)
     assert _processes_naming(str(tmp_path)) == []
     work_folders = list((tmp_path / "wasm").iterdir()) if (tmp_path / "wasm").exists() else []
     assert work_folders == []

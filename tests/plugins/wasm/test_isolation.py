@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -25,6 +24,7 @@ from gateway.web.app import MANAGER
 from plugins.wasm.disk import inode_bound
 from plugins.wasm.runtime import WasmBackend
 from plugins.wasm.settings import WasmSettings
+from tests.guest_agent.agent_harness import wait_gone
 from tests.serving import serve
 
 pytestmark = [pytest.mark.wasm, pytest.mark.usefixtures("wasm_compiled")]
@@ -42,19 +42,6 @@ def backend_of(gateway: Gateway, sandbox: dict[str, Any]) -> WasmBackend:
 def proc_file(pid: int, name: str) -> bytes:
     """/proc/<pid>/<name> (cmdline, environ): what anyone on the host can read of a process."""
     return Path(f"/proc/{pid}/{name}").read_bytes()
-
-
-def wait_gone(pid: int, deadline: float = DEADLINE_S) -> bool:
-    """Whether process `pid` ends within `deadline` seconds (a pidfd, not a sleep loop)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        readable, _, _ = select.select([fd], [], [], deadline)
-        return bool(readable)
-    finally:
-        os.close(fd)
 
 
 async def error_of(resp: Any) -> tuple[int, dict[str, Any]]:
@@ -181,7 +168,7 @@ class TestSandboxLimits(GatewayFixtures):
         assert memory < 128 * MiB, "the JS run shares memory_mb with the agent, not a second allowance"
         await ws.ws.close()
         await gateway.client.delete(f"/v1/sandboxes/{sandbox['id']}", headers=AUTH)
-        assert wait_gone(js.proc.pid)
+        assert wait_gone(js.proc.pid, DEADLINE_S)
 
     async def test_a_signal_stops_a_javascript_run_and_leaves_the_agent_alone(self, gateway: Gateway) -> None:
         sandbox = await gateway.create()
@@ -196,7 +183,7 @@ class TestSandboxLimits(GatewayFixtures):
         assert await ws.call("exec.signal", tag="spin", signal="SIGKILL") == {}
         end = (await ws.collect(spinning))[-1]
         assert end["ev"] == "end" and end["signal"] == "SIGKILL" and end["exit_code"] is None, end
-        assert wait_gone(js.proc.pid)
+        assert wait_gone(js.proc.pid, DEADLINE_S)
         after = await gateway.exec(sandbox["id"], language="python", code="print(kept)")
         assert after["stdout"] == "interpreter state\n", "the agent was not restarted for the JS run"
         await ws.ws.close()
@@ -341,11 +328,11 @@ def test_gateway_sigkill_leaves_no_launcher_or_disk_holder(tmp_path: Path) -> No
             gateway.proc.wait()
         launcher, holder = host["pid"], host.get("holder_pid")
         try:
-            assert wait_gone(launcher), "the spinning launcher died with its gateway"
+            assert wait_gone(launcher, DEADLINE_S), "the spinning launcher died with its gateway"
         finally:
             with contextlib.suppress(ProcessLookupError):  # never leave it spinning past a failure
                 os.kill(launcher, signal.SIGKILL)
-        assert holder is not None and wait_gone(holder), "the disk holder died with its gateway"
+        assert holder is not None and wait_gone(holder, DEADLINE_S), "the disk holder died with its gateway"
 
 
 def test_restart_kills_what_a_dead_gateway_left_running(tmp_path: Path) -> None:
