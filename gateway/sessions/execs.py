@@ -187,6 +187,19 @@ class ExecRecord:
         return True
 
 
+#: Errors an exec's end carries when the agent went away or was stopped under it: the exec may well
+#: have run (an agent killed by its own exec dies before it can report the start), so such an end is
+#: never taken for a refusal.
+AGENT_LOST_CODES = frozenset({"guest_died", "guest_protocol", "timeout", "internal"})
+
+
+def refused_before_start(end: dict[str, Any]) -> bool:
+    """Whether `end`, arriving before any `start`, is the agent refusing the exec (a missing cwd):
+    then the exec never ran, and its requester gets a plain error instead of an exec result."""
+    error = end.get("error")
+    return isinstance(error, dict) and error.get("code") not in AGENT_LOST_CODES
+
+
 def _end_with(error: ProtocolError) -> dict[str, Any]:
     return {"ev": "end", "exit_code": None, "signal": None, "error": error.to_wire()}
 

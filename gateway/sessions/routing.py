@@ -25,7 +25,7 @@ import pluggy
 
 from gateway.config import Settings
 from gateway.runtime.agent_client import AgentClient, AgentStream
-from gateway.sessions.execs import ExecRecord, OutputCollector, Subscriber
+from gateway.sessions.execs import ExecRecord, OutputCollector, Subscriber, refused_before_start
 from gateway.sessions.sandbox import Sandbox
 from guest_agent import schema
 from guest_agent.schema import OPS
@@ -270,7 +270,7 @@ class OpRouter(ABC):
                                        default_timeout=self.settings.limits.exec_timeout_s)
         await record.done.wait()
         end = record.end or {}
-        if not record.start_seen and "error" in end:  # refused before it ran (a missing cwd): a plain error
+        if not record.start_seen and refused_before_start(end):  # a missing cwd: a plain error
             raise ProtocolError.from_wire(end["error"])
         result: dict[str, Any] = {
             "exec_id": record.exec_id,

@@ -28,6 +28,7 @@ from gateway.protocol.client import (
     choose_subprotocol,
 )
 from gateway.protocol.paths import check_path
+from gateway.sessions.execs import refused_before_start
 from gateway.sessions.manager import SandboxManager
 from gateway.sessions.sandbox import Sandbox
 from gateway.web.context import MANAGER, SESSIONS, SETTINGS, authenticate, bearer_token
@@ -81,7 +82,7 @@ class Subscription:
     async def deliver(self, event: dict[str, Any]) -> None:
         if self.starting:
             self.starting = event["ev"] not in ("start", "end")
-            if event["ev"] == "end" and isinstance(event.get("error"), dict):
+            if event["ev"] == "end" and refused_before_start(event):
                 self.session.subscriptions.discard(self)
                 error = ProtocolError.from_wire(event["error"])
                 await self.session.send({"id": self.client_id, "error": error.to_wire()})

@@ -414,3 +414,14 @@ async def test_a_refused_request_of_a_client_that_left_ends_quietly(
     refused = schema.parse({"id": 7, "op": "exec.signal", "tag": "none", "signal": "SIGKILL"}, schema.CLIENT)
     async with asyncio.timeout(DEADLINE):
         await server_session.run(refused)  # not_found, and no way left to say so: returns quietly
+
+
+@pytest.mark.parametrize(("code", "refused"), [("not_found", True), ("bad_request", True), ("guest_died", False),
+                                               ("timeout", False), ("guest_protocol", False)])
+def test_only_the_agents_refusal_counts_as_never_started(code: str, refused: bool) -> None:
+    """An end before any start is a refusal only when the agent refused; an agent killed by its own
+    exec dies before reporting the start, and that exec did run (the pod runtime's test met it)."""
+    from gateway.sessions.execs import refused_before_start
+
+    assert refused_before_start({"ev": "end", "error": {"code": code, "message": "m"}}) is refused
+    assert refused_before_start({"ev": "end", "exit_code": 0}) is False
