@@ -1,0 +1,160 @@
+"""Calling a named Python function inside the sandbox (the gateway's `invoke`).
+
+The gateway runs an ordinary Python exec (`exec.start`, language python) whose whole source is one
+call of `invoke` below: so an invocation is an exec like any other (its output streams, its
+timeout, signals and cancel apply), and only its outcome travels differently: `invoke` writes a
+JSON report to a file the gateway names under the root's `.sandgate/` folder, which the gateway
+reads and removes after the exec ended. An exec that ends without a report never finished its
+call (it crashed, timed out or was stopped): the gateway tells which from the exec's end.
+
+The report: `{"status": "success"|"error", "result", "error": {type, message, traceback}|null,
+"files": {created, modified, deleted}}`. The guest is untrusted and may write any report it
+likes; it only ever describes its own call, and the gateway checks its shape and size.
+
+Stdlib only (the agent's rule): it runs under CPython-on-WASI too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections import OrderedDict
+from types import CodeType
+from typing import Any
+
+#: Where reports go, relative to the sandbox root; left out of the change tracking.
+PRIVATE_DIR = ".sandgate"
+#: At most this many files are compared before and after a call; past it, `files` says `truncated`.
+MAX_TRACKED_FILES = 10000
+#: Compiled sources kept per agent, by sha256: repeated invocations of the same code skip the compile.
+_COMPILED: OrderedDict[str, CodeType] = OrderedDict()
+_COMPILED_KEEP = 64
+
+
+def snapshot(root: str) -> tuple[dict[str, tuple[int, int]], bool]:
+    """{relative path: (size, mtime_ns)} of the regular files under `root` (not `.sandgate/`, not
+    following symlinks), and whether the walk stopped at MAX_TRACKED_FILES."""
+    files: dict[str, tuple[int, int]] = {}
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            entries = list(os.scandir(os.path.join(root, rel_dir) if rel_dir else root))
+        except OSError:
+            continue
+        for entry in entries:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            if rel == PRIVATE_DIR:
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(rel)
+                elif entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    files[rel] = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                continue
+            if len(files) >= MAX_TRACKED_FILES:
+                return files, True
+    return files, False
+
+
+def changes(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], truncated: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "created": sorted(p for p in after if p not in before),
+        "modified": sorted(p for p in after if p in before and after[p] != before[p]),
+        "deleted": sorted(p for p in before if p not in after),
+    }
+    if truncated:
+        out["truncated"] = True
+    return out
+
+
+def compiled(source: str, filename: str) -> CodeType:
+    """`source` compiled (cached by content: the same code invoked again is not compiled again)."""
+    key = hashlib.sha256(f"{filename}\0{source}".encode()).hexdigest()
+    code = _COMPILED.get(key)
+    if code is None:
+        code = compile(source, filename, "exec")
+        _COMPILED[key] = code
+        while len(_COMPILED) > _COMPILED_KEEP:
+            _COMPILED.popitem(last=False)
+    else:
+        _COMPILED.move_to_end(key)
+    _keep_source_for_tracebacks(filename, source)
+    return code
+
+
+def _keep_source_for_tracebacks(filename: str, source: str) -> None:
+    import linecache
+
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+
+
+def error_of(exc: BaseException, filename: str) -> dict[str, Any]:
+    """An exception as the report carries it; the traceback starts at the user's code."""
+    import traceback
+
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+        tb = tb.tb_next
+    if isinstance(exc, SyntaxError):
+        text = "".join(traceback.format_exception_only(type(exc), exc))
+    else:
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+    return {"type": type(exc).__name__, "message": str(exc), "traceback": text}
+
+
+def invoke(namespace: dict[str, Any], *, report: str, function: str, args_json: str = "[]",
+           kwargs_json: str = "{}", code: str | None = None, filename: str = "<function>",
+           track_files: bool = True) -> None:
+    """Load `code` into `namespace` (when given), call `namespace[function](*args, **kwargs)` and
+    write the report to `report` (relative to the working directory, the sandbox root).
+
+    Exceptions of the user's code become `status: error`; SystemExit, KeyboardInterrupt and the
+    agent's own stop pass through (the exec then ends without a report: crash or terminated)."""
+    root = os.getcwd()
+    report_path = os.path.join(root, report)
+    before, truncated = snapshot(root) if track_files else ({}, False)
+    outcome: dict[str, Any] = {"status": "success", "result": None, "error": None}
+    try:
+        try:
+            if code is not None:
+                exec(compiled(code, filename), namespace)
+            target = namespace.get(function)
+            if not callable(target):
+                defined = sorted(k for k, v in namespace.items() if callable(v) and not k.startswith("_"))[:20]
+                what = "is not a function" if function in namespace else "is not defined by the code"
+                outcome = {"status": "error", "result": None, "error": {
+                    "type": "FunctionNotFound", "traceback": "",
+                    "message": f"{function!r} {what} (functions it defines: {', '.join(defined) or 'none'})"}}
+            else:
+                value = target(*json.loads(args_json), **json.loads(kwargs_json))
+                try:
+                    json.dumps(value, allow_nan=False)
+                except (TypeError, ValueError) as exc:
+                    outcome = {"status": "error", "result": None, "error": {
+                        "type": "ResultNotSerializable", "traceback": "",
+                        "message": f"the function returned a {type(value).__name__}, which is not JSON-"
+                                   f"serialisable: {exc}"}}
+                else:
+                    outcome["result"] = value
+        except Exception as exc:
+            outcome = {"status": "error", "result": None, "error": error_of(exc, filename)}
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    after, more = snapshot(root) if track_files else ({}, False)
+    outcome["files"] = changes(before, after, truncated or more) if track_files else None
+    write_report(report_path, outcome)
+
+
+def write_report(path: str, outcome: dict[str, Any]) -> None:
+    """Write the report whole, then rename it into place: the gateway never reads half a report."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temp = f"{path}.tmp"
+    with open(temp, "w", encoding="utf-8") as f:
+        json.dump(outcome, f)
+    os.replace(temp, path)
