@@ -217,6 +217,41 @@ class Quotas:
 
 
 @dataclass(frozen=True)
+class Functions:
+    """Serverless settings (`[functions]`): deployed functions, async executions, the code cache.
+    Each is > 0."""
+
+    #: Code bodies kept per tenant in the content-addressed cache (LRU past it).
+    code_cache_bytes: int = 16 << 20
+    #: Deployed functions one tenant may have.
+    max_functions: int = 100
+    #: The most instances a function may ask for (`max_instances`), and its default.
+    max_instances: int = 10
+    default_max_instances: int = 1
+    #: An instance idle this long is destroyed (unless `min_instances` keep it), when the function
+    #: names no `idle_timeout`.
+    idle_timeout_s: float = 300.0
+    #: Invocations of one function waiting for an instance, per instance it may have; more answer 429.
+    queue_per_instance: int = 16
+    #: How long a queued invocation waits for an instance before it answers 429.
+    queue_wait_s: float = 30.0
+    #: The most bytes an invoke's result (its JSON report) may have.
+    result_bytes: int = 4 << 20
+    #: Finished executions (exec records) kept per sandbox, and for how long after they ended.
+    executions_kept: int = 64
+    executions_keep_s: float = 3600.0
+    #: The longest `GET .../executions/{id}?wait=true` waits (its `timeout` is capped at this).
+    max_wait_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        check_fields(self, "[functions] ")
+        check_positive(self, "[functions] ")
+        if self.default_max_instances > self.max_instances:
+            raise ConfigError(f"[functions] default_max_instances = {self.default_max_instances} is above "
+                              f"max_instances = {self.max_instances}")
+
+
+@dataclass(frozen=True)
 class NetworkAccess:
     """Which tenants may create sandboxes with `"network": true` (`[network]`). A sandbox's
     network reaches public addresses only, never the gateway's host or private ranges (see the
@@ -252,6 +287,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     quotas: Quotas = field(default_factory=Quotas)
     network: NetworkAccess = field(default_factory=NetworkAccess)
+    functions: Functions = field(default_factory=Functions)
     #: `[runtimes.<id>]` tables, handed to each runtime's constructor.
     runtimes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: Entry-point names of runtime plugins not to load.
@@ -381,7 +417,7 @@ ENVIRONMENT: dict[str, tuple[str, typing.Callable[[str], Any]]] = {
 FILE_SETTINGS = ("host", "port", "api_keys", "allowed_origins", "default_runtime", "reap_interval_s",
                  "client_send_timeout_s", "keepalive_s", "http_header_timeout_s", "http_idle_timeout_s",
                  "max_connections_per_address", "runtimes")
-FILE_TABLES = ("limits", "quotas", "network", "plugins")
+FILE_TABLES = ("limits", "quotas", "network", "functions", "plugins")
 
 
 def _from_table(data: Mapping[str, Any]) -> Settings:
@@ -396,7 +432,7 @@ def _from_table(data: Mapping[str, Any]) -> Settings:
         values["runtimes"] = _table(values["runtimes"], "[runtimes]")
         for runtime_id, table in values["runtimes"].items():
             _table(table, f"[runtimes.{runtime_id}]")
-    for name, cls in (("limits", Limits), ("quotas", Quotas), ("network", NetworkAccess)):
+    for name, cls in (("limits", Limits), ("quotas", Quotas), ("network", NetworkAccess), ("functions", Functions)):
         if name in data:
             table = _table(data[name], f"[{name}]")
             check_keys(table, (f.name for f in fields(cls)), f"[{name}]")

@@ -111,7 +111,8 @@ def invoke(namespace: dict[str, Any], *, report: str, function: str, args_json: 
            kwargs_json: str = "{}", code: str | None = None, filename: str = "<function>",
            track_files: bool = True) -> None:
     """Load `code` into `namespace` (when given), call `namespace[function](*args, **kwargs)` and
-    write the report to `report` (relative to the working directory, the sandbox root).
+    write the report to `report` (relative to the working directory, the sandbox root). An empty
+    `function` only loads; the report's `loaded` says whether the code ran whole.
 
     Exceptions of the user's code become `status: error`; SystemExit, KeyboardInterrupt and the
     agent's own stop pass through (the exec then ends without a report: crash or terminated)."""
@@ -123,11 +124,15 @@ def invoke(namespace: dict[str, Any], *, report: str, function: str, args_json: 
         try:
             if code is not None:
                 exec(compiled(code, filename), namespace)
+            # Said once the code ran whole: a deployed function's instance keeps it loaded.
+            outcome["loaded"] = True
             target = namespace.get(function)
-            if not callable(target):
+            if not function:
+                pass  # load only: a deployed function's instance warming up
+            elif not callable(target):
                 defined = sorted(k for k, v in namespace.items() if callable(v) and not k.startswith("_"))[:20]
                 what = "is not a function" if function in namespace else "is not defined by the code"
-                outcome = {"status": "error", "result": None, "error": {
+                outcome = {"status": "error", "result": None, "loaded": True, "error": {
                     "type": "FunctionNotFound", "traceback": "",
                     "message": f"{function!r} {what} (functions it defines: {', '.join(defined) or 'none'})"}}
             else:
@@ -135,14 +140,15 @@ def invoke(namespace: dict[str, Any], *, report: str, function: str, args_json: 
                 try:
                     json.dumps(value, allow_nan=False)
                 except (TypeError, ValueError) as exc:
-                    outcome = {"status": "error", "result": None, "error": {
+                    outcome = {"status": "error", "result": None, "loaded": True, "error": {
                         "type": "ResultNotSerializable", "traceback": "",
                         "message": f"the function returned a {type(value).__name__}, which is not JSON-"
                                    f"serialisable: {exc}"}}
                 else:
                     outcome["result"] = value
         except Exception as exc:
-            outcome = {"status": "error", "result": None, "error": error_of(exc, filename)}
+            outcome = {"status": "error", "result": None, "loaded": outcome.get("loaded", False),
+                       "error": error_of(exc, filename)}
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -179,10 +179,11 @@ def _needs_exec(args: dict[str, Any]) -> None:
 
 
 def _exec_start_rules(args: dict[str, Any]) -> None:
-    if ("code" in args) == ("command" in args):
-        raise ProtocolError("bad_request", "give exactly one of 'code' (with 'language') or 'command'")
-    if "code" in args:
-        args.setdefault("language", "python")
+    if sum(name in args for name in ("code", "code_ref", "command")) != 1:
+        raise ProtocolError("bad_request", "give exactly one of 'code' (with 'language'), 'code_ref' or 'command'")
+    if "code" in args or "code_ref" in args:
+        if "code" in args:  # a code_ref's language, when not given, is the cached code's
+            args.setdefault("language", "python")
         if "pty" in args:
             raise ProtocolError("bad_request", "'pty' is for process execs ('command')")
     else:
@@ -206,6 +207,31 @@ def _exec_start_rules(args: dict[str, Any]) -> None:
 
 _ROWS = Field("rows", (int,), "terminal rows", required=True, low=1, high=MAX_PTY_SIDE)
 _COLS = Field("cols", (int,), "terminal columns", required=True, low=1, high=MAX_PTY_SIDE)
+
+
+def _code_rules(args: dict[str, Any]) -> None:
+    """invoke and test: the code itself or a code_ref naming cached code."""
+    if ("code" in args) == ("code_ref" in args):
+        raise ProtocolError("bad_request", "give exactly one of 'code' and 'code_ref'")
+
+
+def _invoke_rules(args: dict[str, Any]) -> None:
+    _code_rules(args)
+    name = args["function"]
+    if not (name.isidentifier() and name.isascii()):
+        raise ProtocolError("bad_request", f"'function' must be a function's name (an ASCII identifier), not "
+                                           f"{name!r:.80}")
+    if not all(isinstance(k, str) and k.isidentifier() for k in args.get("kwargs", {})):
+        raise ProtocolError("bad_request", "'kwargs' keys must be argument names")
+    for path, content in args.get("files", {}).items():
+        if not isinstance(path, str) or not (isinstance(content, str) or (
+                isinstance(content, dict) and set(content) == {"base64"} and isinstance(content["base64"], str))):
+            raise ProtocolError("bad_request", "'files' maps a relative path to its text or to {\"base64\": \"...\"}")
+
+
+#: What a call's `code_ref` looks like: the sha256 of the code, in hex.
+_CODE_REF = Field("code_ref", (str,), "client leg: the sha256 of code the gateway cached for this tenant "
+                  "(`GET /v1/cache`), instead of `code`", low=64, high=64, leg=CLIENT)
 
 
 def _pty_size(pty: Mapping[str, Any], *, defaults: bool) -> dict[str, int]:
@@ -253,6 +279,7 @@ _OPS: tuple[Op, ...] = (
            Field("tag", (str,), "a label exec.attach and control ops can select by", low=1, high=MAX_TAG),
            Field("language", (str,), "with `code`: the language (default python)", low=1, high=32),
            Field("code", (str,), "source to run (with `language`)"),
+           _CODE_REF,
            Field("command", (list, str), "argv, or a shell string run by /bin/sh -c", low=1),
            Field("namespace", (str,), "python: `default` (persistent), `fresh`, or another persistent name",
                  low=1, high=128),
@@ -286,6 +313,27 @@ _OPS: tuple[Op, ...] = (
        capability="exec.pty", control=True, nested=True, rules=_needs_exec),
     Op("exec.list", "the running and recently finished execs", "`execs`: list of `{exec_id, tag, pid, running, "
        "exit_code}`", nested=True, idempotent=True),
+    # -- functions (client leg: the gateway runs them as execs of a generated source)
+    Op("invoke", "call a named function of `code` with `args` and `kwargs` (same as REST `POST .../invoke`)",
+       "`status` (success, error, crash, timeout, terminated), `result`, `error`, `stdout`, `stderr`, "
+       "`duration_ms`, `files` {created, modified, deleted}",
+       (Field("language", (str,), "the code's language", default="python", low=1, high=32),
+        Field("code", (str,), "the source that defines the function"), _CODE_REF,
+        Field("function", (str,), "the function's name", required=True, low=1, high=128),
+        Field("args", (list,), "positional arguments (JSON values)", default=[]),
+        Field("kwargs", (dict,), "keyword arguments (JSON values); JavaScript gets them as a last options "
+              "object", default={}),
+        Field("timeout", (float,), "wall-clock seconds for the call", low=0.001),
+        Field("files", (dict,), "files written before the call: relative path -> text or {base64}")),
+       leg=CLIENT, rules=_invoke_rules),
+    Op("test", "run `tests` against `code` (pytest for Python; `test`/`assert` globals for JavaScript)",
+       "`success`, `summary` {total, passed, failed, skipped}, `tests` [{name, passed, skipped, duration_ms, "
+       "error}], `stdout`, `stderr`, `duration_ms`",
+       (Field("language", (str,), "the language", default="python", low=1, high=32),
+        Field("code", (str,), "the code under test"), _CODE_REF,
+        Field("tests", (str,), "the tests", required=True),
+        Field("timeout", (float,), "wall-clock seconds for the run", low=0.001)),
+       leg=CLIENT, rules=_code_rules),
     # -- fs
     Op("fs.stat", "a file's metadata", "`name`, `path`, `type`, `size`, `mtime`, `mode`", (_path(),),
        capability="fs", idempotent=True),

@@ -58,6 +58,11 @@ class ExecRecord:
         self.done = asyncio.Event()
         self.end: dict[str, Any] | None = None
         self.started = time.monotonic()
+        #: Wall-clock start and end (epoch seconds), for the executions API.
+        self.created_at = time.time()
+        self.ended_at: float | None = None
+        #: Stopped by a cancel (`DELETE .../executions/{id}`): its state is `cancelled`.
+        self.cancelled = False
         #: Set by the watchdog: an end caused by the agent's restart is reported as a timeout.
         self.timed_out_after: float | None = None
         self._lock = asyncio.Lock()
@@ -183,6 +188,7 @@ class ExecRecord:
         end.setdefault("signal", None)
         end.setdefault("duration_ms", round((time.monotonic() - self.started) * 1000, 3))
         self.end = end
+        self.ended_at = time.time()
         self.done.set()  # before delivering: a stalled client must not hold the exec "running"
         return True
 

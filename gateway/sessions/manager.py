@@ -24,6 +24,8 @@ from typing import Any
 import pluggy
 
 from gateway.config import Settings
+from gateway.functions.code_cache import CodeCache
+from gateway.functions.deployed import FunctionRegistry
 from gateway.runtime.agent_client import AgentClient
 from gateway.runtime.base import Backend, NotConfigured, Runtime, SandboxSpec
 from gateway.sessions.admission import TenantQuota, check_create
@@ -48,6 +50,10 @@ class SandboxManager(OpRouter):
         #: Destroys under way, by sandbox id (see `destroy`).
         self._destroying: dict[str, asyncio.Task[None]] = {}
         self._quota = TenantQuota(settings.quotas)
+        #: Every code body the gateway saw, per tenant, by hash (`code_ref`).
+        self.code_cache = CodeCache(settings.functions.code_cache_bytes)
+        #: Deployed functions and their instances (sandboxes this manager holds for them).
+        self.functions = FunctionRegistry(self)
         #: The replay bytes of every sandbox's execs together (each sandbox has its own share).
         self.replay_budget = ReplayBudget(settings.limits.replay_gateway_bytes)
         self._reaper: asyncio.Task[None] | None = None
@@ -69,6 +75,7 @@ class SandboxManager(OpRouter):
                 self.unavailable[runtime_id] = str(exc)
                 del self.runtimes[runtime_id]
         self._reaper = asyncio.create_task(self._reap_forever(), name="sandbox-reaper")
+        self.functions.start()
 
     async def drain(self) -> None:
         """Refuse new sandboxes and destroy every sandbox: in-flight execs end now with
@@ -76,6 +83,7 @@ class SandboxManager(OpRouter):
         Called when shutdown begins, before the web server waits for its handlers: a REST exec
         would otherwise hold the shutdown for its whole timeout with its guest running."""
         self.draining = True
+        await self.functions.close()
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -94,8 +102,9 @@ class SandboxManager(OpRouter):
 
     # -- create, find, destroy ---------------------------------------------------------------
 
-    async def create(self, tenant: str, body: Mapping[str, Any]) -> Sandbox:
-        """Create a sandbox for `tenant` from a create request's body (`admission` checks it).
+    async def create(self, tenant: str, body: Mapping[str, Any], *, owner: str | None = None) -> Sandbox:
+        """Create a sandbox for `tenant` from a create request's body (`admission` checks it);
+        `owner` marks one the gateway makes for its own use (see `Sandbox.owner`).
 
         Raises:
             ProtocolError: `unavailable` while draining; what `check_create` raises; `QuotaExceeded`;
@@ -124,7 +133,8 @@ class SandboxManager(OpRouter):
             self._creating[tenant] -= 1
         sandbox = Sandbox(id=sandbox_id, tenant=tenant, runtime=runtime, spec=spec, backend=backend,
                           agent=agent, ttl=request.ttl, idle_timeout=request.idle_timeout,
-                          metadata=request.metadata, created_at=now, replay_budget=self._sandbox_budget())
+                          metadata=request.metadata, created_at=now, replay_budget=self._sandbox_budget(),
+                          owner=owner)
         self._sandboxes[sandbox_id] = sandbox
         sandbox.spawn(self._watch(sandbox), f"watch-{sandbox_id}")
         self.pm.hook.sandgate_sandbox_created(sandbox_id=sandbox_id, tenant=tenant, runtime=runtime.id)
@@ -205,7 +215,8 @@ class SandboxManager(OpRouter):
         return ReplayBudget(self.settings.limits.replay_sandbox_bytes, parent=self.replay_budget)
 
     def list_for(self, tenant: str) -> list[Sandbox]:
-        return [s for s in self._sandboxes.values() if s.tenant == tenant]
+        """The tenant's own sandboxes (not those the gateway made for its functions)."""
+        return [s for s in self._sandboxes.values() if s.tenant == tenant and s.owner is None]
 
     def all(self) -> list[Sandbox]:
         return list(self._sandboxes.values())

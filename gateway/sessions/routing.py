@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import pluggy
 
 from gateway.config import Settings
+from gateway.functions.code_cache import CodeCache
 from gateway.runtime.agent_client import AgentClient, AgentStream
 from gateway.sessions.execs import ExecRecord, OutputCollector, Subscriber, refused_before_start
 from gateway.sessions.sandbox import Sandbox
@@ -33,8 +35,6 @@ from guest_agent.wire import ProtocolError
 
 #: Signals a runtime without in-guest signals can still honour by restarting its agent.
 KILLING_SIGNALS = {"SIGKILL", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", 9, 15, 2, 1, 3}
-#: Finished execs a sandbox remembers (for attach and replay) before the oldest is forgotten.
-MAX_FINISHED_EXECS = 64
 
 
 class OpRouter(ABC):
@@ -42,6 +42,7 @@ class OpRouter(ABC):
 
     settings: Settings
     pm: pluggy.PluginManager
+    code_cache: CodeCache
 
     @abstractmethod
     async def restart_agent(self, sandbox: Sandbox, agent: AgentClient) -> None:
@@ -189,10 +190,17 @@ class OpRouter(ABC):
         subscriber: Subscriber | None = None,
         *,
         default_timeout: float | None = None,
+        remember_code: bool = True,
     ) -> ExecRecord:
         """Start an exec and subscribe `subscriber` before its first event can be delivered.
-        `message` holds exec.start's arguments as the schema checked them (`schema.parse`)."""
+        `message` holds exec.start's arguments as the schema checked them (`schema.parse`); a
+        `code_ref` is resolved from the tenant's code cache, and code is remembered there (not a
+        harness's generated source: `remember_code=False`)."""
         self._check_usable(sandbox, "exec.start")
+        if "code_ref" in message or (remember_code and "code" in message):
+            message = dict(message)
+            self.code_cache.take_code(sandbox.tenant, message)
+            message.setdefault("language", "python")
         fields = self._exec_fields(sandbox, message, default_timeout)
         tag = message.get("tag")
         oneshot = fields.get("language") in sandbox.backend.oneshot_languages()
@@ -234,10 +242,7 @@ class OpRouter(ABC):
         finally:
             sandbox.live_execs.discard(record)
             sandbox.finished_execs.append(record.exec_id)
-            while len(sandbox.finished_execs) > MAX_FINISHED_EXECS:
-                forgotten = sandbox.execs.pop(sandbox.finished_execs.popleft(), None)
-                if forgotten is not None and sandbox.replay_budget is not None:
-                    sandbox.replay_budget.release(forgotten.buffer)
+            self.forget_finished(sandbox)
         sandbox.touch()
         assert record.end is not None
         self.pm.hook.sandgate_exec_finished(sandbox_id=sandbox.id, tenant=sandbox.tenant,
@@ -252,6 +257,20 @@ class OpRouter(ABC):
             record.timed_out_after = timeout
             with contextlib.suppress(ProtocolError):  # a failed restart already marked the sandbox
                 await self.restart_agent(sandbox, agent)
+
+    def forget_finished(self, sandbox: Sandbox) -> None:
+        """Drop finished execs past the kept count, and those that ended longer ago than they are
+        kept (`[functions] executions_kept`, `executions_keep_s`); oldest first."""
+        kept = self.settings.functions
+        horizon = time.time() - kept.executions_keep_s
+        while sandbox.finished_execs:
+            oldest = sandbox.execs.get(sandbox.finished_execs[0])
+            expired = oldest is not None and oldest.ended_at is not None and oldest.ended_at < horizon
+            if len(sandbox.finished_execs) <= kept.executions_kept and not expired:
+                break
+            forgotten = sandbox.execs.pop(sandbox.finished_execs.popleft(), None)
+            if forgotten is not None and sandbox.replay_budget is not None:
+                sandbox.replay_budget.release(forgotten.buffer)
 
     def _remember(self, sandbox: Sandbox, record: ExecRecord) -> None:
         sandbox.execs[record.exec_id] = record

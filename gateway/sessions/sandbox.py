@@ -50,6 +50,9 @@ class Sandbox:
     restart_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: The replay bytes all of this sandbox's execs share (its parent is the gateway's).
     replay_budget: ReplayBudget | None = None
+    #: What made the sandbox for its own use (`function:<name>`, `ephemeral`): such a sandbox counts
+    #: against the tenant's quotas but is not in its sandbox list. None: the tenant's own.
+    owner: str | None = None
 
     @property
     def capabilities(self) -> frozenset[str]:

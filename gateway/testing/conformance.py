@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.config import Limits, Settings
+from gateway.config import Functions, Limits, Settings
 from gateway.protocol.client import JSON, MSGPACK, ClientCodec
 from gateway.web.app import create_app
 
@@ -141,12 +141,15 @@ class GatewayFixtures:
     #: Entry-point names not to load. None: every installed runtime but `runtime` (starting
     #: runtimes the suite does not test would only cost time: pools, VMs).
     blocked_plugins: ClassVar[tuple[str, ...] | None] = None
+    #: The `[functions]` settings of the gateway under test.
+    functions: ClassVar[Functions] = Functions()
 
     @pytest.fixture
     async def gateway(self, aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]]) -> Gateway:
         settings = Settings(api_keys={KEY: "tenant-a", OTHER_KEY: "tenant-b"},
                             limits=Limits(exec_timeout_s=30.0), reap_interval_s=3600.0,
-                            blocked_plugins=self._blocked(), runtimes={self.runtime: self.runtime_config})
+                            blocked_plugins=self._blocked(), runtimes={self.runtime: self.runtime_config},
+                            functions=self.functions)
         client = await aiohttp_client(create_app(settings, plugins=self.plugins))
         return Gateway(client, self.runtime, dict(self.create_options))
 

@@ -23,12 +23,20 @@ routes = web.RouteTableDef()
 AGENT_DEATH_WAIT_S = 10.0
 
 
-def _tenant(request: web.Request) -> str:
+def tenant_of(request: web.Request) -> str:
     return authenticate(request, bearer_token(request))
 
 
-async def _sandbox(request: web.Request) -> Sandbox:
-    return await request.app[MANAGER].lookup(_tenant(request), request.match_info["sandbox_id"])
+async def sandbox_of(request: web.Request) -> Sandbox:
+    """The request's `{sandbox_id}`, the caller's own (404 otherwise)."""
+    return await request.app[MANAGER].lookup(tenant_of(request), request.match_info["sandbox_id"])
+
+
+def exec_args(body: dict[str, Any]) -> dict[str, Any]:
+    """A REST exec body as exec.start's checked arguments."""
+    if isinstance(body.get("stdin"), str):  # JSON has no bytes: REST takes stdin as text
+        body = {**body, "stdin": body["stdin"].encode()}
+    return schema.parse({**body, "id": 0, "op": "exec.start"}, schema.CLIENT).args
 
 
 @routes.get("/healthz")
@@ -49,7 +57,7 @@ async def protocol(request: web.Request) -> web.Response:
 
 @routes.get("/v1/runtimes")
 async def list_runtimes(request: web.Request) -> web.Response:
-    _tenant(request)
+    tenant_of(request)
     manager = request.app[MANAGER]
     runtimes = [{"id": r.id, "description": r.description, "capabilities": sorted(r.capabilities)}
                 for r in manager.runtimes.values()]
@@ -58,47 +66,44 @@ async def list_runtimes(request: web.Request) -> web.Response:
 
 @routes.post("/v1/sandboxes")
 async def create_sandbox(request: web.Request) -> web.Response:
-    tenant = _tenant(request)
+    tenant = tenant_of(request)
     sandbox = await request.app[MANAGER].create(tenant, await json_body(request))
     return web.json_response(sandbox.describe(), status=201)
 
 
 @routes.get("/v1/sandboxes")
 async def list_sandboxes(request: web.Request) -> web.Response:
-    tenant = _tenant(request)
+    tenant = tenant_of(request)
     return web.json_response({"sandboxes": [s.describe() for s in request.app[MANAGER].list_for(tenant)]})
 
 
 @routes.get("/v1/sandboxes/{sandbox_id}")
 async def get_sandbox(request: web.Request) -> web.Response:
-    return web.json_response((await _sandbox(request)).describe())
+    return web.json_response((await sandbox_of(request)).describe())
 
 
 @routes.delete("/v1/sandboxes/{sandbox_id}")
 async def delete_sandbox(request: web.Request) -> web.Response:
-    await request.app[MANAGER].destroy(await _sandbox(request), "api")
+    await request.app[MANAGER].destroy(await sandbox_of(request), "api")
     return web.Response(status=204)
 
 
 @routes.post("/v1/sandboxes/{sandbox_id}/exec")
 async def exec_sandbox(request: web.Request) -> web.Response:
-    sandbox = await _sandbox(request)
-    body = await json_body(request)
-    if isinstance(body.get("stdin"), str):  # JSON has no bytes: REST takes stdin as text
-        body["stdin"] = body["stdin"].encode()
-    args = schema.parse({**body, "id": 0, "op": "exec.start"}, schema.CLIENT).args
+    sandbox = await sandbox_of(request)
+    args = exec_args(await json_body(request))
     return web.json_response(await request.app[MANAGER].run_collected(sandbox, args))
 
 
 @routes.get("/v1/sandboxes/{sandbox_id}/metrics")
 async def sandbox_metrics(request: web.Request) -> web.Response:
-    sandbox = await _sandbox(request)
+    sandbox = await sandbox_of(request)
     return web.json_response(await request.app[MANAGER].metrics(sandbox))
 
 
 @routes.get("/v1/sandboxes/{sandbox_id}/files/{path:.+}")
 async def download(request: web.Request) -> web.StreamResponse:
-    sandbox = await _sandbox(request)
+    sandbox = await sandbox_of(request)
     path = check_path(request.match_info["path"], allow_absolute=False)
     stream = await request.app[MANAGER].read_file(sandbox, path)
     response: web.StreamResponse | None = None
@@ -134,7 +139,7 @@ async def upload(request: web.Request) -> web.Response:
     """Stream the body into a temporary file next to the target, then move it into place, so a
     failed upload (quota, dropped connection) never leaves a half-written target behind."""
     manager = request.app[MANAGER]
-    sandbox = await _sandbox(request)
+    sandbox = await sandbox_of(request)
     path = check_path(request.match_info["path"], allow_absolute=False)
     if path.endswith("/"):
         raise ProtocolError("bad_request", "an upload names a file: the path must not end with '/'")

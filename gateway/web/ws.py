@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from aiohttp import WSMessage, WSMsgType, web
 
 from gateway import __version__
+from gateway.functions.calls import invoke_in, test_in
 from gateway.protocol.client import (
     CLOSE_DESTROYED,
     CLOSE_PROTOCOL_ERROR,
@@ -114,7 +115,7 @@ class Session:
         "metrics": "_metrics", "exec.start": "_exec_start", "exec.attach": "_exec_attach", "exec.list": "_exec_list",
         "exec.signal": "_exec_signal", "fs.read": "_fs_read", "exec.input": None, "exec.close_stdin": None,
         "exec.resize": None, "fs.stat": None, "fs.list": None, "fs.write": None, "fs.mkdir": None, "fs.move": None,
-        "fs.remove": None,
+        "fs.remove": None, "invoke": "_invoke", "test": "_test",
     }
 
     def __init__(self, ws: web.WebSocketResponse, codec: ClientCodec, manager: SandboxManager,
@@ -340,6 +341,12 @@ class Session:
 
     async def _exec_signal(self, request: schema.Request) -> dict[str, Any]:
         return await self.manager.signal(self.sandbox, request.args)
+
+    async def _invoke(self, request: schema.Request) -> dict[str, Any]:
+        return await invoke_in(self.manager, self.sandbox, request.args)
+
+    async def _test(self, request: schema.Request) -> dict[str, Any]:
+        return await test_in(self.manager, self.sandbox, request.args)
 
     async def _fs_read(self, request: schema.Request) -> None:
         await self.forward_stream(request.id, await self.manager.read_file(

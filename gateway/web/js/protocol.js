@@ -272,6 +272,13 @@ export const PROTOCOL = {
      "required": false,
      "type": "str"
     },
+    "code_ref": {
+     "leg": "client",
+     "max": 64,
+     "min": 64,
+     "required": false,
+     "type": "str"
+    },
     "command": {
      "min": 1,
      "required": false,
@@ -549,6 +556,60 @@ export const PROTOCOL = {
    "nested": true,
    "stream": false
   },
+  "invoke": {
+   "capability": null,
+   "control": false,
+   "fields": {
+    "args": {
+     "default": [],
+     "required": false,
+     "type": "list"
+    },
+    "code": {
+     "required": false,
+     "type": "str"
+    },
+    "code_ref": {
+     "leg": "client",
+     "max": 64,
+     "min": 64,
+     "required": false,
+     "type": "str"
+    },
+    "files": {
+     "required": false,
+     "type": "map"
+    },
+    "function": {
+     "max": 128,
+     "min": 1,
+     "required": true,
+     "type": "str"
+    },
+    "kwargs": {
+     "default": {},
+     "required": false,
+     "type": "map"
+    },
+    "language": {
+     "default": "python",
+     "max": 32,
+     "min": 1,
+     "required": false,
+     "type": "str"
+    },
+    "timeout": {
+     "min": 0.001,
+     "required": false,
+     "type": "float"
+    }
+   },
+   "idempotent": false,
+   "leg": "client",
+   "liveness": false,
+   "nested": false,
+   "stream": false
+  },
   "metrics": {
    "capability": "metrics",
    "control": false,
@@ -586,6 +647,44 @@ export const PROTOCOL = {
    "idempotent": true,
    "leg": "client",
    "liveness": true,
+   "nested": false,
+   "stream": false
+  },
+  "test": {
+   "capability": null,
+   "control": false,
+   "fields": {
+    "code": {
+     "required": false,
+     "type": "str"
+    },
+    "code_ref": {
+     "leg": "client",
+     "max": 64,
+     "min": 64,
+     "required": false,
+     "type": "str"
+    },
+    "language": {
+     "default": "python",
+     "max": 32,
+     "min": 1,
+     "required": false,
+     "type": "str"
+    },
+    "tests": {
+     "required": true,
+     "type": "str"
+    },
+    "timeout": {
+     "min": 0.001,
+     "required": false,
+     "type": "float"
+    }
+   },
+   "idempotent": false,
+   "leg": "client",
+   "liveness": false,
    "nested": false,
    "stream": false
   }

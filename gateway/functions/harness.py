@@ -1,0 +1,77 @@
+"""The sources of invoke and test execs, per language (sans-I/O).
+
+An invocation or a test run is an ordinary exec (`exec.start` with `code` and `language`) whose
+source this module writes: a call of the guest agent's `guest_agent.invoke` / `guest_agent.testrun`
+for Python (run in the agent's own interpreter, so a deployed function's module stays loaded in a
+named namespace between calls), and `harness.js` with the call's parameters for JavaScript (QuickJS
+in the WASM runtime, Node where a runtime runs it). Each writes a JSON report to `report`, a path
+under the sandbox root's `.sandgate/` folder that the gateway reads once the exec ended.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from guest_agent.wire import ProtocolError
+
+#: Where reports are written, relative to the sandbox root (left out of `files` tracking).
+REPORT_DIR = ".sandgate/run"
+#: The languages a harness is written for.
+LANGUAGES = ("python", "javascript")
+
+
+def new_report_path() -> str:
+    return f"{REPORT_DIR}/{secrets.token_hex(8)}.json"
+
+
+def check_language(language: str) -> None:
+    if language not in LANGUAGES:
+        raise ProtocolError("unsupported", f"invoke and test speak {', '.join(LANGUAGES)}, not {language!r:.40}")
+
+
+def invoke_source(language: str, *, function: str, args: list[Any], kwargs: dict[str, Any], report: str,
+                  code: str | None, filename: str = "<function>") -> str:
+    """The exec source that calls `function(*args, **kwargs)` (`code` loads it first; None: it is
+    loaded already, in the exec's Python namespace)."""
+    check_language(language)
+    args_json, kwargs_json = _json(args, "args"), _json(kwargs, "kwargs")
+    if language == "python":
+        load = "" if code is None else f", code={code!r}, filename={filename!r}"
+        return (f'__import__("guest_agent.invoke", fromlist=["invoke"]).invoke(globals(), report={report!r}, '
+                f"function={function!r}, args_json={args_json!r}, kwargs_json={kwargs_json!r}{load})\n")
+    if code is None:
+        raise ProtocolError("internal", "a JavaScript call always carries its code")
+    return _js({"mode": "invoke", "report": report, "function": function, "args": args, "kwargs": kwargs,
+                "code": code})
+
+
+def test_source(language: str, *, code: str, tests: str, report: str) -> str:
+    """The exec source that runs `tests` against `code`."""
+    check_language(language)
+    if language == "python":
+        return (f'__import__("guest_agent.testrun", fromlist=["run_tests"]).run_tests(code={code!r}, '
+                f"tests={tests!r}, report={report!r})\n")
+    return _js({"mode": "test", "report": report, "code": code, "tests": tests})
+
+
+def _json(value: Any, name: str) -> str:
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError as exc:
+        raise ProtocolError("bad_request", f"'{name}' must be JSON: {exc}") from None
+
+
+@cache
+def _js_template() -> str:
+    return (Path(__file__).parent / "harness.js").read_text(encoding="utf-8")
+
+
+def _js(params: dict[str, Any]) -> str:
+    # A JSON string literal inside the source: JSON.parse then reads it back exactly (a JSON text
+    # is also a valid JS string literal's content once encoded again, U+2028 included).
+    literal = json.dumps(json.dumps(params, allow_nan=False))
+    return _js_template().replace("__PARAMS__", literal, 1)
