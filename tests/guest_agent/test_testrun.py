@@ -211,3 +211,17 @@ def test_a_timeout_stops_the_run_and_the_next_run_works(agent: AgentClient, root
     result, report = run_tests(agent, root, CODE, "def test_add():\n    assert add(1, 2) == 3\n", name="after",
                                timeout=30.0)
     assert report is not None and report["success"] is True, (result.end, result.stderr)
+
+
+def test_a_signal_stops_the_run(pclient: AgentClient, root: Path) -> None:
+    spin = "def test_spin_1():\n    print('spinning', flush=True)\n    while True:\n        pass\n\n" \
+           "def test_spin_2():\n    while True:\n        pass\n"
+    rid, _ = pclient.start(language="python", code=source(CODE, spin, ".sandgate/run/spin.json"))
+    while pclient.event(rid).get("data") != b"spinning\n":  # pytest's progress may come first
+        pass
+    pclient.request("exec.signal", exec_id="x1", signal="SIGTERM")
+    end = pclient.events(rid)[-1]
+    assert (end["exit_code"], end["signal"]) == (None, "SIGTERM")
+    assert not (root / ".sandgate/run/spin.json").exists()
+    _, report = run_tests(pclient, root, CODE, "def test_add():\n    assert add(1, 2) == 3\n", timeout=30.0)
+    assert report is not None and report["success"] is True
