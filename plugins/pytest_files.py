@@ -156,3 +156,20 @@ def pytest_files() -> dict[str, Path]:
             if found is not None and found not in seen:
                 todo.append(found)
     return {modules.rel(source): source for source in sorted(seen)}
+
+
+def stage(dest: Path) -> None:
+    """Copy `pytest_files()` into `dest` (helm/Dockerfile.agent stages the image's copy so)."""
+    import shutil
+
+    for rel, source in pytest_files().items():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, dest / rel)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m plugins.pytest_files DEST")
+    stage(Path(sys.argv[1]))
