@@ -80,6 +80,10 @@ def pytest_args(module: str, folder: str) -> list[str]:
         "--capture=no",
         "-p", "no:cacheprovider",  # no .pytest_cache in the sandbox; stepwise goes with it
         "-p", "no:faulthandler",  # it would dup the agent's stderr fd and hold it
+        # --pdb and breakpoint() handling: no terminal to debug on here, and its configure imports
+        # pdb (and asyncio with it): half of a first run's ~0.5 s under WASM
+        "-p", "no:debugging",
+        "-p", "no:pastebin",  # --pastebin sends the session to a paste service
         # A unique module name (module docstring), imported without changing sys.path.
         "--import-mode=importlib",
         "-c", os.path.join(folder, "pytest.ini"),
