@@ -15,3 +15,13 @@ pytestmark = [pytest.mark.microvm, pytest.mark.usefixtures("microvm_image")]
 class TestMicrovmPytest(PytestInTheSandbox):
     runtime = "microvm"
     runtime_config: ClassVar[dict[str, Any]] = {"pool_size": 1}
+
+
+@pytest.mark.usefixtures("microvm_full_image")
+class TestMicrovmFullTemplatePytest(PytestInTheSandbox):
+    """The `full` template: its init copies /opt/sandgate (pytest_libs with it) onto the root disk's
+    overlay, where the disk's own python3 runs the agent."""
+
+    runtime = "microvm"
+    runtime_config: ClassVar[dict[str, Any]] = {"pool_size": 1}
+    create_options: ClassVar[dict[str, Any]] = {"template": "full"}
