@@ -225,3 +225,19 @@ def test_a_signal_stops_the_run(pclient: AgentClient, root: Path) -> None:
     assert not (root / ".sandgate/run/spin.json").exists()
     _, report = run_tests(pclient, root, CODE, "def test_add():\n    assert add(1, 2) == 3\n", timeout=30.0)
     assert report is not None and report["success"] is True
+
+
+def test_the_report_is_bounded(pclient: AgentClient, root: Path) -> None:
+    from guest_agent.testrun import MAX_ERROR_CHARS, MAX_LISTED
+
+    tests = (f"import pytest\n\n@pytest.mark.parametrize('i', range({MAX_LISTED + 5}))\ndef test_many(i):\n    pass\n\n"
+             f"def test_long():\n    raise ValueError('x' * {MAX_ERROR_CHARS * 2})\n")
+    _, report = run_tests(pclient, root, CODE, tests, timeout=60.0)
+    assert report is not None
+    assert report["summary"] == {"total": MAX_LISTED + 6, "passed": MAX_LISTED + 5, "failed": 1, "skipped": 0}
+    assert len(report["tests"]) == MAX_LISTED  # the summary counts what the list leaves out
+    _, report = run_tests(pclient, root, CODE, tests.split("\n\n", 2)[0] + "\n\n" + tests.split("\n\n", 2)[2],
+                          name="long", timeout=60.0)
+    assert report is not None
+    (long,) = report["tests"]
+    assert len(long["error"]) < MAX_ERROR_CHARS + 100 and "more characters]" in long["error"]
