@@ -40,6 +40,14 @@ class ExecTerminated(BaseException):
     """
 
 
+class ExecTimeoutError(TimeoutError):
+    """Raised in an exec's thread when it runs past its timeout.
+
+    A TimeoutError, as user code expects; a class of its own, so code that catches every test's
+    exceptions (pytest in guest_agent/testrun.py) can tell the agent's stop from the test's own.
+    """
+
+
 @dataclass(frozen=True)
 class Outcome:
     exit_code: int | None

@@ -40,6 +40,7 @@ from .features import Features
 from .pyexec import (
     ExecStreams,
     ExecTerminated,
+    ExecTimeoutError,
     Namespaces,
     Outcome,
     StdStreams,
@@ -312,7 +313,7 @@ class PythonRunner:
         if record.stream.ended:
             return
         run.timed_out = True
-        self._inject(record, TimeoutError, "TIMEOUT")
+        self._inject(record, ExecTimeoutError, "TIMEOUT")
         self._schedule_abandon(record)
 
     def _schedule_abandon(self, record: ExecRecord) -> None:
@@ -337,7 +338,7 @@ class PythonRunner:
             return
         if time.monotonic() >= record.deadline:
             run.timed_out = True
-            raise TimeoutError(f"the exec ran past its timeout of {record.timeout:g} s")
+            raise ExecTimeoutError(f"the exec ran past its timeout of {record.timeout:g} s")
 
     def _pump_for(self, record: ExecRecord) -> None:
         """Single thread: the exec waits for stdin, so read and handle one frame (module doc)."""

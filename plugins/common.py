@@ -206,8 +206,11 @@ def agent_files(extra_packages: Iterable[str] = ()) -> dict[str, Path]:
 
     `extra_packages` are dotted names of more pure-Python packages the agent imports (say a
     protocol module shared with the gateway); their parent packages get empty `__init__.py`
-    files, so a parent's own imports (aiohttp, pluggy) never run in the guest."""
-    files: dict[str, Path] = {}
+    files, so a parent's own imports (aiohttp, pluggy) never run in the guest. pytest, for the
+    agent's test mode, goes into a folder of its own (plugins/pytest_files.py)."""
+    from plugins.pytest_files import PYTEST_DIR, pytest_files
+
+    files: dict[str, Path] = {f"{PYTEST_DIR}/{rel}": source for rel, source in pytest_files().items()}
     agent = package_dir("guest_agent")
     if agent is not None:  # may not exist yet: stage whatever is there
         for rel in py_files(agent):

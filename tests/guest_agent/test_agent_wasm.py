@@ -111,3 +111,19 @@ def test_eof_exits_cleanly(wasm_agent: SubprocessAgent) -> None:
     assert wasm_agent.client.request("ping") == {}
     wasm_agent.close_input()
     assert wasm_agent.wait() == 0
+
+
+def test_test_mode_runs_the_staged_pytest_and_stops_at_the_timeout(wasm: AgentClient, root: Path) -> None:
+    """One thread: the deadline is checked where the exec writes output, inside a test here; the
+    run must end there, or the second spinning test would hold the agent for ever."""
+    from tests.guest_agent.test_testrun import CODE, run_tests
+
+    result, report = run_tests(wasm, root, CODE, "def test_add():\n    assert add(1, 2) == 4\n", name="first")
+    assert report is not None and "assert 3 == 4" in report["tests"][0]["error"], result.stderr
+    spin = "def test_spin_1():\n    while True:\n        print('spinning')\n\n" \
+           "def test_spin_2():\n    while True:\n        print('still spinning')\n"
+    result, report = run_tests(wasm, root, CODE, spin, name="spin", timeout=1.0)
+    assert result.end["error"]["code"] == "timeout" and report is None
+    assert "still spinning" not in result.stdout
+    _, report = run_tests(wasm, root, CODE, "def test_add():\n    assert add(1, 2) == 3\n", name="after")
+    assert report is not None and report["success"] is True
