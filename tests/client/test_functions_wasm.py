@@ -57,3 +57,17 @@ async def test_run_tests_python_with_pytest(gateway_url: str) -> None:
         assert [t.skipped for t in report.tests if t.name.endswith("test_later")] == [True]
         assert (await sb.run_tests(ADD, "def test_adds():\n    assert add(2, 2) == 4\n")).success
 
+
+
+async def test_ephemeral_calls_that_time_out_answer(gateway_url: str) -> None:
+    """The sandbox of an ephemeral call is destroyed while its agent restarts after the timeout:
+    that destroy once cancelled the restart's wait for the agent's stdin to close, which left the
+    pipe's close future cancelled, and the destroy's own close then raised CancelledError into the
+    request: the client saw its connection dropped instead of the timeout."""
+    async with AsyncClient(gateway_url, KEY) as client:
+        late = await client.invoke("f", code="def f():\n    while True:\n        pass\n", runtime="wasm", timeout=1)
+        assert late.status == "timeout" and late.error is not None and late.error.type == "Timeout"
+        with pytest.raises(errors.Timeout) as stopped:
+            await client.execute(code="print('so far', flush=True)\nwhile True: pass", runtime="wasm", timeout=1)
+        assert stopped.value.result is not None and stopped.value.result.stdout == "so far\n"
+        assert await client.list_sandboxes() == []
