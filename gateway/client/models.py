@@ -283,9 +283,6 @@ class FileChanges:
                    deleted=_strings(data.get("deleted")), truncated=data.get("truncated") is True)
 
 
-InvokeStatus = Literal["success", "error", "crash", "timeout", "terminated"]
-
-
 @dataclass(frozen=True)
 class InvokeResult:
     """One function call (`invoke`, `invoke_function`, ephemeral `invoke`): a failing call is a
@@ -293,7 +290,8 @@ class InvokeResult:
 
     Attributes:
         status: `success`, `error` (it raised: see `error.type`), `crash` (the guest died),
-            `timeout`, or `terminated` (cancelled, or stopped by a signal).
+            `timeout`, or `terminated` (cancelled, or stopped by a signal); a newer gateway's
+            status arrives as it is.
         result: the function's return value (JSON), None unless `status` is `success`.
         error: why it did not return, or None.
         stdout, stderr: what the call printed; duration_ms: as the sandbox measured it.
@@ -304,7 +302,7 @@ class InvokeResult:
             (a new or reloaded instance), the instance (sandbox) that ran it, and its version.
     """
 
-    status: InvokeStatus
+    status: str
     result: Any
     error: FunctionError | None
     stdout: str
@@ -328,7 +326,7 @@ class InvokeResult:
         status = data.get("status")
         cold = data.get("cold")
         return cls(
-            status=status if status in ("success", "error", "crash", "timeout", "terminated") else "crash",
+            status=str(status or ""),
             result=data.get("result"),
             error=FunctionError.from_wire(data.get("error")),
             stdout=str(data.get("stdout") or ""),
@@ -477,7 +475,6 @@ class FunctionInfo:
         )
 
 
-ExecutionState = Literal["pending", "running", "completed", "failed", "cancelled", "timeout"]
 #: The states in which an execution has ended.
 FINISHED_STATES = frozenset({"completed", "failed", "cancelled", "timeout"})
 
@@ -497,7 +494,7 @@ class ExecutionInfo:
     """
 
     id: str
-    state: ExecutionState
+    state: str
     tag: str | None
     exit_code: int | None
     signal: str | None
@@ -514,17 +511,16 @@ class ExecutionInfo:
 
     @property
     def finished(self) -> bool:
-        """It has ended (completed, failed, cancelled or timed out)."""
-        return self.state in FINISHED_STATES
+        """It has ended (completed, failed, cancelled or timed out; or any state with an end time,
+        so a state newer than this client still ends a `follow_execution`)."""
+        return self.state in FINISHED_STATES or self.ended_at is not None
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> ExecutionInfo:
-        state = data.get("state")
         lost = data.get("output_lost")
         return cls(
             id=str(data["id"]),
-            state=state if state in ("pending", "running", "completed", "failed", "cancelled", "timeout")
-            else "failed",
+            state=str(data.get("state") or ""),
             tag=_str(data.get("tag")),
             exit_code=_int(data.get("exit_code")),
             signal=_str(data.get("signal")),
