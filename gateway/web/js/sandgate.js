@@ -629,7 +629,7 @@ export class Gateway {
         { wait: true, timeout: options.interval ?? 1, outputOffset });
       outputOffset = info.output_offset ?? outputOffset;
       yield info;
-      if (FINISHED.has(info.state)) return;
+      if (finished(info)) return;
     }
   }
 
@@ -652,7 +652,7 @@ export class Gateway {
       stdout += info.stdout;
       stderr += info.stderr;
       outputOffset = info.output_offset ?? outputOffset;
-      if (FINISHED.has(info.state)) return { ...info, stdout, stderr };
+      if (finished(info)) return { ...info, stdout, stderr };
       if (Date.now() >= deadline) {
         throw new SandgateError("timeout", `execution ${executionId} is still ${info.state} after ${timeout} s`);
       }
@@ -695,6 +695,8 @@ function query(params) {
 }
 
 const FINISHED = new Set(["completed", "failed", "cancelled", "timeout"]);
+/** Whether an execution has ended (a state newer than this client counts once it has an end time). */
+const finished = (/** @type {any} */ info) => FINISHED.has(info.state) || info.ended_at != null;
 
 /** @param {string} path */
 function encodePath(path) {
