@@ -1,4 +1,5 @@
-"""`sandgate`: serve the gateway, build runtime images, serve MCP, print the version."""
+"""`sandgate`: serve the gateway, build runtime images, serve MCP, call a running gateway (invoke,
+test, functions, executions, cache: gateway/cli_client.py), print the version."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__
+from gateway.cli_client import add_parsers as add_client_parsers
 from gateway.config import ConfigError
 
 #: What binding the configured host and port can fail with: the setting's fault, not the gateway's.
@@ -124,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     mcp.add_argument("--host", default="127.0.0.1", help="--http: address (loopback only; default 127.0.0.1)")
     mcp.add_argument("--port", type=int, default=8000, help="--http: port (default 8000)")
     mcp.set_defaults(func=_mcp)
+
+    add_client_parsers(sub)  # invoke, test, functions, executions, cache: calls on a running gateway
 
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=_version)

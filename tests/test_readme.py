@@ -68,3 +68,43 @@ def test_python_sdk_example(gateway: Served) -> None:
     lines = done.stdout.splitlines()
     assert lines == ["42", "A,B", "1,2", "['data.csv'] 8", "timeout False"], done.stdout
     assert gateway.call(KEY, "GET", "/v1/sandboxes")["sandboxes"] == [], "the with block destroyed it"
+
+
+def _run_python(block: str, gateway: Served) -> list[str]:
+    env = {**os.environ, "SANDGATE_URL": f"http://127.0.0.1:{gateway.port}", "SANDGATE_API_KEY": KEY}
+    done = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, block + done.stderr
+    return done.stdout.splitlines()
+
+
+#: The functions section's Python blocks (by their first line) and what each prints.
+FUNCTION_EXAMPLES = {
+    "# invoke:": ["success 42 adding 2 40", "error TypeError"],
+    "# ephemeral:": ["42", "hello", "[]"],
+    "# deployed functions:": ["1 True", "2 False", "3 False"],
+    "# background executions:": ["step 0", "step 1", "step 2", "completed", "cancelled"],
+    "# code cache:": ["7", "[1]"],
+}
+
+
+def test_functions_examples(gateway: Served) -> None:
+    for starts, expected in FUNCTION_EXAMPLES.items():
+        assert _run_python(_block("python", starts), gateway) == expected, starts
+    assert gateway.call(KEY, "GET", "/v1/sandboxes")["sandboxes"] == [], "every example cleaned up"
+    assert gateway.call(KEY, "GET", "/v1/functions")["functions"] == []
+
+
+def test_test_mode_example(gateway: Served) -> None:
+    assert _run_python(_block("python", "# test mode:"), gateway) == ["False 1 1", "['test_wrong']"]
+
+
+def test_cli_example(gateway: Served, tmp_path: Path) -> None:
+    # `sandgate` is this checkout's CLI (an installed console script may be another copy).
+    script = f'sandgate() {{ {sys.executable} -m gateway.cli "$@"; }}\n' + _block("sh", "# sandgate functions")
+    env = {**os.environ, "SANDGATE_URL": f"http://127.0.0.1:{gateway.port}", "SANDGATE_API_KEY": KEY,
+           "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert '"result": 42' in done.stdout and '"cold": true' in done.stdout and '"result": 3' in done.stdout
+    assert gateway.call(KEY, "GET", "/v1/functions")["functions"] == []

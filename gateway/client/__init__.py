@@ -5,23 +5,35 @@
     with Sandbox.create(runtime="wasm") as sandbox:       # SANDGATE_URL, SANDGATE_API_KEY
         print(sandbox.exec(code="print(6 * 7)").stdout)    # 42
 
-`AsyncSandbox` is the same API for asyncio. Errors are `errors.SandgateError` subclasses named after
-the protocol's codes (`errors.NotFound`, `errors.Busy`, ...). See docs/clients.md.
+`AsyncSandbox` is the same API for asyncio. Functions: `sandbox.invoke(...)`, `sandbox.run_tests(...)`,
+`client.invoke(...)` in a throwaway sandbox, `client.deploy_function(...)`, background executions
+(`sandbox.start_execution(...)`), the code cache (`client.cache_entries()`). Errors are
+`errors.SandgateError` subclasses named after the protocol's codes (`errors.NotFound`,
+`errors.Busy`, ...). See docs/clients.md.
 """
 
 from gateway.client import errors
 from gateway.client.aio import AsyncClient, AsyncExecution, AsyncFiles, AsyncSandbox
 from gateway.client.errors import SandgateError
 from gateway.client.models import (
+    CacheEntry,
     ExecEvent,
     ExecResult,
+    ExecutionInfo,
     Exited,
+    FileChanges,
     FileInfo,
+    FunctionError,
+    FunctionInfo,
+    InvokeResult,
     Metrics,
     Output,
     OutputLost,
     SandboxInfo,
     Started,
+    TestOutcome,
+    TestReport,
+    TestSummary,
 )
 from gateway.client.sync import Client, Execution, Files, Sandbox
 
@@ -30,13 +42,19 @@ __all__ = [
     "AsyncExecution",
     "AsyncFiles",
     "AsyncSandbox",
+    "CacheEntry",
     "Client",
     "ExecEvent",
     "ExecResult",
     "Execution",
+    "ExecutionInfo",
     "Exited",
+    "FileChanges",
     "FileInfo",
     "Files",
+    "FunctionError",
+    "FunctionInfo",
+    "InvokeResult",
     "Metrics",
     "Output",
     "OutputLost",
@@ -44,5 +62,8 @@ __all__ = [
     "SandboxInfo",
     "SandgateError",
     "Started",
+    "TestOutcome",
+    "TestReport",
+    "TestSummary",
     "errors",
 ]

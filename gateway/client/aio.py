@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import io
 import os
 import secrets
@@ -27,11 +28,12 @@ from collections.abc import (
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 from yarl import URL
 
+from gateway.client import bodies
 from gateway.client.connection import Connection, ExecStream
 from gateway.client.errors import (
     ConnectionLost,
@@ -42,7 +44,20 @@ from gateway.client.errors import (
     error_for_status,
     error_from_wire,
 )
-from gateway.client.models import ExecEvent, ExecResult, Exited, FileInfo, Metrics, SandboxInfo, Started
+from gateway.client.models import (
+    CacheEntry,
+    ExecEvent,
+    ExecResult,
+    ExecutionInfo,
+    Exited,
+    FileInfo,
+    FunctionInfo,
+    InvokeResult,
+    Metrics,
+    SandboxInfo,
+    Started,
+    TestReport,
+)
 from gateway.client.streams import ResultBuilder
 from gateway.protocol.client import JSON, MSGPACK
 
@@ -74,6 +89,8 @@ class AsyncClient:
         reconnect_timeout: seconds a dropped WebSocket keeps trying to come back.
         heartbeat: seconds between WebSocket pings; a missing pong counts as a drop.
         encoding: `"msgpack"` (binary frames, the default) or `"json"` on the WebSocket.
+        call_timeout: seconds a call that runs code (invoke, run_tests, execute, invoke_function)
+            may take when it names no `timeout` of its own; with one, that plus `request_timeout`.
 
     Raises:
         Unauthorized: no API key given and `$SANDGATE_API_KEY` is unset.
@@ -82,7 +99,7 @@ class AsyncClient:
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *, request_timeout: float = 60.0,
                  connect_timeout: float = 10.0, reconnect_timeout: float = 30.0, heartbeat: float = 20.0,
-                 encoding: Literal["msgpack", "json"] = "msgpack") -> None:
+                 encoding: Literal["msgpack", "json"] = "msgpack", call_timeout: float = 600.0) -> None:
         self.url = _gateway_url(url)
         key = api_key or os.environ.get("SANDGATE_API_KEY")
         if not key:
@@ -91,6 +108,7 @@ class AsyncClient:
             raise ValueError("encoding must be 'msgpack' or 'json'")
         self._headers = {"Authorization": f"Bearer {key}"}
         self.request_timeout = request_timeout
+        self.call_timeout = call_timeout
         self.connect_timeout = connect_timeout
         self.reconnect_timeout = reconnect_timeout
         self.heartbeat = heartbeat
@@ -151,6 +169,164 @@ class AsyncClient:
         """The runtimes this gateway offers (`GET /v1/runtimes`), and why any is unavailable."""
         return await self._json("GET", "/v1/runtimes")
 
+    # -- ephemeral calls: a fresh sandbox for one call, destroyed after it -----------------------
+
+    async def invoke(self, function: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, *,
+                     code: str | None = None, code_ref: str | None = None, language: str | None = None,
+                     timeout: float | None = None, files: Mapping[str, str | bytes] | None = None,
+                     runtime: str | None = None, **create: Any) -> InvokeResult:
+        """Call `function(*args, **kwargs)` of `code` in a fresh sandbox (`POST /v1/invoke`), taken
+        from the warm pool and destroyed afterwards: nothing is left behind.
+
+        Args:
+            function: the function's name; args, kwargs: its arguments (JSON values). JavaScript
+                gets `kwargs`, when given, as a last options object.
+            code: the source that defines it, or code_ref: the sha256 of code the gateway cached
+                (`cache_entries()`); language: `"python"` (default) or `"javascript"`.
+            timeout: wall-clock seconds for the call. files: written before the call
+                ({relative path: text or bytes}).
+            runtime: the runtime (default: the gateway's); **create: other create options
+                (`memory_mb`, `ttl`, ...), as `create_sandbox` takes them.
+
+        Returns:
+            The `InvokeResult`: an exception, a crash or a timeout is a result with a `status`.
+
+        Raises:
+            BadRequest: a bad field (checked before any sandbox is made). NotFound: an unknown code_ref.
+            QuotaExceeded: the tenant's sandbox quota or create rate (`retry_after` says when to retry).
+        """
+        body = {**bodies.invoke_body(function, args, kwargs, code=code, code_ref=code_ref, language=language,
+                                     timeout=timeout, files=files), **_options(runtime, create)}
+        data = await self._json("POST", "/v1/invoke", json=body, timeout=self._deadline(timeout))
+        return InvokeResult.from_wire(data)
+
+    async def execute(self, command: str | Sequence[str] | None = None, *, code: str | None = None,
+                      code_ref: str | None = None, language: str | None = None, stdin: bytes | str | None = None,
+                      env: Mapping[str, str] | None = None, cwd: str | None = None, timeout: float | None = None,
+                      runtime: str | None = None, **create: Any) -> ExecResult:
+        """Run a command or code to its end in a fresh sandbox (`POST /v1/execute`), destroyed afterwards.
+
+        Takes the arguments of `AsyncSandbox.exec` (stdin as text: REST carries no bytes) and
+        `invoke`'s `runtime` and create options.
+
+        Returns:
+            The `ExecResult` (a non-zero exit is a result).
+
+        Raises:
+            Timeout, GuestDied: it did not end on its own (the exception's `result` has the output).
+            BadRequest, QuotaExceeded, Unsupported: as `invoke` and `AsyncSandbox.exec`.
+        """
+        body = {**bodies.exec_body(command, code=code, code_ref=code_ref, language=language, stdin=stdin, env=env,
+                                   cwd=cwd, timeout=timeout, tag=None, namespace=None), **_options(runtime, create)}
+        result = ExecResult.from_rest(await self._json("POST", "/v1/execute", json=body,
+                                                       timeout=self._deadline(timeout)))
+        if result.error is not None:
+            result.error.result = result
+            raise result.error
+        return result
+
+    # -- deployed functions -----------------------------------------------------------------------
+
+    async def deploy_function(self, name: str, code: str | None = None, function: str | None = None, *,
+                              code_ref: str | None = None, runtime: str | None = None, language: str | None = None,
+                              timeout: float | None = None, memory_mb: int | None = None,
+                              min_instances: int | None = None, max_instances: int | None = None,
+                              idle_timeout: float | None = None,
+                              env: Mapping[str, str] | None = None) -> FunctionInfo:
+        """Create or replace a function (`PUT /v1/functions/{name}`).
+
+        Args:
+            name: 1-128 letters, digits, `_`, `.` or `-`.
+            code: its source (or code_ref: the sha256 of cached code); function: the function to call
+                (default: `name`, when `name` is an identifier).
+            runtime, language: where and in what it runs (the gateway's default runtime, Python).
+            timeout: seconds per call; memory_mb: each instance's memory.
+            min_instances: instances kept warm (made now); max_instances: the most that run at once
+                (more calls queue, then answer `QuotaExceeded`); idle_timeout: seconds an instance
+                may idle before it is destroyed (down to `min_instances`). env: the calls' environment.
+
+        Returns:
+            The `FunctionInfo`; a redeploy that changes what instances run has a new `version`
+            (old instances are drained).
+
+        Raises:
+            BadRequest: a bad name or field. QuotaExceeded: the tenant has as many functions as it may.
+        """
+        if function is None:
+            if not name.isidentifier():
+                raise ValueError(f"name the function to call (function=...): {name!r} is not a Python name")
+            function = name
+        body = bodies.deploy_body(code=code, code_ref=code_ref, function=function, runtime=runtime, language=language,
+                                  timeout=timeout, memory_mb=memory_mb, min_instances=min_instances,
+                                  max_instances=max_instances, idle_timeout=idle_timeout, env=env)
+        return FunctionInfo.from_wire(await self._json("PUT", _function_path(name), json=body))
+
+    async def list_functions(self) -> list[FunctionInfo]:
+        """This tenant's deployed functions, by name."""
+        data = await self._json("GET", "/v1/functions")
+        return [FunctionInfo.from_wire(f) for f in data.get("functions", []) if isinstance(f, dict)]
+
+    async def get_function(self, name: str) -> FunctionInfo:
+        """One function, with its instances and queue.
+
+        Raises:
+            NotFound: no such function (or another tenant's).
+        """
+        return FunctionInfo.from_wire(await self._json("GET", _function_path(name)))
+
+    async def delete_function(self, name: str) -> None:
+        """Delete a function; its idle instances are destroyed before this returns, busy ones when
+        their call ends, and queued calls fail with `NotFound`.
+
+        Raises:
+            NotFound: no such function.
+        """
+        await self._json("DELETE", _function_path(name))
+
+    async def invoke_function(self, name: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
+                              *, wait: float | None = None) -> InvokeResult:
+        """Call a deployed function (`POST /v1/functions/{name}/invoke`) on a warm instance if one
+        is idle, else on a new one, else after queueing for one.
+
+        Args:
+            args, kwargs: its arguments (JSON values).
+            wait: seconds to wait for the answer (default: the client's `call_timeout`); the call's
+                own limit is the function's `timeout`.
+
+        Returns:
+            The `InvokeResult`, with `cold` (the call loaded the function), `instance` and `version`.
+
+        Raises:
+            NotFound: no such function. QuotaExceeded: every instance is busy and the queue is full,
+                or no instance came free in time: `retry_after` says when to try again.
+        """
+        body = {"args": list(args), "kwargs": dict(kwargs or {})}
+        data = await self._json("POST", _function_path(name) + "/invoke", json=body,
+                                timeout=wait if wait is not None else self.call_timeout)
+        return InvokeResult.from_wire(data)
+
+    # -- the code cache ---------------------------------------------------------------------------
+
+    async def cache_entries(self) -> list[CacheEntry]:
+        """The code this tenant's calls sent, content-addressed, most recently used first."""
+        data = await self._json("GET", "/v1/cache")
+        return [CacheEntry.from_wire(e) for e in data.get("entries", []) if isinstance(e, dict)]
+
+    async def clear_cache(self) -> None:
+        """Drop every cached code body of this tenant."""
+        await self._json("DELETE", "/v1/cache")
+
+    async def delete_cache_entry(self, code_hash: str) -> None:
+        """Drop one cached code body.
+
+        Raises:
+            NotFound: no such entry.
+        """
+        await self._json("DELETE", f"/v1/cache/{quote(code_hash, safe='')}")
+
+    def _deadline(self, timeout: float | None) -> float:
+        return bodies.call_deadline(timeout, request_timeout=self.request_timeout, call_timeout=self.call_timeout)
+
     # -- HTTP -----------------------------------------------------------------------------------
 
     def _http(self) -> aiohttp.ClientSession:
@@ -163,8 +339,8 @@ class AsyncClient:
         path = "/".join(quote(s, safe="/") for s in segments)
         return URL(f"{self.url}/{path}", encoded=True)
 
-    async def _json(self, method: str, path: str, *, json: Any = None) -> dict[str, Any]:
-        async with self._request(method, URL(self.url + path, encoded=True), json=json) as resp:
+    async def _json(self, method: str, path: str, *, json: Any = None, timeout: float | None = None) -> dict[str, Any]:
+        async with self._request(method, URL(self.url + path, encoded=True), json=json, timeout=timeout) as resp:
             if resp.status == 204:
                 return {}
             try:
@@ -176,16 +352,18 @@ class AsyncClient:
             return data
 
     @contextlib.asynccontextmanager
-    async def _request(self, method: str, url: URL, *, streaming: bool = False,
+    async def _request(self, method: str, url: URL, *, streaming: bool = False, timeout: float | None = None,
                        **kwargs: Any) -> AsyncIterator[aiohttp.ClientResponse]:
         """One HTTP request whose errors arrive as `SandgateError`s; yields the (2xx) response.
 
-        A streaming transfer has no overall deadline, only one on each read (`request_timeout`)."""
+        It may take `timeout` seconds (default `request_timeout`); a call that runs code passes
+        a longer one. A streaming transfer has no overall deadline, only one on each read."""
         what = f"{method} {url.path}"
-        timeout = aiohttp.ClientTimeout(total=None if streaming else self.request_timeout,
-                                        sock_connect=self.connect_timeout, sock_read=self.request_timeout)
+        limit = self.request_timeout if timeout is None else timeout
+        deadlines = aiohttp.ClientTimeout(total=None if streaming else limit, sock_connect=self.connect_timeout,
+                                          sock_read=limit)
         try:
-            async with self._http().request(method, url, timeout=timeout, **kwargs) as resp:
+            async with self._http().request(method, url, timeout=deadlines, **kwargs) as resp:
                 if resp.status >= 400:
                     raise await _error_from_response(resp, what)
                 yield resp
@@ -194,7 +372,7 @@ class AsyncClient:
         except aiohttp.ConnectionTimeoutError as exc:
             raise ConnectionLost(f"{what}: cannot reach the gateway at {self.url}: {exc}") from None
         except TimeoutError:
-            raise Timeout(f"{what}: no answer within {self.request_timeout:g} s") from None
+            raise Timeout(f"{what}: no answer within {limit:g} s") from None
         except (aiohttp.ClientConnectionError, OSError) as exc:
             raise ConnectionLost(f"{what}: the connection to {self.url} failed: {exc}") from None
 
@@ -223,6 +401,17 @@ async def _error_from_response(resp: aiohttp.ClientResponse, what: str) -> Sandg
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         return error_from_wire(body["error"], http_status=resp.status, retry_after=wait)
     return error_for_status(resp.status, f"{what}: HTTP {resp.status} {resp.reason}")
+
+
+def _options(runtime: str | None, create: Mapping[str, Any]) -> dict[str, Any]:
+    """An ephemeral call's create options, those given."""
+    return {name: value for name, value in {"runtime": runtime, **create}.items() if value is not None}
+
+
+def _function_path(name: str) -> str:
+    if not name or not isinstance(name, str):
+        raise NotFound("a function's name is a non-empty string")
+    return f"/v1/functions/{quote(name, safe='')}"
 
 
 class _Creating:
@@ -393,7 +582,7 @@ class AsyncSandbox:
     # -- exec -----------------------------------------------------------------------------------
 
     async def exec(self, command: str | Sequence[str] | None = None, *, code: str | None = None,
-                   language: str | None = None, stdin: bytes | str | None = None,
+                   code_ref: str | None = None, language: str | None = None, stdin: bytes | str | None = None,
                    env: Mapping[str, str] | None = None, cwd: str | None = None, timeout: float | None = None,
                    tag: str | None = None, namespace: str | None = None,
                    pty: tuple[int, int] | None = None, max_output_bytes: int = DEFAULT_MAX_OUTPUT) -> ExecResult:
@@ -402,6 +591,8 @@ class AsyncSandbox:
         Args:
             command: argv (`["ls", "-l"]`) or a shell string (`"ls | wc -l"`), on runtimes with processes.
             code: source to run instead of a command; language: `"python"` (default) or `"javascript"`.
+            code_ref: instead of `code`, the sha256 of code the gateway cached for this tenant
+                (`AsyncClient.cache_entries`); its language is the cached code's unless given.
             stdin: bytes (or text, sent as UTF-8) for its stdin, which is then closed.
             env, cwd: extra environment and working directory.
             timeout: wall-clock seconds, after which the sandbox stops it (default: no limit).
@@ -420,13 +611,15 @@ class AsyncSandbox:
             Busy: the sandbox runs one exec at a time and another is running.
             BadRequest: neither or both of `command` and `code`, or a bad field.
         """
-        execution = await self.start(command, code=code, language=language, stdin=stdin, stdin_open=False,
+        execution = await self.start(command, code=code, code_ref=code_ref, language=language, stdin=stdin,
+                                     stdin_open=False,
                                      env=env, cwd=cwd, timeout=timeout, tag=tag, namespace=namespace, pty=pty,
                                      max_output_bytes=max_output_bytes)
         return await execution.wait()
 
     async def start(self, command: str | Sequence[str] | None = None, *, code: str | None = None,
-                    language: str | None = None, stdin: bytes | str | None = None, stdin_open: bool | None = None,
+                    code_ref: str | None = None, language: str | None = None, stdin: bytes | str | None = None,
+                    stdin_open: bool | None = None,
                     env: Mapping[str, str] | None = None, cwd: str | None = None, timeout: float | None = None,
                     tag: str | None = None, namespace: str | None = None, pty: tuple[int, int] | None = None,
                     max_output_bytes: int = DEFAULT_MAX_OUTPUT) -> AsyncExecution:
@@ -446,6 +639,10 @@ class AsyncSandbox:
         fields: dict[str, Any] = {"exec_id": exec_id}
         if code is not None:
             fields.update(code=code, language=language or "python")
+        if code_ref is not None:
+            fields["code_ref"] = code_ref
+            if language is not None:
+                fields["language"] = language
         if command is not None:
             fields["command"] = command if isinstance(command, str) else list(command)
         optional = {"env": dict(env) if env is not None else None, "cwd": cwd, "timeout": timeout, "tag": tag,
@@ -477,6 +674,167 @@ class AsyncSandbox:
         """The sandbox's recent execs: `{exec_id, tag, pid, running, exit_code}` each."""
         result = await self.connection.request("exec.list")
         return [e for e in result.get("execs", []) if isinstance(e, dict)]
+
+    # -- invoke and test mode ---------------------------------------------------------------------
+
+    def _path(self, *tail: str) -> str:
+        return "/".join(("/v1/sandboxes", quote(self.id, safe=""), *tail))
+
+    async def invoke(self, function: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, *,
+                     code: str | None = None, code_ref: str | None = None, language: str | None = None,
+                     timeout: float | None = None, files: Mapping[str, str | bytes] | None = None) -> InvokeResult:
+        """Call `function(*args, **kwargs)` of `code` in this sandbox (`POST .../invoke`). The code
+        is loaded afresh for each call; files it writes stay in the sandbox.
+
+        Args:
+            function: the function's name; args, kwargs: its arguments (JSON values). JavaScript
+                gets `kwargs`, when given, as a last options object.
+            code: the source that defines it, or code_ref: the sha256 of code the gateway cached
+                for this tenant; language: `"python"` (default) or `"javascript"`.
+            timeout: wall-clock seconds for the call.
+            files: written before the call, {relative path: text or bytes}.
+
+        Returns:
+            The `InvokeResult`: `status` success, error (with the exception's `type`), crash,
+            timeout or terminated; the result, output, and the files the call changed.
+
+        Raises:
+            BadRequest: a bad field (a function name that is not a name, both or neither of code and
+                code_ref). NotFound: the sandbox, or the code_ref, is unknown. Busy: the sandbox runs
+                something else and does one thing at a time.
+        """
+        body = bodies.invoke_body(function, args, kwargs, code=code, code_ref=code_ref, language=language,
+                                  timeout=timeout, files=files)
+        data = await self.client._json("POST", self._path("invoke"), json=body, timeout=self.client._deadline(timeout))
+        return InvokeResult.from_wire(data)
+
+    async def run_tests(self, code: str | None, tests: str, *, code_ref: str | None = None,
+                        language: str | None = None, timeout: float | None = None) -> TestReport:
+        """Run `tests` against `code` in this sandbox (`POST .../test`).
+
+        Python tests are pytest tests (`test_*` functions with plain `assert`; `code`'s names are in
+        scope), run by real pytest in the sandbox. JavaScript tests call `test(name, fn)` and use
+        the `assert` global (`is`, `equal`, `ok`, `not`, `throws`).
+
+        Args:
+            code: the code under test (None with `code_ref`); tests: the tests' source.
+            language: `"python"` (default) or `"javascript"`; timeout: seconds for the whole run.
+
+        Returns:
+            The `TestReport` (`success`, `summary`, one `TestOutcome` per test). Failing tests are
+            a result, not an exception.
+        """
+        body = bodies.tests_body(code, tests, code_ref=code_ref, language=language, timeout=timeout)
+        data = await self.client._json("POST", self._path("test"), json=body, timeout=self.client._deadline(timeout))
+        return TestReport.from_wire(data)
+
+    # -- async executions ---------------------------------------------------------------------------
+
+    async def start_execution(self, command: str | Sequence[str] | None = None, *, code: str | None = None,
+                              code_ref: str | None = None, language: str | None = None,
+                              stdin: bytes | str | None = None, env: Mapping[str, str] | None = None,
+                              cwd: str | None = None, timeout: float | None = None, tag: str | None = None,
+                              namespace: str | None = None) -> ExecutionInfo:
+        """Start a command or code in the background (`POST .../executions`) and return at once.
+
+        It runs on whatever happens to this client: poll it with `get_execution`, follow its
+        output with `follow_execution`, wait with `wait_execution`, stop it with `cancel_execution`
+        (or attach over the WebSocket: it is an exec like any other). Arguments as `exec`, with
+        `stdin` as text (REST carries no bytes).
+
+        Returns:
+            The `ExecutionInfo`, state `pending` or `running`; its `id` names it.
+        """
+        body = bodies.exec_body(command, code=code, code_ref=code_ref, language=language, stdin=stdin, env=env,
+                                cwd=cwd, timeout=timeout, tag=tag, namespace=namespace)
+        return ExecutionInfo.from_wire(await self.client._json("POST", self._path("executions"), json=body))
+
+    async def get_execution(self, execution_id: str, *, wait: bool = False, timeout: float | None = None,
+                            output_offset: int = 0) -> ExecutionInfo:
+        """An execution's state and its output from `output_offset` on.
+
+        Args:
+            wait: wait until it ends, for at most `timeout` seconds (the gateway's default is 30
+                and its cap 300), and answer then (ended or not).
+            output_offset: the `output_offset` of the previous reply, to get only what came since.
+
+        Raises:
+            NotFound: no such execution (or it ended long ago and was forgotten).
+        """
+        query = {"output_offset": str(output_offset)}
+        if wait:
+            query["wait"] = "true"
+            if timeout is not None:
+                query["timeout"] = f"{timeout:g}"
+        path = self._path("executions", quote(execution_id, safe="")) + "?" + urlencode(query)
+        limit = self.client.request_timeout + (timeout if wait and timeout is not None else 30.0 if wait else 0.0)
+        return ExecutionInfo.from_wire(await self.client._json("GET", path, timeout=limit))
+
+    async def cancel_execution(self, execution_id: str) -> ExecutionInfo:
+        """Stop a running execution (SIGKILL); its state becomes `cancelled`. An execution that has
+        already ended is left as it is. Returns its state (without output)."""
+        path = self._path("executions", quote(execution_id, safe=""))
+        return ExecutionInfo.from_wire(await self.client._json("DELETE", path))
+
+    async def list_executions(self, *, state: str | None = None, limit: int | None = None,
+                              ) -> builtins.list[ExecutionInfo]:
+        """The sandbox's executions, newest first (without output): every exec, however started.
+
+        Args:
+            state: only those in this state (`running`, `completed`, ...); limit: at most this many (1..1000).
+        """
+        query = {k: str(v) for k, v in (("state", state), ("limit", limit)) if v is not None}
+        path = self._path("executions") + ("?" + urlencode(query) if query else "")
+        data = await self.client._json("GET", path)
+        return [ExecutionInfo.from_wire(e) for e in data.get("executions", []) if isinstance(e, dict)]
+
+    async def follow_execution(self, execution_id: str, *, interval: float = 1.0,
+                               output_offset: int = 0) -> AsyncGenerator[ExecutionInfo, None]:
+        """Follow an execution's output: each item is one poll (the gateway holds it up to
+        `interval` seconds, less when the execution ends) with the output that arrived since the
+        previous item; the last item is the finished execution.
+
+        Nothing is lost or repeated between items (they continue from each other's
+        `output_offset`); output the replay buffer dropped meanwhile shows as `output_lost`.
+        """
+        while True:
+            info = await self.get_execution(execution_id, wait=True, timeout=interval, output_offset=output_offset)
+            if info.output_offset is not None:
+                output_offset = info.output_offset
+            yield info
+            if info.finished:
+                return
+
+    async def wait_execution(self, execution_id: str, *, timeout: float | None = None,
+                             interval: float = 20.0) -> ExecutionInfo:
+        """Wait for an execution to end and return it with all of its output.
+
+        Args:
+            timeout: give up after this many seconds (default: wait as long as it runs).
+            interval: seconds each poll may be held by the gateway (at most its cap, 300 by default).
+
+        Raises:
+            Timeout: it was still running after `timeout` seconds (it runs on).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        out: dict[str, builtins.list[str]] = {"stdout": [], "stderr": [], "pty": []}
+        offset = 0
+        lost: tuple[int, int] | None = None
+        while True:
+            hold = interval if deadline is None else max(0.0, min(interval, deadline - loop.time()))
+            info = await self.get_execution(execution_id, wait=True, timeout=hold, output_offset=offset)
+            for name, parts in out.items():
+                parts.append(getattr(info, name))
+            if info.output_lost is not None:
+                lost = info.output_lost if lost is None else (lost[0], info.output_lost[1])
+            if info.output_offset is not None:
+                offset = info.output_offset
+            if info.finished:
+                return dataclasses.replace(info, stdout="".join(out["stdout"]), stderr="".join(out["stderr"]),
+                                           pty="".join(out["pty"]), output_lost=lost)
+            if deadline is not None and loop.time() >= deadline:
+                raise Timeout(f"execution {execution_id} is still {info.state} after {timeout:g} s")
 
 
 class AsyncExecution:

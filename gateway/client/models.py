@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gateway.client.errors import SandgateError
+from gateway.client.errors import SandgateError, error_from_wire
 
 Fd = Literal["stdout", "stderr", "pty"]
 
@@ -157,6 +157,19 @@ class ExecResult:
         """Exit code 0 and no error."""
         return self.exit_code == 0 and self.error is None
 
+    @classmethod
+    def from_rest(cls, data: Mapping[str, Any]) -> ExecResult:
+        """The result of a REST exec (`POST .../exec`, `POST /v1/execute`), whose output is text."""
+        duration = _float(data.get("duration_ms"))
+        signal = data.get("signal")
+        return cls(exec_id=str(data.get("exec_id") or ""), exit_code=_int(data.get("exit_code")),
+                   signal=signal if isinstance(signal, str) else None,
+                   duration=duration / 1000 if duration is not None else 0.0,
+                   stdout_bytes=str(data.get("stdout") or "").encode(),
+                   stderr_bytes=str(data.get("stderr") or "").encode(),
+                   error=error_from_wire(data["error"]) if data.get("error") else None,
+                   truncated=data.get("truncated") is True)
+
 
 # -- files and metrics -------------------------------------------------------------------------
 
@@ -223,3 +236,322 @@ class Metrics:
         return cls(guest=dict(guest) if isinstance(guest, dict) else {},
                    host=dict(host) if isinstance(host, dict) else {},
                    restarts=_int(data.get("restarts")) or 0)
+
+
+# -- serverless: invoke, test mode, deployed functions, executions, the code cache ----------------
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _strings(value: Any) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+@dataclass(frozen=True)
+class FunctionError:
+    """Why an invocation did not return: `type` is the exception's class name (`ZeroDivisionError`),
+    or `Timeout`, `Terminated`, `Crash`, `FunctionNotFound`, `ResultNotSerializable`."""
+
+    type: str
+    message: str
+    traceback: str
+
+    @classmethod
+    def from_wire(cls, data: Any) -> FunctionError | None:
+        if not isinstance(data, Mapping):
+            return None
+        return cls(type=str(data.get("type") or ""), message=str(data.get("message") or ""),
+                   traceback=str(data.get("traceback") or ""))
+
+
+@dataclass(frozen=True)
+class FileChanges:
+    """The files a call created, modified and deleted under the sandbox's root."""
+
+    created: list[str]
+    modified: list[str]
+    deleted: list[str]
+    #: The guest listed only the first changes of a call that made very many.
+    truncated: bool = False
+
+    @classmethod
+    def from_wire(cls, data: Any) -> FileChanges:
+        data = data if isinstance(data, Mapping) else {}
+        return cls(created=_strings(data.get("created")), modified=_strings(data.get("modified")),
+                   deleted=_strings(data.get("deleted")), truncated=data.get("truncated") is True)
+
+
+@dataclass(frozen=True)
+class InvokeResult:
+    """One function call (`invoke`, `invoke_function`, ephemeral `invoke`): a failing call is a
+    result with a `status`, not an exception.
+
+    Attributes:
+        status: `success`, `error` (it raised: see `error.type`), `crash` (the guest died),
+            `timeout`, or `terminated` (cancelled, or stopped by a signal); a newer gateway's
+            status arrives as it is.
+        result: the function's return value (JSON), None unless `status` is `success`.
+        error: why it did not return, or None.
+        stdout, stderr: what the call printed; duration_ms: as the sandbox measured it.
+        files: the files the call created, modified and deleted.
+        exec_id: the exec that ran the call (an execution of the sandbox: cancel it by this id).
+        truncated: output past the gateway's cap was dropped.
+        cold, instance, version: deployed functions only: whether the call loaded the function
+            (a new or reloaded instance), the instance (sandbox) that ran it, and its version.
+    """
+
+    status: str
+    result: Any
+    error: FunctionError | None
+    stdout: str
+    stderr: str
+    duration_ms: float | None
+    files: FileChanges
+    exec_id: str | None
+    truncated: bool
+    cold: bool | None = None
+    instance: str | None = None
+    version: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        """The function returned (`status == "success"`)."""
+        return self.status == "success"
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> InvokeResult:
+        status = data.get("status")
+        cold = data.get("cold")
+        return cls(
+            status=str(status or ""),
+            result=data.get("result"),
+            error=FunctionError.from_wire(data.get("error")),
+            stdout=str(data.get("stdout") or ""),
+            stderr=str(data.get("stderr") or ""),
+            duration_ms=_float(data.get("duration_ms")),
+            files=FileChanges.from_wire(data.get("files")),
+            exec_id=_str(data.get("exec_id")),
+            truncated=data.get("truncated") is True,
+            cold=cold if isinstance(cold, bool) else None,
+            instance=_str(data.get("instance")),
+            version=_str(data.get("version")),
+            raw=dict(data),
+        )
+
+
+@dataclass(frozen=True)
+class TestOutcome:
+    """One test of a `run_tests` run. `name` is pytest's node id for Python (`test_x.py::test_adds`),
+    the `test()` name for JavaScript; `error` is the failure as the test framework wrote it."""
+
+    __test__ = False  # a model, not a test class: pytest must not collect it where it is imported
+
+    name: str
+    passed: bool
+    skipped: bool
+    duration_ms: float | None
+    error: str | None
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> TestOutcome:
+        return cls(name=str(data.get("name") or ""), passed=data.get("passed") is True,
+                   skipped=data.get("skipped") is True, duration_ms=_float(data.get("duration_ms")),
+                   error=_str(data.get("error")))
+
+
+@dataclass(frozen=True)
+class TestSummary:
+    """How many tests ran, passed, failed and were skipped."""
+
+    __test__ = False
+
+    total: int
+    passed: int
+    failed: int
+    skipped: int
+
+    @classmethod
+    def from_wire(cls, data: Any) -> TestSummary:
+        data = data if isinstance(data, Mapping) else {}
+        return cls(*(_int(data.get(key)) or 0 for key in ("total", "passed", "failed", "skipped")))
+
+
+@dataclass(frozen=True)
+class TestReport:
+    """A `run_tests` run: `success` when no test failed and at least one ran (or was skipped), and
+    the run itself finished (`status` is `success`; otherwise `error` says why not: a timeout, a
+    crash, code that does not import)."""
+
+    __test__ = False
+
+    success: bool
+    status: str
+    summary: TestSummary
+    tests: list[TestOutcome]
+    error: FunctionError | None
+    stdout: str
+    stderr: str
+    duration_ms: float | None
+    exec_id: str | None
+    truncated: bool
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def failures(self) -> list[TestOutcome]:
+        """The tests that failed."""
+        return [t for t in self.tests if not t.passed and not t.skipped]
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> TestReport:
+        tests = data.get("tests")
+        return cls(
+            success=data.get("success") is True,
+            status=str(data.get("status") or ""),
+            summary=TestSummary.from_wire(data.get("summary")),
+            tests=[TestOutcome.from_wire(t) for t in tests if isinstance(t, Mapping)] if isinstance(tests, list)
+            else [],
+            error=FunctionError.from_wire(data.get("error")),
+            stdout=str(data.get("stdout") or ""),
+            stderr=str(data.get("stderr") or ""),
+            duration_ms=_float(data.get("duration_ms")),
+            exec_id=_str(data.get("exec_id")),
+            truncated=data.get("truncated") is True,
+            raw=dict(data),
+        )
+
+
+@dataclass(frozen=True)
+class FunctionInfo:
+    """A deployed function as the gateway describes it (`GET /v1/functions/{name}`; without its code).
+
+    `version` is the hash of what its instances run: a redeploy that changes the code or a setting
+    that shapes an instance makes a new version (old instances are drained). `instances` are the
+    function's warm sandboxes: `{id, version, busy, calls, idle_s}` each; `queued` the calls waiting
+    for one.
+    """
+
+    name: str
+    version: str
+    runtime: str
+    language: str
+    function: str
+    timeout: float | None
+    memory_mb: int | None
+    min_instances: int
+    max_instances: int
+    idle_timeout: float | None
+    env: dict[str, str]
+    code_hash: str | None
+    created_at: float | None
+    updated_at: float | None
+    instances: list[dict[str, Any]]
+    queued: int
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> FunctionInfo:
+        env, instances = data.get("env"), data.get("instances")
+        return cls(
+            name=str(data["name"]),
+            version=str(data.get("version") or ""),
+            runtime=str(data.get("runtime") or ""),
+            language=str(data.get("language") or ""),
+            function=str(data.get("function") or ""),
+            timeout=_float(data.get("timeout")),
+            memory_mb=int(memory) if (memory := _float(data.get("memory_mb"))) is not None else None,
+            min_instances=int(_float(data.get("min_instances")) or 0),
+            max_instances=int(_float(data.get("max_instances")) or 0),
+            idle_timeout=_float(data.get("idle_timeout")),
+            env={str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else {},
+            code_hash=_str(data.get("code_hash")),
+            created_at=_float(data.get("created_at")),
+            updated_at=_float(data.get("updated_at")),
+            instances=[dict(i) for i in instances if isinstance(i, dict)] if isinstance(instances, list) else [],
+            queued=_int(data.get("queued")) or 0,
+            raw=dict(data),
+        )
+
+
+#: The states in which an execution has ended.
+FINISHED_STATES = frozenset({"completed", "failed", "cancelled", "timeout"})
+
+
+@dataclass(frozen=True)
+class ExecutionInfo:
+    """An async execution (`GET /v1/sandboxes/{id}/executions/{eid}`): any exec of the sandbox,
+    whichever way it was started (REST, the WebSocket, an invoke).
+
+    Attributes:
+        state: `pending`, `running`, then `completed` (exit 0), `failed` (any other end),
+            `cancelled` or `timeout`.
+        stdout, stderr: the output from `output_offset` on (a listing carries none: empty).
+        output_offset: where the next poll continues (pass it back as `output_offset`), None in a listing.
+        output_lost: `(first, last)` sequence numbers that fell out of the replay buffer, if any.
+        error: why it did not end on its own (`Timeout`, `GuestDied`), else None.
+    """
+
+    id: str
+    state: str
+    tag: str | None
+    exit_code: int | None
+    signal: str | None
+    error: SandgateError | None
+    duration_ms: float | None
+    created_at: float | None
+    ended_at: float | None
+    stdout: str = ""
+    stderr: str = ""
+    pty: str = ""
+    output_offset: int | None = None
+    output_lost: tuple[int, int] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def finished(self) -> bool:
+        """It has ended (completed, failed, cancelled or timed out; or any state with an end time,
+        so a state newer than this client still ends a `follow_execution`)."""
+        return self.state in FINISHED_STATES or self.ended_at is not None
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> ExecutionInfo:
+        lost = data.get("output_lost")
+        return cls(
+            id=str(data["id"]),
+            state=str(data.get("state") or ""),
+            tag=_str(data.get("tag")),
+            exit_code=_int(data.get("exit_code")),
+            signal=_str(data.get("signal")),
+            error=error_from_wire(data["error"]) if data.get("error") else None,
+            duration_ms=_float(data.get("duration_ms")),
+            created_at=_float(data.get("created_at")),
+            ended_at=_float(data.get("ended_at")),
+            stdout=str(data.get("stdout") or ""),
+            stderr=str(data.get("stderr") or ""),
+            pty=str(data.get("pty") or ""),
+            output_offset=_int(data.get("output_offset")),
+            output_lost=(int(lost[0]), int(lost[1])) if isinstance(lost, list) and len(lost) == 2
+            and all(_int(n) is not None for n in lost) else None,
+            raw=dict(data),
+        )
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One code body in the tenant's content-addressed cache: pass `hash` as `code_ref` instead of
+    sending the code again."""
+
+    hash: str
+    language: str | None
+    bytes: int
+    created_at: float | None
+    last_used: float | None
+    hits: int
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> CacheEntry:
+        return cls(hash=str(data["hash"]), language=_str(data.get("language")), bytes=_int(data.get("bytes")) or 0,
+                   created_at=_float(data.get("created_at")), last_used=_float(data.get("last_used")),
+                   hits=_int(data.get("hits")) or 0)

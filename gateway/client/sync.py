@@ -19,7 +19,18 @@ from typing import IO, Any, TypeVar
 
 from gateway.client.aio import DEFAULT_MAX_OUTPUT, AsyncClient, AsyncExecution, AsyncFiles, AsyncSandbox
 from gateway.client.errors import ConnectionLost, NotFound
-from gateway.client.models import ExecEvent, ExecResult, FileInfo, Metrics, SandboxInfo
+from gateway.client.models import (
+    CacheEntry,
+    ExecEvent,
+    ExecResult,
+    ExecutionInfo,
+    FileInfo,
+    FunctionInfo,
+    InvokeResult,
+    Metrics,
+    SandboxInfo,
+    TestReport,
+)
 
 T = TypeVar("T")
 SyncFileData = bytes | bytearray | memoryview | str | IO[bytes]
@@ -113,6 +124,64 @@ class Client:
         """The runtimes this gateway offers."""
         return _run(self._async.runtimes())
 
+    # -- ephemeral calls, deployed functions, the code cache (as `AsyncClient`) ----------------------
+
+    def invoke(self, function: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, *,
+               code: str | None = None, code_ref: str | None = None, language: str | None = None,
+               timeout: float | None = None, files: Mapping[str, str | bytes] | None = None,
+               runtime: str | None = None, **create: Any) -> InvokeResult:
+        """Call a function of `code` in a fresh sandbox, destroyed afterwards (as `AsyncClient.invoke`)."""
+        return _run(self._async.invoke(function, args, kwargs, code=code, code_ref=code_ref, language=language,
+                                       timeout=timeout, files=files, runtime=runtime, **create))
+
+    def execute(self, command: str | Sequence[str] | None = None, *, code: str | None = None,
+                code_ref: str | None = None, language: str | None = None, stdin: bytes | str | None = None,
+                env: Mapping[str, str] | None = None, cwd: str | None = None, timeout: float | None = None,
+                runtime: str | None = None, **create: Any) -> ExecResult:
+        """Run a command or code in a fresh sandbox, destroyed afterwards (as `AsyncClient.execute`)."""
+        return _run(self._async.execute(command, code=code, code_ref=code_ref, language=language, stdin=stdin,
+                                        env=env, cwd=cwd, timeout=timeout, runtime=runtime, **create))
+
+    def deploy_function(self, name: str, code: str | None = None, function: str | None = None, *,
+                        code_ref: str | None = None, runtime: str | None = None, language: str | None = None,
+                        timeout: float | None = None, memory_mb: int | None = None, min_instances: int | None = None,
+                        max_instances: int | None = None, idle_timeout: float | None = None,
+                        env: Mapping[str, str] | None = None) -> FunctionInfo:
+        """Create or replace a function (as `AsyncClient.deploy_function`)."""
+        return _run(self._async.deploy_function(
+            name, code, function, code_ref=code_ref, runtime=runtime, language=language, timeout=timeout,
+            memory_mb=memory_mb, min_instances=min_instances, max_instances=max_instances,
+            idle_timeout=idle_timeout, env=env))
+
+    def list_functions(self) -> list[FunctionInfo]:
+        """This tenant's deployed functions."""
+        return _run(self._async.list_functions())
+
+    def get_function(self, name: str) -> FunctionInfo:
+        """One function. Raises `NotFound`."""
+        return _run(self._async.get_function(name))
+
+    def delete_function(self, name: str) -> None:
+        """Delete a function. Raises `NotFound`."""
+        _run(self._async.delete_function(name))
+
+    def invoke_function(self, name: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, *,
+                        wait: float | None = None) -> InvokeResult:
+        """Call a deployed function (as `AsyncClient.invoke_function`)."""
+        return _run(self._async.invoke_function(name, args, kwargs, wait=wait))
+
+    def cache_entries(self) -> list[CacheEntry]:
+        """The tenant's cached code, most recently used first."""
+        return _run(self._async.cache_entries())
+
+    def clear_cache(self) -> None:
+        """Drop all of the tenant's cached code."""
+        _run(self._async.clear_cache())
+
+    def delete_cache_entry(self, code_hash: str) -> None:
+        """Drop one cached code body. Raises `NotFound`."""
+        _run(self._async.delete_cache_entry(code_hash))
+
 
 class Sandbox:
     """Sync form of `AsyncSandbox`. `with Sandbox.create() as sb:` destroys it at the end."""
@@ -197,24 +266,25 @@ class Sandbox:
         return _run(self._async.metrics())
 
     def exec(self, command: str | Sequence[str] | None = None, *, code: str | None = None,
-             language: str | None = None, stdin: bytes | str | None = None, env: Mapping[str, str] | None = None,
-             cwd: str | None = None, timeout: float | None = None, tag: str | None = None,
-             namespace: str | None = None, pty: tuple[int, int] | None = None,
+             code_ref: str | None = None, language: str | None = None, stdin: bytes | str | None = None,
+             env: Mapping[str, str] | None = None, cwd: str | None = None, timeout: float | None = None,
+             tag: str | None = None, namespace: str | None = None, pty: tuple[int, int] | None = None,
              max_output_bytes: int = DEFAULT_MAX_OUTPUT) -> ExecResult:
         """Run a command or code to its end (arguments, result and errors as `AsyncSandbox.exec`)."""
-        return _run(self._async.exec(command, code=code, language=language, stdin=stdin, env=env, cwd=cwd,
-                                     timeout=timeout, tag=tag, namespace=namespace, pty=pty,
+        return _run(self._async.exec(command, code=code, code_ref=code_ref, language=language, stdin=stdin, env=env,
+                                     cwd=cwd, timeout=timeout, tag=tag, namespace=namespace, pty=pty,
                                      max_output_bytes=max_output_bytes))
 
     def start(self, command: str | Sequence[str] | None = None, *, code: str | None = None,
-              language: str | None = None, stdin: bytes | str | None = None, stdin_open: bool | None = None,
-              env: Mapping[str, str] | None = None, cwd: str | None = None, timeout: float | None = None,
-              tag: str | None = None, namespace: str | None = None, pty: tuple[int, int] | None = None,
-              max_output_bytes: int = DEFAULT_MAX_OUTPUT) -> Execution:
+              code_ref: str | None = None, language: str | None = None, stdin: bytes | str | None = None,
+              stdin_open: bool | None = None, env: Mapping[str, str] | None = None, cwd: str | None = None,
+              timeout: float | None = None, tag: str | None = None, namespace: str | None = None,
+              pty: tuple[int, int] | None = None, max_output_bytes: int = DEFAULT_MAX_OUTPUT) -> Execution:
         """Start a command or code and return a handle to iterate, feed and signal it (as `AsyncSandbox.start`)."""
-        return Execution(_run(self._async.start(command, code=code, language=language, stdin=stdin,
-                                                stdin_open=stdin_open, env=env, cwd=cwd, timeout=timeout, tag=tag,
-                                                namespace=namespace, pty=pty, max_output_bytes=max_output_bytes)))
+        return Execution(_run(self._async.start(command, code=code, code_ref=code_ref, language=language,
+                                                stdin=stdin, stdin_open=stdin_open, env=env, cwd=cwd, timeout=timeout,
+                                                tag=tag, namespace=namespace, pty=pty,
+                                                max_output_bytes=max_output_bytes)))
 
     def attach(self, exec_id: str | None = None, *, tag: str | None = None) -> Execution:
         """Follow an exec started elsewhere, from its first buffered event."""
@@ -223,6 +293,56 @@ class Sandbox:
     def list_execs(self) -> builtins.list[dict[str, Any]]:
         """The sandbox's recent execs."""
         return _run(self._async.list_execs())
+
+    # -- invoke, test mode, async executions (as `AsyncSandbox`) ---------------------------------------
+
+    def invoke(self, function: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, *,
+               code: str | None = None, code_ref: str | None = None, language: str | None = None,
+               timeout: float | None = None, files: Mapping[str, str | bytes] | None = None) -> InvokeResult:
+        """Call a function of `code` in this sandbox (as `AsyncSandbox.invoke`)."""
+        return _run(self._async.invoke(function, args, kwargs, code=code, code_ref=code_ref, language=language,
+                                       timeout=timeout, files=files))
+
+    def run_tests(self, code: str | None, tests: str, *, code_ref: str | None = None, language: str | None = None,
+                  timeout: float | None = None) -> TestReport:
+        """Run tests against code in this sandbox (as `AsyncSandbox.run_tests`)."""
+        return _run(self._async.run_tests(code, tests, code_ref=code_ref, language=language, timeout=timeout))
+
+    def start_execution(self, command: str | Sequence[str] | None = None, *, code: str | None = None,
+                        code_ref: str | None = None, language: str | None = None, stdin: bytes | str | None = None,
+                        env: Mapping[str, str] | None = None, cwd: str | None = None, timeout: float | None = None,
+                        tag: str | None = None, namespace: str | None = None) -> ExecutionInfo:
+        """Start a command or code in the background (as `AsyncSandbox.start_execution`)."""
+        return _run(self._async.start_execution(command, code=code, code_ref=code_ref, language=language,
+                                                stdin=stdin, env=env, cwd=cwd, timeout=timeout, tag=tag,
+                                                namespace=namespace))
+
+    def get_execution(self, execution_id: str, *, wait: bool = False, timeout: float | None = None,
+                      output_offset: int = 0) -> ExecutionInfo:
+        """An execution's state and output from `output_offset` on (as `AsyncSandbox.get_execution`)."""
+        return _run(self._async.get_execution(execution_id, wait=wait, timeout=timeout, output_offset=output_offset))
+
+    def cancel_execution(self, execution_id: str) -> ExecutionInfo:
+        """Stop a running execution (as `AsyncSandbox.cancel_execution`)."""
+        return _run(self._async.cancel_execution(execution_id))
+
+    def list_executions(self, *, state: str | None = None, limit: int | None = None) -> builtins.list[ExecutionInfo]:
+        """The sandbox's executions, newest first (as `AsyncSandbox.list_executions`)."""
+        return _run(self._async.list_executions(state=state, limit=limit))
+
+    def follow_execution(self, execution_id: str, *, interval: float = 1.0,
+                         output_offset: int = 0) -> Iterator[ExecutionInfo]:
+        """Each poll's new output, until the execution ends (as `AsyncSandbox.follow_execution`)."""
+        polls = self._async.follow_execution(execution_id, interval=interval, output_offset=output_offset)
+        try:
+            yield from _iterate(polls)
+        finally:
+            _run(polls.aclose())
+
+    def wait_execution(self, execution_id: str, *, timeout: float | None = None,
+                       interval: float = 20.0) -> ExecutionInfo:
+        """Wait for an execution to end; it with all its output (as `AsyncSandbox.wait_execution`)."""
+        return _run(self._async.wait_execution(execution_id, timeout=timeout, interval=interval))
 
 
 class Execution:

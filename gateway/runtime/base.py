@@ -91,7 +91,10 @@ class StreamChannel(ByteChannel):
         if not self._writer.is_closing():
             self._writer.close()
         try:
-            await self._writer.wait_closed()
+            # Shielded: wait_closed() awaits the pipe's one close future itself, and a caller
+            # cancelled here (an agent restart cut short by a destroy) would cancel that future,
+            # so every later close of this channel would raise CancelledError.
+            await asyncio.shield(self._writer.wait_closed())
         except (ConnectionError, BrokenPipeError):
             pass  # the guest is already gone; closing is all that was asked
 

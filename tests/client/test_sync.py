@@ -110,3 +110,44 @@ def test_sync_files_upload_download(url: str, tmp_path: Path) -> None:
         for event in sb.start(code="print('x')"):
             last = event
         assert isinstance(last, Exited) and last.exit_code == 0
+
+
+def test_sync_functions_executions_and_cache(url: str) -> None:
+    code = "def add(a, b=0):\n    print('adding')\n    return a + b\n"
+    with Client(url, KEY) as client:
+        with client.create_sandbox("wasm") as sb:
+            done = sb.invoke("add", [1], {"b": 2}, code=code, files={"in.txt": "x"})
+            assert (done.status, done.result, done.stdout) == ("success", 3, "adding\n")
+            report = sb.run_tests("function add(a, b) { return a + b; }",
+                                  "test('adds', () => { assert.is(add(1, 2), 3); });", language="javascript")
+            assert report.success and report.summary.passed == 1
+
+            started = sb.start_execution(code="for i in range(3):\n    print(i, flush=True)", tag="count")
+            polls = list(sb.follow_execution(started.id, interval=0.5))
+            assert "".join(p.stdout for p in polls) == "0\n1\n2\n" and polls[-1].state == "completed"
+            assert sb.wait_execution(started.id).stdout == "0\n1\n2\n"
+            assert sb.get_execution(started.id).tag == "count"
+            assert started.id in [e.id for e in sb.list_executions(state="completed")]
+            spin = sb.start_execution(code="while True: pass")
+            assert sb.cancel_execution(spin.id).state == "cancelled"
+
+            [entry] = [e for e in client.cache_entries() if e.language == "python" and e.bytes == len(code)]
+            assert sb.invoke("add", [5], code_ref=entry.hash).result == 5
+            assert sb.exec(code_ref=entry.hash).stdout == ""
+            client.delete_cache_entry(entry.hash)
+
+        assert client.invoke("add", [2, 2], code=code, runtime="wasm").result == 4
+        assert client.execute(code="print(6 * 7)", runtime="wasm").stdout == "42\n"
+        with pytest.raises(errors.Timeout):
+            client.execute(code="while True: pass", runtime="wasm", timeout=1)
+
+        deployed = client.deploy_function("adder", code, "add", runtime="wasm", max_instances=2)
+        assert [f.name for f in client.list_functions()] == ["adder"] and deployed.max_instances == 2
+        first, second = client.invoke_function("adder", [1]), client.invoke_function("adder", [2], {"b": 1})
+        assert (first.result, first.cold, second.result, second.cold) == (1, True, 3, False)
+        assert client.get_function("adder").instances[0]["id"] == first.instance
+        client.delete_function("adder")
+        with pytest.raises(errors.NotFound):
+            client.invoke_function("adder")
+        client.clear_cache()
+        assert client.cache_entries() == []

@@ -72,3 +72,42 @@ def test_result_builder_caps_output_and_says_so() -> None:
     assert (result.stdout, result.stderr, result.truncated) == ("abc", "de", True)
     assert result.lost == [(2, 2)] and result.ok and result.duration == 0.25
 
+
+
+def test_serverless_models_from_wire() -> None:
+    from gateway.client.models import ExecResult, ExecutionInfo, FileChanges, InvokeResult, TestReport
+
+    done = InvokeResult.from_wire({"status": "error", "result": None, "duration_ms": 3, "extra": "kept in raw",
+                                   "error": {"type": "KeyError", "message": "'k'", "traceback": "tb"},
+                                   "files": {"created": ["a", 7], "modified": "nonsense"}})
+    assert done.status == "error" and not done.ok and done.error is not None and done.error.type == "KeyError"
+    assert done.files == FileChanges(["a"], [], []) and done.cold is None and done.raw["extra"] == "kept in raw"
+    assert InvokeResult.from_wire({"status": "from_the_future"}).status == "from_the_future"
+    report = TestReport.from_wire({"success": False, "summary": {"total": 2, "passed": 1, "failed": 1},
+                                   "tests": [{"name": "a", "passed": True}, {"name": "b", "error": "boom"}, "junk"]})
+    assert [t.name for t in report.failures] == ["b"] and report.summary.skipped == 0 and len(report.tests) == 2
+    running = ExecutionInfo.from_wire({"id": "e1", "state": "running", "output_offset": 4, "output_lost": [1, 2]})
+    assert not running.finished and running.output_lost == (1, 2) and running.output_offset == 4
+    newer = ExecutionInfo.from_wire({"id": "e1", "state": "archived", "ended_at": 1.5})
+    assert newer.finished, "a state this client does not know, with an end time, has ended"
+    late = ExecutionInfo.from_wire({"id": "e2", "state": "timeout", "error": {"code": "timeout", "message": "late"}})
+    assert late.finished and isinstance(late.error, errors.Timeout)
+    ran = ExecResult.from_rest({"exec_id": "e3", "exit_code": 0, "stdout": "hé\n", "duration_ms": 1500})
+    assert ran.ok and ran.stdout == "hé\n" and ran.duration == 1.5
+
+
+def test_serverless_bodies() -> None:
+    from gateway.client import bodies
+
+    body = bodies.invoke_body("f", (1,), None, code=None, code_ref="ab" * 32, language=None, timeout=None,
+                              files={"t.txt": "text", "b.bin": b"\x00\xff"})
+    assert body == {"function": "f", "args": [1], "kwargs": {}, "code_ref": "ab" * 32,
+                    "files": {"t.txt": "text", "b.bin": {"base64": "AP8="}}}
+    assert bodies.exec_body(("ls", "-l"), code=None, code_ref=None, language=None, stdin=b"hi", env=None, cwd=None,
+                            timeout=2, tag=None, namespace=None) == {"command": ["ls", "-l"], "stdin": "hi",
+                                                                     "timeout": 2}
+    with pytest.raises(ValueError, match="UTF-8"):
+        bodies.exec_body(None, code="1", code_ref=None, language=None, stdin=b"\xff", env=None, cwd=None,
+                         timeout=None, tag=None, namespace=None)
+    assert bodies.call_deadline(None, request_timeout=60, call_timeout=600) == 600
+    assert bodies.call_deadline(5, request_timeout=60, call_timeout=600) == 65

@@ -3,20 +3,30 @@ example run for real against `sandgate serve`, imported by its package name."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import sandgate_example_runtime
+from aiohttp.test_utils import TestServer
 
+from gateway.config import Functions
+from gateway.web.app import create_app
+from tests.client.conftest import KEY as LOCAL_KEY
+from tests.client.conftest import OTHER_KEY as LOCAL_OTHER_KEY
+from tests.client.conftest import only, settings
 from tests.serving import Served, serve
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "js-test-key"
+OTHER_KEY = "js-test-key-other-tenant"
 NODE = shutil.which("node")
+FUNCTIONS_TESTS = ROOT / "tests" / "js" / "functions.test.mjs"
 
 
 def _node() -> str:
@@ -41,7 +51,8 @@ def test_js_unit_tests() -> None:
 
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[Served]:
-    env = {**os.environ, "SANDGATE_API_KEYS": f"{KEY}:js", "SANDGATE_STATE_DIR": str(tmp_path / "state")}
+    env = {**os.environ, "SANDGATE_API_KEYS": f"{KEY}:js,{OTHER_KEY}:js-other",
+           "SANDGATE_STATE_DIR": str(tmp_path / "state")}
     with serve(env) as served:
         yield served
         served.stop()
@@ -77,3 +88,43 @@ def test_js_client_against_the_gateway(gateway: Served) -> None:
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"^# pass 3$", done.stdout, re.M), done.stdout
+
+
+def _passed(output: str, count: int) -> None:
+    assert re.search(rf"^# pass {count}$", output, re.M) and re.search(r"^# fail 0$", output, re.M), output
+
+
+@pytest.mark.wasm
+@pytest.mark.usefixtures("wasm_compiled")
+def test_js_functions_on_wasm(gateway: Served) -> None:
+    """tests/js/functions.test.mjs on real WASM sandboxes, JavaScript functions and test mode included
+    (the tests that wait on host files need the example runtime: skipped here)."""
+    node = _node()
+    env = {**os.environ, "SANDGATE_TEST_URL": f"http://127.0.0.1:{gateway.port}", "SANDGATE_TEST_KEY": KEY,
+           "SANDGATE_TEST_OTHER_KEY": OTHER_KEY, "SANDGATE_TEST_RUNTIME": "wasm"}
+    done = subprocess.run([node, *_websocket_flags(node), "--test", str(FUNCTIONS_TESTS)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    _passed(done.stdout, 6)
+
+
+async def test_js_functions_on_the_example_runtime(aiohttp_server: Callable[..., Awaitable[TestServer]],
+                                                   tmp_path: Path) -> None:
+    """The same file against an in-process gateway on the example runtime, whose calls can wait for
+    a file the JavaScript test creates: a full function queue (429 with retryAfter) and a running
+    execution are produced without timing."""
+    node = _node()
+    app = create_app(settings(blocked_plugins=only("example-local"), default_runtime="example-local",
+                              functions=Functions(queue_per_instance=1, queue_wait_s=30.0)),
+                     plugins=[sandgate_example_runtime])
+    server = await aiohttp_server(app)
+    env = {**os.environ, "SANDGATE_TEST_URL": f"http://127.0.0.1:{server.port}", "SANDGATE_TEST_KEY": LOCAL_KEY,
+           "SANDGATE_TEST_OTHER_KEY": LOCAL_OTHER_KEY, "SANDGATE_TEST_RUNTIME": "example-local",
+           "SANDGATE_TEST_FLAGS": str(tmp_path)}
+    flags = await asyncio.to_thread(_websocket_flags, node)
+    proc = await asyncio.create_subprocess_exec(node, *flags, "--test", str(FUNCTIONS_TESTS), env=env,
+                                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    async with asyncio.timeout(110):
+        output = (await proc.communicate())[0].decode()
+    assert proc.returncode == 0, output
+    _passed(output, 6)

@@ -52,12 +52,15 @@ const IDEMPOTENT_OPS = new Set(Object.entries(PROTOCOL.ops).filter(([, op]) => o
  * @property {number} [streamIdleTimeout]  ms a running stream may go without any event, keepalives
  *   included, before the connection is taken as dead (default 60000; the gateway's keepalive is 15 s)
  * @property {number} [reconnectFor]  ms to keep trying to reconnect before giving up (default 120000)
+ * @property {number} [callTimeout]  ms a call that runs code (invoke, runTests, execute, invokeFunction)
+ *   may take when its body has no `timeout`; with one, that plus `requestTimeout` (default 600000)
  */
 
 /**
  * What `exec.start` takes (docs/protocol.md §3), in camelCase; give `code` (+ `language`) or `command`.
  * @typedef {object} ExecRequest
  * @property {string} [code]
+ * @property {string} [codeRef]  instead of `code`: the sha256 of code the gateway cached (its language by default)
  * @property {string} [language]  "python" (default with `code`) or "javascript"
  * @property {string[] | string} [command]  argv, or a shell string
  * @property {string} [tag]  a label `attach` can select by
@@ -92,6 +95,62 @@ const IDEMPOTENT_OPS = new Set(Object.entries(PROTOCOL.ops).filter(([, op]) => o
 
 /** @typedef {"connecting" | "open" | "reconnecting" | "closed"} SessionState */
 
+/**
+ * A function call (REST `POST .../invoke`, the `invoke` op): give `code` or `code_ref`.
+ * @typedef {object} InvokeRequest
+ * @property {string} function  the function's name
+ * @property {any[]} [args]  positional arguments (JSON values)
+ * @property {Record<string, any>} [kwargs]  keyword arguments; JavaScript gets them as a last options object
+ * @property {string} [code]
+ * @property {string} [code_ref]  the sha256 of code the gateway cached for this tenant (`cacheEntries`)
+ * @property {string} [language]  "python" (default) or "javascript"
+ * @property {number} [timeout]  seconds
+ * @property {Record<string, string | Uint8Array>} [files]  written before the call (bytes sent as base64)
+ */
+
+/**
+ * @typedef {object} InvokeResult
+ * @property {"success" | "error" | "crash" | "timeout" | "terminated"} status
+ * @property {any} result  the return value (JSON), null unless `status` is success
+ * @property {{type: string, message: string, traceback: string} | null} error  `type`: the exception's class
+ * @property {string} stdout
+ * @property {string} stderr
+ * @property {number | null} duration_ms
+ * @property {{created: string[], modified: string[], deleted: string[]}} files
+ * @property {string} exec_id
+ */
+
+/**
+ * @typedef {object} TestRequest
+ * @property {string} tests  pytest tests (Python) or `test(name, fn)` calls (JavaScript)
+ * @property {string} [code]
+ * @property {string} [code_ref]
+ * @property {string} [language]
+ * @property {number} [timeout]  seconds
+ */
+
+/**
+ * @typedef {object} TestReport
+ * @property {boolean} success
+ * @property {{total: number, passed: number, failed: number, skipped: number}} summary
+ * @property {{name: string, passed: boolean, skipped: boolean, duration_ms: number | null, error: string | null}[]} tests
+ * @property {{type: string, message: string} | null} error  why the run itself did not finish
+ * @property {string} stdout
+ * @property {string} stderr
+ */
+
+/**
+ * An async execution (REST `GET .../executions/{id}`).
+ * @typedef {object} Execution
+ * @property {string} id
+ * @property {"pending" | "running" | "completed" | "failed" | "cancelled" | "timeout"} state
+ * @property {string | null} tag
+ * @property {number | null} exit_code
+ * @property {string} stdout  from `output_offset` on
+ * @property {string} stderr
+ * @property {number} output_offset  where the next poll continues
+ */
+
 // ------------------------------------------------------------------------------------------------
 // Errors and helpers
 // ------------------------------------------------------------------------------------------------
@@ -107,20 +166,26 @@ export class SandgateError extends Error {
    * @param {string} message
    * @param {boolean} [retryable]
    * @param {number} [status]  the HTTP status, for REST errors
+   * @param {number} [retryAfter]  seconds to wait before retrying, where the gateway said (429s:
+   *   quotas, a deployed function whose instances are busy and whose queue is full)
    */
-  constructor(code, message, retryable = false, status = undefined) {
+  constructor(code, message, retryable = false, status = undefined, retryAfter = undefined) {
     super(`${code}: ${message}`);
     this.name = "SandgateError";
     this.code = code;
     this.detail = message;
     this.retryable = retryable;
     this.status = status;
+    this.retryAfter = retryAfter;
   }
 
-  /** @param {any} wire  `{code, message, retryable}` @param {number} [status] */
-  static fromWire(wire, status) {
+  /**
+   * @param {any} wire  `{code, message, retryable}` @param {number} [status]
+   * @param {number} [retryAfter]
+   */
+  static fromWire(wire, status, retryAfter) {
     return new SandgateError(String(wire?.code ?? "internal"), String(wire?.message ?? "no message"),
-      Boolean(wire?.retryable), status);
+      Boolean(wire?.retryable), status, retryAfter);
   }
 
   /** The wire form, as stream `end` events carry it. */
@@ -272,7 +337,7 @@ export class Gateway {
     this.url = new URL(base).origin;
     this.options = {
       wire: "json", requestTimeout: 60000, connectTimeout: 10000, pingInterval: 15000, pingTimeout: 10000,
-      streamIdleTimeout: 60000, reconnectFor: 120000, ...options,
+      streamIdleTimeout: 60000, reconnectFor: 120000, callTimeout: 600000, ...options,
     };
     if (this.options.wire !== "json" && this.options.wire !== "msgpack") {
       throw new TypeError(`wire must be "json" or "msgpack", not ${JSON.stringify(this.options.wire)}`);
@@ -288,20 +353,22 @@ export class Gateway {
    * @param {string} method
    * @param {string} path  starting with /v1/
    * @param {unknown} [body]  JSON-encoded unless it is a Blob, ArrayBuffer, Uint8Array or string
+   * @param {{timeout?: number}} [options]  `timeout`: ms the call may take (default `requestTimeout`)
    * @returns {Promise<any>}
-   * @throws {SandgateError} with the gateway's error code and the HTTP status
+   * @throws {SandgateError} with the gateway's error code and the HTTP status (and `retryAfter`
+   *   when the gateway said when to retry)
    */
-  async rest(method, path, body = undefined) {
-    const response = await this.#call(method, path, body);
+  async rest(method, path, body = undefined, options = {}) {
+    const response = await this.#call(method, path, body, options.timeout);
     const text = await response.text();
     return text ? JSON.parse(text) : null;
   }
 
   /**
-   * @param {string} method @param {string} path @param {unknown} body
+   * @param {string} method @param {string} path @param {unknown} body @param {number} [timeout]
    * @returns {Promise<Response>}
    */
-  async #call(method, path, body) {
+  async #call(method, path, body, timeout = undefined) {
     /** @type {Record<string, string>} */
     const headers = { Authorization: `Bearer ${this.options.apiKey}` };
     /** @type {any} */
@@ -312,7 +379,7 @@ export class Gateway {
       headers["Content-Type"] = "application/json";
     }
     const controller = new AbortController();
-    const deadline = timer(() => controller.abort(), this.options.requestTimeout);
+    const deadline = timer(() => controller.abort(), timeout ?? this.options.requestTimeout);
     let response;
     try {
       response = await this.#fetch(this.url + path, { method, headers, body: payload, signal: controller.signal });
@@ -330,7 +397,8 @@ export class Gateway {
       } catch {
         // not a sandgate error body (a proxy's page): keep the HTTP status as the message
       }
-      throw SandgateError.fromWire(wire, response.status);
+      const retryAfter = Number(response.headers.get("Retry-After") ?? NaN);
+      throw SandgateError.fromWire(wire, response.status, Number.isFinite(retryAfter) ? retryAfter : undefined);
     }
     return response;
   }
@@ -408,7 +476,227 @@ export class Gateway {
     return (await this.#call("GET", `/v1/sandboxes/${encodeURIComponent(id)}/files/${encodePath(path)}`,
       undefined)).blob();
   }
+
+  // -- serverless: bodies and answers are the REST contract's (README: REST API) --------------------
+
+  /**
+   * How long a call that runs code may take: its `timeout` plus `requestTimeout`, else `callTimeout`.
+   * @param {{timeout?: number}} body
+   */
+  #callDeadline(body) {
+    return typeof body.timeout === "number" ? body.timeout * 1000 + this.options.requestTimeout
+      : this.options.callTimeout;
+  }
+
+  /**
+   * Call `function(...args, kwargs)` of `code` in a fresh sandbox, destroyed afterwards (`POST /v1/invoke`).
+   * @param {InvokeRequest & {runtime?: string, [createOption: string]: any}} body
+   *   plus create options (`runtime`, `memory_mb`, ...) for the sandbox it runs in
+   * @returns {Promise<InvokeResult>}
+   */
+  invoke(body) {
+    return this.rest("POST", "/v1/invoke", callBody(body), { timeout: this.#callDeadline(body) });
+  }
+
+  /**
+   * Call a function of `code` in an existing sandbox (`POST /v1/sandboxes/{id}/invoke`); over a
+   * session, `Sandbox.invoke` does the same.
+   * @param {string} sandboxId @param {InvokeRequest} body
+   * @returns {Promise<InvokeResult>}
+   */
+  invokeIn(sandboxId, body) {
+    return this.rest("POST", `/v1/sandboxes/${encodeURIComponent(sandboxId)}/invoke`, callBody(body),
+      { timeout: this.#callDeadline(body) });
+  }
+
+  /**
+   * Run tests against code in a sandbox (`POST /v1/sandboxes/{id}/test`): pytest for Python,
+   * `test(name, fn)` with the `assert` global for JavaScript.
+   * @param {string} sandboxId @param {TestRequest} body
+   * @returns {Promise<TestReport>}
+   */
+  runTests(sandboxId, body) {
+    return this.rest("POST", `/v1/sandboxes/${encodeURIComponent(sandboxId)}/test`, callBody(body),
+      { timeout: this.#callDeadline(body) });
+  }
+
+  /**
+   * Run a command or code to its end in a fresh sandbox, destroyed afterwards (`POST /v1/execute`).
+   * @param {Record<string, any>} body  a REST exec body (`code` + `language`, `code_ref` or `command`,
+   *   `stdin` as text, `env`, `cwd`, `timeout`) plus create options (`runtime`, ...)
+   * @returns {Promise<{exit_code: number | null, stdout: string, stderr: string, duration_ms: number,
+   *   signal: string | null, exec_id: string, truncated: boolean, error?: {code: string, message: string}}>}
+   */
+  execute(body) {
+    return this.rest("POST", "/v1/execute", callBody(body), { timeout: this.#callDeadline(body) });
+  }
+
+  /**
+   * Create or replace a function (`PUT /v1/functions/{name}`); 201 and 200 both resolve.
+   * @param {string} name
+   * @param {{code?: string, code_ref?: string, function: string, runtime?: string, language?: string,
+   *   timeout?: number, memory_mb?: number, min_instances?: number, max_instances?: number,
+   *   idle_timeout?: number, env?: Record<string, string>}} spec
+   * @returns {Promise<any>} the function: `name`, `version`, its settings, `instances`, `queued`
+   */
+  deployFunction(name, spec) {
+    return this.rest("PUT", `/v1/functions/${encodeURIComponent(name)}`, callBody(spec));
+  }
+
+  /** This tenant's functions. @returns {Promise<any[]>} */
+  async listFunctions() {
+    return (await this.rest("GET", "/v1/functions")).functions;
+  }
+
+  /** @param {string} name @returns {Promise<any>} */
+  getFunction(name) {
+    return this.rest("GET", `/v1/functions/${encodeURIComponent(name)}`);
+  }
+
+  /** @param {string} name */
+  async deleteFunction(name) {
+    await this.rest("DELETE", `/v1/functions/${encodeURIComponent(name)}`);
+  }
+
+  /**
+   * Call a deployed function. A function whose instances are all busy and whose queue is full
+   * rejects with `quota_exceeded` (status 429) and `retryAfter` (seconds).
+   * @param {string} name
+   * @param {{args?: any[], kwargs?: Record<string, any>}} [call]
+   * @param {{timeout?: number}} [options]  ms to wait for the answer (default `callTimeout`)
+   * @returns {Promise<InvokeResult & {cold: boolean, instance: string, version: string}>}
+   */
+  invokeFunction(name, call = {}, options = {}) {
+    return this.rest("POST", `/v1/functions/${encodeURIComponent(name)}/invoke`, callBody(call),
+      { timeout: options.timeout ?? this.options.callTimeout });
+  }
+
+  /**
+   * Start a command or code in the background (`POST .../executions`); resolves at once.
+   * @param {string} sandboxId @param {Record<string, any>} body  a REST exec body (as `execute`)
+   * @returns {Promise<{id: string, state: string}>}
+   */
+  startExecution(sandboxId, body) {
+    return this.rest("POST", `/v1/sandboxes/${encodeURIComponent(sandboxId)}/executions`, callBody(body));
+  }
+
+  /**
+   * An execution's state and its output from `outputOffset` on; with `wait`, answers when it ends
+   * or after `timeout` seconds (the gateway's default 30, its cap 300), whichever comes first.
+   * @param {string} sandboxId @param {string} executionId
+   * @param {{wait?: boolean, timeout?: number, outputOffset?: number}} [options]
+   * @returns {Promise<Execution>}
+   */
+  getExecution(sandboxId, executionId, options = {}) {
+    const { wait = false, timeout, outputOffset = 0 } = options;
+    const path = `/v1/sandboxes/${encodeURIComponent(sandboxId)}/executions/${encodeURIComponent(executionId)}`;
+    return this.rest("GET", path + query({ wait: wait || undefined, timeout: wait ? timeout : undefined,
+      output_offset: outputOffset }), undefined,
+    { timeout: this.options.requestTimeout + (wait ? (timeout ?? 30) * 1000 : 0) });
+  }
+
+  /**
+   * Stop a running execution (its state becomes `cancelled`); resolves with its state (no output).
+   * @param {string} sandboxId @param {string} executionId @returns {Promise<Execution>}
+   */
+  cancelExecution(sandboxId, executionId) {
+    return this.rest("DELETE",
+      `/v1/sandboxes/${encodeURIComponent(sandboxId)}/executions/${encodeURIComponent(executionId)}`);
+  }
+
+  /**
+   * A sandbox's executions (every exec, however started), newest first, without output.
+   * @param {string} sandboxId @param {{state?: string, limit?: number}} [filter]
+   * @returns {Promise<Execution[]>}
+   */
+  async listExecutions(sandboxId, filter = {}) {
+    const path = `/v1/sandboxes/${encodeURIComponent(sandboxId)}/executions` + query(filter);
+    return (await this.rest("GET", path)).executions;
+  }
+
+  /**
+   * Follow an execution: each item is one poll (held by the gateway up to `interval` seconds)
+   * carrying the output since the previous item; the last item is the finished execution.
+   * Nothing is repeated or skipped (each poll continues from the previous `output_offset`).
+   * @param {string} sandboxId @param {string} executionId
+   * @param {{interval?: number, outputOffset?: number}} [options]
+   * @returns {AsyncGenerator<Execution>}
+   */
+  async *followExecution(sandboxId, executionId, options = {}) {
+    let outputOffset = options.outputOffset ?? 0;
+    for (;;) {
+      const info = await this.getExecution(sandboxId, executionId,
+        { wait: true, timeout: options.interval ?? 1, outputOffset });
+      outputOffset = info.output_offset ?? outputOffset;
+      yield info;
+      if (finished(info)) return;
+    }
+  }
+
+  /**
+   * Wait for an execution to end; resolves with it and all of its output. Rejects with `timeout`
+   * after `timeout` seconds (it runs on).
+   * @param {string} sandboxId @param {string} executionId
+   * @param {{timeout?: number, interval?: number}} [options]
+   * @returns {Promise<Execution>}
+   */
+  async waitExecution(sandboxId, executionId, options = {}) {
+    const { timeout, interval = 20 } = options;
+    const deadline = timeout === undefined ? Infinity : Date.now() + timeout * 1000;
+    let stdout = "";
+    let stderr = "";
+    let outputOffset = 0;
+    for (;;) {
+      const hold = Math.max(0, Math.min(interval, (deadline - Date.now()) / 1000));
+      const info = await this.getExecution(sandboxId, executionId, { wait: true, timeout: hold, outputOffset });
+      stdout += info.stdout;
+      stderr += info.stderr;
+      outputOffset = info.output_offset ?? outputOffset;
+      if (finished(info)) return { ...info, stdout, stderr };
+      if (Date.now() >= deadline) {
+        throw new SandgateError("timeout", `execution ${executionId} is still ${info.state} after ${timeout} s`);
+      }
+    }
+  }
+
+  /** The tenant's cached code, most recently used first (`hash` works as `code_ref`). @returns {Promise<any[]>} */
+  async cacheEntries() {
+    return (await this.rest("GET", "/v1/cache")).entries;
+  }
+
+  async clearCache() {
+    await this.rest("DELETE", "/v1/cache");
+  }
+
+  /** @param {string} hash */
+  async deleteCacheEntry(hash) {
+    await this.rest("DELETE", `/v1/cache/${encodeURIComponent(hash)}`);
+  }
 }
+
+/**
+ * A call's body for the gateway: `files` values that are bytes become `{base64}` (JSON has no bytes).
+ * @param {Record<string, any>} body
+ */
+function callBody(body) {
+  if (!body || typeof body !== "object") throw new TypeError("the call needs a body object");
+  const out = clean(body);
+  if (out.files) {
+    out.files = Object.fromEntries(Object.entries(out.files).map(([path, data]) =>
+      [path, typeof data === "string" ? data : { base64: toBase64(asBytes(data)) }]));
+  }
+  return out;
+}
+
+/** @param {Record<string, string | number | boolean | undefined>} params */
+function query(params) {
+  const entries = Object.entries(params).filter(([, value]) => value !== undefined);
+  return entries.length ? "?" + new URLSearchParams(entries.map(([k, v]) => [k, String(v)])).toString() : "";
+}
+
+const FINISHED = new Set(["completed", "failed", "cancelled", "timeout"]);
+/** Whether an execution has ended (a state newer than this client counts once it has an end time). */
+const finished = (/** @type {any} */ info) => FINISHED.has(info.state) || info.ended_at != null;
 
 /** @param {string} path */
 function encodePath(path) {
@@ -811,15 +1099,17 @@ export class Sandbox extends Emitter {
    */
   exec(request, handlers = {}) {
     if (this.#closedWith) throw this.#closedWith;
-    const { code, command } = request;
-    if ((code === undefined) === (command === undefined)) {
-      throw new TypeError("exec needs exactly one of {code} (with {language}) or {command}");
+    const { code, codeRef, command } = request;
+    if ([code, codeRef, command].filter((given) => given !== undefined).length !== 1) {
+      throw new TypeError("exec needs exactly one of {code} (with {language}), {codeRef} or {command}");
     }
     const fields = clean({
       exec_id: request.execId ?? randomId(),
       tag: request.tag,
-      language: code !== undefined ? (request.language ?? "python") : undefined,
+      language: code !== undefined ? (request.language ?? "python") : codeRef !== undefined ? request.language
+        : undefined,
       code,
+      code_ref: codeRef,
       command,
       namespace: request.namespace,
       stdin: request.stdin === undefined ? undefined : asBytes(request.stdin),
@@ -862,6 +1152,30 @@ export class Sandbox extends Emitter {
     const result = await exec.wait();
     for (const fd of Object.keys(decoders)) text[fd] += decoders[fd].decode();
     return { ...result, stdout: text.stdout, stderr: text.stderr, pty: text.pty };
+  }
+
+  /**
+   * Call a function of `code` in this sandbox over the session (the `invoke` op).
+   * @param {InvokeRequest} request
+   * @returns {Promise<InvokeResult>}
+   */
+  invoke(request) {
+    return this.request("invoke", callBody(request), this.#callDeadline(request));
+  }
+
+  /**
+   * Run tests against code in this sandbox over the session (the `test` op).
+   * @param {TestRequest} request
+   * @returns {Promise<TestReport>}
+   */
+  runTests(request) {
+    return this.request("test", callBody(request), this.#callDeadline(request));
+  }
+
+  /** @param {{timeout?: number}} request */
+  #callDeadline(request) {
+    const { requestTimeout, callTimeout } = this.gateway.options;
+    return typeof request.timeout === "number" ? request.timeout * 1000 + requestTimeout : callTimeout;
   }
 
   /** @returns {Promise<{execs: {exec_id: string, tag: string | null, pid: number | null, running: boolean, exit_code: number | null}[]}>} */
