@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .languages import canonical as canonical_language
 from .wire import CHUNK_SIZE, ERRORS, MAX_REQUEST_ID, MAX_WRITE_CHUNK, OUTPUT_FDS, ProtocolError
 
 #: Which leg an op or field belongs to: both, only client -> gateway, only gateway -> agent.
@@ -184,6 +185,8 @@ def _exec_start_rules(args: dict[str, Any]) -> None:
     if "code" in args or "code_ref" in args:
         if "code" in args:  # a code_ref's language, when not given, is the cached code's
             args.setdefault("language", "python")
+        if "language" in args:
+            args["language"] = canonical_language(args["language"])
         if "pty" in args:
             raise ProtocolError("bad_request", "'pty' is for process execs ('command')")
     else:
@@ -213,6 +216,7 @@ def _code_rules(args: dict[str, Any]) -> None:
     """invoke and test: the code itself or a code_ref naming cached code."""
     if ("code" in args) == ("code_ref" in args):
         raise ProtocolError("bad_request", "give exactly one of 'code' and 'code_ref'")
+    args["language"] = canonical_language(args["language"])
 
 
 def _invoke_rules(args: dict[str, Any]) -> None:
@@ -277,7 +281,8 @@ _OPS: tuple[Op, ...] = (
            Field("exec_id", (str,), "the exec's id (client leg: optional, the gateway assigns e1, e2, ...; "
                  "agent leg: always sent)", low=1, high=MAX_EXEC_ID),
            Field("tag", (str,), "a label exec.attach and control ops can select by", low=1, high=MAX_TAG),
-           Field("language", (str,), "with `code`: the language (default python)", low=1, high=32),
+           Field("language", (str,), "with `code`: the language (default python; an id or an alias of "
+                 "guest_agent/languages.py)", low=1, high=32),
            Field("code", (str,), "source to run (with `language`)"),
            _CODE_REF,
            Field("command", (list, str), "argv, or a shell string run by /bin/sh -c", low=1),

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.functions import harness
 from gateway.functions.calls import invoke_result, run_call
 from gateway.sessions.admission import QuotaExceeded
+from guest_agent.languages import canonical as canonical_language
 from guest_agent.wire import ProtocolError
 from guest_agent.wire import field as wire_field
 
@@ -130,7 +131,7 @@ class FunctionRegistry:
         runtime = wire_field(body, "runtime", str, manager.settings.default_runtime)
         if runtime not in manager.runtimes:
             raise ProtocolError("bad_request", f"unknown or unavailable runtime {runtime!r:.40}")
-        language = wire_field(body, "language", str, "python")
+        language = canonical_language(wire_field(body, "language", str, "python"))
         harness.check_language(language)
         code = wire_field(body, "code", str, None)
         if code is None:
