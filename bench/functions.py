@@ -1,0 +1,415 @@
+"""Serverless figures (issue 10): deployed-function invokes warm, cold and 10 at once, ephemeral
+`/v1/invoke`, and whether the guest's compiled-code cache helps repeated sandbox invokes.
+
+    .venv/bin/python bench/functions.py [--n 1000] [--cold 20] [--bursts 20] [--ephemeral 50]
+                                        [--code-n 200] [--microvm-n 100] [--only a,b,...]
+
+Each part runs against a real gateway in its own process (bench/_server.py) and measures with an
+aiohttp client, on the WASM runtime unless said otherwise:
+
+(a) `warm`: `POST /v1/functions/add/invoke` on a function whose one instance is loaded (the first
+    call made it; every measured reply must say `cold: false`), back to back; CPU per call of the
+    gateway and of the instance's launcher. Target p50 and p99 <= 3 ms.
+(b) `cold`: the first call of a newly deployed function (`PUT /v1/functions/cold-N`, then the
+    timed `POST .../invoke`, which must say `cold: true`): the call creates the instance, loads
+    the module and calls it. With the warm pool full before each sample (the instance's sandbox is
+    a pooled launcher: the usual case) and with pool_size 0 (the launcher starts for the call).
+    Target p50 <= 250 ms.
+(c) `burst`: a function with max_instances 10, 10 invokes sent at once; the first burst makes the
+    10 instances (cold), the next `--bursts` find them warm. Latency of every call, wall time of
+    each burst, and the distinct instances that served them.
+(d) `ephemeral`: `POST /v1/invoke` (a fresh sandbox from the warm pool for one call, destroyed
+    after), with the pool refilled before each sample; the tenant's sandbox list must stay empty.
+(e) `code`: `POST /v1/sandboxes/{id}/invoke` repeated in one sandbox, with a small module (3
+    lines) and a large one (~1500 lines), each sent either unchanged every time (the guest's
+    compiled-code cache hits: guest_agent/invoke.py `compiled()`) or with a unique trailing
+    comment (a new content hash: compiled afresh every call). The four variants are measured in
+    alternating chunks; also the guest's own `duration_ms`.
+(f) `microvm`: (a) on the microVM runtime, when it runs here (else skipped with the reason).
+
+Latency samples are taken in chunks; a chunk during which other processes used more than
+`--threshold` cores counts only in "all samples" (the machine is shared with other test runs).
+Results: bench/results/functions.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import time
+from typing import Any
+
+import aiohttp
+from _common import (
+    AUTH,
+    CpuPerOp,
+    Gateway,
+    QuietSampler,
+    banner,
+    fmt_stats,
+    interleaved,
+    settings_dict,
+    stats_ms,
+    verdict,
+    wait_quiet,
+    write_results,
+)
+
+WARM_TARGET_MS = 3.0
+COLD_TARGET_MS = 250.0
+ADD = "def add(a, b=0):\n    return a + b\n"
+PARTS = ("warm", "cold", "burst", "ephemeral", "code", "microvm")
+
+
+def large_module(functions: int = 150) -> str:
+    """A module of ~10 lines per function (~1500 lines): what a real handler with helpers is like."""
+    out = ['"""A generated module, large enough that compiling it is measurable."""', "import math", ""]
+    for i in range(functions):
+        out += [f"def helper_{i}(values, scale={i + 1}):",
+                f"    '''Helper {i}: a weighted sum with a branch and a comprehension.'''",
+                "    total = 0.0",
+                "    for index, value in enumerate(values):",
+                f"        if index % {i % 7 + 2} == 0:",
+                "            total += math.sqrt(abs(value)) * scale",
+                "        else:",
+                "            total -= value / (index + 1)",
+                f"    return {{'name': 'helper_{i}', 'total': total, 'squares': [v * v for v in values[:3]]}}",
+                ""]
+    out += ["def add(a, b=0):", "    return a + b", ""]
+    return "\n".join(out)
+
+
+class Client:
+    """The bench's REST client for one gateway."""
+
+    def __init__(self, gw: Gateway, session: aiohttp.ClientSession) -> None:
+        self.gw, self.s, self.url = gw, session, gw.url
+
+    async def call(self, method: str, path: str, body: Any = None, status: int = 200) -> Any:
+        async with self.s.request(method, f"{self.url}{path}", json=body) as r:
+            data = await r.json() if r.content_type == "application/json" else None
+            if r.status != status:
+                raise RuntimeError(f"{method} {path} answered {r.status}: {data}")
+            return data
+
+    async def timed(self, path: str, body: Any) -> tuple[float, dict[str, Any]]:
+        t0 = time.perf_counter()
+        async with self.s.post(f"{self.url}{path}", json=body) as r:
+            data = await r.json()
+        elapsed = time.perf_counter() - t0
+        if r.status != 200:
+            raise RuntimeError(f"POST {path} answered {r.status}: {data}")
+        return elapsed, data
+
+    async def deploy(self, name: str, **spec: Any) -> dict[str, Any]:
+        async with self.s.put(f"{self.url}/v1/functions/{name}", json={"runtime": "wasm", **spec}) as r:
+            data = await r.json()
+            if r.status not in (200, 201):
+                raise RuntimeError(f"deploy {name} answered {r.status}: {data}")
+            return dict(data)
+
+    async def launcher_of(self, sandbox_id: str) -> int | None:
+        state = await self.gw.state(self.s)
+        return next((x["launcher_pid"] for x in state["sandboxes"] if x["id"] == sandbox_id), None)
+
+
+def expect(reply: dict[str, Any], result: Any, cold: bool | None = None) -> None:
+    if reply.get("status") != "success" or reply.get("result") != result:
+        raise RuntimeError(f"unexpected reply: {reply}")
+    if cold is not None and reply.get("cold") is not cold:
+        raise RuntimeError(f"expected cold={cold}: {reply}")
+
+
+# -- (a) and (f): warm deployed invokes ---------------------------------------------------------------
+
+
+async def warm_invokes(c: Client, runtime: str, n: int, warmup: int, threshold: float) -> dict[str, Any]:
+    await c.deploy(f"add-{runtime}", runtime=runtime, code=ADD, function="add")
+    path = f"/v1/functions/add-{runtime}/invoke"
+    first_s, first = await c.timed(path, {"args": [1], "kwargs": {"b": 2}})
+    expect(first, 3, cold=True)
+    for _ in range(warmup):
+        expect((await c.timed(path, {"args": [1], "kwargs": {"b": 2}}))[1], 3, cold=False)
+    durations: list[float] = []
+
+    async def one() -> float:
+        elapsed, reply = await c.timed(path, {"args": [1], "kwargs": {"b": 2}})
+        expect(reply, 3, cold=False)
+        if reply["instance"] != first["instance"]:
+            raise RuntimeError("a warm call moved to another instance")
+        durations.append(reply["duration_ms"] / 1000)
+        return elapsed
+
+    pids = {"gateway": c.gw.pid, "client": os.getpid()}
+    launcher = await c.launcher_of(first["instance"])
+    if launcher is not None:
+        pids["launcher"] = launcher
+    cpu = CpuPerOp(pids)
+    result = await QuietSampler(threshold_cores=threshold).collect(one, n)
+    result["cpu_ms_per_call"] = cpu.per_op_ms(len(durations))
+    result["guest_duration"] = stats_ms(durations)
+    result["first_call_ms"] = round(first_s * 1000, 2)
+    await c.call("DELETE", f"/v1/functions/add-{runtime}", status=204)
+    return result
+
+
+# -- (b) cold: the first call of a new function ---------------------------------------------------
+
+
+async def cold_invokes(n: int, pool: int, threshold: float) -> dict[str, Any]:
+    settle = 0.3
+    async with Gateway(settings_dict(pool_size=pool)) as gw, aiohttp.ClientSession(headers=AUTH) as s:
+        c = Client(gw, s)
+        if pool:
+            await gw.wait_pool(s, pool, settle_s=1.0)
+        counter = itertools.count()
+        names: list[str] = []
+        guest: list[float] = []
+
+        async def before() -> None:
+            if names:
+                await c.call("DELETE", f"/v1/functions/{names.pop()}", status=204)
+            if pool:
+                await gw.wait_pool(s, pool, settle_s=settle)
+            name = f"cold-{next(counter)}"
+            await c.deploy(name, code=ADD, function="add")
+            names.append(name)
+
+        async def one() -> float:
+            elapsed, reply = await c.timed(f"/v1/functions/{names[-1]}/invoke", {"args": [2, 3]})
+            expect(reply, 5, cold=True)
+            guest.append(reply["duration_ms"] / 1000)
+            return elapsed
+
+        result = await QuietSampler(threshold_cores=threshold, chunk_s=0.1).collect(one, n, between=before)
+        result["guest_duration"] = stats_ms(guest)
+        result["pool_size"] = pool
+    return result
+
+
+# -- (c) 10 at once --------------------------------------------------------------------------------
+
+
+async def burst(c: Client, bursts: int) -> dict[str, Any]:
+    await c.deploy("burst", code=ADD, function="add", max_instances=10)
+
+    async def one(i: int) -> tuple[float, dict[str, Any]]:
+        return await c.timed("/v1/functions/burst/invoke", {"args": [i, 1]})
+
+    async def fire() -> tuple[float, list[tuple[float, dict[str, Any]]]]:
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*(one(i) for i in range(10)))
+        for i, (_, reply) in enumerate(done):
+            expect(reply, i + 1)
+        return time.perf_counter() - t0, done
+
+    await asyncio.to_thread(wait_quiet)
+    first_wall, first = await fire()
+    out: dict[str, Any] = {
+        "cold_burst": {"wall_ms": round(first_wall * 1000, 1), **stats_ms(e for e, _ in first),
+                       "cold_calls": sum(r["cold"] for _, r in first),
+                       "distinct_instances": len({r["instance"] for _, r in first})}}
+    described = await c.call("GET", "/v1/functions/burst")
+    out["instances_after_cold_burst"] = len(described["instances"])
+    walls, samples, distinct, cold = [], [], [], 0
+    for _ in range(bursts):
+        await asyncio.to_thread(wait_quiet)
+        wall, done = await fire()
+        walls.append(wall)
+        samples += [e for e, _ in done]
+        distinct.append(len({r["instance"] for _, r in done}))
+        cold += sum(r["cold"] for _, r in done)
+    out["warm_bursts"] = {"bursts": bursts, "call_latency": stats_ms(samples), "burst_wall": stats_ms(walls),
+                          "distinct_instances_per_burst": {"min": min(distinct), "max": max(distinct),
+                                                           "mean": round(sum(distinct) / len(distinct), 2)},
+                          "cold_calls": cold}
+    described = await c.call("GET", "/v1/functions/burst")
+    out["instances_at_end"] = len(described["instances"])
+    await c.call("DELETE", "/v1/functions/burst", status=204)
+    return out
+
+
+# -- (d) ephemeral invokes from the warm pool -------------------------------------------------------
+
+
+async def ephemeral(n: int, pool: int, threshold: float) -> dict[str, Any]:
+    async with Gateway(settings_dict(pool_size=pool)) as gw, aiohttp.ClientSession(headers=AUTH) as s:
+        c = Client(gw, s)
+        await gw.wait_pool(s, pool, settle_s=1.0)
+
+        async def refilled() -> None:
+            await gw.wait_pool(s, pool, settle_s=0.3)
+
+        async def one() -> float:
+            elapsed, reply = await c.timed("/v1/invoke", {"runtime": "wasm", "code": ADD, "function": "add",
+                                                          "args": [20, 22]})
+            expect(reply, 42)
+            return elapsed
+
+        result = await QuietSampler(threshold_cores=threshold, chunk_s=0.1).collect(one, n, between=refilled)
+        listed = await c.call("GET", "/v1/sandboxes")
+        result["sandboxes_left"] = len(listed["sandboxes"])
+        state = await gw.state(s)
+        result["gateway_sandboxes_left"] = len(state["sandboxes"])
+        result["pool_size"] = pool
+    return result
+
+
+# -- (e) the guest's compiled-code cache -------------------------------------------------------------
+
+
+async def code_cache(c: Client, n: int, chunk: int, threshold: float) -> dict[str, Any]:
+    sid = (await c.call("POST", "/v1/sandboxes", {"runtime": "wasm"}, status=201))["id"]
+    modules = {"small": ADD, "large": large_module()}
+    counter = itertools.count()
+    guest: dict[str, list[float]] = {}
+    variants = {}
+    for size, code in modules.items():
+        for mode in ("same", "unique"):
+            name = f"{size}_{mode}"
+            guest[name] = []
+
+            def make(name: str = name, code: str = code, unique: bool = mode == "unique") -> Any:
+                async def one() -> float:
+                    body = code + (f"\n# call {next(counter)}\n" if unique else "")
+                    elapsed, reply = await c.timed(f"/v1/sandboxes/{sid}/invoke",
+                                                   {"code": body, "function": "add", "args": [1, 2]})
+                    expect(reply, 3)
+                    guest[name].append(reply["duration_ms"] / 1000)
+                    return elapsed
+                return one
+
+            variants[name] = make()
+    for one in variants.values():
+        for _ in range(20):
+            await one()
+    for values in guest.values():
+        values.clear()
+    launcher = await c.launcher_of(sid)
+    pids = {"gateway": c.gw.pid, **({"launcher": launcher} if launcher else {})}
+    results = await interleaved(variants, n, chunk=chunk, threshold_cores=threshold,
+                                cpu_pids={name: pids for name in variants})
+    for name, r in results.items():
+        r["guest_duration"] = stats_ms(guest[name])
+    await c.call("DELETE", f"/v1/sandboxes/{sid}", status=204)
+    return {"lines": {size: code.count("\n") + 1 for size, code in modules.items()},
+            "bytes": {size: len(code.encode()) for size, code in modules.items()}, "variants": results}
+
+
+# -- (f) microVM --------------------------------------------------------------------------------------
+
+
+async def microvm(n: int, warmup: int, threshold: float) -> dict[str, Any]:
+    settings = settings_dict(pool_size=0, runtimes={"microvm": {"pool_size": 1}}, blocked=["pod"])
+    async with Gateway(settings) as gw, aiohttp.ClientSession(headers=AUTH) as s:
+        c = Client(gw, s)
+        runtimes = await c.call("GET", "/v1/runtimes")
+        if "microvm" not in [r["id"] for r in runtimes["runtimes"]]:
+            why = runtimes.get("unavailable", {}).get("microvm", "not registered")
+            return {"skipped": f"the microVM runtime is unavailable here: {why}"}
+        result = await warm_invokes(c, "microvm", n, warmup, threshold)
+    return result
+
+
+# -- main ------------------------------------------------------------------------------------------------
+
+
+def show_verdict(label: str, value: float, target: float) -> str:
+    v = verdict(value, target)
+    print(f"   {label}: {value:.3f} ms vs <= {target:g} ms: {v}")
+    return v
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=1000, help="warm invokes")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--cold", type=int, default=20, help="first calls of new functions, per pool setting")
+    p.add_argument("--bursts", type=int, default=20)
+    p.add_argument("--ephemeral", type=int, default=50)
+    p.add_argument("--pool", type=int, default=4)
+    p.add_argument("--code-n", type=int, default=200, help="sandbox invokes per code-cache variant")
+    p.add_argument("--chunk", type=int, default=20)
+    p.add_argument("--microvm-n", type=int, default=100)
+    p.add_argument("--threshold", type=float, default=0.15, help="foreign CPU (cores) above which a chunk "
+                                                                   "counts only in 'all samples'")
+    p.add_argument("--only", default=",".join(PARTS))
+    args = p.parse_args()
+    parts = [x for x in args.only.split(",") if x]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        p.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    banner("serverless: deployed, cold, burst, ephemeral invokes and the compiled-code cache")
+    print(f"   load average at start: {os.getloadavg()}")
+    out: dict[str, Any] = {"args": vars(args), "loadavg_at_start": os.getloadavg()}
+    verdicts: dict[str, Any] = {}
+
+    if {"warm", "burst", "code"} & set(parts):
+        async with Gateway(settings_dict(pool_size=args.pool)) as gw, aiohttp.ClientSession(headers=AUTH) as s:
+            c = Client(gw, s)
+            await gw.wait_pool(s, args.pool, settle_s=1.0)
+            if "warm" in parts:
+                out["warm"] = w = await warm_invokes(c, "wasm", args.n, args.warmup, args.threshold)
+                print(fmt_stats("(a) warm deployed invoke, REST", w))
+                print(f"{'':<47}guest exec duration p50 {w['guest_duration']['p50_ms']:.3f} ms; "
+                      f"CPU per call, ms: {w['cpu_ms_per_call']}")
+                verdicts["warm_p50"] = show_verdict("warm p50", w["p50_ms"], WARM_TARGET_MS)
+                verdicts["warm_p99"] = show_verdict("warm p99", w["p99_ms"], WARM_TARGET_MS)
+            if "burst" in parts:
+                out["burst"] = b = await burst(c, args.bursts)
+                cb, wb = b["cold_burst"], b["warm_bursts"]
+                print(f"(c) 10 at once, max_instances 10: first burst (cold) all done in {cb['wall_ms']:.0f} ms, "
+                      f"p50 {cb['p50_ms']:.1f} ms, max {cb['max_ms']:.1f} ms; {cb['cold_calls']} cold calls on "
+                      f"{cb['distinct_instances']} instances ({b['instances_after_cold_burst']} listed)")
+                print(fmt_stats(f"    then {wb['bursts']} warm bursts, per call", wb["call_latency"]))
+                print(fmt_stats("    per burst (all 10 done)", wb["burst_wall"]))
+                print(f"    instances per warm burst {wb['distinct_instances_per_burst']}, cold calls "
+                      f"{wb['cold_calls']}, instances at the end {b['instances_at_end']}")
+            if "code" in parts:
+                out["code"] = cc = await code_cache(c, args.code_n, args.chunk, args.threshold)
+                print(f"(e) sandbox invoke, repeated: small module {cc['lines']['small']} lines, large "
+                      f"{cc['lines']['large']} lines ({cc['bytes']['large']} bytes)")
+                for name, r in cc["variants"].items():
+                    print(fmt_stats(f"    {name}", r))
+                    print(f"{'':<47}guest exec p50 {r['guest_duration']['p50_ms']:.3f} ms; CPU per call, ms: "
+                          f"{r.get('cpu_ms_per_op')}")
+                for size in ("small", "large"):
+                    same, unique = cc["variants"][f"{size}_same"], cc["variants"][f"{size}_unique"]
+                    print(f"    {size}: the cache saves {unique['p50_ms'] - same['p50_ms']:.3f} ms at p50 "
+                          f"({unique['p50_ms']:.3f} -> {same['p50_ms']:.3f} ms)")
+
+    if "cold" in parts:
+        out["cold"] = {}
+        for pool in (args.pool, 0):
+            out["cold"][f"pool_{pool}"] = r = await cold_invokes(args.cold, pool, args.threshold)
+            print(fmt_stats(f"(b) cold first call, pool_size {pool}", r))
+            print(f"{'':<47}guest exec (load + call) p50 {r['guest_duration']['p50_ms']:.2f} ms")
+        verdicts["cold_p50_pool"] = show_verdict("cold p50 (warm pool)", out["cold"][f"pool_{args.pool}"]["p50_ms"],
+                                                 COLD_TARGET_MS)
+        verdicts["cold_p50_no_pool"] = show_verdict("cold p50 (pool 0)", out["cold"]["pool_0"]["p50_ms"],
+                                                    COLD_TARGET_MS)
+
+    if "ephemeral" in parts:
+        out["ephemeral"] = e = await ephemeral(args.ephemeral, args.pool, args.threshold)
+        print(fmt_stats("(d) ephemeral POST /v1/invoke, pool hit", e))
+        print(f"{'':<47}sandboxes left: listed {e['sandboxes_left']}, in the gateway {e['gateway_sandboxes_left']}")
+
+    if "microvm" in parts:
+        out["microvm"] = m = await microvm(args.microvm_n, min(args.warmup, 20), args.threshold)
+        if "skipped" in m:
+            print(f"(f) microVM: skipped: {m['skipped']}")
+        else:
+            print(fmt_stats("(f) microVM warm deployed invoke, REST", m))
+            print(f"{'':<47}guest exec duration p50 {m['guest_duration']['p50_ms']:.3f} ms; first call "
+                  f"{m['first_call_ms']:.0f} ms; CPU per call, ms: {m['cpu_ms_per_call']}")
+
+    out["verdicts"] = verdicts
+    out["loadavg_at_end"] = os.getloadavg()
+    print(f"   load average at end: {out['loadavg_at_end']}")
+    write_results("functions", out)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
