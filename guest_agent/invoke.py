@@ -4,11 +4,14 @@ The gateway runs an ordinary Python exec (`exec.start`, language python) whose w
 call of `invoke` below: so an invocation is an exec like any other (its output streams, its
 timeout, signals and cancel apply), and only its outcome travels differently: `invoke` writes a
 JSON report to a file the gateway names under the root's `.sandgate/` folder, which the gateway
-reads and removes after the exec ended. An exec that ends without a report never finished its
-call (it crashed, timed out or was stopped): the gateway tells which from the exec's end.
+reads after the exec ended (and removes, unless the path is a deployed function instance's own,
+rewritten by each of its calls). An exec that ends without a report never finished its call (it
+crashed, timed out or was stopped): the gateway tells which from the exec's end.
 
 The report: `{"status": "success"|"error", "result", "error": {type, message, traceback}|null,
-"files": {created, modified, deleted}}`. The guest is untrusted and may write any report it
+"files": {created, modified, deleted}, "call": <the call's id>}`. The `call` the gateway named
+tells a report of this call from an earlier one left at the same path (a call whose exec ended
+cleanly without writing one: `SystemExit(0)`). The guest is untrusted and may write any report it
 likes; it only ever describes its own call, and the gateway checks its shape and size.
 
 Stdlib only (the agent's rule): it runs under CPython-on-WASI too.
@@ -109,7 +112,7 @@ def error_of(exc: BaseException, filename: str) -> dict[str, Any]:
 
 def invoke(namespace: dict[str, Any], *, report: str, function: str, args_json: str = "[]",
            kwargs_json: str = "{}", code: str | None = None, filename: str = "<function>",
-           track_files: bool = True) -> None:
+           track_files: bool = True, call: str | None = None) -> None:
     """Load `code` into `namespace` (when given), call `namespace[function](*args, **kwargs)` and
     write the report to `report` (relative to the working directory, the sandbox root). An empty
     `function` only loads; the report's `loaded` says whether the code ran whole.
@@ -154,13 +157,31 @@ def invoke(namespace: dict[str, Any], *, report: str, function: str, args_json: 
         sys.stderr.flush()
     after, more = snapshot(root) if track_files else ({}, False)
     outcome["files"] = changes(before, after, truncated or more) if track_files else None
+    if call is not None:  # first: the gateway checks the start of a report too large to parse
+        outcome = {"call": call, **outcome}
     write_report(report_path, outcome)
 
 
 def write_report(path: str, outcome: dict[str, Any]) -> None:
-    """Write the report whole, then rename it into place: the gateway never reads half a report."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temp = f"{path}.tmp"
-    with open(temp, "w", encoding="utf-8") as f:
-        json.dump(outcome, f)
-    os.replace(temp, path)
+    """Write the report at `path` with as few file operations as it takes: under WASI each is a
+    call into the host, and a temporary file renamed into place cost ~0.8 ms there against
+    ~0.15 ms for this (bench/functions.py measured it).
+
+    No rename is needed for the gateway to read the report whole: it reads one only after the
+    exec ended cleanly, and a call stopped while writing does not end cleanly. The bytes are
+    written over the old ones in place, then the file is cut to their length: a path rewritten
+    by every call (a deployed function's instance) would otherwise have its blocks freed and
+    allocated again each time (truncating first took about twice as long)."""
+    data = json.dumps(outcome).encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, data[written:], written)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)

@@ -24,8 +24,18 @@ REPORT_DIR = ".sandgate/run"
 LANGUAGES = ("python", "javascript")
 
 
+def new_call_id() -> str:
+    """A call's id: it names the call's report, and the Python harness writes it into the report."""
+    return secrets.token_hex(8)
+
+
+def report_path(name: str) -> str:
+    """The report path for `name` (a call's id, or a deployed function instance's own name)."""
+    return f"{REPORT_DIR}/{name}.json"
+
+
 def new_report_path() -> str:
-    return f"{REPORT_DIR}/{secrets.token_hex(8)}.json"
+    return report_path(new_call_id())
 
 
 def check_language(language: str) -> None:
@@ -34,13 +44,15 @@ def check_language(language: str) -> None:
 
 
 def invoke_source(language: str, *, function: str, args: list[Any], kwargs: dict[str, Any], report: str,
-                  code: str | None, filename: str = "<function>") -> str:
+                  code: str | None, filename: str = "<function>", call: str | None = None) -> str:
     """The exec source that calls `function(*args, **kwargs)` (`code` loads it first; None: it is
-    loaded already, in the exec's Python namespace)."""
+    loaded already, in the exec's Python namespace). A Python report carries `call` when given."""
     check_language(language)
     args_json, kwargs_json = _json(args, "args"), _json(kwargs, "kwargs")
     if language == "python":
         load = "" if code is None else f", code={code!r}, filename={filename!r}"
+        if call is not None:
+            load += f", call={call!r}"
         return (f'__import__("guest_agent.invoke", fromlist=["invoke"]).invoke(globals(), report={report!r}, '
                 f"function={function!r}, args_json={args_json!r}, kwargs_json={kwargs_json!r}{load})\n")
     if code is None:
