@@ -228,10 +228,13 @@ class FunctionRegistry:
             cold = created or not python or instance.loaded_in is not instance.sandbox.agent
             call = harness.new_call_id()
             report = INSTANCE_REPORT if python else harness.report_path(call)
-            source = harness.invoke_source(
-                spec["language"], function=spec["function"], args=args, kwargs=kwargs, report=report,
-                code=spec["code"] if cold or not python else None, filename=f"<function {spec['name']}>",
-                call=call)
+            if cold:
+                source = harness.invoke_source(
+                    spec["language"], function=spec["function"], args=args, kwargs=kwargs, report=report,
+                    code=spec["code"], filename=f"<function {spec['name']}>", call=call,
+                    bind=spec["function"] if python else None)
+            else:
+                source = harness.warm_call_source(args=args, kwargs=kwargs, call=call)
             run = await run_call(self.manager, instance.sandbox, language=spec["language"], source=source,
                                  report=report, timeout=spec["timeout"], namespace=_namespace(instance.version),
                                  env=spec["env"], call=call if python else None, remove_report=not python)
@@ -363,7 +366,8 @@ class FunctionRegistry:
         spec = deployment.spec
         call = harness.new_call_id()
         source = harness.invoke_source("python", function="", args=[], kwargs={}, report=INSTANCE_REPORT,
-                                       code=spec["code"], filename=f"<function {spec['name']}>", call=call)
+                                       code=spec["code"], filename=f"<function {spec['name']}>", call=call,
+                                       bind=spec["function"])
         run = await run_call(self.manager, instance.sandbox, language="python", source=source,
                              report=INSTANCE_REPORT, timeout=spec["timeout"], namespace=_namespace(instance.version),
                              env=spec["env"], call=call, remove_report=False)

@@ -16,6 +16,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from guest_agent.invoke import CALLER
 from guest_agent.wire import ProtocolError
 
 #: Where reports are written, relative to the sandbox root (left out of `files` tracking).
@@ -44,21 +45,31 @@ def check_language(language: str) -> None:
 
 
 def invoke_source(language: str, *, function: str, args: list[Any], kwargs: dict[str, Any], report: str,
-                  code: str | None, filename: str = "<function>", call: str | None = None) -> str:
+                  code: str | None, filename: str = "<function>", call: str | None = None,
+                  bind: str | None = None) -> str:
     """The exec source that calls `function(*args, **kwargs)` (`code` loads it first; None: it is
-    loaded already, in the exec's Python namespace). A Python report carries `call` when given."""
+    loaded already, in the exec's Python namespace). A Python report carries `call` when given;
+    `bind` (Python) keeps a caller of that function in the namespace for `warm_call_source`."""
     check_language(language)
     args_json, kwargs_json = _json(args, "args"), _json(kwargs, "kwargs")
     if language == "python":
         load = "" if code is None else f", code={code!r}, filename={filename!r}"
         if call is not None:
             load += f", call={call!r}"
+        if bind is not None:
+            load += f", bind={bind!r}"
         return (f'__import__("guest_agent.invoke", fromlist=["invoke"]).invoke(globals(), report={report!r}, '
                 f"function={function!r}, args_json={args_json!r}, kwargs_json={kwargs_json!r}{load})\n")
     if code is None:
         raise ProtocolError("internal", "a JavaScript call always carries its code")
     return _js({"mode": "invoke", "report": report, "function": function, "args": args, "kwargs": kwargs,
                 "code": code})
+
+
+def warm_call_source(*, args: list[Any], kwargs: dict[str, Any], call: str) -> str:
+    """The exec source of a warm call of a deployed Python function, in a namespace that an
+    `invoke_source(..., bind=...)` exec loaded: one short call of the caller kept there."""
+    return f"{CALLER}({_json(args, 'args')!r}, {_json(kwargs, 'kwargs')!r}, {call!r})\n"
 
 
 def test_source(language: str, *, code: str, tests: str, report: str) -> str:

@@ -50,6 +50,26 @@ class ReportChecks(GatewayFixtures):
         assert [d["result"] for d in done] == ["x" * 2000, "x", ""], [d["status"] for d in done]
         assert len({d["instance"] for d in done}) == 1
 
+    async def test_warm_calls_through_the_bound_caller(self, gateway: Gateway) -> None:
+        # A warm call's source is only `__sandgate_call__(...)`: errors still point at the user's
+        # code, and the caller is not offered as one of the module's functions.
+        code = "def f(x):\n    return 10 // x\n"
+        resp = await gateway.client.put("/v1/functions/div", headers=AUTH,
+                                        json={"runtime": self.runtime, "code": code, "function": "f"})
+        assert resp.status == 201, await resp.text()
+        cold, warm, failed = [await post(gateway, "/v1/functions/div/invoke", {"args": [x]}) for x in (5, 2, 0)]
+        assert (cold["cold"], warm["cold"], failed["cold"]) == (True, False, False)
+        assert (cold["result"], warm["result"]) == (2, 5)
+        assert failed["status"] == "error" and failed["error"]["type"] == "ZeroDivisionError", failed
+        assert "return 10 // x" in failed["error"]["traceback"]
+        assert "guest_agent" not in failed["error"]["traceback"] and "__sandgate" not in failed["error"]["traceback"]
+        resp = await gateway.client.put("/v1/functions/div", headers=AUTH,
+                                        json={"runtime": self.runtime, "code": code, "function": "g"})
+        assert resp.status == 200
+        missing = await post(gateway, "/v1/functions/div/invoke", {"args": [1]})
+        assert missing["error"]["type"] == "FunctionNotFound" and "__sandgate" not in missing["error"]["message"]
+        assert "functions it defines: f" in missing["error"]["message"], missing
+
     async def test_sandbox_invoke_report_is_read_whole_and_removed(self, gateway: Gateway,
                                                                    sandbox: dict[str, Any]) -> None:
         # Several fs.read chunks: the removal sent behind the read must not cut it short.
