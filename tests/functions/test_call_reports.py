@@ -78,7 +78,8 @@ class ReportChecks(GatewayFixtures):
             done = await post(gateway, f"/v1/sandboxes/{sandbox['id']}/invoke",
                               {"code": CODE, "function": "f", "args": [size]})
             assert done["status"] == "success" and done["result"] == "x" * size, done["status"]
-        left = await gateway.exec(sandbox["id"], code="import os\nprint(os.listdir('.sandgate/run'))")
+        left = await gateway.exec(sandbox["id"], code="import os\nprint([n for n in os.listdir('.sandgate') "
+                                                       "if n.endswith('.json')])")
         assert left["stdout"] == "[]\n", left
 
 
