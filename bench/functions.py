@@ -38,13 +38,13 @@ import argparse
 import asyncio
 import itertools
 import os
+import statistics
 import time
 from typing import Any
 
 import aiohttp
 from _common import (
     AUTH,
-    CpuPerOp,
     Gateway,
     QuietSampler,
     banner,
@@ -60,7 +60,7 @@ from _common import (
 WARM_TARGET_MS = 3.0
 COLD_TARGET_MS = 250.0
 ADD = "def add(a, b=0):\n    return a + b\n"
-PARTS = ("warm", "cold", "burst", "ephemeral", "code", "microvm")
+PARTS = ("warm", "stages", "cold", "burst", "ephemeral", "code", "microvm")
 
 
 def large_module(functions: int = 150) -> str:
@@ -125,16 +125,18 @@ def expect(reply: dict[str, Any], result: Any, cold: bool | None = None) -> None
 # -- (a) and (f): warm deployed invokes ---------------------------------------------------------------
 
 
-async def warm_invokes(c: Client, runtime: str, n: int, warmup: int, threshold: float) -> dict[str, Any]:
+async def warm_invokes(c: Client, runtime: str, n: int, warmup: int, threshold: float,
+                       chunk: int) -> dict[str, Any]:
+    """Warm invokes, and for reference the REST exec of `1` in a sandbox of the same runtime,
+    measured in alternating chunks (the invoke's cost over the plainest round trip)."""
     await c.deploy(f"add-{runtime}", runtime=runtime, code=ADD, function="add")
     path = f"/v1/functions/add-{runtime}/invoke"
     first_s, first = await c.timed(path, {"args": [1], "kwargs": {"b": 2}})
     expect(first, 3, cold=True)
-    for _ in range(warmup):
-        expect((await c.timed(path, {"args": [1], "kwargs": {"b": 2}}))[1], 3, cold=False)
+    sid = (await c.call("POST", "/v1/sandboxes", {"runtime": runtime}, status=201))["id"]
     durations: list[float] = []
 
-    async def one() -> float:
+    async def invoke() -> float:
         elapsed, reply = await c.timed(path, {"args": [1], "kwargs": {"b": 2}})
         expect(reply, 3, cold=False)
         if reply["instance"] != first["instance"]:
@@ -142,15 +144,29 @@ async def warm_invokes(c: Client, runtime: str, n: int, warmup: int, threshold: 
         durations.append(reply["duration_ms"] / 1000)
         return elapsed
 
-    pids = {"gateway": c.gw.pid, "client": os.getpid()}
-    launcher = await c.launcher_of(first["instance"])
-    if launcher is not None:
-        pids["launcher"] = launcher
-    cpu = CpuPerOp(pids)
-    result = await QuietSampler(threshold_cores=threshold).collect(one, n)
-    result["cpu_ms_per_call"] = cpu.per_op_ms(len(durations))
+    async def rest_exec() -> float:
+        elapsed, reply = await c.timed(f"/v1/sandboxes/{sid}/exec", {"language": "python", "code": "1"})
+        if reply.get("stdout") != "1\n":
+            raise RuntimeError(f"unexpected exec reply: {reply}")
+        return elapsed
+
+    for _ in range(warmup):
+        await invoke()
+        await rest_exec()
+    durations.clear()
+    pids: dict[str, dict[str, int]] = {}
+    for name, sandbox in (("invoke", first["instance"]), ("rest_exec", sid)):
+        pids[name] = {"gateway": c.gw.pid, "client": os.getpid()}
+        launcher = await c.launcher_of(sandbox)
+        if launcher is not None:
+            pids[name]["launcher"] = launcher
+    results = await interleaved({"invoke": invoke, "rest_exec": rest_exec}, n, chunk=chunk,
+                                threshold_cores=threshold, cpu_pids=pids)
+    result = results["invoke"]
     result["guest_duration"] = stats_ms(durations)
     result["first_call_ms"] = round(first_s * 1000, 2)
+    result["reference_rest_exec"] = results["rest_exec"]
+    await c.call("DELETE", f"/v1/sandboxes/{sid}", status=204)
     await c.call("DELETE", f"/v1/functions/add-{runtime}", status=204)
     return result
 
@@ -302,15 +318,81 @@ async def code_cache(c: Client, n: int, chunk: int, threshold: float) -> dict[st
 
 
 async def microvm(n: int, warmup: int, threshold: float) -> dict[str, Any]:
-    settings = settings_dict(pool_size=0, runtimes={"microvm": {"pool_size": 1}}, blocked=["pod"])
+    # Only the microVM runtime: a WASM warm pool would share the CPU being measured.
+    settings = settings_dict(runtimes={"microvm": {"pool_size": 1}}, blocked=["pod", "wasm"],
+                             settings={"default_runtime": "microvm"})
     async with Gateway(settings) as gw, aiohttp.ClientSession(headers=AUTH) as s:
         c = Client(gw, s)
         runtimes = await c.call("GET", "/v1/runtimes")
         if "microvm" not in [r["id"] for r in runtimes["runtimes"]]:
             why = runtimes.get("unavailable", {}).get("microvm", "not registered")
             return {"skipped": f"the microVM runtime is unavailable here: {why}"}
-        result = await warm_invokes(c, "microvm", n, warmup, threshold)
+        result = await warm_invokes(c, "microvm", n, warmup, threshold, chunk=10)
     return result
+
+
+# -- where a warm invoke's time goes ----------------------------------------------------------------
+
+
+STAGE_NAMES = {  # (from, to): what happens between; `.2` and `.3` are a label's 2nd and 3rd time in a call
+    ("client_send", "invoke_in"): "client -> the route calls the registry (HTTP, JSON body)",
+    ("invoke_in", "pipe_write"): "instance taken, exec source made, exec.start written",
+    ("pipe_write", "agent_start"): "exec.start written -> the agent's start",
+    ("agent_start", "agent_end"): "start -> end (the guest runs the call)",
+    ("agent_end", "pipe_write.2"): "end -> the confirming ping written",
+    ("pipe_write.2", "agent_reply"): "ping written -> its reply",
+    ("agent_reply", "report_in"): "reply -> the exec taken as ended",
+    ("report_in", "pipe_write.3"): "fs.read of the report written",
+    ("pipe_write.3", "agent_start.2"): "fs.read written -> its start",
+    ("agent_start.2", "agent_data"): "fs.read: start -> data",
+    ("agent_data", "agent_end.2"): "fs.read: data -> end",
+    ("agent_end.2", "report_out"): "report parsed",
+    ("report_out", "invoke_out"): "invoke result built, instance released",
+    ("invoke_out", "client_recv"): "response -> the client has it (JSON, HTTP)",
+}
+
+
+async def stages(n: int) -> dict[str, Any]:
+    """Medians of the stages of `n` warm invokes (the bench server's `trace_invoke` patch: only
+    timestamps; time.perf_counter is CLOCK_MONOTONIC, one clock for both processes)."""
+    async with Gateway(settings_dict(pool_size=1), env={"BENCH_PATCH": "trace_invoke"}) as gw, \
+            aiohttp.ClientSession(headers=AUTH) as s:
+        c = Client(gw, s)
+        await c.deploy("traced", code=ADD, function="add")
+        for _ in range(100):
+            await c.timed("/v1/functions/traced/invoke", {"args": [1]})
+        await asyncio.to_thread(wait_quiet)
+        await c.call("GET", "/_bench/trace")  # drop the warm-up's marks
+        client = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            _, reply = await c.timed("/v1/functions/traced/invoke", {"args": [1]})
+            client.append((t0, time.perf_counter()))
+            expect(reply, 1, cold=False)
+        marks = (await c.call("GET", "/_bench/trace"))["marks"]
+    calls: list[list[tuple[str, float]]] = []
+    seen: dict[str, int] = {}
+    for label, t in marks:
+        if label == "invoke_in":
+            calls.append([])
+            seen.clear()
+        if calls:
+            seen[label] = seen.get(label, 0) + 1
+            calls[-1].append((label if seen[label] == 1 else f"{label}.{seen[label]}", t))
+    if len(calls) != n:
+        raise RuntimeError(f"{len(calls)} traced calls for {n} invokes")
+    by_shape: dict[tuple[str, ...], list[list[float]]] = {}
+    for (t0, t1), seq in zip(client, calls, strict=True):
+        full = [("client_send", t0), *seq, ("client_recv", t1)]
+        by_shape.setdefault(tuple(label for label, _ in full), []).append([t for _, t in full])
+    shape, rows = max(by_shape.items(), key=lambda item: len(item[1]))
+    out = []
+    for i in range(1, len(shape)):
+        ms = statistics.median((r[i] - r[i - 1]) * 1000 for r in rows)
+        out.append({"from": shape[i - 1], "to": shape[i], "what": STAGE_NAMES.get((shape[i - 1], shape[i]), ""),
+                    "median_ms": round(ms, 3)})
+    return {"n": n, "calls_of_this_shape": len(rows), "stages": out,
+            "total_median_ms": round(statistics.median((r[-1] - r[0]) * 1000 for r in rows), 3)}
 
 
 # -- main ------------------------------------------------------------------------------------------------
@@ -333,6 +415,7 @@ async def main() -> None:
     p.add_argument("--code-n", type=int, default=200, help="sandbox invokes per code-cache variant")
     p.add_argument("--chunk", type=int, default=20)
     p.add_argument("--microvm-n", type=int, default=100)
+    p.add_argument("--stages-n", type=int, default=500, help="traced warm invokes")
     p.add_argument("--threshold", type=float, default=0.15, help="foreign CPU (cores) above which a chunk "
                                                                    "counts only in 'all samples'")
     p.add_argument("--only", default=",".join(PARTS))
@@ -351,10 +434,14 @@ async def main() -> None:
             c = Client(gw, s)
             await gw.wait_pool(s, args.pool, settle_s=1.0)
             if "warm" in parts:
-                out["warm"] = w = await warm_invokes(c, "wasm", args.n, args.warmup, args.threshold)
+                out["warm"] = w = await warm_invokes(c, "wasm", args.n, args.warmup, args.threshold,
+                                                     args.chunk)
                 print(fmt_stats("(a) warm deployed invoke, REST", w))
                 print(f"{'':<47}guest exec duration p50 {w['guest_duration']['p50_ms']:.3f} ms; "
-                      f"CPU per call, ms: {w['cpu_ms_per_call']}")
+                      f"CPU per call, ms: {w.get('cpu_ms_per_op')}")
+                ref = w["reference_rest_exec"]
+                print(fmt_stats("    for reference: REST exec '1'", ref))
+                print(f"{'':<47}CPU per exec, ms: {ref.get('cpu_ms_per_op')}")
                 verdicts["warm_p50"] = show_verdict("warm p50", w["p50_ms"], WARM_TARGET_MS)
                 verdicts["warm_p99"] = show_verdict("warm p99", w["p99_ms"], WARM_TARGET_MS)
             if "burst" in parts:
@@ -380,6 +467,13 @@ async def main() -> None:
                     print(f"    {size}: the cache saves {unique['p50_ms'] - same['p50_ms']:.3f} ms at p50 "
                           f"({unique['p50_ms']:.3f} -> {same['p50_ms']:.3f} ms)")
 
+    if "stages" in parts:
+        out["stages"] = st = await stages(args.stages_n)
+        print(f"(a') a warm invoke stage by stage, medians of {st['calls_of_this_shape']} of {st['n']} calls:")
+        for row in st["stages"]:
+            print(f"    {row['from'] + ' -> ' + row['to']:<30} {row['median_ms']:7.3f} ms  {row['what']}")
+        print(f"    {'total (median of round trips)':<30} {st['total_median_ms']:7.3f} ms")
+
     if "cold" in parts:
         out["cold"] = {}
         for pool in (args.pool, 0):
@@ -403,7 +497,8 @@ async def main() -> None:
         else:
             print(fmt_stats("(f) microVM warm deployed invoke, REST", m))
             print(f"{'':<47}guest exec duration p50 {m['guest_duration']['p50_ms']:.3f} ms; first call "
-                  f"{m['first_call_ms']:.0f} ms; CPU per call, ms: {m['cpu_ms_per_call']}")
+                  f"{m['first_call_ms']:.0f} ms; CPU per call, ms: {m.get('cpu_ms_per_op')}")
+            print(fmt_stats("    for reference: REST exec '1'", m["reference_rest_exec"]))
 
     out["verdicts"] = verdicts
     out["loadavg_at_end"] = os.getloadavg()
