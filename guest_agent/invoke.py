@@ -20,7 +20,6 @@ Stdlib only (the agent's rule): it runs under CPython-on-WASI too.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import sys
@@ -34,9 +33,15 @@ PRIVATE_DIR = ".sandgate"
 MAX_TRACKED_FILES = 10000
 #: Where a deployed function's namespace keeps the caller of its warm calls (see `invoke`'s `bind`).
 CALLER = "__sandgate_call__"
-#: Compiled sources kept per agent, by sha256: repeated invocations of the same code skip the compile.
-_COMPILED: OrderedDict[str, CodeType] = OrderedDict()
+#: Compiled sources kept per agent with their lines (for tracebacks), by filename and the source
+#: itself: repeated invocations of the same code skip the compile. Keyed by the text, not by a
+#: digest: hashlib's import alone took 9-18 ms of a fresh WASM sandbox's first call (it loads every
+#: hash module), and a dict compares a long string only once its cheap hash matched.
+_COMPILED: OrderedDict[tuple[str, str], tuple[CodeType, list[str]]] = OrderedDict()
+#: At most this many entries and this many characters of source in all (least recently used out).
 _COMPILED_KEEP = 64
+_COMPILED_KEEP_CHARS = 4 << 20
+_compiled_chars = 0
 
 
 def snapshot(root: str) -> tuple[dict[str, tuple[int, int]], bool]:
@@ -79,24 +84,30 @@ def changes(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]
 
 
 def compiled(source: str, filename: str) -> CodeType:
-    """`source` compiled (cached by content: the same code invoked again is not compiled again)."""
-    key = hashlib.sha256(f"{filename}\0{source}".encode()).hexdigest()
-    code = _COMPILED.get(key)
-    if code is None:
-        code = compile(source, filename, "exec")
-        _COMPILED[key] = code
-        while len(_COMPILED) > _COMPILED_KEEP:
-            _COMPILED.popitem(last=False)
+    """`source` compiled (cached by content: the same code invoked again is not compiled again),
+    its lines left where tracebacks look them up."""
+    global _compiled_chars
+    key = (filename, source)
+    entry = _COMPILED.get(key)
+    if entry is None:
+        entry = (compile(source, filename, "exec"), source.splitlines(True))
+        if len(source) <= _COMPILED_KEEP_CHARS:
+            _COMPILED[key] = entry
+            _compiled_chars += len(source)
+            while len(_COMPILED) > _COMPILED_KEEP or _compiled_chars > _COMPILED_KEEP_CHARS:
+                (_, dropped), _ = _COMPILED.popitem(last=False)
+                _compiled_chars -= len(dropped)
     else:
         _COMPILED.move_to_end(key)
-    _keep_source_for_tracebacks(filename, source)
+    code, lines = entry
+    _keep_lines_for_tracebacks(filename, source, lines)
     return code
 
 
-def _keep_source_for_tracebacks(filename: str, source: str) -> None:
+def _keep_lines_for_tracebacks(filename: str, source: str, lines: list[str]) -> None:
     import linecache
 
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    linecache.cache[filename] = (len(source), None, lines, filename)
 
 
 def error_of(exc: BaseException, filename: str) -> dict[str, Any]:
