@@ -2,30 +2,37 @@
 `/v1/invoke`, and whether the guest's compiled-code cache helps repeated sandbox invokes.
 
     .venv/bin/python bench/functions.py [--n 1000] [--cold 20] [--bursts 20] [--ephemeral 50]
-                                        [--code-n 200] [--microvm-n 100] [--only a,b,...]
+                                        [--code-n 200] [--stages-n 500] [--microvm-n 100]
+                                        [--only warm,stages,cold,burst,ephemeral,code,microvm]
 
 Each part runs against a real gateway in its own process (bench/_server.py) and measures with an
 aiohttp client, on the WASM runtime unless said otherwise:
 
 (a) `warm`: `POST /v1/functions/add/invoke` on a function whose one instance is loaded (the first
-    call made it; every measured reply must say `cold: false`), back to back; CPU per call of the
-    gateway and of the instance's launcher. Target p50 and p99 <= 3 ms.
+    call made it; every measured reply must say `cold: false`), back to back, in alternating
+    chunks with a REST exec of `1` in a sandbox of the same gateway (the plainest round trip, for
+    reference); CPU per call of the gateway, the client and the sandbox's launcher. Target p50
+    and p99 <= 3 ms.
+(a') `stages`: where a warm invoke's time goes, from timestamps the bench server takes
+    (bench/_patches.py `trace_invoke`) at the registry, at every pipe write to the agent and at
+    every agent event; medians.
 (b) `cold`: the first call of a newly deployed function (`PUT /v1/functions/cold-N`, then the
     timed `POST .../invoke`, which must say `cold: true`): the call creates the instance, loads
     the module and calls it. With the warm pool full before each sample (the instance's sandbox is
-    a pooled launcher: the usual case) and with pool_size 0 (the launcher starts for the call).
-    Target p50 <= 250 ms.
+    a pooled launcher: the usual case, the WASM pool_size defaults to 2) and with pool_size 0 (the
+    launcher starts for the call). Target p50 <= 250 ms.
 (c) `burst`: a function with max_instances 10, 10 invokes sent at once; the first burst makes the
     10 instances (cold), the next `--bursts` find them warm. Latency of every call, wall time of
     each burst, and the distinct instances that served them.
 (d) `ephemeral`: `POST /v1/invoke` (a fresh sandbox from the warm pool for one call, destroyed
-    after), with the pool refilled before each sample; the tenant's sandbox list must stay empty.
+    before the reply), with the pool refilled before each sample; no sandbox may be left.
 (e) `code`: `POST /v1/sandboxes/{id}/invoke` repeated in one sandbox, with a small module (3
     lines) and a large one (~1500 lines), each sent either unchanged every time (the guest's
     compiled-code cache hits: guest_agent/invoke.py `compiled()`) or with a unique trailing
-    comment (a new content hash: compiled afresh every call). The four variants are measured in
+    comment (new text: compiled afresh every call). The four variants are measured in
     alternating chunks; also the guest's own `duration_ms`.
-(f) `microvm`: (a) on the microVM runtime, when it runs here (else skipped with the reason).
+(f) `microvm`: (a) on the microVM runtime, alone in its gateway, when it runs here (else skipped
+    with the reason, e.g. no image built for this tree: `sandgate images build microvm`).
 
 Latency samples are taken in chunks; a chunk during which other processes used more than
 `--threshold` cores counts only in "all samples" (the machine is shared with other test runs).
@@ -59,6 +66,8 @@ from _common import (
 
 WARM_TARGET_MS = 3.0
 COLD_TARGET_MS = 250.0
+#: The longest a burst or the stage trace waits for the rest of the machine to be quiet.
+QUIET_WAIT_S = 60.0
 ADD = "def add(a, b=0):\n    return a + b\n"
 PARTS = ("warm", "stages", "cold", "burst", "ephemeral", "code", "microvm")
 
@@ -208,31 +217,40 @@ async def cold_invokes(n: int, pool: int, threshold: float) -> dict[str, Any]:
 # -- (c) 10 at once --------------------------------------------------------------------------------
 
 
-async def burst(c: Client, bursts: int) -> dict[str, Any]:
-    await c.deploy("burst", code=ADD, function="add", max_instances=10)
+async def burst(c: Client, bursts: int, cold_bursts: int, pool: int) -> dict[str, Any]:
+    """`cold_bursts` times: a new function (max_instances 10) and 10 calls at once, which make its
+    10 instances (the pool full before each); then `bursts` warm bursts on the last one."""
 
-    async def one(i: int) -> tuple[float, dict[str, Any]]:
-        return await c.timed("/v1/functions/burst/invoke", {"args": [i, 1]})
-
-    async def fire() -> tuple[float, list[tuple[float, dict[str, Any]]]]:
+    async def fire(name: str) -> tuple[float, list[tuple[float, dict[str, Any]]]]:
         t0 = time.perf_counter()
-        done = await asyncio.gather(*(one(i) for i in range(10)))
+        done = await asyncio.gather(*(c.timed(f"/v1/functions/{name}/invoke", {"args": [i, 1]}) for i in range(10)))
         for i, (_, reply) in enumerate(done):
             expect(reply, i + 1)
         return time.perf_counter() - t0, done
 
-    await asyncio.to_thread(wait_quiet)
-    first_wall, first = await fire()
-    out: dict[str, Any] = {
-        "cold_burst": {"wall_ms": round(first_wall * 1000, 1), **stats_ms(e for e, _ in first),
-                       "cold_calls": sum(r["cold"] for _, r in first),
-                       "distinct_instances": len({r["instance"] for _, r in first})}}
-    described = await c.call("GET", "/v1/functions/burst")
-    out["instances_after_cold_burst"] = len(described["instances"])
+    cold_walls, cold_samples, cold_distinct, cold_calls, listed = [], [], [], 0, []
+    for k in range(cold_bursts):
+        name = f"burst-{k}"
+        if k:
+            await c.call("DELETE", f"/v1/functions/burst-{k - 1}", status=204)
+        await c.deploy(name, code=ADD, function="add", max_instances=10)
+        await c.gw.wait_pool(c.s, pool, settle_s=0.3)
+        await asyncio.to_thread(wait_quiet, max_wait_s=QUIET_WAIT_S)
+        wall, done = await fire(name)
+        cold_walls.append(wall)
+        cold_samples += [e for e, _ in done]
+        cold_distinct.append(len({r["instance"] for _, r in done}))
+        cold_calls += sum(r["cold"] for _, r in done)
+        listed.append(len((await c.call("GET", f"/v1/functions/{name}"))["instances"]))
+    out: dict[str, Any] = {"cold_bursts": {
+        "bursts": cold_bursts, "pool_size": pool, "call_latency": stats_ms(cold_samples),
+        "burst_wall": stats_ms(cold_walls), "distinct_instances_per_burst": cold_distinct,
+        "instances_listed_after": listed, "cold_calls": cold_calls}}
+    name = f"burst-{cold_bursts - 1}"
     walls, samples, distinct, cold = [], [], [], 0
     for _ in range(bursts):
-        await asyncio.to_thread(wait_quiet)
-        wall, done = await fire()
+        await asyncio.to_thread(wait_quiet, max_wait_s=QUIET_WAIT_S)
+        wall, done = await fire(name)
         walls.append(wall)
         samples += [e for e, _ in done]
         distinct.append(len({r["instance"] for _, r in done}))
@@ -241,9 +259,8 @@ async def burst(c: Client, bursts: int) -> dict[str, Any]:
                           "distinct_instances_per_burst": {"min": min(distinct), "max": max(distinct),
                                                            "mean": round(sum(distinct) / len(distinct), 2)},
                           "cold_calls": cold}
-    described = await c.call("GET", "/v1/functions/burst")
-    out["instances_at_end"] = len(described["instances"])
-    await c.call("DELETE", "/v1/functions/burst", status=204)
+    out["instances_at_end"] = len((await c.call("GET", f"/v1/functions/{name}"))["instances"])
+    await c.call("DELETE", f"/v1/functions/{name}", status=204)
     return out
 
 
@@ -361,7 +378,7 @@ async def stages(n: int) -> dict[str, Any]:
         await c.deploy("traced", code=ADD, function="add")
         for _ in range(100):
             await c.timed("/v1/functions/traced/invoke", {"args": [1]})
-        await asyncio.to_thread(wait_quiet)
+        await asyncio.to_thread(wait_quiet, max_wait_s=QUIET_WAIT_S)
         await c.call("GET", "/_bench/trace")  # drop the warm-up's marks
         client = []
         for _ in range(n):
@@ -410,8 +427,9 @@ async def main() -> None:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--cold", type=int, default=20, help="first calls of new functions, per pool setting")
     p.add_argument("--bursts", type=int, default=20)
+    p.add_argument("--cold-bursts", type=int, default=3)
     p.add_argument("--ephemeral", type=int, default=50)
-    p.add_argument("--pool", type=int, default=4)
+    p.add_argument("--pool", type=int, default=2, help="the WASM warm pool (the runtime's default: 2)")
     p.add_argument("--code-n", type=int, default=200, help="sandbox invokes per code-cache variant")
     p.add_argument("--chunk", type=int, default=20)
     p.add_argument("--microvm-n", type=int, default=100)
@@ -445,11 +463,13 @@ async def main() -> None:
                 verdicts["warm_p50"] = show_verdict("warm p50", w["p50_ms"], WARM_TARGET_MS)
                 verdicts["warm_p99"] = show_verdict("warm p99", w["p99_ms"], WARM_TARGET_MS)
             if "burst" in parts:
-                out["burst"] = b = await burst(c, args.bursts)
-                cb, wb = b["cold_burst"], b["warm_bursts"]
-                print(f"(c) 10 at once, max_instances 10: first burst (cold) all done in {cb['wall_ms']:.0f} ms, "
-                      f"p50 {cb['p50_ms']:.1f} ms, max {cb['max_ms']:.1f} ms; {cb['cold_calls']} cold calls on "
-                      f"{cb['distinct_instances']} instances ({b['instances_after_cold_burst']} listed)")
+                out["burst"] = b = await burst(c, args.bursts, args.cold_bursts, args.pool)
+                cb, wb = b["cold_bursts"], b["warm_bursts"]
+                print(f"(c) 10 at once, max_instances 10: {cb['bursts']} first bursts of new functions (pool of "
+                      f"{cb['pool_size']}): {cb['cold_calls']} cold calls, instances per burst "
+                      f"{cb['distinct_instances_per_burst']}, listed {cb['instances_listed_after']}")
+                print(fmt_stats("    cold bursts, per call", cb["call_latency"]))
+                print(fmt_stats("    cold bursts, all 10 done", cb["burst_wall"]))
                 print(fmt_stats(f"    then {wb['bursts']} warm bursts, per call", wb["call_latency"]))
                 print(fmt_stats("    per burst (all 10 done)", wb["burst_wall"]))
                 print(f"    instances per warm burst {wb['distinct_instances_per_burst']}, cold calls "
