@@ -71,15 +71,18 @@ PATCHES["trace"] = trace
 
 
 def trace_invoke() -> None:
-    """Not a fix: timestamps along a deployed function's invoke, for bench/functions.py's
-    `stages` part: the registry's invoke (in, out), every write to an agent's pipe, every agent
-    event or reply as it is dispatched (labelled by its `ev`), and reading the report (in, out)."""
+    """Not a fix: timestamps along an invoke, for bench/functions.py: the registry's invoke and
+    a sandbox invoke (in, out), every write to an agent's pipe, every agent event or reply as it
+    is dispatched (labelled by its `ev`), reading the report, and creating and destroying a
+    sandbox (in, out)."""
     import time
 
     import gateway.functions.calls as calls
+    import gateway.web.rest_functions as rest_functions
     from gateway.functions.deployed import FunctionRegistry
     from gateway.runtime.agent_client import AgentClient
     from gateway.runtime.base import StreamChannel
+    from gateway.sessions.manager import SandboxManager
 
     clock = time.perf_counter
     mark = TRACE.append
@@ -105,6 +108,10 @@ def trace_invoke() -> None:
         mark((f"agent_{getattr(event, 'ev', None) or 'reply'}", clock()))
         await dispatch(self, event)
 
+    SandboxManager.create = around("create", SandboxManager.create)  # type: ignore[method-assign]
+    SandboxManager.destroy = around("destroy", SandboxManager.destroy)  # type: ignore[method-assign]
+    calls.invoke_in = around("sandbox_invoke", calls.invoke_in)
+    rest_functions.invoke_in = calls.invoke_in
     FunctionRegistry.invoke = around("invoke", FunctionRegistry.invoke)  # type: ignore[method-assign]
     calls._take_report = around("report", calls._take_report)
     StreamChannel.write = traced_write  # type: ignore[method-assign]

@@ -268,20 +268,29 @@ async def burst(c: Client, bursts: int, cold_bursts: int, pool: int) -> dict[str
 
 
 async def ephemeral(n: int, pool: int, threshold: float) -> dict[str, Any]:
-    async with Gateway(settings_dict(pool_size=pool)) as gw, aiohttp.ClientSession(headers=AUTH) as s:
+    """Ephemeral invokes, each split by the bench server's `trace_invoke` marks into taking the
+    sandbox (create), the call (invoke) and destroying it before the reply (destroy)."""
+    parts: dict[str, list[float]] = {"create": [], "sandbox_invoke": [], "destroy": []}
+    async with Gateway(settings_dict(pool_size=pool), env={"BENCH_PATCH": "trace_invoke"}) as gw, \
+            aiohttp.ClientSession(headers=AUTH) as s:
         c = Client(gw, s)
         await gw.wait_pool(s, pool, settle_s=1.0)
 
         async def refilled() -> None:
             await gw.wait_pool(s, pool, settle_s=0.3)
+            await c.call("GET", "/_bench/trace")  # drop the marks of what came before
 
         async def one() -> float:
             elapsed, reply = await c.timed("/v1/invoke", {"runtime": "wasm", "code": ADD, "function": "add",
                                                           "args": [20, 22]})
             expect(reply, 42)
+            marks = dict((label, t) for label, t in (await c.call("GET", "/_bench/trace"))["marks"])
+            for part, values in parts.items():
+                values.append(marks[f"{part}_out"] - marks[f"{part}_in"])
             return elapsed
 
         result = await QuietSampler(threshold_cores=threshold, chunk_s=0.1).collect(one, n, between=refilled)
+        result["split"] = {part: stats_ms(values) for part, values in parts.items()}
         listed = await c.call("GET", "/v1/sandboxes")
         result["sandboxes_left"] = len(listed["sandboxes"])
         state = await gw.state(s)
@@ -437,6 +446,7 @@ async def main() -> None:
     p.add_argument("--threshold", type=float, default=0.15, help="foreign CPU (cores) above which a chunk "
                                                                    "counts only in 'all samples'")
     p.add_argument("--only", default=",".join(PARTS))
+    p.add_argument("--results", default="functions", help="bench/results/<this>.json")
     args = p.parse_args()
     parts = [x for x in args.only.split(",") if x]
     unknown = set(parts) - set(PARTS)
@@ -508,6 +518,8 @@ async def main() -> None:
     if "ephemeral" in parts:
         out["ephemeral"] = e = await ephemeral(args.ephemeral, args.pool, args.threshold)
         print(fmt_stats("(d) ephemeral POST /v1/invoke, pool hit", e))
+        print(f"{'':<47}p50 of its parts, ms: " + ", ".join(f"{part} {v['p50_ms']:.2f}"
+                                                         for part, v in e["split"].items()))
         print(f"{'':<47}sandboxes left: listed {e['sandboxes_left']}, in the gateway {e['gateway_sandboxes_left']}")
 
     if "microvm" in parts:
@@ -523,7 +535,7 @@ async def main() -> None:
     out["verdicts"] = verdicts
     out["loadavg_at_end"] = os.getloadavg()
     print(f"   load average at end: {out['loadavg_at_end']}")
-    write_results("functions", out)
+    write_results(args.results, out)
 
 
 if __name__ == "__main__":
