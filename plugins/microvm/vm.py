@@ -198,11 +198,11 @@ class Vm:
         self._control = control_ours
         self._qmp_sock = qmp_ours
         incoming_fd = None
-        if self.machine.network:
-            self._egress = egress.EgressListener(self.workdir / "egress.sock", self.workdir.name)
-            self._egress.start()
         try:
-            await self._attach_agent(agent_ours)
+            await self._attach_agent(agent_ours)  # first: from here on `kill` closes every "ours"
+            if self.machine.network:
+                self._egress = egress.EgressListener(self.workdir / "egress.sock", self.workdir.name)
+                self._egress.start()
             if self.boot.incoming is not None:
                 incoming_fd = os.open(self.boot.incoming, os.O_RDONLY | os.O_CLOEXEC)
             fds = [agent_theirs.fileno(), control_theirs.fileno(), qmp_theirs.fileno(),
@@ -306,9 +306,14 @@ class Vm:
     # -- the agent's channel -------------------------------------------------------------------
 
     async def _attach_agent(self, sock: socket.socket) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
+        try:
+            if self._channel is not None:
+                await self._channel.close()
+                self._channel = None
+            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
+        except BaseException:
+            sock.close()  # cut short before a channel took it (close is idempotent)
+            raise
         self._channel = StreamChannel(reader, writer)
 
     def abort_agent_channel(self) -> None:
@@ -352,11 +357,16 @@ class Vm:
                                                f"was told to restart it: {self.console_tail()[-800:]}") from None
         ours, theirs = socket.socketpair()
         try:
-            self.send_fd(theirs.fileno())
-            await self.qmp("getfd", fdname="agent")
-        finally:
-            theirs.close()
-        await self._attach_agent(ours)
+            try:
+                self.send_fd(theirs.fileno())
+                await self.qmp("getfd", fdname="agent")
+            finally:
+                theirs.close()
+            await self._attach_agent(ours)
+        except BaseException:
+            # Cut short (the sandbox destroyed mid-restart) before a channel took `ours`.
+            ours.close()
+            raise
         await self.qmp(
             "chardev-change",
             id="agent",
