@@ -424,6 +424,18 @@ async def stages(n: int) -> dict[str, Any]:
 # -- main ------------------------------------------------------------------------------------------------
 
 
+def python_loop_s() -> float:
+    """Seconds this machine takes for 10 million iterations of a plain Python loop (best of 3): a
+    yardstick for comparing runs on a VM whose speed changes (a 3 GHz core of today: ~0.45 s)."""
+    best = float("inf")
+    for _ in range(3):
+        t0, total = time.perf_counter(), 0
+        for i in range(10_000_000):
+            total += i
+        best = min(best, time.perf_counter() - t0)
+    return round(best, 3)
+
+
 def show_verdict(label: str, value: float, target: float) -> str:
     v = verdict(value, target)
     print(f"   {label}: {value:.3f} ms vs <= {target:g} ms: {v}")
@@ -454,7 +466,8 @@ async def main() -> None:
         p.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
     banner("serverless: deployed, cold, burst, ephemeral invokes and the compiled-code cache")
     print(f"   load average at start: {os.getloadavg()}")
-    out: dict[str, Any] = {"args": vars(args), "loadavg_at_start": os.getloadavg()}
+    out: dict[str, Any] = {"args": vars(args), "loadavg_at_start": os.getloadavg(), "python_loop_s": python_loop_s()}
+    print(f"   10 million iterations of a Python loop: {out['python_loop_s']} s (the machine's speed today)")
     verdicts: dict[str, Any] = {}
 
     if {"warm", "burst", "code"} & set(parts):

@@ -92,3 +92,4 @@ class TestExampleReports(ReportChecks):
 @pytest.mark.usefixtures("wasm_compiled")
 class TestWasmReports(ReportChecks):
     runtime = "wasm"
+
