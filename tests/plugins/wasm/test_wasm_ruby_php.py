@@ -1,0 +1,175 @@
+"""Ruby 3.2 and PHP 8.2 on the WASM runtime, through the real gateway: exec (REST and WebSocket),
+the sandbox's limits, and a gateway whose Ruby and PHP modules are missing."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from gateway.config import Limits, Settings
+from gateway.testing.conformance import AUTH, KEY, Gateway, GatewayFixtures, output
+from gateway.web.app import MANAGER, create_app
+from plugins.wasm import runno
+
+pytestmark = [pytest.mark.wasm, pytest.mark.usefixtures("wasm_interpreters")]
+
+LANGUAGES = ("ruby", "php")
+
+# The same programs as the language suite's (gateway/testing/languages.py) for these languages.
+HELLO = {"ruby": "puts 'hello from ruby'", "php": "<?php\necho \"hello from php\\n\";"}
+ECHO = {"ruby": "line = STDIN.gets\nprint 'got:' + line", "php": "<?php\necho 'got:' . fgets(STDIN);"}
+EXIT3 = {"ruby": "STDERR.puts 'bad'\nexit 3", "php": "<?php\nfwrite(STDERR, \"bad\\n\");\nexit(3);"}
+BROKEN = {"ruby": ("puts(", "syntax error"), "php": ("<?php\necho ;", "PHP Parse error")}
+FOREVER = {"ruby": "puts 'ready'\nloop { sleep 1 }", "php": "<?php\necho \"ready\\n\";\nwhile (true) { sleep(1); }"}
+SPIN = {"ruby": "loop {}", "php": "<?php while (true) {}"}
+#: Writes `name` in the working directory (the sandbox root) with `text`.
+WRITE = {"ruby": "File.write('{name}', '{text}')", "php": "<?php file_put_contents('{name}', '{text}');"}
+ENV = {"ruby": "print ENV['GREETING']", "php": "<?php echo getenv('GREETING');"}
+#: Takes about 300 MB.
+HOG = {"ruby": "s = 'x' * 300_000_000\nputs s.size", "php": "<?php $s = str_repeat('x', 300000000); echo strlen($s);"}
+#: Writes 8 MB to big.bin; prints `full` when the disk refuses it.
+FILL = {"ruby": "begin\n  File.binwrite('big.bin', 'x' * 8_000_000)\n  puts 'wrote'\nrescue SystemCallError\n"
+                "  puts 'full'\nend",
+        "php": "<?php echo @file_put_contents('big.bin', str_repeat('x', 8000000)) === 8000000 ? 'wrote' : 'full';"}
+
+
+class TestRubyPhpExec(GatewayFixtures):
+    runtime = "wasm"
+    runtime_config: ClassVar[dict[str, Any]] = {"pool_size": 1}
+
+    async def test_capabilities_name_them(self, gateway: Gateway, sandbox: dict[str, Any]) -> None:
+        assert {"exec.ruby", "exec.php", "exec.javascript", "exec.python"} <= set(sandbox["capabilities"])
+        resp = await gateway.client.get("/v1/runtimes", headers=AUTH)
+        wasm = next(r for r in (await resp.json())["runtimes"] if r["id"] == "wasm")
+        assert "Ruby 3.2 and PHP 8.2" in wasm["description"] and "unavailable" not in wasm["description"]
+
+    @pytest.mark.parametrize("language", LANGUAGES)
+    async def test_hello_stdin_exit_code_and_syntax_error(self, gateway: Gateway, sandbox: dict[str, Any],
+                                                          language: str) -> None:
+        sid = sandbox["id"]
+        done = await gateway.exec(sid, language=language, code=HELLO[language])
+        assert (done["exit_code"], done["stdout"], done["stderr"]) == (0, f"hello from {language}\n", ""), done
+        done = await gateway.exec(sid, language=language, code=ECHO[language], stdin="ping\n")
+        assert (done["exit_code"], done["stdout"]) == (0, "got:ping\n"), done
+        done = await gateway.exec(sid, language=language, code=EXIT3[language])
+        assert (done["exit_code"], done["stdout"], done["stderr"]) == (3, "", "bad\n"), done
+        code, marker = BROKEN[language]
+        done = await gateway.exec(sid, language=language, code=code)
+        assert done["exit_code"] not in (0, None) and "error" not in done and marker in done["stderr"], done
+        assert done["stdout"] == "", "PHP's errors go to stderr, never into the output"
+        # The run's program and prelude are not in the sandbox's files.
+        listed = await gateway.exec(sid, language="python", code="import os\nprint(sorted(os.listdir('.')))")
+        assert listed["stdout"] == "[]\n", listed
+
+    @pytest.mark.parametrize("language", LANGUAGES)
+    async def test_shares_the_sandbox_files_and_takes_env(self, gateway: Gateway, sandbox: dict[str, Any],
+                                                          language: str) -> None:
+        sid = sandbox["id"]
+        done = await gateway.exec(sid, language=language, code=WRITE[language].format(name="from.txt", text=language))
+        assert done["exit_code"] == 0, done
+        read = await gateway.exec(sid, language="python", code="print(open('/work/from.txt').read())")
+        assert read["stdout"] == f"{language}\n"
+        done = await gateway.exec(sid, language=language, code=ENV[language], env={"GREETING": "hi there"})
+        assert done["stdout"] == "hi there", done
+
+    @pytest.mark.parametrize("language", LANGUAGES)
+    async def test_timeout_ends_the_run_and_the_sandbox_goes_on(self, gateway: Gateway, sandbox: dict[str, Any],
+                                                                language: str) -> None:
+        done = await gateway.exec(sandbox["id"], language=language, code=FOREVER[language], timeout=2)
+        assert done["error"]["code"] == "timeout" and done["stdout"] == "ready\n", done
+        again = await gateway.exec(sandbox["id"], language=language, code=HELLO[language])
+        assert again["stdout"] == f"hello from {language}\n"
+
+    @pytest.mark.parametrize("language", LANGUAGES)
+    async def test_signal_stops_it_and_one_run_at_a_time(self, gateway: Gateway, sandbox: dict[str, Any],
+                                                         language: str) -> None:
+        ws = await gateway.ws(sandbox["id"])
+        try:
+            rid = await ws.send("exec.start", language=language, code=FOREVER[language], exec_id="forever")
+            seen = b""
+            while b"ready\n" not in seen:  # streamed as it is printed, not at the end
+                event = await ws.receive_for(rid)
+                assert event["ev"] in ("start", "data"), event
+                seen += event.get("data", b"")
+            other = "php" if language == "ruby" else "ruby"
+            refused = await ws.receive_for(await ws.send("exec.start", language=other, code=HELLO[other]))
+            assert refused["error"]["code"] == "busy", refused
+            await ws.call("exec.signal", exec_id="forever", signal="SIGKILL")
+            events = await ws.collect(rid)
+            assert events[-1]["signal"] == "SIGKILL", events
+            events = await ws.stream("exec.start", language=other, code=HELLO[other])
+            assert output(events) == f"hello from {other}\n".encode()
+        finally:
+            await ws.ws.close()
+
+    @pytest.mark.parametrize("language", LANGUAGES)
+    async def test_memory_cpu_and_disk_are_the_sandbox_limits(self, gateway: Gateway, language: str) -> None:
+        sandbox = await gateway.create(memory_mb=200, cpu_seconds=6, disk_mb=4)
+        done = await gateway.exec(sandbox["id"], language=language, code=HOG[language])
+        assert done["exit_code"] != 0 and "300000000" not in done["stdout"], done
+        assert "memory" in done["stderr"].lower() or done.get("error", {}).get("code") == "guest_died", done
+        done = await gateway.exec(sandbox["id"], language=language, code=FILL[language])
+        assert done["stdout"].strip() == "full", done
+        done = await gateway.exec(sandbox["id"], language=language, code=SPIN[language], timeout=100)
+        assert done["error"]["code"] == "guest_died" and "cpu_limit" in done["error"]["message"], done
+
+    async def test_php_prints_exactly_what_it_echoes(self, gateway: Gateway, sandbox: dict[str, Any]) -> None:
+        code = ("<?php\nheader('X-Test: 1');\necho 'no newline';\n"
+                "fwrite(STDERR, 'part ');\nfile_put_contents('php://stderr', \"one\\n\");\n"
+                "echo strtoupper(file_get_contents('php://stdin'));\n"
+                "$m = fopen('php://memory', 'w+'); fwrite($m, '!'); rewind($m); echo stream_get_contents($m);\n"
+                "echo $undefined;\n")
+        done = await gateway.exec(sandbox["id"], language="php", code=code, stdin="up")
+        assert (done["exit_code"], done["stdout"]) == (0, "no newlineUP!"), done
+        assert done["stderr"].startswith("part one\n") and "Undefined variable $undefined" in done["stderr"], done
+        done = await gateway.exec(sandbox["id"], language="php", code="plain text, no tag")
+        assert done["stdout"] == "plain text, no tag", done
+
+    async def test_php_fatal_error_and_ruby_large_exit_status(self, gateway: Gateway,
+                                                              sandbox: dict[str, Any]) -> None:
+        done = await gateway.exec(sandbox["id"], language="php", code="<?php\nthrow new RuntimeException('boom');")
+        assert done["exit_code"] == 255 and "error" not in done, done
+        assert "PHP Fatal error:  Uncaught RuntimeException: boom" in done["stderr"] and done["stdout"] == ""
+        done = await gateway.exec(sandbox["id"], language="ruby", code="exit 200")
+        assert done["exit_code"] == 200 and "error" not in done, done
+        done = await gateway.exec(sandbox["id"], language="ruby", code="raise ArgumentError, 'nope'")
+        assert done["exit_code"] == 1 and "nope (ArgumentError)" in done["stderr"], done
+
+
+# -- a gateway without them ----------------------------------------------------------------------
+
+
+async def start_gateway(aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]],
+                        runno_dir: Path) -> Gateway:
+    settings = Settings(api_keys={KEY: "tenant-a"}, limits=Limits(exec_timeout_s=30.0), reap_interval_s=3600.0,
+                        blocked_plugins=("microvm", "pod"),
+                        runtimes={"wasm": {"pool_size": 0, "runno_dir": str(runno_dir)}})
+    return Gateway(await aiohttp_client(create_app(settings)), "wasm", {})
+
+
+@pytest.mark.parametrize("broken", ["missing", "not the pinned file"])
+async def test_without_ruby_and_php_the_gateway_serves_the_rest(
+        aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]], tmp_path: Path, broken: str) -> None:
+    if broken != "missing":
+        for language in runno.LANGUAGES:
+            runno.wasm_file(language, tmp_path).write_bytes(b"\0asm\1\0\0\0")
+    gateway = await start_gateway(aiohttp_client, tmp_path)
+    sandbox = await gateway.create()
+    caps = set(sandbox["capabilities"])
+    assert {"exec.python", "exec.javascript"} <= caps and not caps & {"exec.ruby", "exec.php"}, caps
+    resp = await gateway.client.post(f"/v1/sandboxes/{sandbox['id']}/exec", headers=AUTH,
+                                     json={"language": "ruby", "code": "puts 1"})
+    assert resp.status == 501 and (await resp.json())["error"]["code"] == "unsupported"
+    resp = await gateway.client.get("/v1/runtimes", headers=AUTH)
+    wasm = next(r for r in (await resp.json())["runtimes"] if r["id"] == "wasm")
+    why = "sandgate images build wasm" if broken == "missing" else "is not the pinned"
+    assert "unavailable here: ruby:" in wasm["description"] and why in wasm["description"], wasm
+    runtime = gateway.client.app[MANAGER].runtimes["wasm"]
+    assert set(runtime.unavailable_languages) == {"ruby", "php"}
+    done = await gateway.exec(sandbox["id"], language="python", code="print('python')")
+    js = await gateway.exec(sandbox["id"], language="javascript", code="console.log('js')")
+    assert (done["stdout"], js["stdout"]) == ("python\n", "js\n")
