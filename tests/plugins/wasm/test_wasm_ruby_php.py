@@ -1,5 +1,5 @@
 """Ruby 3.2 and PHP 8.2 on the WASM runtime, through the real gateway: exec (REST and WebSocket),
-the sandbox's limits, and a gateway whose Ruby and PHP modules are missing."""
+the sandbox's limits, invoke, and a gateway whose Ruby and PHP modules are missing."""
 
 from __future__ import annotations
 
@@ -140,6 +140,108 @@ class TestRubyPhpExec(GatewayFixtures):
         assert done["exit_code"] == 1 and "nope (ArgumentError)" in done["stderr"], done
 
 
+ADD = {
+    "ruby": "def add(a, b: 0)\n  puts \"adding #{a} #{b}\"\n  File.write('out.txt', 'sum')\n"
+            "  {sum: a + b, parts: [a, b]}\nend\n",
+    "php": "<?php\nfunction add($a, $b = 0) {\n  echo \"adding $a $b\\n\";\n  file_put_contents('out.txt', 'sum');\n"
+           "  return ['sum' => $a + $b, 'parts' => [$a, $b]];\n}\n",
+}
+RAISES = {
+    "ruby": ("def f(x)\n  x / 0\nend\n", "ZeroDivisionError", "divided by 0"),
+    "php": ("<?php\nfunction f($x) {\n  return intdiv($x, 0);\n}\n", "DivisionByZeroError", "Division by zero"),
+}
+NOT_JSON = {"ruby": "def f = Object.new", "php": "<?php function f() { return NAN; }"}
+
+
+class TestRubyPhpInvoke(GatewayFixtures):
+    runtime = "wasm"
+    runtime_config: ClassVar[dict[str, Any]] = {"pool_size": 1}
+
+    async def invoke(self, gateway: Gateway, sandbox_id: str, **body: Any) -> dict[str, Any]:
+        resp = await gateway.client.post(f"/v1/sandboxes/{sandbox_id}/invoke", json=body, headers=AUTH)
+        assert resp.status == 200, await resp.text()
+        return await resp.json()  # type: ignore[no-any-return]
+
+    @pytest.mark.parametrize("language", LANGUAGES)
+    async def test_success_error_and_unknown_function(self, gateway: Gateway, sandbox: dict[str, Any],
+                                                      language: str) -> None:
+        sid = sandbox["id"]
+        done = await self.invoke(gateway, sid, language=language, code=ADD[language], function="add",
+                                 args=[2], kwargs={"b": 3})
+        assert (done["status"], done["result"], done["error"]) == ("success", {"sum": 5, "parts": [2, 3]}, None), done
+        assert done["stdout"] == "adding 2 3\n"
+        assert done["files"] == {"created": ["out.txt"], "modified": [], "deleted": []}, done
+        code, error_type, message = RAISES[language]
+        done = await self.invoke(gateway, sid, language=language, code=code, function="f", args=[1])
+        assert done["status"] == "error" and done["error"]["type"] == error_type, done
+        assert done["error"]["message"] == message and "<function>" in done["error"]["traceback"], done
+        assert "harness" not in done["error"]["traceback"] and "/sandgate/" not in done["error"]["traceback"]
+        done = await self.invoke(gateway, sid, language=language, code=ADD[language], function="sub")
+        assert done["status"] == "error" and done["error"]["type"] == "FunctionNotFound", done
+        assert "'sub' is not defined" in done["error"]["message"] and "add" in done["error"]["message"]
+        done = await self.invoke(gateway, sid, language=language, code=NOT_JSON[language], function="f")
+        assert done["status"] == "error" and done["error"]["type"] == "ResultNotSerializable", done
+
+    @pytest.mark.parametrize("language", LANGUAGES)
+    async def test_files_modified_and_deleted_and_a_syntax_error(self, gateway: Gateway, sandbox: dict[str, Any],
+                                                                 language: str) -> None:
+        sid = sandbox["id"]
+        code = {"ruby": "def f\n  File.write('keep.txt', 'v2')\n  File.delete('gone.txt')\nend\n",
+                "php": "<?php function f() { file_put_contents('keep.txt', 'v2'); unlink('gone.txt'); }"}[language]
+        done = await self.invoke(gateway, sid, language=language, code=code, function="f",
+                                 files={"keep.txt": "v1", "gone.txt": "x"})
+        # keep.txt keeps its size: the change is seen all the same (PHP compares recent files' contents)
+        assert done["files"] == {"created": [], "modified": ["keep.txt"], "deleted": ["gone.txt"]}, done
+        broken = {"ruby": ("def f(:\n", "SyntaxError"), "php": ("<?php function f( {", "ParseError")}[language]
+        done = await self.invoke(gateway, sid, language=language, code=broken[0], function="f")
+        assert done["status"] == "error" and done["error"]["type"] == broken[1], done
+
+    async def test_kwargs_ruby_keywords_and_php_named_arguments(self, gateway: Gateway,
+                                                                sandbox: dict[str, Any]) -> None:
+        sid = sandbox["id"]
+        done = await self.invoke(gateway, sid, language="ruby", function="greet", args=["ada"],
+                                 kwargs={"loud": True}, code="def greet(name, loud: false) = loud ? name.upcase : name")
+        assert done["result"] == "ADA", done
+        done = await self.invoke(gateway, sid, language="ruby", function="opts", args=[1], kwargs={"x": 2},
+                                 code="def opts(a, h) = [a, h]")  # no keywords: they come as a final Hash
+        assert done["result"] == [1, {"x": 2}], done
+        done = await self.invoke(gateway, sid, language="php", function="greet", args=["ada"], kwargs={"loud": True},
+                                 code="<?php function greet($name, $loud = false) { "
+                                      "return $loud ? strtoupper($name) : $name; }")
+        assert done["result"] == "ADA", done
+        done = await self.invoke(gateway, sid, language="php", function="greet", kwargs={"nope": 1},
+                                 code="<?php function greet($name = 'x') { return $name; }")
+        assert done["error"]["type"] == "Error" and "Unknown named parameter $nope" in done["error"]["message"]
+
+    async def test_exit_in_the_function_is_a_crash_and_timeout_a_timeout(self, gateway: Gateway,
+                                                                       sandbox: dict[str, Any]) -> None:
+        done = await self.invoke(gateway, sandbox["id"], language="php", function="f",
+                                 code="<?php function f() { exit(4); }")
+        assert done["status"] == "crash" and "code 4" in done["error"]["message"], done
+        done = await self.invoke(gateway, sandbox["id"], language="ruby", function="f", timeout=2,
+                                 code="def f\n  loop { }\nend")
+        assert done["status"] == "timeout", done
+
+    async def test_ephemeral_and_deployed(self, gateway: Gateway) -> None:
+        resp = await gateway.client.post("/v1/invoke", headers=AUTH, json={
+            "runtime": "wasm", "language": "php", "code": ADD["php"], "function": "add", "args": [40, 2]})
+        assert (await resp.json())["result"] == {"sum": 42, "parts": [40, 2]}
+        resp = await gateway.client.put("/v1/functions/rb-add", headers=AUTH, json={
+            "runtime": "wasm", "language": "ruby", "code": ADD["ruby"], "function": "add"})
+        assert resp.status == 201, await resp.text()
+        resp = await gateway.client.post("/v1/functions/rb-add/invoke", headers=AUTH,
+                                         json={"args": [1], "kwargs": {"b": 1}})
+        assert (await resp.json())["result"] == {"sum": 2, "parts": [1, 1]}
+        await gateway.client.delete("/v1/functions/rb-add", headers=AUTH)
+
+    async def test_test_mode_is_not_theirs(self, gateway: Gateway, sandbox: dict[str, Any]) -> None:
+        resp = await gateway.client.post(f"/v1/sandboxes/{sandbox['id']}/test", headers=AUTH,
+                                         json={"language": "ruby", "code": "def f = 1", "tests": "f"})
+        body = await resp.json()
+        assert resp.status == 501 and body["error"]["code"] == "unsupported", body
+        assert "test mode speaks python, javascript" in body["error"]["message"]
+
+
 # -- a gateway without them ----------------------------------------------------------------------
 
 
@@ -173,3 +275,6 @@ async def test_without_ruby_and_php_the_gateway_serves_the_rest(
     done = await gateway.exec(sandbox["id"], language="python", code="print('python')")
     js = await gateway.exec(sandbox["id"], language="javascript", code="console.log('js')")
     assert (done["stdout"], js["stdout"]) == ("python\n", "js\n")
+    resp = await gateway.client.post(f"/v1/sandboxes/{sandbox['id']}/invoke", headers=AUTH,
+                                     json={"language": "php", "code": "<?php function f() {}", "function": "f"})
+    assert resp.status == 501 and (await resp.json())["error"]["code"] == "unsupported"
