@@ -333,8 +333,8 @@ class WasmBackend(Backend):
             _check_text("an env name", key)
             _check_text(f"env {key!r}", value)
         if self._oneshot_running:
-            raise ProtocolError("busy", f"the sandbox runs one {', '.join(ONESHOT_NAMES.values())} exec at a "
-                                        "time; wait for the running one")
+            raise ProtocolError("busy", "the sandbox runs one JavaScript, Ruby or PHP exec at a time; wait for "
+                                        "the running one")
         cpu = self.cpu_remaining()
         memory = self._oneshot_memory(language)
         self._oneshot_running = True

@@ -79,8 +79,9 @@ class TestRubyPhpExec(GatewayFixtures):
     @pytest.mark.parametrize("language", LANGUAGES)
     async def test_timeout_ends_the_run_and_the_sandbox_goes_on(self, gateway: Gateway, sandbox: dict[str, Any],
                                                                 language: str) -> None:
+        # (whether it printed before the timeout depends on the machine's load: not asserted)
         done = await gateway.exec(sandbox["id"], language=language, code=FOREVER[language], timeout=2)
-        assert done["error"]["code"] == "timeout" and done["stdout"] == "ready\n", done
+        assert done["error"]["code"] == "timeout" and done["exit_code"] is None, done
         again = await gateway.exec(sandbox["id"], language=language, code=HELLO[language])
         assert again["stdout"] == f"hello from {language}\n"
 
@@ -162,15 +163,13 @@ class TestRubyPhpInvoke(GatewayFixtures):
         assert resp.status == 200, await resp.text()
         return await resp.json()  # type: ignore[no-any-return]
 
+    # (success with args and kwargs, an exception's class, an unknown function: the serverless suite,
+    # gateway/testing/functions.py, on WASM in test_wasm_functions.py)
+
     @pytest.mark.parametrize("language", LANGUAGES)
-    async def test_success_error_and_unknown_function(self, gateway: Gateway, sandbox: dict[str, Any],
-                                                      language: str) -> None:
+    async def test_error_traceback_unknown_function_and_not_json(self, gateway: Gateway, sandbox: dict[str, Any],
+                                                                 language: str) -> None:
         sid = sandbox["id"]
-        done = await self.invoke(gateway, sid, language=language, code=ADD[language], function="add",
-                                 args=[2], kwargs={"b": 3})
-        assert (done["status"], done["result"], done["error"]) == ("success", {"sum": 5, "parts": [2, 3]}, None), done
-        assert done["stdout"] == "adding 2 3\n"
-        assert done["files"] == {"created": ["out.txt"], "modified": [], "deleted": []}, done
         code, error_type, message = RAISES[language]
         done = await self.invoke(gateway, sid, language=language, code=code, function="f", args=[1])
         assert done["status"] == "error" and done["error"]["type"] == error_type, done
