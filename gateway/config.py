@@ -130,14 +130,17 @@ def _table(value: Any, where: str) -> dict[str, Any]:
 
 
 def check_positive(settings: Any, prefix: str, zero_ok: Iterable[str] = ()) -> None:
-    """Every field of `settings` > 0 (those in `zero_ok` >= 0); called from `__post_init__` after
-    `check_fields` (the runtimes' settings too).
+    """Every number field of `settings` > 0 (those in `zero_ok` >= 0); called from `__post_init__`
+    after `check_fields` (the runtimes' settings too). Other fields (strings, flags) are left to
+    the caller's own checks.
 
     Raises:
         ConfigError: naming `prefix` + the field.
     """
     for f in fields(settings):
         value = getattr(settings, f.name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
         if f.name in zero_ok:
             if value < 0:
                 raise ConfigError(f"{prefix}{f.name} must be >= 0, not {value!r}")

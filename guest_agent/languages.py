@@ -85,7 +85,9 @@ def expand(step: tuple[str, ...], values: Mapping[str, str]) -> list[str]:
     return [arg.format_map(values) for arg in step]
 
 
-def unsupported(language: str, offered: list[str], runtime: str) -> ProtocolError:
-    """The one answer for a language a sandbox does not run, naming what it does run."""
-    return ProtocolError("unsupported", f"runtime {runtime} does not run {language!r:.40} here; it runs: "
+def unsupported(language: str, offered: list[str], runtime: str, why: str | None = None) -> ProtocolError:
+    """The one answer for a language a sandbox does not run, naming what it does run (and `why`
+    not, when the runtime knows: a module this host has not fetched)."""
+    because = f" ({why[:300]})" if why else ""
+    return ProtocolError("unsupported", f"runtime {runtime} does not run {language!r:.40} here{because}; it runs: "
                                         f"{', '.join(sorted(offered)) or 'no languages'}")

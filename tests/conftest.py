@@ -24,3 +24,18 @@ def wasm_compiled() -> None:
 
     for kind in ("python", "javascript"):
         ensure_compiled(kind, progress=TerminalProgress())
+
+
+@pytest.fixture(scope="session")
+def wasm_interpreters(wasm_compiled: None) -> None:
+    """Ruby's and PHP's WASM modules: fetched with npm unless cached (`sandgate images build wasm`
+    does it at setup) and compiled once. Skips, with npm's reason, where npm cannot fetch them."""
+    from plugins.common import TerminalProgress
+    from plugins.wasm import artifacts, runno
+
+    try:
+        wasms = runno.fetch(runno.default_dir(), TerminalProgress())
+    except artifacts.ArtifactsMissing as exc:
+        pytest.skip(f"Ruby and PHP on WASM are not installed here: {exc}")
+    for kind, wasm in zip(artifacts.FETCHED_KINDS, wasms, strict=True):
+        artifacts.ensure_compiled(kind, TerminalProgress(), wasm)

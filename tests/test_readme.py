@@ -36,6 +36,7 @@ def gateway(tmp_path: Path) -> Iterator[Served]:
         served.stop()
 
 
+@pytest.mark.usefixtures("wasm_interpreters")
 def test_curl_examples(gateway: Served, tmp_path: Path) -> None:
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed: the README's curl examples cannot run here")
@@ -46,6 +47,7 @@ def test_curl_examples(gateway: Served, tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert '"stdout": "3.15' in done.stdout and '"stdout": "42\\n"' in done.stdout
+    assert '"stdout": "3.2.0\\n"' in done.stdout and '"stdout": "8.2.0"' in done.stdout
     assert (tmp_path / "copy.csv").read_text() == "a,b\n1,2\n"
     assert '"guest"' in done.stdout and '"disk_bytes"' in done.stdout
 

@@ -268,7 +268,7 @@ async def test_in(manager: SandboxManager, sandbox: Sandbox, args: dict[str, Any
     args = dict(args)
     manager.code_cache.take_code(sandbox.tenant, args)
     language = args.get("language", "python")
-    harness.check_language(language)
+    harness.check_language(language, test=True)
     report = harness.new_report_path()
     source = harness.test_source(language, code=args["code"], tests=args["tests"], report=report)
     run = await run_call(manager, sandbox, language=language, source=source, report=report,

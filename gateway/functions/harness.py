@@ -3,9 +3,11 @@
 An invocation or a test run is an ordinary exec (`exec.start` with `code` and `language`) whose
 source this module writes: a call of the guest agent's `guest_agent.invoke` / `guest_agent.testrun`
 for Python (run in the agent's own interpreter, so a deployed function's module stays loaded in a
-named namespace between calls), and `harness.js` with the call's parameters for JavaScript (QuickJS
-in the WASM runtime, Node where a runtime runs it). Each writes a JSON report to `report`, a path
-under the sandbox root's `.sandgate/` folder that the gateway reads once the exec ended.
+named namespace between calls), and for the other languages their harness beside this file with the
+call's parameters: `harness.js` for JavaScript (QuickJS in the WASM runtime, Node where a runtime
+runs it), `harness.rb` for Ruby and `harness.php` for PHP (invoke only: test mode is Python's and
+JavaScript's). Each writes a JSON report to `report`, a path under the sandbox root's `.sandgate/`
+folder that the gateway reads once the exec ended.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from guest_agent.wire import ProtocolError
 #: under the private folder, not deeper: the agent resolves every component of a path it reads,
 #: and under WASI each is a host call (one level less saved ~0.2 ms per fs.read there).
 REPORT_DIR = ".sandgate"
-#: The languages a harness is written for.
-LANGUAGES = ("python", "javascript")
+#: The languages invoke speaks.
+LANGUAGES = ("python", "javascript", "ruby", "php")
+#: The languages test mode speaks.
+TEST_LANGUAGES = ("python", "javascript")
 
 
 def new_call_id() -> str:
@@ -41,9 +45,12 @@ def new_report_path() -> str:
     return report_path(new_call_id())
 
 
-def check_language(language: str) -> None:
-    if language not in LANGUAGES:
-        raise ProtocolError("unsupported", f"invoke and test speak {', '.join(LANGUAGES)}, not {language!r:.40}")
+def check_language(language: str, *, test: bool = False) -> None:
+    """Refuse (`unsupported`) a language invoke, or with `test` test mode, has no harness for."""
+    speaks = TEST_LANGUAGES if test else LANGUAGES
+    if language not in speaks:
+        what = "test mode speaks" if test else "invoke speaks"
+        raise ProtocolError("unsupported", f"{what} {', '.join(speaks)}, not {language!r:.40}")
 
 
 def invoke_source(language: str, *, function: str, args: list[Any], kwargs: dict[str, Any], report: str,
@@ -63,9 +70,11 @@ def invoke_source(language: str, *, function: str, args: list[Any], kwargs: dict
         return (f'__import__("guest_agent.invoke", fromlist=["invoke"]).invoke(globals(), report={report!r}, '
                 f"function={function!r}, args_json={args_json!r}, kwargs_json={kwargs_json!r}{load})\n")
     if code is None:
-        raise ProtocolError("internal", "a JavaScript call always carries its code")
-    return _js({"mode": "invoke", "report": report, "function": function, "args": args, "kwargs": kwargs,
-                "code": code})
+        raise ProtocolError("internal", f"a {language} call always carries its code")
+    params = {"report": report, "function": function, "args": args, "kwargs": kwargs, "code": code}
+    if language == "javascript":
+        return _js({"mode": "invoke", **params})
+    return _quoted(language, {**params, "filename": filename})
 
 
 def warm_call_source(*, args: list[Any], kwargs: dict[str, Any], call: str) -> str:
@@ -76,7 +85,7 @@ def warm_call_source(*, args: list[Any], kwargs: dict[str, Any], call: str) -> s
 
 def test_source(language: str, *, code: str, tests: str, report: str) -> str:
     """The exec source that runs `tests` against `code`."""
-    check_language(language)
+    check_language(language, test=True)
     if language == "python":
         return (f'__import__("guest_agent.testrun", fromlist=["run_tests"]).run_tests(code={code!r}, '
                 f"tests={tests!r}, report={report!r})\n")
@@ -91,12 +100,23 @@ def _json(value: Any, name: str) -> str:
 
 
 @cache
-def _js_template() -> str:
-    return (Path(__file__).parent / "harness.js").read_text(encoding="utf-8")
+def _template(name: str) -> str:
+    return (Path(__file__).parent / name).read_text(encoding="utf-8")
 
 
 def _js(params: dict[str, Any]) -> str:
     # A JSON string literal inside the source: JSON.parse then reads it back exactly (a JSON text
     # is also a valid JS string literal's content once encoded again, U+2028 included).
     literal = json.dumps(json.dumps(params, allow_nan=False))
-    return _js_template().replace("__PARAMS__", literal, 1)
+    return _template("harness.js").replace("__PARAMS__", literal, 1)
+
+
+_HARNESS = {"ruby": "harness.rb", "php": "harness.php"}
+
+
+def _quoted(language: str, params: dict[str, Any]) -> str:
+    # The JSON text (ASCII: json.dumps escapes the rest) in a single-quoted literal, where Ruby and
+    # PHP alike read only \\ and \' as escapes: the harness's JSON parser gets the text back exactly.
+    text = json.dumps(params, allow_nan=False)
+    literal = "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return _template(_HARNESS[language]).replace("__PARAMS__", literal, 1)

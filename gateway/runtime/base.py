@@ -177,6 +177,7 @@ class Runtime(ABC):
     def __init__(self, config: Mapping[str, Any]) -> None:
         """`config` is this runtime's table from the gateway config file (`[runtimes.<id>]`)."""
         self.config = dict(config)
+        self.unavailable_languages = {}
 
     @classmethod
     def build_images(cls, config: Mapping[str, Any], template: str | None, progress: Progress) -> list[str]:
@@ -199,6 +200,10 @@ class Runtime(ABC):
         `unsupported`, or `unavailable` for a template not built here). Called by
         SandboxManager.create with `validate_options`, before any quota or rate token is taken, so
         a request that cannot succeed costs the tenant nothing. The default accepts both."""
+
+    #: Languages this runtime runs where the host has what they need, but not here, with the reason
+    #: (a module not fetched): `GET /v1/runtimes` lists them and `unsupported` answers say why.
+    unavailable_languages: dict[str, str]
 
     def languages(self) -> dict[str, list[str]]:
         """The languages (ids of guest_agent/languages.py) this runtime's sandboxes run, by template

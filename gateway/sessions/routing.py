@@ -205,7 +205,9 @@ class OpRouter(ABC):
         tag = message.get("tag")
         oneshot = fields.get("language") in sandbox.backend.oneshot_languages()
         if "language" in fields and not oneshot and f"exec.{fields['language']}" not in sandbox.capabilities:
-            raise languages.unsupported(fields["language"], sandbox.languages(), sandbox.runtime.id)
+            language = fields["language"]
+            raise languages.unsupported(language, sandbox.languages(), sandbox.runtime.id,
+                                        sandbox.runtime.unavailable_languages.get(language))
         if "exec.concurrent" not in sandbox.capabilities and not oneshot and sandbox.running_execs():
             raise ProtocolError("busy", "the agent runs one exec at a time; wait for the running one")
         requested = message.get("exec_id")

@@ -3,7 +3,7 @@ executions and the code cache, through the real gateway and real sandboxes of on
 
 A runtime's tests subclass `FunctionsConformance` like `RuntimeConformance` (see conformance.py).
 Every status of an invocation is produced for real: an exception, a guest that exits under the
-call, a timeout, a cancel. JavaScript tests run where the sandbox offers `exec.javascript`.
+call, a timeout, a cancel. JavaScript, Ruby and PHP tests run where the sandbox offers `exec.<language>`.
 """
 
 from __future__ import annotations
@@ -157,6 +157,31 @@ class FunctionsConformance(GatewayFixtures):
         assert done["success"] is False
         wrong = next(t for t in done["tests"] if t["name"] == "wrong")
         assert wrong["passed"] is False and "Expected 2 to be 3" in wrong["error"]
+
+    # -- Ruby and PHP, where the sandbox runs them --------------------------------------------------
+
+    @pytest.mark.parametrize("language", ["ruby", "php"])
+    async def test_ruby_and_php_invoke(self, gateway: Gateway, sandbox: dict[str, Any], language: str) -> None:
+        if f"exec.{language}" not in sandbox["capabilities"]:
+            pytest.skip(f"runtime {self.runtime} runs no {language} here")
+        sid = sandbox["id"]
+        code, raises, error_type = {
+            "ruby": ("def add(a, b: 0)\n  puts \"adding #{a} #{b}\"\n  File.write('out.txt', 'sum')\n"
+                     "  {sum: a + b, parts: [a, b]}\nend\n", "def f(x) = x / 0", "ZeroDivisionError"),
+            "php": ("<?php\nfunction add($a, $b = 0) {\n  echo \"adding $a $b\\n\";\n"
+                    "  file_put_contents('out.txt', 'sum');\n  return ['sum' => $a + $b, 'parts' => [$a, $b]];\n}\n",
+                    "<?php function f($x) { return intdiv($x, 0); }", "DivisionByZeroError"),
+        }[language]
+        done = await self.invoke(gateway, sid, language=language, code=code, function="add", args=[2],
+                                 kwargs={"b": 3})
+        assert (done["status"], done["result"], done["error"]) == ("success", {"sum": 5, "parts": [2, 3]}, None), done
+        assert done["stdout"] == "adding 2 3\n"
+        assert done["files"] == {"created": ["out.txt"], "modified": [], "deleted": []}, done
+        done = await self.invoke(gateway, sid, language=language, code=raises, function="f", args=[1])
+        assert done["status"] == "error" and done["error"]["type"] == error_type, done
+        done = await self.invoke(gateway, sid, language=language, code=code, function="sub")
+        assert done["status"] == "error" and done["error"]["type"] == "FunctionNotFound", done
+        assert "'sub' is not defined" in done["error"]["message"] and "add" in done["error"]["message"]
 
     # -- test mode (Python: real pytest in the sandbox) --------------------------------------------
 

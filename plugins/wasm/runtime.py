@@ -2,13 +2,14 @@
 
 The launcher (`plugins.wasm.launcher`) owns wasmtime; this module owns processes and directories:
 spawning launchers, a warm pool of launchers whose agent already answered, the per-sandbox /work
-(a tmpfs of disk_mb held by plugins.wasm.disk), one-shot JavaScript runs, and cleaning all of it up.
+(a tmpfs of disk_mb held by plugins.wasm.disk), one-shot runs of the languages the runtime runs
+itself (JavaScript with QuickJS, Ruby and PHP: plugins.wasm.interpreters), and cleaning all of it up.
 
 Every process of a sandbox counts against its limits: its launchers draw on one CPU budget (each
 new launcher gets what is left; a finished one is charged from its exit report or, when killed,
-from /proc just before), a JavaScript run gets the memory the agent's launcher leaves of
-memory_mb, and one JavaScript run at a time. Launchers get an explicit minimal environment, report
-on a pipe of their own (fd --status-fd, never the guest's stderr), and die with the gateway.
+from /proc just before), a one-shot run gets the memory the agent's launcher leaves of memory_mb,
+and one one-shot run at a time. Launchers get an explicit minimal environment, report on a pipe of
+their own (fd --status-fd, never the guest's stderr), and die with the gateway.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from gateway.runtime.base import Backend, ByteChannel, Progress, Runtime, Sandbo
 from gateway.runtime.pool import WarmPool
 from guest_agent.wire import CHUNK_SIZE, ProtocolError
 from plugins.common import CACHE_ENV, TerminalProgress, cache_root, gateway_work_root, remove_orphans
-from plugins.wasm import artifacts
+from plugins.wasm import artifacts, interpreters, runno
 from plugins.wasm.agent_dir import stage_agent_dir
 from plugins.wasm.disk import WORK_ROOT_ENV, DiskHolder
 from plugins.wasm.settings import WasmSettings
@@ -217,13 +218,13 @@ def _check_text(what: str, text: str) -> None:
                                            f"{exc.start}") from None
 
 
-#: The languages the runtime runs itself, one fresh instance per exec (Python is the agent's own).
-ONESHOT_LANGUAGES = frozenset({"javascript"})
+#: How the one-shot languages are named in messages.
+ONESHOT_NAMES = {"javascript": "JavaScript", "ruby": "Ruby", "php": "PHP"}
 
 
 class WasmBackend(Backend):
     """One WASM sandbox: its disk holder (the /work tmpfs), the agent's launcher, at most one
-    JavaScript launcher at a time, and the CPU budget they all draw from."""
+    one-shot launcher (JavaScript, Ruby, PHP) at a time, and the CPU budget they all draw from."""
 
     def __init__(self, runtime: WasmRuntime, work: Path, holder: DiskHolder, memory_mb: int, cpu_seconds: float,
                  disk_mb: int) -> None:
@@ -237,14 +238,14 @@ class WasmBackend(Backend):
         #: CPU seconds used by this sandbox's launchers that have ended.
         self.cpu_used = 0.0
         self.launcher: Launcher | None = None
-        self.js_launcher: Launcher | None = None
-        self._js_running = False
+        self.oneshot_launcher: Launcher | None = None
+        self._oneshot_running = False
         self._destroyed = False
         self._channel: ByteChannel | None = None
 
     def cpu_remaining(self) -> float:
         """The budget a new launcher gets; `guest_died` (cpu_limit) when none is left."""
-        running = sum(launcher.uncharged_cpu() for launcher in (self.launcher, self.js_launcher) if launcher)
+        running = sum(launcher.uncharged_cpu() for launcher in (self.launcher, self.oneshot_launcher) if launcher)
         left = self.cpu_seconds - self.cpu_used - running
         if left < MIN_CPU_S:
             raise ProtocolError("guest_died", f"cpu_limit: the sandbox used up its CPU budget "
@@ -284,7 +285,7 @@ class WasmBackend(Backend):
 
     async def destroy(self) -> None:
         await self._retire(self.launcher)
-        await self._retire(self.js_launcher)
+        await self._retire(self.oneshot_launcher)
         await self.holder.stop()
         await asyncio.to_thread(shutil.rmtree, self.work, True)
         if not self._destroyed:
@@ -308,52 +309,79 @@ class WasmBackend(Backend):
         return metrics
 
     def oneshot_languages(self) -> frozenset[str]:
-        return ONESHOT_LANGUAGES
+        """JavaScript, and Ruby and PHP where the runtime found their modules at start."""
+        return frozenset({"javascript", *self.runtime.modules})
 
     async def stop_oneshot(self) -> None:
-        if self.js_launcher is not None and self.js_launcher.proc.returncode is None:
+        if self.oneshot_launcher is not None and self.oneshot_launcher.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.js_launcher.proc.pid, signal.SIGKILL)  # the run's stream ends as killed
+                os.kill(self.oneshot_launcher.proc.pid, signal.SIGKILL)  # the run's stream ends as killed
 
     def run_oneshot(
         self, language: str, code: str, *, stdin: bytes, env: Mapping[str, str], timeout: float | None
     ) -> AsyncIterator[dict[str, Any]]:
-        """QuickJS, one launcher per run, sharing the sandbox's /work and limits: one run at a time
-        (`busy` otherwise), its CPU from the sandbox's remaining budget, and its memory what the
-        agent's launcher leaves of memory_mb (its private memory, from /proc), at least
-        JS_MIN_MEMORY_MB. Everything is checked here, before the exec starts."""
-        if language != "javascript":
+        """One launcher per run (QuickJS, or a fresh Ruby or PHP instance), sharing the sandbox's
+        /work and limits: one run at a time (`busy` otherwise), its CPU from the sandbox's
+        remaining budget, and its memory what the agent's launcher leaves of memory_mb (its private
+        memory, from /proc), at least the language's floor. Everything is checked here, before the
+        exec starts."""
+        if language not in self.oneshot_languages():
             raise ProtocolError("unsupported", f"the WASM runtime does not run {language} itself")
-        _check_text("the JavaScript source", code)
+        name = ONESHOT_NAMES[language]
+        _check_text(f"the {name} source", code)
         for key, value in env.items():
             _check_text("an env name", key)
             _check_text(f"env {key!r}", value)
-        if self._js_running:
-            raise ProtocolError("busy", "the sandbox runs one JavaScript exec at a time; wait for the running one")
+        if self._oneshot_running:
+            raise ProtocolError("busy", "the sandbox runs one JavaScript, Ruby or PHP exec at a time; wait for "
+                                        "the running one")
         cpu = self.cpu_remaining()
+        memory = self._oneshot_memory(language)
+        self._oneshot_running = True
+        return self._oneshot(language, code, stdin, env, timeout, memory, cpu)
+
+    def _oneshot_memory(self, language: str) -> int:
+        """What the agent's launcher leaves of memory_mb, at least the language's floor. Ruby's
+        floor (128 MiB: below it Ruby cannot start) is never more than memory_mb itself;
+        JavaScript's small floor is kept as it was, even past memory_mb."""
         agent_bytes = 0
         if self.launcher is not None:
             agent_bytes = process_metrics(self.launcher.proc.pid).get("private_bytes", 0)
-        memory = max(JS_MIN_MEMORY_MB << 20, (self.memory_mb << 20) - agent_bytes)
-        self._js_running = True
-        return self._oneshot(code, stdin, env, timeout, memory, cpu)
+        left = (self.memory_mb << 20) - agent_bytes
+        if language == "javascript":
+            return max(JS_MIN_MEMORY_MB << 20, left)
+        return max(min(interpreters.MIN_MEMORY_MB[language], self.memory_mb) << 20, left)
 
-    async def _oneshot(self, code: str, stdin: bytes, env: Mapping[str, str], timeout: float | None,
-                       memory: int, cpu: float) -> AsyncIterator[dict[str, Any]]:
+    def _oneshot_args(self, language: str, code: str, stdin: bytes, memory: int, cpu: float,
+                      made: list[str]) -> list[str]:
+        """The launcher's arguments for one run, writing its files (in the runtime's private
+        folder, named in `made` for the caller to remove)."""
+        args = self.launcher_args(language, memory, cpu)
+        if language == "javascript":
+            made.append(_private_file(self.runtime.private_dir, ".js", code))
+            return [*args, "--code-file", made[-1]]
+        folder = tempfile.mkdtemp(prefix=f"{language}-", dir=self.runtime.private_dir)
+        made.append(folder)
+        interpreters.prepare(language, Path(folder), code, stdin)
+        return [*args, "--module", str(self.runtime.modules[language]), "--code-dir", folder]
+
+    async def _oneshot(self, language: str, code: str, stdin: bytes, env: Mapping[str, str],
+                       timeout: float | None, memory: int, cpu: float) -> AsyncIterator[dict[str, Any]]:
         started = time.monotonic()
-        files = [_private_file(self.runtime.private_dir, ".js", code)]
+        files: list[str] = []
         try:
-            args = [*self.launcher_args("javascript", memory, cpu), "--code-file", files[0]]
+            args = self._oneshot_args(language, code, stdin, memory, cpu, files)
             if env:
                 files.append(_private_file(self.runtime.private_dir, ".env.json", json.dumps(dict(env))))
-                args += ["--env-file", files[1]]
-            launcher = self.js_launcher = await Launcher.spawn(args, self.runtime.launcher_env)
+                args += ["--env-file", files[-1]]
+            launcher = self.oneshot_launcher = await Launcher.spawn(args, self.runtime.launcher_env)
             assert launcher.proc.stdin is not None and launcher.proc.stdout is not None
             yield {"ev": "start", "pid": None}
             error = None
             try:
                 async with asyncio.timeout(timeout):
-                    launcher.proc.stdin.write(stdin)  # the script reads it with std.in
+                    if language != "php":  # PHP reads its stdin from the run's folder
+                        launcher.proc.stdin.write(stdin)
                     launcher.proc.stdin.close()
                     while chunk := await launcher.proc.stdout.read(CHUNK_SIZE):
                         yield {"ev": "data", "fd": "stdout", "data": chunk}
@@ -371,21 +399,25 @@ class WasmBackend(Backend):
                                    "duration_ms": round((time.monotonic() - started) * 1000, 3)}
             if error is not None:
                 end["error"] = error
-            elif killed_by is None and launcher.status().get("reason"):  # the launcher's own end: QuickJS exits 0 or 1
+            elif killed_by is None and launcher.status().get("reason"):  # the launcher's own end, not the guest's
                 end["error"] = ProtocolError("guest_died", await launcher.reason()).to_wire()
             yield end
         finally:
-            self._js_running = False
-            if self.js_launcher is not None:
-                await self._retire(self.js_launcher)
-                self.js_launcher = None
+            self._oneshot_running = False
+            if self.oneshot_launcher is not None:
+                await self._retire(self.oneshot_launcher)
+                self.oneshot_launcher = None
             _remove(files)
 
 
 def _remove(files: list[str]) -> None:
+    """Remove a run's files and folders."""
     for name in files:
-        with contextlib.suppress(OSError):
-            os.unlink(name)
+        if os.path.isdir(name):
+            shutil.rmtree(name, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
     files.clear()
 
 
@@ -410,12 +442,13 @@ class WasmRuntime(Runtime):
     """Settings: `[runtimes.wasm]`, plugins.wasm.settings.WasmSettings."""
 
     id = "wasm"
-    description = "CPython 3.15 and QuickJS on wasmtime; in-process Python, one-shot JavaScript"
+    description = ("CPython 3.15, QuickJS, Ruby 3.2 and PHP 8.2 on wasmtime; in-process Python, one-shot "
+                   "JavaScript, Ruby and PHP")
     capabilities = frozenset()
     min_memory_mb = MIN_MEMORY_MB
 
     def languages(self) -> dict[str, list[str]]:
-        return {"default": sorted({"python", *ONESHOT_LANGUAGES})}
+        return {"default": sorted({"python", "javascript", *self.modules})}
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
@@ -439,12 +472,25 @@ class WasmRuntime(Runtime):
         self.launcher_env = launcher_env(self.work_root)
         self.agent_dir = Path()
         self.boot_slots = asyncio.Semaphore(os.cpu_count() or 1)
+        #: Ruby and PHP: the compiled module of each that `start` found, and why the others are not.
+        self.modules: dict[str, Path] = {}
 
     @classmethod
     def build_images(cls, config: Mapping[str, Any], template: str | None, progress: Progress) -> list[str]:
+        """Compile the Python and JavaScript modules, fetch Ruby's and PHP's with npm (unless the
+        cache has them) and compile them. A host where npm cannot fetch them (no npm, no registry)
+        still builds the rest and says why; a package that is not the pinned one fails the build."""
         if template is not None:
             raise ValueError("the wasm runtime has no templates")
         lines = [f"{kind}: {artifacts.ensure_compiled(kind, progress)}" for kind in artifacts.KINDS]
+        where = runno.folder(WasmSettings.from_config(config).runno_dir)
+        try:
+            fetched = runno.fetch(where, progress)
+        except artifacts.ArtifactsMissing as exc:
+            lines.append(f"ruby, php: not installed: {exc}")
+        else:
+            for kind, wasm in zip(artifacts.FETCHED_KINDS, fetched, strict=True):
+                lines.append(f"{kind}: {artifacts.ensure_compiled(kind, progress, wasm)}")
         return [*lines, f"agent: {stage_agent_dir()}"]
 
     async def start(self) -> None:
@@ -453,11 +499,28 @@ class WasmRuntime(Runtime):
                 log.warning("compiling the WASM %s module once (1-3 minutes; `sandgate images build wasm` "
                             "does this ahead of time)", kind)
             await asyncio.to_thread(artifacts.ensure_compiled, kind, TerminalProgress())
+        await asyncio.to_thread(self._find_interpreters)
         self.agent_dir = await asyncio.to_thread(stage_agent_dir)
         await asyncio.to_thread(remove_orphans, self.work_root, WORK_ROOT_ENV)
         self.private_dir.mkdir(parents=True, mode=0o700)
         await self._probe_disk_holder()
         self.pool.start()
+
+    def _find_interpreters(self) -> None:
+        """Ruby's and PHP's modules, checked and compiled (once per machine) if `sandgate images
+        build wasm` fetched them; a language without one is left out of every sandbox's
+        capabilities, and its reason is in `unavailable_languages` (GET /v1/runtimes, `unsupported`)
+        and the log."""
+        where = runno.folder(self.settings.runno_dir)
+        for language in artifacts.FETCHED_KINDS:
+            try:
+                wasm = runno.verified(language, where)
+                if not artifacts.compiled_module_path(language, wasm).exists():
+                    log.warning("compiling the WASM %s module once (under a minute)", language)
+                self.modules[language] = artifacts.ensure_compiled(language, TerminalProgress(), wasm)
+            except (artifacts.ArtifactsMissing, artifacts.CompileError) as exc:
+                self.unavailable_languages[language] = str(exc)
+                log.warning("the WASM runtime runs no %s: %s", language, exc)
 
     async def _probe_disk_holder(self) -> None:
         """Mount one tmpfs now, so a host without mount (or user) namespaces turns the runtime off

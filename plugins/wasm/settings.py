@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -42,10 +43,15 @@ class WasmSettings:
     #: The sum of `disk_mb` over this gateway's live WASM sandboxes, warm pool included; a create
     #: beyond it answers `unavailable`. 0 means the default: the host's MemTotal.
     max_total_disk_mb: int = 0
+    #: The folder holding Ruby's and PHP's wasm files (plugins.wasm.runno); "" means the cache's,
+    #: where `sandgate images build wasm` puts them. Absolute.
+    runno_dir: str = ""
 
     def __post_init__(self) -> None:
         check_fields(self, "[runtimes.wasm] ")
         check_positive(self, "[runtimes.wasm] ", zero_ok=("pool_size", "max_total_disk_mb"))
+        if self.runno_dir and not os.path.isabs(self.runno_dir):
+            raise ConfigError(f"[runtimes.wasm] runno_dir must be an absolute path, not {self.runno_dir!r}")
         if self.max_total_disk_mb == 0:  # never below what the pool alone holds
             object.__setattr__(self, "max_total_disk_mb", max(default_max_total_disk_mb(),
                                                               self.pool_size * self.disk_mb))

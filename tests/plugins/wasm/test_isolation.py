@@ -161,7 +161,7 @@ class TestSandboxLimits(GatewayFixtures):
         assert (await ws.receive_for(spinning))["ev"] == "start"
         second = await ws.stream("exec.start", language="javascript", code="console.log('second')")
         assert second[0]["error"]["code"] == "busy", second
-        js = backend.js_launcher
+        js = backend.oneshot_launcher
         assert js is not None
         argv = proc_file(js.proc.pid, "cmdline").split(b"\0")
         memory = int(argv[argv.index(b"--memory-bytes") + 1])
@@ -178,7 +178,7 @@ class TestSandboxLimits(GatewayFixtures):
         await ws.call("hello", version=1)
         spinning = await ws.send("exec.start", language="javascript", code="while (true) {}", tag="spin")
         assert (await ws.receive_for(spinning))["ev"] == "start"
-        js = backend.js_launcher
+        js = backend.oneshot_launcher
         assert js is not None
         assert await ws.call("exec.signal", tag="spin", signal="SIGKILL") == {}
         end = (await ws.collect(spinning))[-1]
@@ -253,7 +253,7 @@ class TestSandboxLimits(GatewayFixtures):
         while not output(events):
             events.append(await ws.receive_for(request_id))
         assert output(events) == b"exec-secret-value\n", "the guest still gets its env"
-        js = backend.js_launcher
+        js = backend.oneshot_launcher
         assert js is not None
         cmdline = proc_file(js.proc.pid, "cmdline")
         environ = proc_file(js.proc.pid, "environ")
@@ -355,6 +355,8 @@ def test_restart_kills_what_a_dead_gateway_left_running(tmp_path: Path) -> None:
     ({"disk_mb": 0}, "disk_mb must be > 0"),
     ({"pool_size": 4, "disk_mb": 512, "max_total_disk_mb": 1024}, "the warm pool alone"),
     ({"max_total_disk": 5}, "did you mean 'max_total_disk_mb'"),
+    ({"runno_dir": "relative/dir"}, "runno_dir must be an absolute path"),
+    ({"runno_dir": 5}, "runno_dir"),
 ])
 def test_wasm_settings_are_checked_at_start(table: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
