@@ -2,7 +2,8 @@
 
 python mode runs CPython-for-WASI with the given argv; its stdin/stdout are this process's fd 0/1
 (wasmtime reads and writes them directly, so the guest agent talks to the gateway over the pipes
-with no copy here). javascript mode evaluates one JS source with QuickJS and exits.
+with no copy here). javascript mode evaluates one JS source with QuickJS and exits. program mode
+runs one WASI command (a C/C++ program plugins.wasm.cprograms compiled) and exits.
 
 Options:
   --work DIR          host folder preopened read-write at /work (the only writable place)
@@ -11,8 +12,9 @@ Options:
                       it cannot start, reason "memory"; above, a failed allocation is a
                       MemoryError inside the guest)
   --cpu-seconds S     CPU the guest thread may consume over the sandbox's whole life
-  --mode python|javascript
+  --mode python|javascript|program
   --code SRC / --code-file PATH   the JS source (javascript mode)
+  --module PATH       program mode: the compiled program (a .cwasm made for this engine: trusted)
   --env K=V           guest environment (repeatable; overrides the defaults)
   --env-file PATH     guest environment from a JSON object of strings (after --env; the gateway
                       passes a JS exec's env this way, never on the command line, which /proc shows)
@@ -105,13 +107,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m plugins.wasm.launcher",
         description="Run one WASM sandbox (CPython-for-WASI or QuickJS) with wasmtime.",
     )
-    p.add_argument("--mode", choices=("python", "javascript"), default="python")
+    p.add_argument("--mode", choices=("python", "javascript", "program"), default="python")
     p.add_argument("--work", help="host folder preopened read-write at /work")
     p.add_argument("--agent-dir", help="host folder preopened read-only at /sandgate")
     p.add_argument("--memory-bytes", type=int, help="cap on the guest's linear memory")
     p.add_argument("--cpu-seconds", type=float, help="guest CPU allowed over the sandbox's life")
     p.add_argument("--code", help="javascript mode: the JS source")
     p.add_argument("--code-file", help="javascript mode: a host file holding the JS source")
+    p.add_argument("--module", help="program mode: the compiled WASI command (.cwasm)")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="guest env")
     p.add_argument("--env-file", help="guest env: a host file holding a JSON object of strings")
     p.add_argument("--status-fd", type=int, help="fd for the exit report (not the guest's stderr)")
@@ -120,6 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.mode == "javascript" and (args.code is None) == (args.code_file is None):
         p.error("javascript mode needs exactly one of --code and --code-file")
+    if args.mode == "program" and args.module is None:
+        p.error("program mode needs --module")
     if args.mode == "python" and not args.argv:
         args.argv = list(PYTHON_ARGV0_DEFAULT)
     for item in args.env:
@@ -441,6 +446,31 @@ def run_javascript(args: argparse.Namespace) -> Outcome:
     return run_on_guest_thread(body, ticker)
 
 
+#: A program's argv[0] (its source is main.c or main.cpp).
+PROGRAM_ARGV0 = "main"
+
+
+def run_program(args: argparse.Namespace) -> Outcome:
+    """A WASI command compiled from C/C++: `_start` runs main and exits through proc_exit (an
+    ExitTrap carrying the exit code); returning from `_start` is exit code 0."""
+    import wasmtime
+
+    engine = artifacts.new_engine()
+    module = wasmtime.Module.deserialize_file(engine, args.module)
+    store = _store(engine, args, [PROGRAM_ARGV0])
+    linker = _linker(engine)
+    ticker = CpuTicker(engine, _budget_ticks(args))
+
+    def body() -> Outcome:
+        instance = linker.instantiate(store, module)
+        start = instance.exports(store)["_start"]
+        assert isinstance(start, wasmtime.Func)
+        start(store)
+        return Outcome(0)
+
+    return run_on_guest_thread(body, ticker)
+
+
 def _flushing(code: str) -> str:
     """The source wrapped so the guest's stdio buffers are flushed however it ends: qjs_init_argv
     returns without exiting, so nothing else would flush what `std.out.puts` buffered. An indirect
@@ -515,6 +545,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         yield_cpu_to_the_gateway()
         if args.mode == "python":
             outcome = run_python(args)
+        elif args.mode == "program":
+            outcome = run_program(args)
         else:
             outcome = run_javascript(args)
     except KeyboardInterrupt:  # never unwind normally while a guest thread may be inside wasm

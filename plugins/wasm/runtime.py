@@ -2,7 +2,8 @@
 
 The launcher (`plugins.wasm.launcher`) owns wasmtime; this module owns processes and directories:
 spawning launchers, a warm pool of launchers whose agent already answered, the per-sandbox /work
-(a tmpfs of disk_mb held by plugins.wasm.disk), one-shot JavaScript runs, and cleaning all of it up.
+(a tmpfs of disk_mb held by plugins.wasm.disk), one-shot JavaScript runs and C/C++ programs (built
+by plugins.wasm.cprograms), and cleaning all of it up.
 
 Every process of a sandbox counts against its limits: its launchers draw on one CPU budget (each
 new launcher gets what is left; a finished one is charged from its exit report or, when killed,
@@ -33,7 +34,7 @@ from gateway.runtime.base import Backend, ByteChannel, Progress, Runtime, Sandbo
 from gateway.runtime.pool import WarmPool
 from guest_agent.wire import CHUNK_SIZE, ProtocolError
 from plugins.common import CACHE_ENV, TerminalProgress, cache_root, gateway_work_root, remove_orphans
-from plugins.wasm import artifacts
+from plugins.wasm import artifacts, cprograms, jail
 from plugins.wasm.agent_dir import stage_agent_dir
 from plugins.wasm.disk import WORK_ROOT_ENV, DiskHolder
 from plugins.wasm.settings import WasmSettings
@@ -239,6 +240,8 @@ class WasmBackend(Backend):
         self.launcher: Launcher | None = None
         self.js_launcher: Launcher | None = None
         self._js_running = False
+        #: Set by stop_oneshot: stops a C/C++ exec still compiling.
+        self._stop_compile = asyncio.Event()
         self._destroyed = False
         self._channel: ByteChannel | None = None
 
@@ -308,9 +311,10 @@ class WasmBackend(Backend):
         return metrics
 
     def oneshot_languages(self) -> frozenset[str]:
-        return ONESHOT_LANGUAGES
+        return ONESHOT_LANGUAGES | self.runtime.compiled_languages()
 
     async def stop_oneshot(self) -> None:
+        self._stop_compile.set()
         if self.js_launcher is not None and self.js_launcher.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.js_launcher.proc.pid, signal.SIGKILL)  # the run's stream ends as killed
@@ -322,34 +326,46 @@ class WasmBackend(Backend):
         (`busy` otherwise), its CPU from the sandbox's remaining budget, and its memory what the
         agent's launcher leaves of memory_mb (its private memory, from /proc), at least
         JS_MIN_MEMORY_MB. Everything is checked here, before the exec starts."""
-        if language != "javascript":
+        if language not in self.oneshot_languages():
             raise ProtocolError("unsupported", f"the WASM runtime does not run {language} itself")
-        _check_text("the JavaScript source", code)
+        _check_text(f"the {language} source", code)
         for key, value in env.items():
             _check_text("an env name", key)
             _check_text(f"env {key!r}", value)
         if self._js_running:
-            raise ProtocolError("busy", "the sandbox runs one JavaScript exec at a time; wait for the running one")
+            raise ProtocolError("busy", f"the sandbox runs one {language} exec at a time; wait for the running one")
         cpu = self.cpu_remaining()
         agent_bytes = 0
         if self.launcher is not None:
             agent_bytes = process_metrics(self.launcher.proc.pid).get("private_bytes", 0)
         memory = max(JS_MIN_MEMORY_MB << 20, (self.memory_mb << 20) - agent_bytes)
         self._js_running = True
-        return self._oneshot(code, stdin, env, timeout, memory, cpu)
+        self._stop_compile.clear()
+        return self._oneshot(language, code, stdin, env, timeout, memory, cpu)
 
-    async def _oneshot(self, code: str, stdin: bytes, env: Mapping[str, str], timeout: float | None,
+    async def _oneshot(self, language: str, code: str, stdin: bytes, env: Mapping[str, str], timeout: float | None,
                        memory: int, cpu: float) -> AsyncIterator[dict[str, Any]]:
         started = time.monotonic()
-        files = [_private_file(self.runtime.private_dir, ".js", code)]
+        files: list[str] = []
         try:
-            args = [*self.launcher_args("javascript", memory, cpu), "--code-file", files[0]]
+            if language in cprograms.LANGUAGES:
+                yield {"ev": "start", "pid": None}
+                build = await self._build_program(language, code, cpu)
+                if build.module is None:
+                    for event in compile_failed(build, started):
+                        yield event
+                    return
+                args = [*self.launcher_args("program", memory, self.cpu_remaining()), "--module", str(build.module)]
+            else:
+                files.append(_private_file(self.runtime.private_dir, ".js", code))
+                args = [*self.launcher_args("javascript", memory, cpu), "--code-file", files[0]]
             if env:
                 files.append(_private_file(self.runtime.private_dir, ".env.json", json.dumps(dict(env))))
-                args += ["--env-file", files[1]]
+                args += ["--env-file", files[-1]]
             launcher = self.js_launcher = await Launcher.spawn(args, self.runtime.launcher_env)
             assert launcher.proc.stdin is not None and launcher.proc.stdout is not None
-            yield {"ev": "start", "pid": None}
+            if language not in cprograms.LANGUAGES:
+                yield {"ev": "start", "pid": None}
             error = None
             try:
                 async with asyncio.timeout(timeout):
@@ -360,7 +376,7 @@ class WasmBackend(Backend):
                     code_: int | None = await launcher.exited()
             except TimeoutError:
                 code_ = None
-                error = ProtocolError("timeout", f"the script ran past its {timeout:g} s timeout").to_wire()
+                error = ProtocolError("timeout", f"the {language} exec ran past its {timeout:g} s timeout").to_wire()
             await launcher.kill()  # after a timeout; a no-op wait otherwise
             _remove(files)  # before the end goes out: nothing of the run is left once it has ended
             err = bytes(launcher.tail)
@@ -371,7 +387,7 @@ class WasmBackend(Backend):
                                    "duration_ms": round((time.monotonic() - started) * 1000, 3)}
             if error is not None:
                 end["error"] = error
-            elif killed_by is None and launcher.status().get("reason"):  # the launcher's own end: QuickJS exits 0 or 1
+            elif killed_by is None and launcher.status().get("reason"):  # the launcher's own end: a trap, a limit
                 end["error"] = ProtocolError("guest_died", await launcher.reason()).to_wire()
             yield end
         finally:
@@ -380,6 +396,52 @@ class WasmBackend(Backend):
                 await self._retire(self.js_launcher)
                 self.js_launcher = None
             _remove(files)
+
+
+    async def _build_program(self, language: str, code: str, cpu: float) -> cprograms.Build:
+        """The compiled program (cached or compiled now), the sandbox charged with the compile's
+        CPU; a stop (exec.signal) while it compiles ends the exec as killed."""
+        programs = self.runtime.programs
+        assert programs is not None
+        building = asyncio.ensure_future(programs.build(language, code, cpu))
+        stopping = asyncio.ensure_future(self._stop_compile.wait())
+        try:
+            await asyncio.wait((building, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not building.done():
+                building.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await building
+        if building.cancelled():
+            return cprograms.Build(None, jail.JailResult(None, "SIGKILL", "killed", "stopped while compiling",
+                                                         b"", b"", 0.0))
+        build = building.result()
+        self.cpu_used += build.cpu_s
+        return build
+
+
+def compile_failed(build: cprograms.Build, started: float) -> list[dict[str, Any]]:
+    """A C/C++ exec whose compile failed: the compiler's diagnostics on stderr, a line saying which
+    limit stopped it (if one did), and a non-zero exit; nothing ran. A stop ends it as killed."""
+    failure = build.failure
+    assert failure is not None
+    events: list[dict[str, Any]] = []
+    stderr = failure.stderr
+    if failure.reason not in (None, "killed"):
+        if stderr and not stderr.endswith(b"\n"):
+            stderr += b"\n"
+        stderr += f"sandgate: the compile was stopped: {failure.message}\n".encode()
+    for at in range(0, len(stderr), CHUNK_SIZE):
+        events.append({"ev": "data", "fd": "stderr", "data": stderr[at:at + CHUNK_SIZE]})
+    end: dict[str, Any] = {"ev": "end", "exit_code": failure.exit_code or 1, "signal": None,
+                           "duration_ms": round((time.monotonic() - started) * 1000, 3)}
+    if failure.reason == "killed":
+        end.update(exit_code=None, signal="SIGKILL")
+    elif failure.reason == "jail":
+        end["error"] = ProtocolError("unavailable", f"the C/C++ compiler's jail failed: {failure.message}").to_wire()
+    events.append(end)
+    return events
 
 
 def _remove(files: list[str]) -> None:
@@ -415,7 +477,11 @@ class WasmRuntime(Runtime):
     min_memory_mb = MIN_MEMORY_MB
 
     def languages(self) -> dict[str, list[str]]:
-        return {"default": sorted({"python", *ONESHOT_LANGUAGES})}
+        return {"default": sorted({"python", *ONESHOT_LANGUAGES, *self.compiled_languages()})}
+
+    def compiled_languages(self) -> frozenset[str]:
+        """C and C++ once their toolchain proved itself at start (`start`), else nothing."""
+        return cprograms.LANGUAGES if self.programs is not None else frozenset()
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
@@ -439,13 +505,15 @@ class WasmRuntime(Runtime):
         self.launcher_env = launcher_env(self.work_root)
         self.agent_dir = Path()
         self.boot_slots = asyncio.Semaphore(os.cpu_count() or 1)
+        #: The C/C++ builder; None when zig or its jail cannot work here (then c and cpp are not offered).
+        self.programs: cprograms.CPrograms | None = None
 
     @classmethod
     def build_images(cls, config: Mapping[str, Any], template: str | None, progress: Progress) -> list[str]:
         if template is not None:
             raise ValueError("the wasm runtime has no templates")
         lines = [f"{kind}: {artifacts.ensure_compiled(kind, progress)}" for kind in artifacts.KINDS]
-        return [*lines, f"agent: {stage_agent_dir()}"]
+        return [*lines, f"c/c++ libraries: {cprograms.warm(progress)}", f"agent: {stage_agent_dir()}"]
 
     async def start(self) -> None:
         for kind in ("python", "javascript"):
@@ -457,7 +525,25 @@ class WasmRuntime(Runtime):
         await asyncio.to_thread(remove_orphans, self.work_root, WORK_ROOT_ENV)
         self.private_dir.mkdir(parents=True, mode=0o700)
         await self._probe_disk_holder()
+        await self._start_programs()
         self.pool.start()
+
+    async def _start_programs(self) -> None:
+        """Offer C and C++ if zig is installed and its jail works here; if not, say why and go on
+        without them (a request for c or cpp then answers `unsupported`)."""
+        settings = self.settings
+        if not cprograms.zig_cache_dir_ready():
+            log.warning("building zig's C/C++ libraries once (a few minutes; `sandgate images build wasm` "
+                        "does this ahead of time)")
+        limits = jail.JailLimits(wall_s=settings.compile_timeout_s, cpu_s=settings.compile_cpu_s,
+                                 memory_bytes=settings.compile_memory_mb << 20,
+                                 disk_bytes=settings.compile_disk_mb << 20)
+        try:
+            self.programs = await cprograms.CPrograms.start(
+                limits, settings.compile_concurrency or os.cpu_count() or 1, settings.compiled_cache_mb << 20,
+                self.work_root, TerminalProgress())
+        except cprograms.ToolchainMissing as exc:
+            log.warning("the WASM runtime runs no C or C++ here: %s", exc)
 
     async def _probe_disk_holder(self) -> None:
         """Mount one tmpfs now, so a host without mount (or user) namespaces turns the runtime off

@@ -42,10 +42,21 @@ class WasmSettings:
     #: The sum of `disk_mb` over this gateway's live WASM sandboxes, warm pool included; a create
     #: beyond it answers `unavailable`. 0 means the default: the host's MemTotal.
     max_total_disk_mb: int = 0
+    #: C and C++: each jailed compile's wall-clock limit, CPU per compiler process (also capped
+    #: by the sandbox's remaining budget), address space per compiler process, and scratch tmpfs
+    #: (source, objects, the module); see plugins/wasm/jail.py.
+    compile_timeout_s: float = 60.0
+    compile_cpu_s: float = 60.0
+    compile_memory_mb: int = 1024
+    compile_disk_mb: int = 256
+    #: Compiles running at once across the gateway (more wait); 0 means one per CPU core.
+    compile_concurrency: int = 0
+    #: The compiled C/C++ programs kept (by source); the least recently run go first beyond it.
+    compiled_cache_mb: int = 1024
 
     def __post_init__(self) -> None:
         check_fields(self, "[runtimes.wasm] ")
-        check_positive(self, "[runtimes.wasm] ", zero_ok=("pool_size", "max_total_disk_mb"))
+        check_positive(self, "[runtimes.wasm] ", zero_ok=("pool_size", "max_total_disk_mb", "compile_concurrency"))
         if self.max_total_disk_mb == 0:  # never below what the pool alone holds
             object.__setattr__(self, "max_total_disk_mb", max(default_max_total_disk_mb(),
                                                               self.pool_size * self.disk_mb))
