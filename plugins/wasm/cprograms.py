@@ -12,9 +12,9 @@ Two caches, both under the WASM cache folder:
   them at its first compile (minutes), so `warm` builds them once, jailed like any compile but
   with the cache writable, into a folder that then never changes; each compile sees it read-only
   through an overlay whose writes stay in that compile's own tmpfs.
-- compiled programs: one `.cwasm` per (language, source, flags, zig, wasmtime, engine flags), so
-  the same source runs again without zig or Cranelift; least recently used go first beyond
-  `compiled_cache_mb`.
+- compiled programs: one `.cwasm` per (language, source, flags, zig, wasmtime, engine flags, and
+  the code of this module and the jail), so the same source runs again without zig or Cranelift;
+  least recently used go first beyond `compiled_cache_mb`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -135,11 +136,21 @@ def jail_mount_point() -> Path:
     return path
 
 
+@functools.cache
+def _recipe_digest() -> str:
+    """The digest of the code that decides what a compile may see and produce (this module and
+    the jail): a program compiled under an older jail is never reused by a newer one."""
+    h = hashlib.sha256()
+    for module in (__file__, jail.__file__):
+        h.update(Path(module).read_bytes())
+    return h.hexdigest()
+
+
 def program_path(language: str, code: bytes) -> Path:
     """Where the compiled program for this source is (or will be) cached: the name carries the
     source's digest with everything else that changes the machine code."""
     digest = _short_hash(language, hashlib.sha256(code).hexdigest(), DRIVER_FLAGS, START_SOURCE.decode(),
-                         zig_version())
+                         zig_version(), _recipe_digest())
     name = (f"{language}-{digest[:32]}-wasmtime{artifacts.wasmtime_version()}-{os.uname().machine}-"
             f"{artifacts.flags_hash()}.cwasm")
     return programs_dir() / name

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -408,23 +409,27 @@ def _stage2(stdin: BinaryIO) -> dict[str, Any]:
 
 
 def _classify(code: int, output: bytes, cpu_used: float, limits: JailLimits) -> tuple[str | None, str | None]:
-    """Which limit stopped the compiler, if one did. Signals say little: LLVM turns SIGXCPU and
-    SIGXFSZ into an abort of its own, and a failed allocation under the address-space limit can
-    be a crash without a word; so the CPU used and the compiler's last words decide first."""
+    """Which limit stopped a failed compile, if one did. Signals say little: LLVM turns SIGXCPU
+    into an abort of its own, and a failed allocation under the address-space limit can be a
+    crash without a word; so the compiler's last words decide first, then the CPU it used."""
     if code == 0:
         return None, None
     mb = limits.memory_bytes >> 20
-    if cpu_used >= limits.cpu_s - max(CPU_SLACK_S, limits.cpu_s * 0.02):
-        return "cpu", f"the compiler used up its {limits.cpu_s:g} s of CPU"
     lowered = output.lower()
     if code == -signal.SIGXFSZ or any(sign in lowered for sign in (b"no space left on device", b"nospaceleft",
                                                                    b"file too large", b"filetoobig")):
         return "output", f"the compiler filled its {limits.disk_bytes >> 20} MB of scratch space"
     if any(sign in lowered for sign in (b"out of memory", b"outofmemory", b"bad_alloc", b"cannot allocate")):
         return "memory", f"the compiler ran out of memory (its limit is {mb} MB)"
-    if code < 0:
-        return "crash", (f"the compiler crashed ({signal.Signals(-code).name}); it may have run out of memory "
-                         f"(its limit is {mb} MB)")
+    # A compiler process died of a signal: zig itself, or a clang it ran (then clang's driver
+    # says so: "failed due to signal", or the frontend's exit code, 128 + the signal).
+    crashed = code < 0 or b"failed due to signal" in lowered \
+        or re.search(rb"command failed with exit code 1[2-5][0-9]", lowered) is not None
+    if crashed and cpu_used >= limits.cpu_s - max(CPU_SLACK_S, limits.cpu_s * 0.02):
+        return "cpu", f"the compiler used up its {limits.cpu_s:g} s of CPU"
+    if crashed:
+        how = f" ({signal.Signals(-code).name})" if code < 0 else ""
+        return "crash", f"the compiler crashed{how}; it may have run out of memory (its limit is {mb} MB)"
     return None, None
 
 
