@@ -46,6 +46,7 @@ def test_curl_examples(gateway: Served, tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert '"stdout": "3.15' in done.stdout and '"stdout": "42\\n"' in done.stdout
+    assert '"stdout": "54\\n"' in done.stdout, done.stdout  # the C example
     assert (tmp_path / "copy.csv").read_text() == "a,b\n1,2\n"
     assert '"guest"' in done.stdout and '"disk_bytes"' in done.stdout
 
