@@ -77,6 +77,8 @@ WARM_LIMITS = jail.JailLimits(wall_s=3600.0, cpu_s=36000.0, memory_bytes=8 << 30
 #: Checked at start: a C program compiled from the warm cache must take no longer than this.
 PROBE_LIMITS = jail.JailLimits(wall_s=60.0, cpu_s=60.0)
 PROBE_SOURCE = b"int main(void) { return 0; }\n"
+#: Modules up to this size are compiled by wasmtime in the gateway (see `_serialize`).
+IN_PROCESS_BYTES = 4 << 20
 
 
 class ToolchainMissing(RuntimeError):
@@ -324,15 +326,45 @@ def _touch(path: Path) -> bool:
 
 
 async def _serialize(wasm: bytes, dest: Path, limits: jail.JailLimits) -> None:
-    """Compile the jail's wasm with wasmtime into `dest` (atomically), in a child process under
-    the compile limits: the wasm is untrusted output, and Cranelift's memory is not the gateway's."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".wasm", dir=dest.parent)
+    """Compile the jail's wasm (untrusted output: wasmtime validates it) for the runtime's engine
+    into `dest`, atomically. A module up to IN_PROCESS_BYTES is compiled in a thread here (a few
+    milliseconds; a child process would cost half a second of Python and wasmtime start-up);
+    a larger one in a child process under the compile limits, whose memory is not the gateway's."""
+    fd, out = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        if len(wasm) <= IN_PROCESS_BYTES:
+            try:
+                await asyncio.to_thread(_compile_into, wasm, out)
+            except Exception as exc:  # wasmtime's refusal of an invalid module, say
+                raise RuntimeError(f"wasmtime could not compile the program: {exc}") from None
+        else:
+            await _compile_in_child(wasm, out, limits)
+        os.replace(out, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out)
+
+
+def _compile_into(wasm: bytes, out: str) -> None:
+    """`wasm` compiled and serialized into the file `out` (0600), by an engine with the launchers'
+    flags (so their `deserialize_file` accepts it). A fresh engine each time (~16 ms): one kept
+    for the process's life would be torn down after wasmtime's own module at exit."""
+    import wasmtime
+
+    data = wasmtime.Module(artifacts.new_engine(), wasm).serialize()
+    fd = os.open(out, os.O_WRONLY | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+async def _compile_in_child(wasm: bytes, out: str, limits: jail.JailLimits) -> None:
+    fd, source = tempfile.mkstemp(prefix=".program.", suffix=".wasm", dir=Path(out).parent)
     with os.fdopen(fd, "wb") as f:
         f.write(wasm)
-    out = f"{tmp}.cwasm"
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "plugins.wasm.cprograms", "--serialize", tmp, out,
+            sys.executable, "-m", "plugins.wasm.cprograms", "--serialize", source, out, str(limits.memory_bytes),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
             env=artifacts.child_env(), start_new_session=True)
         try:
@@ -352,24 +384,18 @@ async def _serialize(wasm: bytes, dest: Path, limits: jail.JailLimits) -> None:
         if code != 0:
             lines = err.decode(errors="replace").strip().splitlines()
             raise RuntimeError(f"wasmtime could not compile the program: {lines[-1] if lines else f'exit {code}'}")
-        os.replace(out, dest)
     finally:
-        for name in (tmp, out):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name)
+        os.unlink(source)
 
 
-def _serialize_main(wasm: str, out: str) -> None:
-    """The child's work: a wasm file compiled for the runtime's engine, written to `out` (0600)."""
+def _serialize_main(source: str, out: str, memory_bytes: int) -> None:
+    """The child's work: a wasm file compiled for the runtime's engine into `out`."""
     import resource
 
-    import wasmtime
-
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    module = wasmtime.Module.from_file(artifacts.new_engine(), wasm)
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(module.serialize())
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    with open(source, "rb") as f:
+        _compile_into(f.read(), out)
 
 
 def _evict(folder: Path, budget: int, keep: Path) -> None:
@@ -392,8 +418,8 @@ def _evict(folder: Path, budget: int, keep: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) == 3 and args[0] == "--serialize":
-        _serialize_main(args[1], args[2])
+    if len(args) == 4 and args[0] == "--serialize":
+        _serialize_main(args[1], args[2], int(args[3]))
         return 0
     if args:
         print("usage: python -m plugins.wasm.cprograms   (builds zig's C/C++ library cache)", file=sys.stderr)

@@ -26,7 +26,6 @@ one JSON line on the status fd, which the compiler cannot reach (it is closed be
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -37,7 +36,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+if TYPE_CHECKING:  # stage 2 starts faster without asyncio
+    import asyncio
 
 #: Where things are inside the jail.
 TOOLCHAIN = "/zig"
@@ -125,22 +127,23 @@ class JailResult:
 
 
 def stage1_argv(status_fd: int) -> list[str]:
-    """The host-side command: namespaces, then stage 2 as PID 1 of the new PID namespace.
+    """The host-side command: namespaces, then stage 2 as PID 1 of the new PID namespace (its
+    Python without `site`: stage 2 needs the standard library and this module, on PYTHONPATH).
     `--kill-child`: stage 2 (and so the whole namespace) dies with unshare; `setpriv
     --pdeathsig`: unshare dies with the gateway."""
     return ["setpriv", "--pdeathsig", "KILL",
             "unshare", "--user", "--map-root-user", "--mount", "--propagation", "private", "--net", "--pid",
             "--ipc", "--uts", "--fork", "--kill-child",
-            sys.executable, "-m", "plugins.wasm.jail", "--status-fd", str(status_fd)]
+            sys.executable, "-S", "-m", "plugins.wasm.jail", "--status-fd", str(status_fd)]
 
 
-async def run(spec: JailSpec, source: bytes, env: Mapping[str, str], *,
-              started: asyncio.Future[int] | None = None) -> JailResult:
+async def run(spec: JailSpec, source: bytes, env: Mapping[str, str]) -> JailResult:
     """Run `spec` with `source` in a new jail and return how it ended. `env` is stage 1's whole
-    environment (PYTHONPATH to find this module, the orphan marker). `started`, if given, gets
-    stage 1's pid as soon as it runs (to kill it: the namespace dies with it). Cancelling kills
-    the jail. Must run on the event loop's thread (the parent-death signal follows the forking
-    thread)."""
+    environment (PYTHONPATH to find this module, the orphan marker). Cancelling kills the jail
+    and returns once all of it is gone. Must run on the event loop's thread (the parent-death
+    signal follows the forking thread)."""
+    import asyncio
+
     status_r, status_w = os.pipe()
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -151,8 +154,6 @@ async def run(spec: JailSpec, source: bytes, env: Mapping[str, str], *,
         raise
     finally:
         os.close(status_w)
-    if started is not None and not started.done():
-        started.set_result(proc.pid)
     limits = spec.limits
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     try:
@@ -221,6 +222,8 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
     """Kill stage 1 and wait until the whole jail is gone. Stage 2 (the namespace's PID 1) dies
     with stage 1, and a PID namespace's init ends only after every other process in it has: so
     the jail is gone when stage 2 is, which a pidfd tells (it is not our child to wait for)."""
+    import asyncio
+
     pidfds = []
     if proc.returncode is None:
         pidfds = _child_pidfds(proc.pid)

@@ -130,6 +130,19 @@ class TestCAndCpp(GatewayFixtures):
         resp = await gateway.client.get(f"/v1/sandboxes/{sandbox['id']}/files/made-by-c.txt", headers=AUTH)
         assert resp.status == 200 and await resp.read() == b"hi there\n"
 
+    async def test_a_large_program_is_compiled_by_wasmtime_in_a_child(self, gateway: Gateway,
+                                                                       sandbox: dict[str, Any]) -> None:
+        # A string of 64 << 17 bytes (8 MiB), none of them zero: all of it is in the module.
+        code = unique("#include <stdio.h>\n#define S0 \"" + "0123456789abcdef" * 4 + "\"\n"
+                      + "".join(f"#define S{i} S{i - 1} S{i - 1}\n" for i in range(1, 18))
+                      + "char big[] = S17;\nint main(void) { unsigned long sum = 0;\n"
+                      + '  for (unsigned long i = 0; i < sizeof big; i++) sum += big[i];\n'
+                      + '  printf("%lu\\n", sum); }\n')
+        done = await gateway.exec(sandbox["id"], language="c", code=code)
+        expected = sum(b"0123456789abcdef") * 4 << 17
+        assert (done["exit_code"], done["stdout"]) == (0, f"{expected}\n"), done
+        assert cprograms.program_path("c", code.encode()).stat().st_size > cprograms.IN_PROCESS_BYTES
+
     async def test_the_same_source_compiles_once(self, gateway: Gateway, jail_runs: list[str]) -> None:
         code = unique(HELLO["c"])
         first, second = await gateway.create(), await gateway.create()
