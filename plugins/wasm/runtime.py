@@ -397,7 +397,6 @@ class WasmBackend(Backend):
                 self.js_launcher = None
             _remove(files)
 
-
     async def _build_program(self, language: str, code: str, cpu: float) -> cprograms.Build:
         """The compiled program (cached or compiled now), the sandbox charged with the compile's
         CPU; a stop (exec.signal) while it compiles ends the exec as killed."""
@@ -513,7 +512,11 @@ class WasmRuntime(Runtime):
         if template is not None:
             raise ValueError("the wasm runtime has no templates")
         lines = [f"{kind}: {artifacts.ensure_compiled(kind, progress)}" for kind in artifacts.KINDS]
-        return [*lines, f"c/c++ libraries: {cprograms.warm(progress)}", f"agent: {stage_agent_dir()}"]
+        try:
+            lines.append(f"c/c++ libraries: {cprograms.warm(progress)}")
+        except cprograms.ToolchainMissing as exc:  # the runtime serves without C and C++ then
+            lines.append(f"c/c++: not offered here: {exc}")
+        return [*lines, f"agent: {stage_agent_dir()}"]
 
     async def start(self) -> None:
         for kind in ("python", "javascript"):
