@@ -27,6 +27,7 @@ one JSON line on the status fd, which the compiler cannot reach (it is closed be
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -357,8 +358,15 @@ def _stage2(stdin: BinaryIO) -> dict[str, Any]:
     for path, content in [(spec.source_path, source), *((p, t.encode()) for p, t in spec.extra_files.items())]:
         if not path.startswith(SRC_DIR + "/") or "/.." in path:
             raise JailError(f"sources must be under {SRC_DIR}: {path!r}")
-        with open(f"{root}{path}", "wb") as f:
-            f.write(content)
+        try:
+            with open(f"{root}{path}", "wb") as f:
+                f.write(content)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            room = limits.disk_bytes >> 20
+            return {"exit_code": None, "signal": None, "reason": "output",
+                    "message": f"the source does not fit in the compile's {room} MB of scratch space"}
     _mount(libc, "proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "subset=pid")
     _mount(libc, None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 

@@ -97,6 +97,12 @@ async def test_the_jail_root_has_nothing_of_the_host() -> None:
         assert result.exit_code not in (0, None) and (b"no such file" in error or b"filenotfound" in error), result
 
 
+async def test_a_source_larger_than_the_scratch_space_is_refused_with_the_reason() -> None:
+    source = b"/*" + b"x" * (2 << 20) + b"*/\n" + HELLO
+    result = await jailed(compile_argv(cprograms.OUTPUT), source, limits=jail.JailLimits(disk_bytes=1 << 20))
+    assert result.reason == "output" and "does not fit" in result.message and result.output == b"", result
+
+
 async def test_a_jail_that_cannot_be_built_says_why() -> None:
     result = await jailed(compile_argv(cprograms.OUTPUT), mount_point="/nonexistent/jail-root")
     assert result.reason == "jail" and "mount" in result.message and result.output == b"", result
