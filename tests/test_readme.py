@@ -48,6 +48,7 @@ def test_curl_examples(gateway: Served, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert '"stdout": "3.15' in done.stdout and '"stdout": "42\\n"' in done.stdout
     assert '"stdout": "3.2.0\\n"' in done.stdout and '"stdout": "8.2.0"' in done.stdout
+    assert '"stdout": "54\\n"' in done.stdout, done.stdout  # the C example
     assert (tmp_path / "copy.csv").read_text() == "a,b\n1,2\n"
     assert '"guest"' in done.stdout and '"disk_bytes"' in done.stdout
 

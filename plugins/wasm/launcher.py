@@ -3,7 +3,8 @@
 python mode runs CPython-for-WASI with the given argv; its stdin/stdout are this process's fd 0/1
 (wasmtime reads and writes them directly, so the guest agent talks to the gateway over the pipes
 with no copy here). javascript mode evaluates one JS source with QuickJS and exits. ruby and php
-modes run one program (plugins.wasm.interpreters) with a fresh instance of the interpreter.
+modes run one program (plugins.wasm.interpreters) with a fresh instance of the interpreter. program
+mode runs one WASI command (a C/C++ program plugins.wasm.cprograms compiled) and exits.
 
 Options:
   --work DIR          host folder preopened read-write at /work (the only writable place)
@@ -12,9 +13,10 @@ Options:
                       it cannot start, reason "memory"; above, a failed allocation is a
                       MemoryError inside the guest)
   --cpu-seconds S     CPU the guest thread may consume over the sandbox's whole life
-  --mode python|javascript|ruby|php
+  --mode python|javascript|ruby|php|program
   --code SRC / --code-file PATH   the JS source (javascript mode)
-  --module PATH       ruby/php: the compiled module (the runtime found and checked it at start)
+  --module PATH       ruby/php: the compiled module (the runtime found and checked it at start);
+                      program mode: the compiled program (a .cwasm made for this engine: trusted)
   --code-dir DIR      ruby/php: the run's folder (its program and prelude), preopened read-only
                       at /sandgate in place of the agent's folder
   --env K=V           guest environment (repeatable; overrides the defaults)
@@ -109,14 +111,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m plugins.wasm.launcher",
         description="Run one WASM sandbox (CPython-for-WASI or QuickJS) with wasmtime.",
     )
-    p.add_argument("--mode", choices=("python", "javascript", *interpreters.LANGUAGES), default="python")
+    p.add_argument("--mode", choices=("python", "javascript", *interpreters.LANGUAGES, "program"), default="python")
     p.add_argument("--work", help="host folder preopened read-write at /work")
     p.add_argument("--agent-dir", help="host folder preopened read-only at /sandgate")
     p.add_argument("--memory-bytes", type=int, help="cap on the guest's linear memory")
     p.add_argument("--cpu-seconds", type=float, help="guest CPU allowed over the sandbox's life")
     p.add_argument("--code", help="javascript mode: the JS source")
     p.add_argument("--code-file", help="javascript mode: a host file holding the JS source")
-    p.add_argument("--module", help="ruby/php mode: the compiled (serialized) module")
+    p.add_argument("--module", help="ruby/php mode: the compiled (serialized) module; program mode: the "
+                   "compiled WASI command (.cwasm)")
     p.add_argument("--code-dir", help="ruby/php mode: the run's folder, preopened read-only at /sandgate")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="guest env")
     p.add_argument("--env-file", help="guest env: a host file holding a JSON object of strings")
@@ -128,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("javascript mode needs exactly one of --code and --code-file")
     if args.mode in interpreters.LANGUAGES and not (args.module and args.code_dir):
         p.error(f"{args.mode} mode needs --module and --code-dir")
+    if args.mode == "program" and args.module is None:
+        p.error("program mode needs --module")
     if args.mode == "python" and not args.argv:
         args.argv = list(PYTHON_ARGV0_DEFAULT)
     for item in args.env:
@@ -462,15 +467,21 @@ def _exit_anywhere(status: int) -> None:
     raise GuestExit(status)
 
 
-def run_interpreter(args: argparse.Namespace) -> Outcome:
-    """Ruby or PHP: a fresh instance of the interpreter's command module runs the program in
-    --code-dir (`_start`, to its exit). wasmtime's own proc_exit traps on a status of 126 or
-    more, which PHP uses for every fatal error (255): this proc_exit takes any status."""
+#: A C/C++ program's argv[0] (its source is main.c or main.cpp).
+PROGRAM_ARGV0 = "main"
+
+
+def run_command(args: argparse.Namespace) -> Outcome:
+    """A WASI command module, a fresh instance run to its exit (`_start`): Ruby's or PHP's
+    interpreter running the program in --code-dir, or a C/C++ program (program mode). wasmtime's
+    own proc_exit traps on a status of 126 or more, which PHP uses for every fatal error (255) and
+    a C program may pass to exit(): this proc_exit takes any status."""
     import wasmtime
 
     engine = artifacts.new_engine()
     module = wasmtime.Module.deserialize_file(engine, args.module)
-    store = _store(engine, args, interpreters.argv(args.mode))
+    argv = [PROGRAM_ARGV0] if args.mode == "program" else interpreters.argv(args.mode)
+    store = _store(engine, args, argv)
     linker = _linker(engine)
     linker.define_func("wasi_snapshot_preview1", "proc_exit", _ft([wasmtime.ValType.i32()], []), _exit_anywhere)
     ticker = CpuTicker(engine, _budget_ticks(args))
@@ -563,7 +574,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         elif args.mode == "javascript":
             outcome = run_javascript(args)
         else:
-            outcome = run_interpreter(args)
+            outcome = run_command(args)
     except KeyboardInterrupt:  # never unwind normally while a guest thread may be inside wasm
         outcome = _abnormal("error", "interrupted")
     except Exception as e:  # any failure before the guest ran is still one JSON line

@@ -3,7 +3,8 @@
 The launcher (`plugins.wasm.launcher`) owns wasmtime; this module owns processes and directories:
 spawning launchers, a warm pool of launchers whose agent already answered, the per-sandbox /work
 (a tmpfs of disk_mb held by plugins.wasm.disk), one-shot runs of the languages the runtime runs
-itself (JavaScript with QuickJS, Ruby and PHP: plugins.wasm.interpreters), and cleaning all of it up.
+itself (JavaScript with QuickJS, Ruby and PHP: plugins.wasm.interpreters, C and C++ programs built by
+plugins.wasm.cprograms), and cleaning all of it up.
 
 Every process of a sandbox counts against its limits: its launchers draw on one CPU budget (each
 new launcher gets what is left; a finished one is charged from its exit report or, when killed,
@@ -34,7 +35,7 @@ from gateway.runtime.base import Backend, ByteChannel, Progress, Runtime, Sandbo
 from gateway.runtime.pool import WarmPool
 from guest_agent.wire import CHUNK_SIZE, ProtocolError
 from plugins.common import CACHE_ENV, TerminalProgress, cache_root, gateway_work_root, remove_orphans
-from plugins.wasm import artifacts, interpreters, runno
+from plugins.wasm import artifacts, cprograms, interpreters, jail, runno
 from plugins.wasm.agent_dir import stage_agent_dir
 from plugins.wasm.disk import WORK_ROOT_ENV, DiskHolder
 from plugins.wasm.settings import WasmSettings
@@ -219,7 +220,7 @@ def _check_text(what: str, text: str) -> None:
 
 
 #: How the one-shot languages are named in messages.
-ONESHOT_NAMES = {"javascript": "JavaScript", "ruby": "Ruby", "php": "PHP"}
+ONESHOT_NAMES = {"javascript": "JavaScript", "ruby": "Ruby", "php": "PHP", "c": "C", "cpp": "C++"}
 
 
 class WasmBackend(Backend):
@@ -240,6 +241,8 @@ class WasmBackend(Backend):
         self.launcher: Launcher | None = None
         self.oneshot_launcher: Launcher | None = None
         self._oneshot_running = False
+        #: Set by stop_oneshot: stops a C/C++ exec still compiling.
+        self._stop_compile = asyncio.Event()
         self._destroyed = False
         self._channel: ByteChannel | None = None
 
@@ -309,10 +312,12 @@ class WasmBackend(Backend):
         return metrics
 
     def oneshot_languages(self) -> frozenset[str]:
-        """JavaScript, and Ruby and PHP where the runtime found their modules at start."""
-        return frozenset({"javascript", *self.runtime.modules})
+        """JavaScript; Ruby and PHP where the runtime found their modules at start; C and C++ where
+        their toolchain works."""
+        return frozenset({"javascript", *self.runtime.modules}) | self.runtime.compiled_languages()
 
     async def stop_oneshot(self) -> None:
+        self._stop_compile.set()
         if self.oneshot_launcher is not None and self.oneshot_launcher.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.oneshot_launcher.proc.pid, signal.SIGKILL)  # the run's stream ends as killed
@@ -320,7 +325,7 @@ class WasmBackend(Backend):
     def run_oneshot(
         self, language: str, code: str, *, stdin: bytes, env: Mapping[str, str], timeout: float | None
     ) -> AsyncIterator[dict[str, Any]]:
-        """One launcher per run (QuickJS, or a fresh Ruby or PHP instance), sharing the sandbox's
+        """One launcher per run (QuickJS, a fresh Ruby or PHP instance, a C/C++ program), sharing the sandbox's
         /work and limits: one run at a time (`busy` otherwise), its CPU from the sandbox's
         remaining budget, and its memory what the agent's launcher leaves of memory_mb (its private
         memory, from /proc), at least the language's floor. Everything is checked here, before the
@@ -333,11 +338,12 @@ class WasmBackend(Backend):
             _check_text("an env name", key)
             _check_text(f"env {key!r}", value)
         if self._oneshot_running:
-            raise ProtocolError("busy", "the sandbox runs one JavaScript, Ruby or PHP exec at a time; wait for "
-                                        "the running one")
+            raise ProtocolError("busy", "the sandbox runs one JavaScript, Ruby, PHP, C or C++ exec at a time; "
+                                        "wait for the running one")
         cpu = self.cpu_remaining()
         memory = self._oneshot_memory(language)
         self._oneshot_running = True
+        self._stop_compile.clear()
         return self._oneshot(language, code, stdin, env, timeout, memory, cpu)
 
     def _oneshot_memory(self, language: str) -> int:
@@ -348,7 +354,7 @@ class WasmBackend(Backend):
         if self.launcher is not None:
             agent_bytes = process_metrics(self.launcher.proc.pid).get("private_bytes", 0)
         left = (self.memory_mb << 20) - agent_bytes
-        if language == "javascript":
+        if language not in interpreters.LANGUAGES:
             return max(JS_MIN_MEMORY_MB << 20, left)
         return max(min(interpreters.MIN_MEMORY_MB[language], self.memory_mb) << 20, left)
 
@@ -370,13 +376,23 @@ class WasmBackend(Backend):
         started = time.monotonic()
         files: list[str] = []
         try:
-            args = self._oneshot_args(language, code, stdin, memory, cpu, files)
+            if language in cprograms.LANGUAGES:
+                yield {"ev": "start", "pid": None}  # the compile is part of the exec
+                build = await self._build_program(language, code, cpu)
+                if build.module is None:
+                    for event in compile_failed(build, started):
+                        yield event
+                    return
+                args = [*self.launcher_args("program", memory, self.cpu_remaining()), "--module", str(build.module)]
+            else:
+                args = self._oneshot_args(language, code, stdin, memory, cpu, files)
             if env:
                 files.append(_private_file(self.runtime.private_dir, ".env.json", json.dumps(dict(env))))
                 args += ["--env-file", files[-1]]
             launcher = self.oneshot_launcher = await Launcher.spawn(args, self.runtime.launcher_env)
             assert launcher.proc.stdin is not None and launcher.proc.stdout is not None
-            yield {"ev": "start", "pid": None}
+            if language not in cprograms.LANGUAGES:
+                yield {"ev": "start", "pid": None}
             error = None
             try:
                 async with asyncio.timeout(timeout):
@@ -388,7 +404,7 @@ class WasmBackend(Backend):
                     code_: int | None = await launcher.exited()
             except TimeoutError:
                 code_ = None
-                error = ProtocolError("timeout", f"the script ran past its {timeout:g} s timeout").to_wire()
+                error = ProtocolError("timeout", f"the {language} exec ran past its {timeout:g} s timeout").to_wire()
             await launcher.kill()  # after a timeout; a no-op wait otherwise
             _remove(files)  # before the end goes out: nothing of the run is left once it has ended
             err = bytes(launcher.tail)
@@ -399,7 +415,7 @@ class WasmBackend(Backend):
                                    "duration_ms": round((time.monotonic() - started) * 1000, 3)}
             if error is not None:
                 end["error"] = error
-            elif killed_by is None and launcher.status().get("reason"):  # the launcher's own end, not the guest's
+            elif killed_by is None and launcher.status().get("reason"):  # the launcher's own end: a trap, a limit
                 end["error"] = ProtocolError("guest_died", await launcher.reason()).to_wire()
             yield end
         finally:
@@ -408,6 +424,51 @@ class WasmBackend(Backend):
                 await self._retire(self.oneshot_launcher)
                 self.oneshot_launcher = None
             _remove(files)
+
+    async def _build_program(self, language: str, code: str, cpu: float) -> cprograms.Build:
+        """The compiled program (cached or compiled now), the sandbox charged with the compile's
+        CPU; a stop (exec.signal) while it compiles ends the exec as killed."""
+        programs = self.runtime.programs
+        assert programs is not None
+        building = asyncio.ensure_future(programs.build(language, code, cpu))
+        stopping = asyncio.ensure_future(self._stop_compile.wait())
+        try:
+            await asyncio.wait((building, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not building.done():
+                building.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await building
+        if building.cancelled():
+            return cprograms.Build(None, jail.JailResult(None, "SIGKILL", "killed", "stopped while compiling",
+                                                         b"", b"", 0.0))
+        build = building.result()
+        self.cpu_used += build.cpu_s
+        return build
+
+
+def compile_failed(build: cprograms.Build, started: float) -> list[dict[str, Any]]:
+    """A C/C++ exec whose compile failed: the compiler's diagnostics on stderr, a line saying which
+    limit stopped it (if one did), and a non-zero exit; nothing ran. A stop ends it as killed."""
+    failure = build.failure
+    assert failure is not None
+    events: list[dict[str, Any]] = []
+    stderr = failure.stderr
+    if failure.reason not in (None, "killed"):
+        if stderr and not stderr.endswith(b"\n"):
+            stderr += b"\n"
+        stderr += f"sandgate: the compile was stopped: {failure.message}\n".encode()
+    for at in range(0, len(stderr), CHUNK_SIZE):
+        events.append({"ev": "data", "fd": "stderr", "data": stderr[at:at + CHUNK_SIZE]})
+    end: dict[str, Any] = {"ev": "end", "exit_code": failure.exit_code or 1, "signal": None,
+                           "duration_ms": round((time.monotonic() - started) * 1000, 3)}
+    if failure.reason == "killed":
+        end.update(exit_code=None, signal="SIGKILL")
+    elif failure.reason == "jail":
+        end["error"] = ProtocolError("unavailable", f"the C/C++ compiler's jail failed: {failure.message}").to_wire()
+    events.append(end)
+    return events
 
 
 def _remove(files: list[str]) -> None:
@@ -448,7 +509,11 @@ class WasmRuntime(Runtime):
     min_memory_mb = MIN_MEMORY_MB
 
     def languages(self) -> dict[str, list[str]]:
-        return {"default": sorted({"python", "javascript", *self.modules})}
+        return {"default": sorted({"python", "javascript", *self.modules, *self.compiled_languages()})}
+
+    def compiled_languages(self) -> frozenset[str]:
+        """C and C++ once their toolchain proved itself at start (`start`), else nothing."""
+        return cprograms.LANGUAGES if self.programs is not None else frozenset()
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
@@ -474,6 +539,8 @@ class WasmRuntime(Runtime):
         self.boot_slots = asyncio.Semaphore(os.cpu_count() or 1)
         #: Ruby and PHP: the compiled module of each that `start` found, and why the others are not.
         self.modules: dict[str, Path] = {}
+        #: The C/C++ builder; None when zig or its jail cannot work here (then c and cpp are not offered).
+        self.programs: cprograms.CPrograms | None = None
 
     @classmethod
     def build_images(cls, config: Mapping[str, Any], template: str | None, progress: Progress) -> list[str]:
@@ -491,6 +558,10 @@ class WasmRuntime(Runtime):
         else:
             for kind, wasm in zip(artifacts.FETCHED_KINDS, fetched, strict=True):
                 lines.append(f"{kind}: {artifacts.ensure_compiled(kind, progress, wasm)}")
+        try:
+            lines.append(f"c/c++ libraries: {cprograms.warm(progress)}")
+        except cprograms.ToolchainMissing as exc:  # the runtime serves without C and C++ then
+            lines.append(f"c/c++: not offered here: {exc}")
         return [*lines, f"agent: {stage_agent_dir()}"]
 
     async def start(self) -> None:
@@ -504,6 +575,7 @@ class WasmRuntime(Runtime):
         await asyncio.to_thread(remove_orphans, self.work_root, WORK_ROOT_ENV)
         self.private_dir.mkdir(parents=True, mode=0o700)
         await self._probe_disk_holder()
+        await self._start_programs()
         self.pool.start()
 
     def _find_interpreters(self) -> None:
@@ -521,6 +593,23 @@ class WasmRuntime(Runtime):
             except (artifacts.ArtifactsMissing, artifacts.CompileError) as exc:
                 self.unavailable_languages[language] = str(exc)
                 log.warning("the WASM runtime runs no %s: %s", language, exc)
+
+    async def _start_programs(self) -> None:
+        """Offer C and C++ if zig is installed and its jail works here; if not, say why and go on
+        without them (a request for c or cpp then answers `unsupported`)."""
+        settings = self.settings
+        if not cprograms.zig_cache_dir_ready():
+            log.warning("building zig's C/C++ libraries once (a few minutes; `sandgate images build wasm` "
+                        "does this ahead of time)")
+        limits = jail.JailLimits(wall_s=settings.compile_timeout_s, cpu_s=settings.compile_cpu_s,
+                                 memory_bytes=settings.compile_memory_mb << 20,
+                                 disk_bytes=settings.compile_disk_mb << 20)
+        try:
+            self.programs = await cprograms.CPrograms.start(
+                limits, settings.compile_concurrency or os.cpu_count() or 1, settings.compiled_cache_mb << 20,
+                self.work_root, TerminalProgress())
+        except cprograms.ToolchainMissing as exc:
+            log.warning("the WASM runtime runs no C or C++ here: %s", exc)
 
     async def _probe_disk_holder(self) -> None:
         """Mount one tmpfs now, so a host without mount (or user) namespaces turns the runtime off

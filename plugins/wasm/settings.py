@@ -47,9 +47,22 @@ class WasmSettings:
     #: where `sandgate images build wasm` puts them. Absolute.
     runno_dir: str = ""
 
+    #: C and C++: each jailed compile's wall-clock limit, CPU per compiler process (also capped
+    #: by the sandbox's remaining budget), address space per compiler process, and scratch tmpfs
+    #: (source, objects, the module); see plugins/wasm/jail.py.
+    compile_timeout_s: float = 60.0
+    compile_cpu_s: float = 60.0
+    compile_memory_mb: int = 1024
+    compile_disk_mb: int = 256
+    #: Compiles running at once across the gateway (more wait); 0 means one per CPU core.
+    compile_concurrency: int = 0
+    #: The compiled C/C++ programs kept (by source); the least recently run go first beyond it.
+    compiled_cache_mb: int = 1024
+
+
     def __post_init__(self) -> None:
         check_fields(self, "[runtimes.wasm] ")
-        check_positive(self, "[runtimes.wasm] ", zero_ok=("pool_size", "max_total_disk_mb"))
+        check_positive(self, "[runtimes.wasm] ", zero_ok=("pool_size", "max_total_disk_mb", "compile_concurrency"))
         if self.runno_dir and not os.path.isabs(self.runno_dir):
             raise ConfigError(f"[runtimes.wasm] runno_dir must be an absolute path, not {self.runno_dir!r}")
         if self.max_total_disk_mb == 0:  # never below what the pool alone holds

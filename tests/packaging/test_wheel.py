@@ -135,6 +135,10 @@ def _run_code(gateway: Served, runtime: str) -> None:
     done = gateway.call(KEY, "POST", f"/v1/sandboxes/{sandbox['id']}/exec",
                         {"language": "python", "code": "print(sum(range(10)))"})
     assert done["stdout"] == "45\n", done
+    if runtime == "wasm":  # C through the installed jail (python -m plugins.wasm.jail from the wheel)
+        done = gateway.call(KEY, "POST", f"/v1/sandboxes/{sandbox['id']}/exec",
+                            {"language": "c", "code": '#include <stdio.h>\nint main(void) { puts("from C"); }\n'})
+        assert done["stdout"] == "from C\n", done
     if runtime == "microvm":  # a process, started by the guest's init and agent from the wheel
         done = gateway.call(KEY, "POST", f"/v1/sandboxes/{sandbox['id']}/exec",
                             {"command": ["sh", "-c", "echo from $(uname -s)"]})
