@@ -610,6 +610,8 @@ class WasmRuntime(Runtime):
                 self.work_root, TerminalProgress())
         except cprograms.ToolchainMissing as exc:
             log.warning("the WASM runtime runs no C or C++ here: %s", exc)
+            for language in cprograms.LANGUAGES:
+                self.unavailable_languages[language] = str(exc)
 
     async def _probe_disk_holder(self) -> None:
         """Mount one tmpfs now, so a host without mount (or user) namespaces turns the runtime off

@@ -124,4 +124,6 @@ class TestNoToolchain(GatewayFixtures):
         resp = await gateway.client.post(f"/v1/sandboxes/{sandbox['id']}/exec", json={"language": "c", "code": ""},
                                          headers={"Authorization": "Bearer conformance-key-tenant-a"})
         error = (await resp.json())["error"]
-        assert error["code"] == "unsupported" and "javascript, python" in error["message"], error
+        message = error["message"]
+        assert error["code"] == "unsupported" and "javascript" in message and "python" in message, error
+        assert "a jailed compile fails here" in message, error  # the reason
