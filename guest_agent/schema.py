@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .languages import canonical
 from .wire import CHUNK_SIZE, ERRORS, MAX_REQUEST_ID, MAX_WRITE_CHUNK, OUTPUT_FDS, ProtocolError
 
 #: Which leg an op or field belongs to: both, only client -> gateway, only gateway -> agent.
@@ -184,8 +185,10 @@ def _exec_start_rules(args: dict[str, Any]) -> None:
     if "code" in args or "code_ref" in args:
         if "code" in args:  # a code_ref's language, when not given, is the cached code's
             args.setdefault("language", "python")
-        if "pty" in args:
-            raise ProtocolError("bad_request", "'pty' is for process execs ('command')")
+        # (code in other languages runs as a process, which a pty suits as it suits a command)
+        if "pty" in args and ("code" not in args or canonical(args["language"]) == "python"):
+            raise ProtocolError("bad_request", "'pty' is for process execs ('command', or 'code' in a language "
+                                               "other than python)")
     else:
         args.pop("language", None)
         args.pop("namespace", None)
