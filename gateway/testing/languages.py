@@ -145,7 +145,8 @@ class LanguageConformance(GatewayFixtures):
 
     def need(self, language: str) -> Sample:
         if language not in self.languages:
-            pytest.skip(f"{self.runtime} {self.create_options or ''} does not offer {language}")
+            template = self.create_options.get("template")
+            pytest.skip(f"{self.runtime}{f' template {template}' if template else ''} does not offer {language}")
         return SAMPLES[language]
 
     async def run(self, gateway: Gateway, sandbox: dict[str, Any], language: str, code: str,
