@@ -376,8 +376,9 @@ class PodRuntime(Runtime):
         try:
             return m.image_for(self.settings, template)
         except KeyError:
-            raise ProtocolError("bad_request", f"unknown pod template {template!r}; have "
-                                               f"{sorted(self.settings.templates)}") from None
+            raise ProtocolError("bad_request", f"unknown pod template {template!r}; have templates "
+                                               f"{sorted(self.settings.templates)} and languages "
+                                               f"{sorted(self.settings.languages)}") from None
 
     def check_create(self, template: str | None, network: bool) -> None:
         self._image(template)
