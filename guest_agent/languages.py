@@ -61,7 +61,8 @@ LANGUAGES: tuple[Language, ...] = (
     Language("php", (), "main.php", None, ("php", "{src}")),
     Language("c", (), "main.c", ("gcc", "-O1", "-o", "{out}", "{src}", "-lm"), ("{out}",)),
     Language("cpp", ("c++", "cxx"), "main.cpp", ("g++", "-O1", "-o", "{out}", "{src}"), ("{out}",)),
-    Language("go", ("golang",), "main.go", None, ("go", "run", "{src}"),
+    # (not `go run`: it answers 1 for whatever status the program exits with)
+    Language("go", ("golang",), "main.go", ("go", "build", "-o", "{out}", "{src}"), ("{out}",),
              # (Go >= 1.23 keeps telemetry counters under the user config dir, $HOME/.config)
              env=(("GOCACHE", "{dir}/.gocache"), ("GOPATH", "{dir}/.gopath"), ("GO111MODULE", "off"),
                   ("XDG_CONFIG_HOME", "{dir}/.config")),
