@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from _common import BENCH, PYTHON, RESULTS, ROOT, machine_info
+from _common import BENCH, PYTHON, RESULTS, ROOT, machine_info, verdict
 
 BENCHES: dict[str, tuple[list[str], list[str]]] = {
     # name: (full args, quick args)
@@ -27,6 +27,8 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "concurrency": ([], ["--n", "20"]),
     "profile_cold": ([], ["--n", "5"]),
     "exec_breakdown": ([], ["--n", "300"]),
+    "functions": ([], ["--n", "200", "--cold", "5", "--bursts", "5", "--cold-bursts", "1", "--ephemeral", "10",
+                       "--code-n", "40", "--stages-n", "100", "--microvm-n", "20"]),
 }
 
 
@@ -76,6 +78,27 @@ def table() -> list[tuple[str, str, str, str]]:
         left = k["after_destroy"]["sandbox_launchers_still_running"] + len(
             k["after_gateway_stop"]["orphaned_launchers_from_this_run"])
         rows.append(("  launchers left after destroy", str(left), "0", "met" if left == 0 else "NOT met"))
+    f = load("functions")
+    if f:
+        if "warm" in f:
+            w = f["warm"]
+            rows.append(("warm deployed invoke, REST (WASM)", f"p50 {w['p50_ms']:.2f} ms, p99 {w['p99_ms']:.2f} ms",
+                         "<= 3 ms", f"p50 {f['verdicts']['warm_p50']}, p99 {f['verdicts']['warm_p99']}"))
+        for key, label in (("pool_2", "pool hit"), ("pool_4", "pool hit"), ("pool_0", "pool_size 0")):
+            c = f.get("cold", {}).get(key)
+            if c:
+                rows.append((f"cold first call of a new function, {label}",
+                             f"p50 {c['p50_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms", "p50 <= 250 ms",
+                             verdict(c["p50_ms"], 250.0)))
+        if "burst" in f:
+            b = f["burst"]
+            rows.append(("10 invokes at once, max_instances 10, warm",
+                         f"p50 {b['warm_bursts']['call_latency']['p50_ms']:.1f} ms per call, "
+                         f"{b['instances_at_end']} instances", "-", "-"))
+        if "ephemeral" in f:
+            e = f["ephemeral"]
+            rows.append(("ephemeral POST /v1/invoke, pool hit", f"p50 {e['p50_ms']:.1f} ms, p99 {e['p99_ms']:.1f} ms",
+                         "-", "-"))
     return rows
 
 

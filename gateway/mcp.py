@@ -30,6 +30,7 @@ from pydantic import Field
 from gateway import __version__
 from gateway.client import AsyncClient, AsyncSandbox, ExecResult, InvokeResult, SandgateError, TestReport
 from gateway.client.errors import BadRequest
+from guest_agent.languages import LANGUAGES
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +179,7 @@ def build_server(sandboxes: Sandboxes) -> MCPServer:
     async def run_code(
         sandbox_id: SandboxId,
         code: Annotated[str, Field(description="The source to run.")],
-        language: Annotated[Literal["python", "javascript"], Field(description="The language of `code`.")]
-        = "python",
+        language: Language = "python",
         stdin: Stdin = None,
         timeout_seconds: TimeoutSeconds = DEFAULT_TIMEOUT,
         fresh_namespace: Annotated[bool, Field(description="Python: run in a fresh namespace instead of the "
@@ -318,7 +318,10 @@ def build_server(sandboxes: Sandboxes) -> MCPServer:
 Arguments = Annotated[list[Any], Field(description="Positional arguments (JSON values).")]
 KeywordArguments = Annotated[dict[str, Any], Field(description="Keyword arguments (JSON values); JavaScript "
                                                                 "functions get them as a last options object.")]
-Language = Annotated[Literal["python", "javascript"], Field(description="The language of `code`.")]
+#: The language ids of the one table (a sandbox runs those its `capabilities` list as `exec.<id>`).
+Language = Annotated[str, Field(description="The language of `code` (a sandbox runs those its capabilities "
+                                            "list as exec.<language>).",
+                                json_schema_extra={"enum": [lang.id for lang in LANGUAGES]})]
 ExecutionId = Annotated[str, Field(description="The execution's id, as start_execution gave it.")]
 
 

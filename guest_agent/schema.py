@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .languages import canonical
+from .languages import canonical as canonical_language
 from .wire import CHUNK_SIZE, ERRORS, MAX_REQUEST_ID, MAX_WRITE_CHUNK, OUTPUT_FDS, ProtocolError
 
 #: Which leg an op or field belongs to: both, only client -> gateway, only gateway -> agent.
@@ -185,8 +185,10 @@ def _exec_start_rules(args: dict[str, Any]) -> None:
     if "code" in args or "code_ref" in args:
         if "code" in args:  # a code_ref's language, when not given, is the cached code's
             args.setdefault("language", "python")
+        if "language" in args:
+            args["language"] = canonical_language(args["language"])
         # (code in other languages runs as a process, which a pty suits as it suits a command)
-        if "pty" in args and ("code" not in args or canonical(args["language"]) == "python"):
+        if "pty" in args and ("code" not in args or args["language"] == "python"):
             raise ProtocolError("bad_request", "'pty' is for process execs ('command', or 'code' in a language "
                                                "other than python)")
     else:
@@ -216,6 +218,7 @@ def _code_rules(args: dict[str, Any]) -> None:
     """invoke and test: the code itself or a code_ref naming cached code."""
     if ("code" in args) == ("code_ref" in args):
         raise ProtocolError("bad_request", "give exactly one of 'code' and 'code_ref'")
+    args["language"] = canonical_language(args["language"])
 
 
 def _invoke_rules(args: dict[str, Any]) -> None:
@@ -280,7 +283,8 @@ _OPS: tuple[Op, ...] = (
            Field("exec_id", (str,), "the exec's id (client leg: optional, the gateway assigns e1, e2, ...; "
                  "agent leg: always sent)", low=1, high=MAX_EXEC_ID),
            Field("tag", (str,), "a label exec.attach and control ops can select by", low=1, high=MAX_TAG),
-           Field("language", (str,), "with `code`: the language (default python)", low=1, high=32),
+           Field("language", (str,), "with `code`: the language (default python; an id or an alias of "
+                 "guest_agent/languages.py)", low=1, high=32),
            Field("code", (str,), "source to run (with `language`)"),
            _CODE_REF,
            Field("command", (list, str), "argv, or a shell string run by /bin/sh -c", low=1),

@@ -16,16 +16,29 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from guest_agent.invoke import CALLER
 from guest_agent.wire import ProtocolError
 
-#: Where reports are written, relative to the sandbox root (left out of `files` tracking).
-REPORT_DIR = ".sandgate/run"
+#: Where reports are written, relative to the sandbox root (left out of `files` tracking). Right
+#: under the private folder, not deeper: the agent resolves every component of a path it reads,
+#: and under WASI each is a host call (one level less saved ~0.2 ms per fs.read there).
+REPORT_DIR = ".sandgate"
 #: The languages a harness is written for.
 LANGUAGES = ("python", "javascript")
 
 
+def new_call_id() -> str:
+    """A call's id: it names the call's report, and the Python harness writes it into the report."""
+    return secrets.token_hex(8)
+
+
+def report_path(name: str) -> str:
+    """The report path for `name` (a call's id, or a deployed function instance's own name)."""
+    return f"{REPORT_DIR}/{name}.json"
+
+
 def new_report_path() -> str:
-    return f"{REPORT_DIR}/{secrets.token_hex(8)}.json"
+    return report_path(new_call_id())
 
 
 def check_language(language: str) -> None:
@@ -34,19 +47,31 @@ def check_language(language: str) -> None:
 
 
 def invoke_source(language: str, *, function: str, args: list[Any], kwargs: dict[str, Any], report: str,
-                  code: str | None, filename: str = "<function>") -> str:
+                  code: str | None, filename: str = "<function>", call: str | None = None,
+                  bind: str | None = None) -> str:
     """The exec source that calls `function(*args, **kwargs)` (`code` loads it first; None: it is
-    loaded already, in the exec's Python namespace)."""
+    loaded already, in the exec's Python namespace). A Python report carries `call` when given;
+    `bind` (Python) keeps a caller of that function in the namespace for `warm_call_source`."""
     check_language(language)
     args_json, kwargs_json = _json(args, "args"), _json(kwargs, "kwargs")
     if language == "python":
         load = "" if code is None else f", code={code!r}, filename={filename!r}"
+        if call is not None:
+            load += f", call={call!r}"
+        if bind is not None:
+            load += f", bind={bind!r}"
         return (f'__import__("guest_agent.invoke", fromlist=["invoke"]).invoke(globals(), report={report!r}, '
                 f"function={function!r}, args_json={args_json!r}, kwargs_json={kwargs_json!r}{load})\n")
     if code is None:
         raise ProtocolError("internal", "a JavaScript call always carries its code")
     return _js({"mode": "invoke", "report": report, "function": function, "args": args, "kwargs": kwargs,
                 "code": code})
+
+
+def warm_call_source(*, args: list[Any], kwargs: dict[str, Any], call: str) -> str:
+    """The exec source of a warm call of a deployed Python function, in a namespace that an
+    `invoke_source(..., bind=...)` exec loaded: one short call of the caller kept there."""
+    return f"{CALLER}({_json(args, 'args')!r}, {_json(kwargs, 'kwargs')!r}, {call!r})\n"
 
 
 def test_source(language: str, *, code: str, tests: str, report: str) -> str:

@@ -200,6 +200,12 @@ class Runtime(ABC):
         SandboxManager.create with `validate_options`, before any quota or rate token is taken, so
         a request that cannot succeed costs the tenant nothing. The default accepts both."""
 
+    def languages(self) -> dict[str, list[str]]:
+        """The languages (ids of guest_agent/languages.py) this runtime's sandboxes run, by template
+        (`default`: no template asked): what `GET /v1/runtimes` lists. Empty when only a sandbox's
+        agent can tell (its hello's `exec.<language>` capabilities decide either way)."""
+        return {}
+
     async def start(self) -> None:
         """Prepare (fill warm pools, check host support). Called once at gateway start-up; a
         runtime that cannot work here raises, and the gateway serves without it."""

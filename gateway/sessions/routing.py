@@ -29,7 +29,7 @@ from gateway.functions.code_cache import CodeCache
 from gateway.runtime.agent_client import AgentClient, AgentStream
 from gateway.sessions.execs import ExecRecord, OutputCollector, Subscriber, refused_before_start
 from gateway.sessions.sandbox import Sandbox
-from guest_agent import schema
+from guest_agent import languages, schema
 from guest_agent.schema import OPS
 from guest_agent.wire import ProtocolError
 
@@ -205,7 +205,7 @@ class OpRouter(ABC):
         tag = message.get("tag")
         oneshot = fields.get("language") in sandbox.backend.oneshot_languages()
         if "language" in fields and not oneshot and f"exec.{fields['language']}" not in sandbox.capabilities:
-            raise ProtocolError("unsupported", f"runtime {sandbox.runtime.id} does not run {fields['language']}")
+            raise languages.unsupported(fields["language"], sandbox.languages(), sandbox.runtime.id)
         if "exec.concurrent" not in sandbox.capabilities and not oneshot and sandbox.running_execs():
             raise ProtocolError("busy", "the agent runs one exec at a time; wait for the running one")
         requested = message.get("exec_id")

@@ -19,6 +19,7 @@ from gateway.runtime.agent_client import AgentClient
 from gateway.runtime.base import Backend, Runtime, SandboxSpec
 from gateway.sessions.execs import ExecRecord
 from gateway.sessions.replay import ReplayBudget
+from guest_agent import languages
 
 
 @dataclass
@@ -59,6 +60,11 @@ class Sandbox:
         oneshot = {f"exec.{lang}" for lang in self.backend.oneshot_languages()}
         return self.agent.capabilities | self.runtime.capabilities | oneshot
 
+    def languages(self) -> list[str]:
+        """The languages `code` may be in here (its `exec.<language>` capabilities)."""
+        return sorted(c.removeprefix("exec.") for c in self.capabilities
+                      if c.startswith("exec.") and c.removeprefix("exec.") in languages.BY_ID)
+
     def running_execs(self) -> list[ExecRecord]:
         # `running` too: a record is done (its end published) a moment before its pump leaves.
         return [r for r in self.live_execs if r.running]
@@ -86,6 +92,7 @@ class Sandbox:
             "network": self.spec.network,
             "template": self.spec.template,
             "capabilities": sorted(self.capabilities),
+            "languages": self.languages(),
             "metadata": self.metadata,
             "execs_running": len(self.running_execs()),
             "ws_url": f"/v1/sandboxes/{self.id}/ws",

@@ -59,8 +59,8 @@ async def protocol(request: web.Request) -> web.Response:
 async def list_runtimes(request: web.Request) -> web.Response:
     tenant_of(request)
     manager = request.app[MANAGER]
-    runtimes = [{"id": r.id, "description": r.description, "capabilities": sorted(r.capabilities)}
-                for r in manager.runtimes.values()]
+    runtimes = [{"id": r.id, "description": r.description, "capabilities": sorted(r.capabilities),
+                 "languages": r.languages()} for r in manager.runtimes.values()]
     return web.json_response({"runtimes": runtimes, "unavailable": manager.unavailable})
 
 

@@ -69,7 +69,8 @@ async def _ephemeral(request: web.Request, run: Callable[[Sandbox, dict[str, Any
 @routes.post("/v1/invoke")
 async def invoke_ephemeral(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
-    return await _ephemeral(request, lambda sandbox, args: invoke_in(manager, sandbox, args),
+    # The sandbox is destroyed after the call: its report goes with it.
+    return await _ephemeral(request, lambda sandbox, args: invoke_in(manager, sandbox, args, remove_report=False),
                             lambda body: _args("invoke", body))
 
 

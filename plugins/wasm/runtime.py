@@ -217,6 +217,10 @@ def _check_text(what: str, text: str) -> None:
                                            f"{exc.start}") from None
 
 
+#: The languages the runtime runs itself, one fresh instance per exec (Python is the agent's own).
+ONESHOT_LANGUAGES = frozenset({"javascript"})
+
+
 class WasmBackend(Backend):
     """One WASM sandbox: its disk holder (the /work tmpfs), the agent's launcher, at most one
     JavaScript launcher at a time, and the CPU budget they all draw from."""
@@ -304,7 +308,7 @@ class WasmBackend(Backend):
         return metrics
 
     def oneshot_languages(self) -> frozenset[str]:
-        return frozenset({"javascript"})
+        return ONESHOT_LANGUAGES
 
     async def stop_oneshot(self) -> None:
         if self.js_launcher is not None and self.js_launcher.proc.returncode is None:
@@ -409,6 +413,9 @@ class WasmRuntime(Runtime):
     description = "CPython 3.15 and QuickJS on wasmtime; in-process Python, one-shot JavaScript"
     capabilities = frozenset()
     min_memory_mb = MIN_MEMORY_MB
+
+    def languages(self) -> dict[str, list[str]]:
+        return {"default": sorted({"python", *ONESHOT_LANGUAGES})}
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)

@@ -15,6 +15,7 @@ import pytest
 from mcp import Client
 
 from gateway.client import AsyncSandbox
+from guest_agent.languages import LANGUAGES
 from tests.client.conftest import KEY
 from tests.mcp.conftest import call, fail, mcp_stdio
 from tests.serving import free_port
@@ -35,7 +36,7 @@ async def test_tools_are_listed_with_descriptions_and_schemas(gateway_url: str, 
             assert tool.input_schema["type"] == "object"
         run_code = tools["run_code"].input_schema
         assert set(run_code["required"]) == {"sandbox_id", "code"}
-        assert run_code["properties"]["language"]["enum"] == ["python", "javascript"]
+        assert run_code["properties"]["language"]["enum"] == [lang.id for lang in LANGUAGES]
         assert "description" in run_code["properties"]["sandbox_id"]
         assert tools["read_file"].annotations is not None and tools["read_file"].annotations.read_only_hint
         destroy = tools["destroy_sandbox"].annotations
