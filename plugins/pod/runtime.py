@@ -383,6 +383,13 @@ class PodRuntime(Runtime):
     def check_create(self, template: str | None, network: bool) -> None:
         self._image(template)
 
+    def languages(self) -> dict[str, list[str]]:
+        """By template: a language of `[runtimes.pod] languages` runs in its image (and python, in
+        the agent). What else an image holds only its agent can tell."""
+        # (a template of the same name wins: its image is the operator's, not this map's)
+        return {lang: sorted({"python", lang}) for lang in self.settings.languages
+                if lang not in self.settings.templates}
+
     def _poolable(self, spec: SandboxSpec) -> bool:
         return (self.pool is not None and self.settings.mode == "pod" and not spec.network and spec.template is None
                 and (spec.memory_mb, spec.disk_mb) == (self.settings.pool_memory_mb, self.settings.pool_disk_mb))

@@ -50,3 +50,11 @@ class TestSmallerTemplates(GatewayFixtures):
         resp = await gateway.client.post(f"/v1/sandboxes/{sandbox['id']}/exec", json={"language": "go", "code": ""},
                                          headers=AUTH)
         assert resp.status == 501 and (await resp.json())["error"]["code"] == "unsupported"
+
+    @pytest.mark.usefixtures("microvm_polyglot_image")
+    async def test_runtimes_list_what_each_templates_agent_offered(self, gateway: Gateway) -> None:
+        runtimes = (await (await gateway.client.get("/v1/runtimes", headers=AUTH)).json())["runtimes"]
+        [microvm] = [r for r in runtimes if r["id"] == "microvm"]
+        assert microvm["languages"]["default"] == ["python"]
+        assert microvm["languages"]["full"] == ["c", "javascript", "python"]
+        assert microvm["languages"]["polyglot"] == sorted(languages.BY_ID)

@@ -60,3 +60,6 @@ class TestPodLanguages(LanguageConformance):
             await gateway.client.delete(f"/v1/sandboxes/{sandbox['id']}", headers=AUTH)
         resp = await gateway.client.post("/v1/sandboxes", json={"runtime": "pod", "template": "ruby"}, headers=AUTH)
         assert resp.status == 400 and "languages" in (await resp.json())["error"]["message"]
+        runtimes = (await (await gateway.client.get("/v1/runtimes", headers=AUTH)).json())["runtimes"]
+        [pod_runtime] = [r for r in runtimes if r["id"] == "pod"]
+        assert pod_runtime["languages"] == {lang: sorted({"python", lang}) for lang in IMAGES}
