@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/polyglot.py [--n 5] [--languages python,go,...] [--memory-mb N]
 
-For each language a fresh polyglot sandbox (the template's memory size unless --memory-mb: a
-clone of its snapshot), then N REST execs of its hello world (gateway/testing/languages.py's
+For each language a fresh polyglot sandbox (of the template's memory size, a clone of its
+snapshot, unless --memory-mb asks for another, which boots cold), then N REST execs of its hello world (gateway/testing/languages.py's
 SAMPLES), each waiting for a quieter machine first (other users' load under --quiet-cores, at
 most 60 s; the load seen is recorded with the figures): wall time of `POST /v1/sandboxes/{id}/exec`,
 compile (where there is one) and run included, nothing cached between runs (each exec writes and
@@ -24,15 +24,14 @@ from _common import AUTH, banner, fmt_stats, inprocess_gateway, settings_dict, s
 
 from gateway.testing.languages import SAMPLES
 from guest_agent import languages
+from plugins.microvm.images.templates import load_templates
 
 PEAK = "print(open('/sys/fs/cgroup/sandbox/memory.peak').read().strip())"
 
 
-async def measure(url: str, langs: list[str], n: int, memory_mb: int | None, quiet: float) -> dict[str, Any]:
+async def measure(url: str, langs: list[str], n: int, memory_mb: int, quiet: float) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    body: dict[str, Any] = {"runtime": "microvm", "template": "polyglot"}
-    if memory_mb:
-        body["memory_mb"] = memory_mb
+    body = {"runtime": "microvm", "template": "polyglot", "memory_mb": memory_mb}
     async with aiohttp.ClientSession(url, headers=AUTH) as http:
 
         async def run(sid: str, language: str, code: str) -> dict[str, Any]:
@@ -66,7 +65,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--languages", default=",".join(lang.id for lang in languages.LANGUAGES))
-    parser.add_argument("--memory-mb", type=int, default=None)
+    parser.add_argument("--memory-mb", type=int, default=load_templates()["polyglot"].memory_mb)
     parser.add_argument("--quiet-cores", type=float, default=0.5)
     args = parser.parse_args()
     banner("exec latency per language: microVM polyglot template")

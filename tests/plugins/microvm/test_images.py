@@ -56,6 +56,9 @@ def test_templates_parse() -> None:
     assert "python3.11-minimal" in full.compile_with and "python3.11-minimal" not in full.packages
     assert {"python3", "nodejs", "bash", "gcc", "libc6-dev"} <= set(full.rootfs.packages)
     assert {"virtio_blk", "overlay"} <= set(full.modules)
+    polyglot = config.templates["polyglot"]
+    assert polyglot.memory_mb == 512 and polyglot.rootfs is not None  # why 512: templates.toml
+    assert {"golang-go", "openjdk-17-jdk-headless", "ruby", "php-cli", "rustc", "g++"} <= set(polyglot.rootfs.packages)
     assert config.kernel.package.startswith("linux-image-") and len(config.kernel.sha256) == 64
     assert templates.load_templates() == config.templates
 
