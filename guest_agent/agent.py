@@ -19,14 +19,16 @@ stdin it reads requests itself (`pyrunner`). There are no keepalives.
 from __future__ import annotations
 
 import os
+import shutil
 import signal as signal_mod
+import tempfile
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, languages
 from ._log import log, log_exception
 from .channel import Channel
 from .features import Features, detect
@@ -245,10 +247,10 @@ class Agent:
             deadline=None if timeout is None else now + float(timeout),
             timeout=None if timeout is None else float(timeout),
         )
-        if code is not None:
-            language = message["language"]
-            if language != "python":
-                raise ProtocolError("unsupported", f"language {language!r:.40} is not run by the agent")
+        if code is not None and message["language"] != "python":
+            self._start_language(record, message["language"], code, stdin, stdin_open, env,
+                                 cwd_path or self.root.real, pty)
+        elif code is not None:
             namespace = message.get("namespace", PYTHON_NAMESPACE_DEFAULT)
             self._python.start(record, code, namespace, stdin, stdin_open, env, cwd_path)
         else:
@@ -274,6 +276,9 @@ class Agent:
             self._exec_count += 1
 
     def _exec_ended(self, record: ExecRecord, exit_code: int | None, sig: str | None) -> None:
+        cleanup, record.cleanup = record.cleanup, None
+        if cleanup is not None:
+            cleanup()
         with self._lock:
             record.running = False
             record.exit_code = exit_code
@@ -331,6 +336,35 @@ class Agent:
             return {"execs": [rec.summary() for rec in self._execs.values()]}
 
     # -- processes ----------------------------------------------------------------------------
+
+    def _start_language(
+        self,
+        record: ExecRecord,
+        language: str,
+        code: str,
+        stdin: bytes,
+        stdin_open: bool,
+        env: dict[str, str],
+        cwd: str,
+        pty: dict[str, Any] | None,
+    ) -> None:
+        """Code in a language other than Python: written to a fresh private directory (outside the
+        sandbox's files, gone when the exec ends) and compiled and run there as one process."""
+        offered = self.features.languages
+        lang = languages.BY_ID.get(language)
+        if lang is None or language not in offered:
+            raise languages.unsupported(language, offered, "guest")
+        folder = tempfile.mkdtemp(prefix=f"sandgate-{lang.id}-")
+        record.cleanup = lambda: shutil.rmtree(folder, ignore_errors=True)
+        try:
+            process = languages.as_process(lang, code, folder, self.features.programs, os.environ)
+            with open(process.source, "w", encoding="utf-8") as f:
+                f.write(code)
+            self._start_process(record, process.argv, stdin, stdin_open, {**process.env, **env}, cwd, pty)
+        except BaseException:
+            record.cleanup()
+            record.cleanup = None
+            raise
 
     def _start_process(
         self,

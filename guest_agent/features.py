@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from . import languages
 
 
 @dataclass(frozen=True)
@@ -32,11 +36,21 @@ class Features:
     #: The agent owns its (virtual) machine: it may set the clock, reseed entropy and set the
     #: sandbox's limits (`guest.setup`). Only by `--vm`, never detected.
     system: bool = False
+    #: The language table's programs found on the agent's PATH at start (program -> path): the
+    #: languages they make whole run as processes (`exec.<language>`). Looked up once: a program
+    #: installed later (say, by a pip or apt-get of the sandbox's own) is not offered.
+    programs: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    @property
+    def languages(self) -> list[str]:
+        """The languages this agent runs: python in its own interpreter, others as processes."""
+        found = languages.offered_by_programs(self.programs.get) if self.processes else []
+        return ["python", *(lang for lang in found if lang != "python")]
 
     @property
     def capabilities(self) -> list[str]:
         """The `hello` capabilities, in the order of the protocol's table."""
-        caps = ["exec.python"]
+        caps = [f"exec.{lang}" for lang in self.languages]
         if self.processes:
             caps.append("exec.process")
         caps.append("exec.stdin")
@@ -78,6 +92,7 @@ def detect(*, single_thread: bool = False, system: bool = False) -> Features:
         pty=pty,
         async_exc=threads and _has_async_exc(),
         system=system,
+        programs=languages.find_programs(shutil.which) if processes else {},
     )
 
 

@@ -6,6 +6,7 @@ engine (`pyrunner`); neither owns the other's half of an `ExecRecord`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,8 @@ class ExecRecord:
     signal: str | None = None
     process: Any = None  # procexec.ProcessExec, imported only where processes exist
     python: PythonRun | None = None
+    #: Called once when the exec ends, before its `end` (a language exec's private directory goes).
+    cleanup: Callable[[], None] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -187,8 +187,10 @@ def _exec_start_rules(args: dict[str, Any]) -> None:
             args.setdefault("language", "python")
         if "language" in args:
             args["language"] = canonical_language(args["language"])
-        if "pty" in args:
-            raise ProtocolError("bad_request", "'pty' is for process execs ('command')")
+        # (code in other languages runs as a process, which a pty suits as it suits a command)
+        if "pty" in args and ("code" not in args or args["language"] == "python"):
+            raise ProtocolError("bad_request", "'pty' is for process execs ('command', or 'code' in a language "
+                                               "other than python)")
     else:
         args.pop("language", None)
         args.pop("namespace", None)

@@ -26,6 +26,7 @@ from typing import Any
 
 from gateway.runtime.base import Backend, ByteChannel, NotConfigured, Progress, Runtime, SandboxSpec
 from gateway.runtime.pool import WarmPool
+from guest_agent import languages as language_table
 from guest_agent.wire import ProtocolError
 from plugins.common import gateway_work_root, remove_orphans
 from plugins.microvm import accel
@@ -33,7 +34,7 @@ from plugins.microvm.images import build
 from plugins.microvm.images.cache import BootImage, find_image
 from plugins.microvm.images.host import HostError, find_qemu
 from plugins.microvm.images.templates import load_templates
-from plugins.microvm.snapshot import BOOT_TIMEOUT_S, find_snapshot, make_snapshot
+from plugins.microvm.snapshot import BOOT_TIMEOUT_S, find_snapshot, make_snapshot, offered_capabilities
 from plugins.microvm.vm import Boot, Machine, Vm
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,19 @@ class MicrovmRuntime(Runtime):
 
     def check_create(self, template: str | None, network: bool) -> None:
         self._image(template or self.template)
+
+    def languages(self) -> dict[str, list[str]]:
+        """By template name (a create without one gets `[runtimes.microvm] template`): what its
+        agent offered when the image's snapshot was made. Templates not built and snapshotted
+        here are left out."""
+        out = {}
+        for name in load_templates():
+            image = find_image(name)
+            caps = None if image is None else offered_capabilities(image)
+            if caps is not None:
+                out[name] = sorted(c.removeprefix("exec.") for c in caps
+                                   if c.startswith("exec.") and c.removeprefix("exec.") in language_table.BY_ID)
+        return out
 
     def _image(self, template: str) -> BootImage:
         if template not in load_templates():

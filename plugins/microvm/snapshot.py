@@ -11,6 +11,10 @@ template may not run on after its snapshot, since its RAM file is the clones' me
 
 Both fit only a VM with the same `Machine` (QEMU, image, accelerator, memory, vCPUs, devices):
 the folder name is a hash of it.
+
+The template's agent also says hello before it is stopped: what it offers (its capabilities: the
+languages whose programs the image holds among them) is a fact of the image, written beside it
+(`offered.json`) for `GET /v1/runtimes` to list without booting anything.
 """
 
 from __future__ import annotations
@@ -25,12 +29,16 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from guest_agent.wire import PROTOCOL_VERSION
 from plugins.common import acquire_file_lock
+from plugins.microvm.images.cache import BootImage
 from plugins.microvm.vm import DEVICE_LAYOUT, Boot, Machine, Vm
 
 #: A cold boot under TCG answers in ~2-3 s on an idle host; leave room for a loaded one.
 BOOT_TIMEOUT_S = 120.0
 SNAPSHOT_FILES = ("ram", "clone.state", "full.state")
+#: Beside an image: its agent's hello capabilities, from its first snapshot.
+OFFERED_FILE = "offered.json"
 
 
 @dataclass(frozen=True)
@@ -122,10 +130,29 @@ def _lock(path: Path) -> object:
     return f
 
 
+def offered_capabilities(image: BootImage) -> list[str] | None:
+    """What the image's agent offered when its first snapshot was made (None: never snapshotted)."""
+    try:
+        caps = json.loads((image.dir / OFFERED_FILE).read_text())["capabilities"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return [c for c in caps if isinstance(c, str)] if isinstance(caps, list) else None
+
+
+def _record_offered(image: BootImage, capabilities: list[str]) -> None:
+    tmp = image.dir / f".{OFFERED_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps({"capabilities": capabilities}) + "\n")
+    os.chmod(tmp, 0o644)
+    os.rename(tmp, image.dir / OFFERED_FILE)
+
+
 async def _snapshot_into(machine: Machine, folder: Path, workdir: Path) -> None:
     template = await Vm.start(machine, workdir / "template", Boot(ram_file=folder / "ram", share=True))
     try:
         await template.wait_agent(BOOT_TIMEOUT_S)
+        hello = await template.call("hello", BOOT_TIMEOUT_S, version=PROTOCOL_VERSION)
+        if isinstance(hello.get("capabilities"), list):
+            await asyncio.to_thread(_record_offered, machine.image, hello["capabilities"])
         await template.qmp("stop")
         await _migrate(template, folder / "clone.state", ignore_shared=True)
     finally:

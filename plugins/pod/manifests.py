@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway.runtime.base import SandboxSpec
+from guest_agent.languages import canonical
 from plugins.pod.settings import PodSettings
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -112,10 +113,13 @@ def claim_patch(settings: PodSettings, spec: SandboxSpec, now: datetime.datetime
 
 
 def image_for(settings: PodSettings, template: str | None) -> str:
-    """The sandbox image for a create request's `template` (KeyError for an unknown one)."""
+    """The sandbox image for a create request's `template`: a name of `templates`, else a language
+    of `languages` (by id or alias). KeyError for neither."""
     if template is None:
         return settings.sandbox_image
-    return settings.templates[template]
+    if template in settings.templates:
+        return settings.templates[template]
+    return settings.languages[canonical(template)]
 
 
 def agent_command(settings: PodSettings, image: str) -> list[str]:

@@ -376,11 +376,19 @@ class PodRuntime(Runtime):
         try:
             return m.image_for(self.settings, template)
         except KeyError:
-            raise ProtocolError("bad_request", f"unknown pod template {template!r}; have "
-                                               f"{sorted(self.settings.templates)}") from None
+            raise ProtocolError("bad_request", f"unknown pod template {template!r}; have templates "
+                                               f"{sorted(self.settings.templates)} and languages "
+                                               f"{sorted(self.settings.languages)}") from None
 
     def check_create(self, template: str | None, network: bool) -> None:
         self._image(template)
+
+    def languages(self) -> dict[str, list[str]]:
+        """By template: a language of `[runtimes.pod] languages` runs in its image (and python, in
+        the agent). What else an image holds only its agent can tell."""
+        # (a template of the same name wins: its image is the operator's, not this map's)
+        return {lang: sorted({"python", lang}) for lang in self.settings.languages
+                if lang not in self.settings.templates}
 
     def _poolable(self, spec: SandboxSpec) -> bool:
         return (self.pool is not None and self.settings.mode == "pod" and not spec.network and spec.template is None

@@ -12,6 +12,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.config import ConfigError, check_fields, check_keys
+from guest_agent import languages as language_table
 
 #: The agent image the Helm chart and helm/Dockerfile.agent build: the guest agent and msgpack at
 #: /opt/sandgate, on a python3 base.
@@ -42,6 +43,10 @@ class PodSettings:
     image: str = ""
     #: Create-request `template` name -> sandbox image.
     templates: Mapping[str, str] = field(default_factory=dict)
+    #: Language id -> sandbox image, for a create whose `template` names a language (or an alias
+    #: of one) that `templates` does not name: `{"template": "go"}` boots `languages["go"]`. The
+    #: image must hold the language's programs on its PATH (and python3, for the agent).
+    languages: Mapping[str, str] = field(default_factory=dict)
     image_pull_policy: str | None = None
     runtime_class_name: str | None = None
     run_as_user: int = 10001
@@ -88,6 +93,9 @@ class PodSettings:
                 values[name] = f"{values[name]:g}"
         if not values.get("gateway_id"):
             values["gateway_id"] = _gateway_id()
+        if isinstance(values.get("languages"), Mapping):  # aliases (js, golang, c++) name their language
+            values["languages"] = {language_table.canonical(k) if isinstance(k, str) else k: v
+                                   for k, v in values["languages"].items()}
         settings = cls(**values)
         settings._check()
         return settings
@@ -115,6 +123,13 @@ class PodSettings:
         for name in ("pool_size", "delete_grace_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"[runtimes.pod] {name} must be >= 0, not {getattr(self, name)!r}")
+        unknown = sorted(set(self.languages) - set(language_table.BY_ID))
+        if unknown:
+            raise ConfigError(f"[runtimes.pod] languages: unknown language {unknown[0]!r}; the table has "
+                              f"{', '.join(language_table.BY_ID)}")
+        for name, image in {**self.templates, **self.languages}.items():
+            if not image.strip():
+                raise ConfigError(f"[runtimes.pod] the image for {name!r} is empty")
         if self.pool_size and self.mode != "pod":
             raise ConfigError("[runtimes.pod] pool_size needs mode = 'pod' (agent-sandbox has SandboxWarmPool)")
 

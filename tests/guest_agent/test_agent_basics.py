@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import subprocess
 import sys
 import tty
 from pathlib import Path
 
+from guest_agent import languages
 from guest_agent.wire import PROTOCOL_VERSION, encode_frame, pack
 from tests.guest_agent.agent_harness import (
     READ_TIMEOUT,
@@ -20,6 +22,8 @@ from tests.guest_agent.agent_harness import (
 
 HOST_CAPABILITIES = [
     "exec.python",
+    # the languages whose programs this host has (tests/guest_agent/test_agent_languages.py)
+    *(f"exec.{lang}" for lang in languages.offered_by_programs(shutil.which) if lang != "python"),
     "exec.process",
     "exec.stdin",
     "exec.signal",

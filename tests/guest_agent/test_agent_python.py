@@ -198,5 +198,5 @@ def test_cwd_and_env_of_a_python_exec(pclient: AgentClient) -> None:
 
 
 def test_unsupported_language(client: AgentClient) -> None:
-    error = client.error("exec.start", exec_id="j", language="javascript", code="1")
+    error = client.error("exec.start", exec_id="j", language="cobol", code="1")
     assert error["code"] == "unsupported"

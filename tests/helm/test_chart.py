@@ -32,6 +32,7 @@ EVERYTHING: dict[str, Any] = {
                 "quotas": {"max_sandboxes": 5}},
     "sandboxes": {"namespace": "sandboxes", "mode": "agent-sandbox", "channel": "attach",
                   "runtimeClassName": "gvisor", "templates": {"python": "python:3.12-slim"},
+                  "languages": {"golang": "golang:1.22-bookworm"},
                   "nodeSelector": {"sandgate.dev/sandboxes": "true"},
                   "tolerations": [{"key": "sandboxes", "operator": "Exists", "effect": "NoSchedule"}]},
     "agentSandbox": {"enabled": True},
@@ -119,6 +120,7 @@ def test_the_gateway_accepts_the_config_the_chart_writes(tmp_path: Path) -> None
         assert pod.namespace == expected_namespace and pod.agent_image == "ghcr.io/sandgate/sandgate-agent:0.1.0"
     assert pod.mode == "agent-sandbox" and pod.channel == "attach" and pod.runtime_class_name == "gvisor"
     assert dict(pod.templates) == {"python": "python:3.12-slim"}
+    assert dict(pod.languages) == {"go": "golang:1.22-bookworm"}
     assert pod.tolerations == ({"key": "sandboxes", "operator": "Exists", "effect": "NoSchedule"},)
     assert settings.limits.ttl_s == 600 and settings.quotas.max_sandboxes == 5
     assert tomllib.loads(gateway_toml(render(EVERYTHING)))["allowed_origins"] == ["https://ide.example.com"]

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from plugins.common import private_dir
-from plugins.microvm.images.cache import BUILDER_VERSION, fresh_dir, microvm_cache, prune_old
+from plugins.microvm.images.cache import BUILDER_VERSION, fresh_dir, microvm_cache
 from plugins.microvm.images.commands import Clock, run
 from plugins.microvm.images.templates import ARCH, BuildConfig, RootfsSpec, TemplateSpec, canonical
 from plugins.microvm.images.tree import EPOCH, NET_FILES, matches, resolve, write_files
@@ -50,8 +50,13 @@ def rootfs_disk(config: BuildConfig, spec: TemplateSpec, rootfs: RootfsSpec, clo
              debian.suite, target, debian.mirror], clock, "debootstrap (minutes)", env=env)
         # debootstrap takes the suite alone; the security and point-release updates come from apt
         write_files(target, {"etc/apt/sources.list": debian.sources_list()})
-        for args in (["update"], ["-y", "--no-install-recommends", "dist-upgrade"], ["clean"]):
-            run(["chroot", target, "apt-get", "-q", *args], clock, f"root disk: apt-get {args[-1]}", env=env)
+        # (with /proc: the JDK's maintainer scripts run java, which refuses to start without it)
+        run(["mount", "-t", "proc", "proc", target / "proc"], clock, "root disk: mount /proc")
+        try:
+            for args in (["update"], ["-y", "--no-install-recommends", "dist-upgrade"], ["clean"]):
+                run(["chroot", target, "apt-get", "-q", *args], clock, f"root disk: apt-get {args[-1]}", env=env)
+        finally:
+            run(["umount", "--lazy", target / "proc"], clock, "root disk: unmount /proc")
         packages = _dpkg_status(target / "var/lib/dpkg/status")
         clock("assembling the root disk")
         for dirpath, dirnames, filenames in os.walk(target, topdown=True):
@@ -87,5 +92,26 @@ def rootfs_disk(config: BuildConfig, spec: TemplateSpec, rootfs: RootfsSpec, clo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    prune_old(parent, folder)
+    prune_unused(parent, folder)
     return folder / "rootfs.ext4", packages
+
+
+def prune_unused(parent: Path, keep: Path, count: int = 2) -> None:
+    """Drop old root disks that no image links to. Every template's disks share `parent`: pruning
+    by age alone would let one template's new disk drop another's, whose next image (after any
+    edit of the agent) would then debootstrap again for many minutes. A disk an image uses holds a
+    second link (build.py links it into the image); of the rest, the `count` newest stay."""
+    unused = []
+    for folder in parent.iterdir():
+        disk = folder / "rootfs.ext4"
+        if folder == keep or not folder.is_dir() or folder.name.startswith("."):
+            continue
+        try:
+            if disk.stat().st_nlink > 1:
+                continue
+        except FileNotFoundError:
+            pass
+        unused.append(folder)
+    unused.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in unused[count:]:
+        shutil.rmtree(old, ignore_errors=True)

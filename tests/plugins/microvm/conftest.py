@@ -56,3 +56,10 @@ def microvm_full_image(microvm_image: BootImage) -> BootImage:
     """The `full` template (a Debian root disk with python3, node, bash, gcc; debootstrap takes
     minutes the first time) and its snapshot."""
     return _built_with_snapshot("full")
+
+
+@pytest.fixture(scope="session")
+def microvm_polyglot_image(microvm_image: BootImage) -> BootImage:
+    """The `polyglot` template (the full template's kind of root disk with a toolchain per language:
+    ~1.4 GB of Debian packages, so debootstrap takes many minutes the first time) and its snapshot."""
+    return _built_with_snapshot("polyglot")

@@ -22,7 +22,19 @@ import msgpack
 import pytest
 
 from plugins.common import file_lock
-from plugins.microvm.images import build, cache, commands, cpio, elf, guest_files, host, kernel, templates, tree
+from plugins.microvm.images import (
+    build,
+    cache,
+    commands,
+    cpio,
+    elf,
+    guest_files,
+    host,
+    kernel,
+    rootfs,
+    templates,
+    tree,
+)
 from plugins.microvm.images.cache import BootImage
 from plugins.microvm.images.templates import TemplateError
 
@@ -44,6 +56,9 @@ def test_templates_parse() -> None:
     assert "python3.11-minimal" in full.compile_with and "python3.11-minimal" not in full.packages
     assert {"python3", "nodejs", "bash", "gcc", "libc6-dev"} <= set(full.rootfs.packages)
     assert {"virtio_blk", "overlay"} <= set(full.modules)
+    polyglot = config.templates["polyglot"]
+    assert polyglot.memory_mb == 512 and polyglot.rootfs is not None  # why 512: templates.toml
+    assert {"golang-go", "openjdk-17-jdk-headless", "ruby", "php-cli", "rustc", "g++"} <= set(polyglot.rootfs.packages)
     assert config.kernel.package.startswith("linux-image-") and len(config.kernel.sha256) == 64
     assert templates.load_templates() == config.templates
 
@@ -412,6 +427,22 @@ def test_an_edited_input_makes_the_image_out_of_date(microvm_boot_image: BootIma
     assert cache.find_image("default") is None
     monkeypatch.undo()
     assert cache.find_image("default") == microvm_boot_image
+
+
+def test_root_disks_in_use_survive_another_templates_build(tmp_path: Path) -> None:
+    """Every template's disks share one folder: a new disk (say, polyglot's) must not prune the
+    disk an image of another template (full) links to, or that image's next build debootstraps."""
+    images = tmp_path / "images"
+    images.mkdir()
+    disks = tmp_path / "rootfs"
+    disks.mkdir()
+    for age, name in enumerate(["new", "unused1", "unused2", "full", "unused3"]):
+        (disks / name).mkdir()
+        (disks / name / "rootfs.ext4").write_bytes(b"disk")
+        os.utime(disks / name, (1_000_000 - age * 100, 1_000_000 - age * 100))
+    os.link(disks / "full" / "rootfs.ext4", images / "rootfs.ext4")  # as build.py links it into an image
+    rootfs.prune_unused(disks, disks / "new")
+    assert sorted(p.name for p in disks.iterdir()) == ["full", "new", "unused1", "unused2"]
 
 
 def test_build_lock_excludes_other_builders(tmp_path: Path) -> None:

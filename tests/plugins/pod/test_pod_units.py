@@ -106,7 +106,20 @@ def test_the_pod_is_hardened() -> None:
 
 
 @pytest.mark.parametrize("bad", [{"mode": "vm"}, {"channel": "ssh"}, {"namespace": "Bad_NS"}, {"cpu_limit": "lots"},
-                                 {"run_as_user": 0}, {"unknown": 1}, {"pool_size": 1, "mode": "agent-sandbox"}])
+                                 {"run_as_user": 0}, {"unknown": 1}, {"pool_size": 1, "mode": "agent-sandbox"},
+                                 {"languages": {"cobol": "cobol:1"}}, {"languages": {"go": ""}},
+                                 {"languages": {"go": 1}}, {"languages": ["go"]}])
 def test_settings_refuse_bad_values(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         PodSettings.from_config({"namespace": "ns", **bad})
+
+
+def test_a_template_names_a_template_then_a_language() -> None:
+    settings = PodSettings.from_config({"namespace": "ns", "templates": {"go": "my/go-with-tools:1"},
+                                        "languages": {"golang": "golang:1.22", "js": "node:22", "c++": "gcc:14"}})
+    assert dict(settings.languages) == {"go": "golang:1.22", "javascript": "node:22", "cpp": "gcc:14"}
+    assert m.image_for(settings, None) == settings.agent_image
+    assert m.image_for(settings, "go") == "my/go-with-tools:1", "an operator's template wins"
+    assert [m.image_for(settings, name) for name in ("node", "JavaScript", "cxx")] == ["node:22", "node:22", "gcc:14"]
+    with pytest.raises(KeyError):
+        m.image_for(settings, "ruby")
