@@ -2,14 +2,14 @@
 
     .venv/bin/python bench/polyglot.py [--n 5] [--languages python,go,...] [--memory-mb N]
 
-For each language a fresh polyglot sandbox (of the template's memory size, a clone of its
-snapshot, unless --memory-mb asks for another, which boots cold), then N REST execs of its hello
-world (gateway/testing/languages.py's SAMPLES), each waiting for a quieter machine first (other users' load under --quiet-cores, at
-most 60 s; the load seen is recorded with the figures): wall time of `POST /v1/sandboxes/{id}/exec`,
-compile (where there is one) and run included, nothing cached between runs (each exec writes and
-builds in a fresh private folder; the first also reads the toolchain from the disk). Also the
-peak memory of the sandbox cgroup over the language's runs (`memory.peak`, read in the guest):
-what a sandbox's memory size must hold for it.
+For each language a fresh polyglot sandbox (of the template's memory size, a clone of its snapshot,
+unless --memory-mb asks for another, which boots cold), then N REST execs of its hello world
+(gateway/testing/languages.py's SAMPLES), each waiting for a quieter machine first (other users'
+load under --quiet-cores, at most 60 s; the load seen is recorded with the figures): wall time of
+`POST /v1/sandboxes/{id}/exec`, compile (where there is one) and run included, nothing cached
+between runs (each exec writes and builds in a fresh private folder; the first also reads the
+toolchain from the disk). Also the peak memory of the sandbox cgroup over the language's runs
+(`memory.peak`, read in the guest): what a sandbox's memory size must hold for it.
 """
 
 from __future__ import annotations
