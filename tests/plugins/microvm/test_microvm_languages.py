@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pytest
 
 from gateway.testing.conformance import AUTH, Gateway, GatewayFixtures
+from gateway.testing.functions import FunctionsConformance
 from gateway.testing.languages import SAMPLES, LanguageConformance, offered
 from guest_agent import languages
 
@@ -58,3 +59,22 @@ class TestSmallerTemplates(GatewayFixtures):
         assert microvm["languages"]["default"] == ["python"]
         assert microvm["languages"]["full"] == ["c", "javascript", "python"]
         assert microvm["languages"]["polyglot"] == sorted(languages.BY_ID)
+
+
+@pytest.mark.usefixtures("microvm_polyglot_image")
+class TestPolyglotInvoke(GatewayFixtures):
+    """Invoke and test mode in the languages the polyglot template adds, with the serverless
+    suite's own tests: JavaScript under Node (harness.js runs under Node and QuickJS alike), Ruby
+    and PHP under Debian's interpreters (the harnesses WASM runs too)."""
+
+    runtime = "microvm"
+    functions = FunctionsConformance.functions
+    invoke = FunctionsConformance.invoke
+    test_javascript_invoke = FunctionsConformance.test_javascript_invoke
+    test_javascript_tests = FunctionsConformance.test_javascript_tests
+    test_ruby_and_php_invoke = FunctionsConformance.test_ruby_and_php_invoke
+
+    @pytest.fixture(autouse=True)
+    def _the_template_and_its_memory(self, microvm_polyglot_image: BootImage) -> None:
+        self.runtime_config = {"pool_size": 1, "template": "polyglot"}
+        self.create_options = {"template": "polyglot", "memory_mb": microvm_polyglot_image.memory_mb}
