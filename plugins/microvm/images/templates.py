@@ -165,7 +165,8 @@ def canonical(data: Any) -> str:
 ADDITIVE = ("packages", "exclude", "pip", "npm", "setup")
 #: A requirement pip looks up in an index (name, extras, version specifiers): never an option,
 #: a path or a URL, which would read the build host's files or bypass the registry.
-PIP_SPEC = r"[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9._,-]+\])?([<>=!~]=?[A-Za-z0-9.*+!_-]+(,[<>=!~]=?[A-Za-z0-9.*+!_-]+)*)?"
+_PIP_VERSION = r"[<>=!~]=?[A-Za-z0-9.*+!_-]+"
+PIP_SPEC = rf"[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9._,-]+\])?({_PIP_VERSION}(,{_PIP_VERSION})*)?"
 #: A registry package for npm (name, @scope/name, @version or @tag or range), never a path,
 #: URL, git or file: spec.
 NPM_SPEC = r"(@[a-z0-9][a-z0-9._-]*/)?[a-z0-9][a-z0-9._-]*(@[A-Za-z0-9.^~<>=*+|_ -]+)?"
