@@ -231,7 +231,8 @@ def custom_image() -> BootImage:
 @pytest.mark.microvm
 class TestCustomTemplate(GatewayFixtures):
     runtime = "microvm"
-    runtime_config: ClassVar[dict[str, Any]] = {"pool_size": 0, "templates_file": str(USER_FILE)}
+    # the gateway's default template is the custom one: it needs only that image
+    runtime_config: ClassVar[dict[str, Any]] = {"pool_size": 0, "templates_file": str(USER_FILE), "template": NAME}
 
     async def _sandbox(self, gateway: Gateway, image: BootImage) -> str:
         sandbox = await gateway.create(template=NAME, memory_mb=image.memory_mb)
@@ -262,10 +263,10 @@ class TestCustomTemplate(GatewayFixtures):
         from gateway.web.app import create_app
 
         settings = Settings(api_keys={KEY: "tenant-a"}, blocked_plugins=self._blocked(),
-                            runtimes={"microvm": {"pool_size": 0}})
+                            runtimes={"microvm": {"pool_size": 0, "template": NAME}})
         client = await aiohttp_client(create_app(settings))
         resp = await client.post("/v1/sandboxes", json={"runtime": "microvm", "template": NAME}, headers=AUTH)
-        assert resp.status == 400 and NAME in (await resp.json())["error"]["message"]
+        assert f"unknown microvm template {NAME!r}" in (await resp.json())["error"]["message"]
 
 
 # -- sandgate images ls / prune --------------------------------------------------------------------
