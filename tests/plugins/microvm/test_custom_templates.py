@@ -371,3 +371,24 @@ def test_wasm_ls_and_prune_on_real_modules(tmp_path: Path, monkeypatch: pytest.M
     out = capsys.readouterr().out
     assert f"wasm: removed javascript module {old}" in out and f"wasm: freed {size / (1 << 20):.1f} MB" in out
     assert current.is_file() and not old.exists()
+
+
+def test_a_bad_templates_file_stops_the_gateway_at_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mine = _write(tmp_path / "mine.toml", '[templates.x]\nbase = "full"\nmemory = 3\n')
+    config = _write(tmp_path / "sandgate.toml", f'[runtimes.microvm]\ntemplates_file = "{mine}"\n')
+    assert cli.main(["serve", "--config", str(config), "--port", "1"]) == 2  # (refused before it listens)
+    err = capsys.readouterr().err
+    assert str(config) in err and f"{mine}: unknown keys in [templates.x]: memory" in err
+    assert cli.main(["images", "ls", "microvm", "--templates", str(tmp_path / "nope.toml")]) == 1
+    assert f"{tmp_path / 'nope.toml'}: no such file" in capsys.readouterr().err
+
+
+def test_the_readme_example_loads(tmp_path: Path) -> None:
+    import re
+
+    readme = (Path(cli.__file__).parents[1] / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if b.startswith("[templates.tools]")]
+    (tmp_path / "run.sh").write_text("#!/bin/sh\n")
+    tools = load_config(user_file=_write(tmp_path / "my-templates.toml", block)).templates["tools"]
+    assert tools.rootfs is not None and tools.rootfs.npm == ("lodash@4.17.21",)
+    assert [f.path for f in tools.rootfs.files] == ["etc/motd", "opt/app/run.sh"]
