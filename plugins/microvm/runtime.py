@@ -35,7 +35,7 @@ from plugins.microvm import accel
 from plugins.microvm.images import build
 from plugins.microvm.images.cache import BootImage, find_image, image_folders, microvm_cache, stale_images
 from plugins.microvm.images.host import HostError, find_qemu
-from plugins.microvm.images.rootfs import prune_unused
+from plugins.microvm.images.rootfs import unused_disks
 from plugins.microvm.images.templates import BuildConfig, load_config
 from plugins.microvm.snapshot import BOOT_TIMEOUT_S, find_snapshot, make_snapshot, offered_capabilities
 from plugins.microvm.vm import Boot, Machine, Vm
@@ -205,7 +205,8 @@ class MicrovmRuntime(Runtime):
     def cached_images(cls, config: Mapping[str, Any]) -> list[CachedImage]:
         """Each image folder: its files (kernel, initrd, root disk, shared by hard link with the
         kernel and root-disk caches) and its snapshots, current when today's templates (the
-        shipped ones and `templates_file`'s), init and agent boot from it."""
+        shipped ones and `templates_file`'s), init and agent boot from it; then the root disks
+        no image uses (a disk an image uses counts in the image)."""
         out = []
         for name, folder, current in image_folders(cls(config).templates()):
             parts = list(folder.iterdir())
@@ -216,7 +217,12 @@ class MicrovmRuntime(Runtime):
             out.append(CachedImage(name, folder, current, {
                 "image": disk_bytes(p for p in parts if p not in snapshots), "snapshot": disk_bytes(snapshots),
             }, built))
-        return out
+        return out + cls._unused_disks()
+
+    @staticmethod
+    def _unused_disks() -> list[CachedImage]:
+        return [CachedImage("root disk", p, False, {"image": disk_bytes([p])})
+                for p in unused_disks(microvm_cache() / "rootfs")]
 
     @classmethod
     def prune_images(cls, config: Mapping[str, Any]) -> tuple[list[CachedImage], int]:
@@ -227,23 +233,18 @@ class MicrovmRuntime(Runtime):
         if not base.is_dir():
             return [], 0
         with file_lock(base / "build.lock"):
-            gone = [entry for entry in cls.cached_images(config) if not entry.current]
             stale = set(stale_images(templates))
-            gone = [entry for entry in gone if entry.path in stale]
+            gone = [entry for entry in cls.cached_images(config) if entry.path in stale]
             freed = freed_bytes(entry.path for entry in gone)
             for entry in gone:
                 shutil.rmtree(entry.path, ignore_errors=True)
                 with contextlib.suppress(OSError):
                     entry.path.parent.rmdir()  # a template's last image: its folder goes too
-            disks = base / "rootfs"
-            if disks.is_dir():
-                unused = [p for p in disks.iterdir() if p.is_dir() and not p.name.startswith(".")
-                          and (p / "rootfs.ext4").is_file() and (p / "rootfs.ext4").stat().st_nlink == 1]
-                disk_freed = freed_bytes(unused)
-                removed = prune_unused(disks, None, count=0)
-                freed += disk_freed if removed else 0
-                gone += [CachedImage("root disk", p, False, {"image": 0}) for p in removed]
-        return gone, freed
+            disks = cls._unused_disks()  # now that the images linking to them are gone
+            freed += freed_bytes(entry.path for entry in disks)
+            for entry in disks:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        return gone + disks, freed
 
     def _check_host(self) -> None:
         self.qemu = find_qemu(self.qemu_setting)

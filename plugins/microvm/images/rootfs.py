@@ -103,27 +103,30 @@ def rootfs_disk(config: BuildConfig, spec: TemplateSpec, rootfs: RootfsSpec, clo
     return folder / "rootfs.ext4", packages
 
 
-def prune_unused(parent: Path, keep: Path | None, count: int = 2) -> list[Path]:
-    """Drop old root disks that no image links to. Every template's disks share `parent`: pruning
-    by age alone would let one template's new disk drop another's, whose next image (after any
-    edit of the agent) would then debootstrap again for many minutes. A disk an image uses holds a
-    second link (build.py links it into the image); of the rest, the `count` newest stay.
-    Returns the folders removed."""
+def unused_disks(parent: Path) -> list[Path]:
+    """The root disks no image links to, newest first. A disk an image uses holds a second link
+    (build.py links it into the image). The one place that decides which disks may go."""
     unused = []
-    for folder in parent.iterdir():
-        disk = folder / "rootfs.ext4"
-        if folder == keep or not folder.is_dir() or folder.name.startswith("."):
+    for folder in parent.iterdir() if parent.is_dir() else ():
+        if not folder.is_dir() or folder.name.startswith("."):
             continue
         try:
-            if disk.stat().st_nlink > 1:
+            if (folder / "rootfs.ext4").stat().st_nlink > 1:
                 continue
         except FileNotFoundError:
             pass
         unused.append(folder)
     unused.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in unused[count:]:
+    return unused
+
+
+def prune_unused(parent: Path, keep: Path, count: int = 2) -> None:
+    """Drop old root disks that no image links to. Every template's disks share `parent`: pruning
+    by age alone would let one template's new disk drop another's, whose next image (after any
+    edit of the agent) would then debootstrap again for many minutes. Of the unused disks, the
+    `count` newest stay."""
+    for old in [p for p in unused_disks(parent) if p != keep][count:]:
         shutil.rmtree(old, ignore_errors=True)
-    return unused[count:]
 
 
 def customize(target: Path, spec: TemplateSpec, rootfs: RootfsSpec, debs: dict[str, str],

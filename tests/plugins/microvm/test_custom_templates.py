@@ -311,6 +311,7 @@ def test_ls_and_prune_on_real_images(custom_image: BootImage, tmp_path: Path, mo
     by_path = {row[-1]: row for row in rows[1:]}
     assert by_path[str(images / NAME / custom_image.dir.name)][2] == "current"
     assert by_path[str(stale)][2] == by_path[str(gone_template)][2] == "unused"
+    assert by_path[str(disk)][1:4] == ["root", "disk", "unused"] and str(used_disk) not in by_path
     current_row = by_path[str(images / NAME / custom_image.dir.name)]
     image_mb = sum(p.stat().st_blocks * 512 for p in custom_image.dir.iterdir() if p.is_file()) / (1 << 20)
     assert current_row[3:5] == [f"{image_mb:.1f}", "MB"]
