@@ -71,10 +71,13 @@ def _serve(args: argparse.Namespace) -> int:
 def _runtimes_for_images(args: argparse.Namespace) -> list[tuple[type[Runtime], dict[str, Any]]] | None:
     """The runtime classes `sandgate images <command>` works on (args.runtime, or every installed
     one), each with its `[runtimes.<id>]` table and `--templates` as its templates_file; None
-    (after saying why) for an unknown runtime."""
+    (after saying why) for an unknown runtime, or --templates without one."""
     from gateway.config import load_settings
     from gateway.plugins import collect_runtimes, get_plugin_manager
 
+    if args.runtime is None and args.templates is not None:
+        print(f"sandgate images {args.images_command}: --templates needs a runtime (microvm)", file=sys.stderr)
+        return None
     settings = load_settings(args.config)
     registry = collect_runtimes(get_plugin_manager(blocked=settings.blocked_plugins))
     ids = registry.ids() if args.runtime is None else [args.runtime]

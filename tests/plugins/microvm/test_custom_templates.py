@@ -384,6 +384,8 @@ def test_a_bad_templates_file_stops_the_gateway_at_start(tmp_path: Path, capsys:
     assert str(config) in err and f"{mine}: unknown keys in [templates.x]: memory" in err
     assert cli.main(["images", "ls", "microvm", "--templates", str(tmp_path / "nope.toml")]) == 1
     assert f"{tmp_path / 'nope.toml'}: no such file" in capsys.readouterr().err
+    assert cli.main(["images", "prune", "--templates", str(mine)]) == 2  # which runtime's templates?
+    assert "--templates needs a runtime" in capsys.readouterr().err
 
 
 def test_the_readme_example_loads(tmp_path: Path) -> None:
