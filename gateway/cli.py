@@ -11,10 +11,14 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
 from gateway.cli_client import add_parsers as add_client_parsers
 from gateway.config import ConfigError
+
+if TYPE_CHECKING:
+    from gateway.runtime.base import Runtime
 
 #: What binding the configured host and port can fail with: the setting's fault, not the gateway's.
 BIND_ERRORS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
@@ -64,24 +68,91 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _images_build(args: argparse.Namespace) -> int:
+def _runtimes_for_images(args: argparse.Namespace) -> list[tuple[type[Runtime], dict[str, Any]]] | None:
+    """The runtime classes `sandgate images <command>` works on (args.runtime, or every installed
+    one), each with its `[runtimes.<id>]` table and `--templates` as its templates_file; None
+    (after saying why) for an unknown runtime, or --templates without one."""
     from gateway.config import load_settings
     from gateway.plugins import collect_runtimes, get_plugin_manager
-    from plugins.common import TerminalProgress
 
+    if args.runtime is None and args.templates is not None:
+        print(f"sandgate images {args.images_command}: --templates needs a runtime (microvm)", file=sys.stderr)
+        return None
     settings = load_settings(args.config)
     registry = collect_runtimes(get_plugin_manager(blocked=settings.blocked_plugins))
-    if args.runtime not in registry:
+    ids = registry.ids() if args.runtime is None else [args.runtime]
+    if args.runtime is not None and args.runtime not in registry:
         print(f"unknown runtime {args.runtime!r}; installed: {', '.join(registry.ids())}", file=sys.stderr)
+        return None
+    out = []
+    for runtime_id in ids:
+        config = dict(settings.runtimes.get(runtime_id, {}))
+        if args.templates is not None:
+            config["templates_file"] = args.templates
+        out.append((registry.get(runtime_id), config))
+    return out
+
+
+def _images_build(args: argparse.Namespace) -> int:
+    from plugins.common import TerminalProgress
+
+    found = _runtimes_for_images(args)
+    if found is None:
         return 2
-    runtime = registry.get(args.runtime)
+    [(runtime, config)] = found
     try:
-        lines = runtime.build_images(settings.runtimes.get(args.runtime, {}), args.template, TerminalProgress())
+        lines = runtime.build_images(config, args.template, TerminalProgress())
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"sandgate images build {args.runtime}: {exc}", file=sys.stderr)
         return 1
     for line in lines:
         print(line, flush=True)
+    return 0
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MB"
+
+
+def _images_ls(args: argparse.Namespace) -> int:
+    found = _runtimes_for_images(args)
+    if found is None:
+        return 2
+    rows = [("RUNTIME", "NAME", "STATE", "IMAGE", "SNAPSHOT", "TOTAL", "PATH")]
+    for runtime, config in found:
+        try:
+            entries = runtime.cached_images(config)
+        except (ValueError, RuntimeError, OSError) as exc:
+            print(f"sandgate images ls {runtime.id}: {exc}", file=sys.stderr)
+            return 1
+        for entry in entries:
+            other = {k: v for k, v in entry.sizes.items() if k not in ("image", "snapshot")}
+            rows.append((runtime.id, entry.name, "current" if entry.current else "unused",
+                         _megabytes(entry.sizes.get("image", 0) + sum(other.values())),
+                         _megabytes(entry.sizes.get("snapshot", 0)), _megabytes(entry.total), str(entry.path)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+    return 0
+
+
+def _images_prune(args: argparse.Namespace) -> int:
+    found = _runtimes_for_images(args)
+    if found is None:
+        return 2
+    total = 0
+    for runtime, config in found:
+        try:
+            gone, freed = runtime.prune_images(config)
+        except (ValueError, RuntimeError, OSError) as exc:
+            print(f"sandgate images prune {runtime.id}: {exc}", file=sys.stderr)
+            return 1
+        for entry in gone:
+            print(f"{runtime.id}: removed {entry.name} {entry.path}")
+        print(f"{runtime.id}: freed {_megabytes(freed)}")
+        total += freed
+    if len(found) > 1:
+        print(f"freed {_megabytes(total)} in all")
     return 0
 
 
@@ -109,13 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=None, help="a TOML settings file (README: Configuration)")
     serve.set_defaults(func=_serve)
 
-    images = sub.add_parser("images", help="build runtime images")
+    images = sub.add_parser("images", help="build, list and prune runtime images")
     images_sub = images.add_subparsers(dest="images_command", required=True)
+    templates_help = ("a templates file of your own, on top of the runtime's (as [runtimes.<id>] templates_file; "
+                      "microvm)")
     build = images_sub.add_parser("build", help="build (and cache) what a runtime needs")
     build.add_argument("runtime", help="the runtime id (wasm, microvm, ...)")
     build.add_argument("--template", default=None, help="one template of the runtime (default: all it declares)")
+    build.add_argument("--templates", default=None, metavar="FILE", help=templates_help)
     build.add_argument("--config", default=None, help="a TOML settings file (README: Configuration)")
     build.set_defaults(func=_images_build)
+    for name, func, what in (("ls", _images_ls, "list the cached images, their sizes and whether they are current"),
+                             ("prune", _images_prune, "remove the cached images no current template uses")):
+        command = images_sub.add_parser(name, help=what)
+        command.add_argument("runtime", nargs="?", default=None, help="one runtime id (default: every installed one)")
+        command.add_argument("--templates", default=None, metavar="FILE", help=templates_help)
+        command.add_argument("--config", default=None, help="a TOML settings file (README: Configuration)")
+        command.set_defaults(func=func)
 
     mcp = sub.add_parser("mcp", help="serve the Model Context Protocol (stdio, or --http) as a gateway client")
     mcp.add_argument("--url", default=None, help="the gateway (default $SANDGATE_URL, then http://127.0.0.1:8080)")

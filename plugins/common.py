@@ -228,3 +228,36 @@ def agent_files(extra_packages: Iterable[str] = ()) -> dict[str, Path]:
         for rel in py_files(folder):
             files[f"{prefix}/{rel.as_posix()}"] = folder / rel
     return files
+
+
+def _files_under(paths: Iterable[Path]) -> Iterator[os.stat_result]:
+    for top in paths:
+        if top.is_symlink() or not top.is_dir():
+            with contextlib.suppress(FileNotFoundError):
+                yield top.lstat()
+            continue
+        for dirpath, dirnames, filenames in os.walk(top):
+            for name in [*dirnames, *filenames]:
+                with contextlib.suppress(FileNotFoundError):
+                    yield os.lstat(os.path.join(dirpath, name))
+
+
+def disk_bytes(paths: Iterable[Path]) -> int:
+    """Bytes on disk (allocated blocks: a sparse file counts what it holds) of the files and
+    folders under `paths`, each inode once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for st in _files_under(paths):
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
+
+
+def freed_bytes(paths: Iterable[Path]) -> int:
+    """The bytes removing `paths` would free: files with a hard link outside them free nothing."""
+    links: dict[tuple[int, int], list[int]] = {}
+    for st in _files_under(paths):
+        entry = links.setdefault((st.st_dev, st.st_ino), [0, st.st_nlink, st.st_blocks * 512])
+        entry[0] += 1
+    return sum(size for found, nlink, size in links.values() if found >= nlink or nlink == 0)

@@ -50,6 +50,25 @@ class SandboxSpec:
     created_at: float | None = None
 
 
+@dataclass(frozen=True)
+class CachedImage:
+    """One thing a runtime keeps in the cache (an image, a compiled module, a fetched package),
+    as `sandgate images ls` lists it."""
+
+    #: What it is for: a template, a language, a toolchain.
+    name: str
+    path: Path
+    #: Whether the runtime, as configured now, uses it (`sandgate images prune` removes the rest).
+    current: bool
+    #: Bytes on disk by part ("image", "snapshot", ...); a file hard-linked elsewhere counts here too.
+    sizes: Mapping[str, int]
+    detail: str = ""
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+
 class ByteChannel(ABC):
     """A reliable, ordered byte stream to a guest agent: pipes, a unix socket, a k8s exec stream."""
 
@@ -187,6 +206,20 @@ class Runtime(ABC):
         may take minutes, calling `progress(seconds_elapsed, phase)` as it goes. The default
         says there is nothing to build."""
         return [f"{cls.id}: nothing to build"]
+
+    @classmethod
+    def cached_images(cls, config: Mapping[str, Any]) -> list[CachedImage]:
+        """What this runtime keeps in the cache, each marked current or not for `config` (its
+        `[runtimes.<id>]` table). Called by `sandgate images ls`, outside any event loop; reads
+        files only. The default: nothing."""
+        return []
+
+    @classmethod
+    def prune_images(cls, config: Mapping[str, Any]) -> tuple[list[CachedImage], int]:
+        """Remove what `cached_images` lists as not current; return what went and the bytes that
+        freed (files with links elsewhere free nothing). Called by `sandgate images prune`,
+        outside any event loop. The default removes nothing."""
+        return [], 0
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Check the runtime-specific fields of a create request; raise ProtocolError('bad_request').

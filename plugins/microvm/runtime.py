@@ -16,24 +16,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import secrets
 import shutil
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from gateway.runtime.base import Backend, ByteChannel, NotConfigured, Progress, Runtime, SandboxSpec
+from gateway.runtime.base import Backend, ByteChannel, CachedImage, NotConfigured, Progress, Runtime, SandboxSpec
 from gateway.runtime.pool import WarmPool
 from guest_agent import languages as language_table
 from guest_agent.wire import ProtocolError
-from plugins.common import gateway_work_root, remove_orphans
+from plugins.common import disk_bytes, file_lock, freed_bytes, gateway_work_root, remove_orphans
 from plugins.microvm import accel
 from plugins.microvm.images import build
-from plugins.microvm.images.cache import BootImage, find_image
+from plugins.microvm.images.cache import BootImage, find_image, image_folders, microvm_cache, stale_images
 from plugins.microvm.images.host import HostError, find_qemu
-from plugins.microvm.images.templates import load_templates
+from plugins.microvm.images.rootfs import unused_disks
+from plugins.microvm.images.templates import BuildConfig, load_config
 from plugins.microvm.snapshot import BOOT_TIMEOUT_S, find_snapshot, make_snapshot, offered_capabilities
 from plugins.microvm.vm import Boot, Machine, Vm
 
@@ -133,9 +136,10 @@ class MicrovmBackend(Backend):
 
 
 class MicrovmRuntime(Runtime):
-    """Settings (`[runtimes.microvm]`): template (default "default"), pool_size (2),
-    pool_refill_per_s (4), accel ("auto" | "kvm" | "tcg"), vcpus (the template's), pids_max (1024),
-    qemu (the binary; default qemu-system-x86_64 on PATH), tsc_khz (default from /proc/cpuinfo)."""
+    """Settings (`[runtimes.microvm]`): template (default "default"), templates_file (a user's own
+    templates, on top of the shipped templates.toml), pool_size (2), pool_refill_per_s (4), accel
+    ("auto" | "kvm" | "tcg"), vcpus (the template's), pids_max (1024), qemu (the binary; default
+    qemu-system-x86_64 on PATH), tsc_khz (default from /proc/cpuinfo)."""
 
     id = "microvm"
     description = "QEMU microvm with its own Linux kernel: processes, PTY, shell, Python; KVM or TCG"
@@ -144,6 +148,11 @@ class MicrovmRuntime(Runtime):
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         self.template = str(config.get("template", "default"))
+        given = config.get("templates_file")
+        if given is not None and (not isinstance(given, str) or not given):
+            raise ValueError("[runtimes.microvm] templates_file must be a file's path")
+        self.templates_file = Path(given).expanduser().absolute() if given else None
+        self.templates()  # a bad templates file is the operator's to fix before anything starts
         self.accel_setting = str(config.get("accel", "auto"))
         if self.accel_setting not in ("auto", "kvm", "tcg"):
             raise ValueError(f"[runtimes.microvm] accel must be auto, kvm or tcg, not {self.accel_setting!r}")
@@ -167,10 +176,18 @@ class MicrovmRuntime(Runtime):
 
     # -- images ------------------------------------------------------------------------------------
 
+    def templates(self) -> BuildConfig:
+        """The shipped templates.toml with `templates_file`'s templates on top.
+
+        Raises:
+            ValueError: a templates file is missing or malformed (TemplateError).
+        """
+        return load_config(user_file=self.templates_file)
+
     @classmethod
     def build_images(cls, config: Mapping[str, Any], template: str | None, progress: Progress) -> list[str]:
         runtime = cls(config)
-        built = build.build_images(template, progress)
+        built = build.build_images(template, progress, user_file=runtime.templates_file)
         runtime._check_host()
         lines = []
         for image in built:
@@ -183,6 +200,51 @@ class MicrovmRuntime(Runtime):
             lines.append(f"{image.template}: snapshot {snapshot.dir} ({runtime.accel.name}, "
                          f"{time.monotonic() - start:.1f}s)")
         return lines
+
+    @classmethod
+    def cached_images(cls, config: Mapping[str, Any]) -> list[CachedImage]:
+        """Each image folder: its files (kernel, initrd, root disk, shared by hard link with the
+        kernel and root-disk caches) and its snapshots, current when today's templates (the
+        shipped ones and `templates_file`'s), init and agent boot from it; then the root disks
+        no image uses (a disk an image uses counts in the image)."""
+        out = []
+        for name, folder, current in image_folders(cls(config).templates()):
+            parts = list(folder.iterdir())
+            snapshots = [p for p in parts if p.name.startswith("snapshot-")]
+            built = ""
+            with contextlib.suppress(OSError, ValueError):
+                built = str(json.loads((folder / "manifest.json").read_text()).get("built", ""))
+            out.append(CachedImage(name, folder, current, {
+                "image": disk_bytes(p for p in parts if p not in snapshots), "snapshot": disk_bytes(snapshots),
+            }, built))
+        return out + cls._unused_disks()
+
+    @staticmethod
+    def _unused_disks() -> list[CachedImage]:
+        return [CachedImage("root disk", p, False, {"image": disk_bytes([p])})
+                for p in unused_disks(microvm_cache() / "rootfs")]
+
+    @classmethod
+    def prune_images(cls, config: Mapping[str, Any]) -> tuple[list[CachedImage], int]:
+        """The images `stale_images` names (no current template boots from them), then the root
+        disks no image links to any more, under build.lock (a build is not half-pruned)."""
+        templates = cls(config).templates()
+        base = microvm_cache()
+        if not base.is_dir():
+            return [], 0
+        with file_lock(base / "build.lock"):
+            stale = set(stale_images(templates))
+            gone = [entry for entry in cls.cached_images(config) if entry.path in stale]
+            freed = freed_bytes(entry.path for entry in gone)
+            for entry in gone:
+                shutil.rmtree(entry.path, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    entry.path.parent.rmdir()  # a template's last image: its folder goes too
+            disks = cls._unused_disks()  # now that the images linking to them are gone
+            freed += freed_bytes(entry.path for entry in disks)
+            for entry in disks:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        return gone + disks, freed
 
     def _check_host(self) -> None:
         self.qemu = find_qemu(self.qemu_setting)
@@ -209,8 +271,9 @@ class MicrovmRuntime(Runtime):
         agent offered when the image's snapshot was made. Templates not built and snapshotted
         here are left out."""
         out = {}
-        for name in load_templates():
-            image = find_image(name)
+        templates = self.templates()
+        for name in templates.templates:
+            image = find_image(name, templates)
             caps = None if image is None else offered_capabilities(image)
             if caps is not None:
                 out[name] = sorted(c.removeprefix("exec.") for c in caps
@@ -218,10 +281,11 @@ class MicrovmRuntime(Runtime):
         return out
 
     def _image(self, template: str) -> BootImage:
-        if template not in load_templates():
+        templates = self.templates()
+        if template not in templates.templates:
             raise ProtocolError("bad_request", f"unknown microvm template {template!r}; have "
-                                               f"{sorted(load_templates())}")
-        image = find_image(template)
+                                               f"{sorted(templates.templates)}")
+        image = find_image(template, templates)
         if image is None:
             raise ProtocolError("unavailable", f"microvm template {template!r} is not built here: run "
                                                f"`sandgate images build microvm --template {template}`")

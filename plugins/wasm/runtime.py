@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.runtime.agent_client import call_once
-from gateway.runtime.base import Backend, ByteChannel, Progress, Runtime, SandboxSpec, StreamChannel
+from gateway.runtime.base import Backend, ByteChannel, CachedImage, Progress, Runtime, SandboxSpec, StreamChannel
 from gateway.runtime.pool import WarmPool
 from guest_agent.wire import CHUNK_SIZE, ProtocolError
 from plugins.common import CACHE_ENV, TerminalProgress, cache_root, gateway_work_root, remove_orphans
@@ -563,6 +563,18 @@ class WasmRuntime(Runtime):
         except cprograms.ToolchainMissing as exc:  # the runtime serves without C and C++ then
             lines.append(f"c/c++: not offered here: {exc}")
         return [*lines, f"agent: {stage_agent_dir()}"]
+
+    @classmethod
+    def cached_images(cls, config: Mapping[str, Any]) -> list[CachedImage]:
+        from plugins.wasm import cached
+
+        return cached.cached_images(WasmSettings.from_config(config))
+
+    @classmethod
+    def prune_images(cls, config: Mapping[str, Any]) -> tuple[list[CachedImage], int]:
+        from plugins.wasm import cached
+
+        return cached.prune(WasmSettings.from_config(config))
 
     async def start(self) -> None:
         for kind in ("python", "javascript"):

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,9 @@ from plugins.microvm.images.cache import (
     fresh_dir,
     image_dir,
     microvm_cache,
-    prune_old,
     read_image,
     recipe,
+    stale_images,
 )
 from plugins.microvm.images.commands import Clock, Progress
 from plugins.microvm.images.cpio import write_initramfs
@@ -30,7 +31,7 @@ from plugins.microvm.images.host import HostError, ensure_host_packages
 from plugins.microvm.images.initramfs import check_tree, initramfs_tree
 from plugins.microvm.images.kernel import prepare_kernel
 from plugins.microvm.images.rootfs import rootfs_disk
-from plugins.microvm.images.templates import TemplateError, canonical, load_config, load_templates
+from plugins.microvm.images.templates import TemplateError, canonical, load_config
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:
@@ -40,22 +41,22 @@ def _link_or_copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
-def build_image(template: str, progress: Progress, *, rebuild: bool = False) -> BootImage:
+def build_image(template: str, progress: Progress, *, rebuild: bool = False,
+                user_file: Path | None = None) -> BootImage:
     """`template`'s image, built unless the cache has it. Safe to call from several processes
     at once: one builds (under build.lock, in a temporary folder renamed into place), the
     others wait and return its image. `rebuild` builds it again even so, from the packages
     Debian has today (the way to take in security updates without changing the recipe).
 
     Raises:
-        TemplateError: unknown template or a bad templates.toml.
+        TemplateError: unknown template or a bad templates.toml (or `user_file`, a user's own).
         HostError: this host cannot build it (no root for a root disk, Debian unreachable, ...).
         RuntimeError: a check or a build step failed (the message says which).
     """
-    config = load_config()
+    config = load_config(user_file=user_file)
     if template not in config.templates:
-        raise TemplateError(f"unknown microvm template {template!r}; templates.toml declares "
-                            f"{', '.join(sorted(config.templates))}")
-    found = None if rebuild else find_image(template)
+        raise TemplateError(_unknown(template, config.templates))
+    found = None if rebuild else find_image(template, config)
     if found is not None:
         return found
     spec = config.templates[template]
@@ -112,19 +113,26 @@ def build_image(template: str, progress: Progress, *, rebuild: bool = False) -> 
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        prune_old(parent, folder)
+        for old in stale_images(config, template, keep_previous=1):
+            shutil.rmtree(old, ignore_errors=True)
     image = read_image(folder)
     if image is None:
         raise RuntimeError(f"{folder}: the image just built cannot be read back")
     return image
 
 
-def build_images(template: str | None, progress: Progress, *, rebuild: bool = False) -> list[BootImage]:
+def _unknown(template: str, templates: Iterable[str]) -> str:
+    return f"unknown microvm template {template!r}; the templates files declare {', '.join(sorted(templates))}"
+
+
+def build_images(template: str | None, progress: Progress, *, rebuild: bool = False,
+                 user_file: Path | None = None) -> list[BootImage]:
     """What `sandgate images build microvm [--template NAME]` does before its snapshots: the
-    host packages, then the image of `template` (every declared template when None)."""
-    names = list(load_templates()) if template is None else [template]
-    if template is not None and template not in load_templates():
-        raise TemplateError(f"unknown microvm template {template!r}; templates.toml declares "
-                            f"{', '.join(sorted(load_templates()))}")
-    ensure_host_packages(progress, names)
-    return [build_image(name, progress, rebuild=rebuild) for name in names]
+    host packages, then the image of `template` (every declared template when None; those of
+    `user_file`, a user's own templates file, included)."""
+    config = load_config(user_file=user_file)
+    names = list(config.templates) if template is None else [template]
+    if template is not None and template not in config.templates:
+        raise TemplateError(_unknown(template, config.templates))
+    ensure_host_packages(progress, names, config)
+    return [build_image(name, progress, rebuild=rebuild, user_file=user_file) for name in names]

@@ -80,10 +80,11 @@ def read_image(folder: Path) -> BootImage | None:
     return image
 
 
-def find_image(template: str) -> BootImage | None:
-    """The built image of `template` for today's templates.toml, init and agent; None when it
-    is not built, out of date, or not a declared template. Reads a few files: no apt, no build."""
-    config = load_config()
+def find_image(template: str, config: BuildConfig | None = None) -> BootImage | None:
+    """The built image of `template` for today's templates (`config`, default templates.toml
+    alone), init and agent; None when it is not built, out of date, or not a declared template.
+    Reads a few files: no apt, no build."""
+    config = config or load_config()
     if template not in config.templates:
         return None
     return read_image(image_dir(template, recipe(config, template)))
@@ -98,10 +99,32 @@ def fresh_dir(path: Path) -> Path:
     return path
 
 
-def prune_old(parent: Path, keep: Path, count: int = 2) -> None:
-    """Drop all but the `count` newest images of a template (`keep` among them): a gateway
-    still running the previous one keeps working while it is replaced."""
-    images = sorted((p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".") and p != keep),
-                    key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in images[count - 1:]:
-        shutil.rmtree(old, ignore_errors=True)
+def image_folders(config: BuildConfig) -> list[tuple[str, Path, bool]]:
+    """Every image folder in the cache: (template, folder, whether today's `config` (its
+    templates, the init and the agent) boots from it), by template then newest first."""
+    root = microvm_cache() / "images"
+    current = {image_dir(name, recipe(config, name)) for name in config.templates}
+    found = []
+    for parent in sorted(root.iterdir()) if root.is_dir() else ():
+        if not parent.is_dir() or parent.name.startswith("."):
+            continue
+        folders = [p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        folders.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        found += [(parent.name, folder, folder in current) for folder in folders]
+    return found
+
+
+def stale_images(config: BuildConfig, template: str | None = None, keep_previous: int = 0) -> list[Path]:
+    """The image folders no template of `config` boots from (of `template` only, when given),
+    but for the `keep_previous` newest of each template: a build keeps one, so a gateway still
+    running the previous image keeps working while it is replaced; `sandgate images prune` none.
+    The one place that decides which images go."""
+    kept: dict[str, int] = {}
+    stale = []
+    for name, folder, current in image_folders(config):
+        if current or (template is not None and name != template):
+            continue
+        kept[name] = kept.get(name, 0) + 1
+        if kept[name] > keep_previous:
+            stale.append(folder)
+    return stale

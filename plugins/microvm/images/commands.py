@@ -24,11 +24,13 @@ class Clock:
 
 
 def run(cmd: Sequence[str | Path], clock: Clock, phase: str, *, cwd: Path | None = None,
-        env: Mapping[str, str] | None = None) -> str:
+        env: Mapping[str, str] | None = None, timeout: float | None = None) -> str:
     """Run `cmd`, ticking `clock` while it runs; its output (stdout and stderr), or RuntimeError
-    naming the command and the end of its output."""
+    naming the command and the end of its output (also when it runs past `timeout` seconds,
+    and is killed)."""
     argv = [str(c) for c in cmd]
     clock(phase)
+    deadline = None if timeout is None else time.monotonic() + timeout
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 cwd=cwd, env=None if env is None else dict(env))
@@ -39,6 +41,12 @@ def run(cmd: Sequence[str | Path], clock: Clock, phase: str, *, cwd: Path | None
                     break
                 except subprocess.TimeoutExpired:
                     clock(phase)
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise TimeoutError(f"{phase}: `{shlex.join(argv)}` ran past its {timeout:g} s") from None
+        except TimeoutError as exc:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(str(exc)) from None
         except BaseException:
             proc.kill()
             proc.wait()

@@ -30,6 +30,7 @@ HOST_TOOLS: dict[str, tuple[str, ...]] = {
     "qemu-system-x86": (QEMU,),
     "debootstrap": ("debootstrap",),
     "e2fsprogs": ("mkfs.ext4",),
+    "npm": ("npm",),
 }
 
 
@@ -39,15 +40,19 @@ def host_packages_needed(templates: Iterable[str] | None = None, config: BuildCo
     config = config or load_config()
     names = list(config.templates) if templates is None else list(templates)
     wanted = ["qemu-system-x86"]
-    if any(config.templates[n].rootfs is not None for n in names if n in config.templates):
+    disks = [rootfs for n in names if n in config.templates and (rootfs := config.templates[n].rootfs) is not None]
+    if disks:
         wanted += ["debootstrap", "e2fsprogs"]
+    if any(disk.npm for disk in disks):
+        wanted.append("npm")
     missing = [pkg for pkg in wanted if not all(which(tool) for tool in HOST_TOOLS[pkg])]
     if not Path(config.debian.keyring).is_file():
         missing.append("debian-archive-keyring")
     return missing
 
 
-def ensure_host_packages(progress: Progress, templates: Iterable[str] | None = None) -> None:
+def ensure_host_packages(progress: Progress, templates: Iterable[str] | None = None,
+                         config: BuildConfig | None = None) -> None:
     """Install what `host_packages_needed` lists with apt-get (after one `apt-get update`) when
     we are root; otherwise raise HostError with the command to run.
 
@@ -56,7 +61,7 @@ def ensure_host_packages(progress: Progress, templates: Iterable[str] | None = N
     """
     if not which("apt-get") or not which("dpkg-deb"):
         raise HostError("building microVM images needs apt-get and dpkg-deb (a Debian or Ubuntu host)")
-    missing = host_packages_needed(templates)
+    missing = host_packages_needed(templates, config)
     if not missing:
         return
     command = f"apt-get update && apt-get install -y --no-install-recommends {' '.join(missing)}"
@@ -70,7 +75,7 @@ def ensure_host_packages(progress: Progress, templates: Iterable[str] | None = N
             f"installing {' '.join(missing)}", env=env)
     except RuntimeError as exc:
         raise HostError(str(exc)) from exc
-    still = host_packages_needed(templates)
+    still = host_packages_needed(templates, config)
     if still:
         raise HostError(f"apt-get installed {', '.join(missing)} but {', '.join(still)} still lack their programs")
 
