@@ -39,6 +39,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from plugins.linux import (
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_RDONLY,
+    MS_REMOUNT,
+    PR_SET_SECUREBITS,
+    Syscalls,
+)
+
 if TYPE_CHECKING:  # stage 2 starts faster without asyncio
     import asyncio
 
@@ -274,25 +285,9 @@ def _close(proc: asyncio.subprocess.Process) -> None:
 # ---------------------------------------------------------------------------------------------
 # Stage 2: PID 1 inside the namespaces (root in its own user namespace, nothing outside it).
 
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_REMOUNT = 0x20
-MS_BIND = 0x1000
-MNT_DETACH = 0x2
-PR_SET_PDEATHSIG = 1
-PR_CAPBSET_DROP = 24
-PR_SET_SECUREBITS = 28
-PR_SET_NO_NEW_PRIVS = 38
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
 #: noroot, no_setuid_fixup, keep_caps and no_cap_ambient_raise, each set and locked: root in the
 #: jail gains nothing from being root, and nothing can change that back.
 SECUREBITS_LOCKED_DOWN = 0xFF
-LINUX_CAPABILITY_VERSION_3 = 0x20080522
-#: glibc has no pivot_root wrapper; its syscall number per machine.
-SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}
 
 
 class JailError(Exception):
@@ -321,37 +316,35 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _stage2(stdin: BinaryIO) -> dict[str, Any]:
-    import ctypes
     import resource
     import subprocess
     import threading
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
+    calls = Syscalls(JailError)
+    calls.die_with_parent()
     spec_line = stdin.readline()
     if not spec_line.endswith(b"\n"):
         raise JailError("no spec line on stdin")
     spec = JailSpec.from_json(spec_line.decode())
     source = stdin.read()
     limits = spec.limits
-    cap_last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
 
     root = spec.mount_point
-    _mount(libc, "sandgate-jail", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=64,mode=0755")
+    calls.mount("sandgate-jail", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=64,mode=0755")
     for folder in ("zig", "cache", "tmp", "proc", ".old"):
         os.mkdir(f"{root}/{folder}", 0o755)
-    _bind_readonly(libc, spec.toolchain_dir, f"{root}{TOOLCHAIN}")
+    calls.bind_readonly(spec.toolchain_dir, f"{root}{TOOLCHAIN}")
     inodes = max(1024, limits.disk_bytes // 4096)
-    _mount(libc, "sandgate-tmp", f"{root}{TMP}", "tmpfs", MS_NOSUID | MS_NODEV,
+    calls.mount("sandgate-tmp", f"{root}{TMP}", "tmpfs", MS_NOSUID | MS_NODEV,
            f"size={limits.disk_bytes},nr_inodes={inodes},mode=0700")
     for folder in (SRC_DIR, OUT_DIR, "/tmp/.cache-upper", "/tmp/.cache-work"):
         os.mkdir(f"{root}{folder}", 0o700)
     if spec.cache_writable:
-        _mount(libc, spec.cache_dir, f"{root}{CACHE}", None, MS_BIND)
+        calls.mount(spec.cache_dir, f"{root}{CACHE}", None, MS_BIND)
     else:
         if any(c in spec.cache_dir for c in ",:\\"):
             raise JailError(f"the cache folder's path cannot be an overlay layer: {spec.cache_dir!r}")
-        _mount(libc, "sandgate-cache", f"{root}{CACHE}", "overlay", MS_NOSUID | MS_NODEV,
+        calls.mount("sandgate-cache", f"{root}{CACHE}", "overlay", MS_NOSUID | MS_NODEV,
                f"lowerdir={spec.cache_dir},upperdir={root}/tmp/.cache-upper,workdir={root}/tmp/.cache-work")
     if not spec.output_path.startswith(OUT_DIR + "/"):
         raise JailError("the output must be under /tmp/out")
@@ -367,15 +360,10 @@ def _stage2(stdin: BinaryIO) -> dict[str, Any]:
             room = limits.disk_bytes >> 20
             return {"exit_code": None, "signal": None, "reason": "output",
                     "message": f"the source does not fit in the compile's {room} MB of scratch space"}
-    _mount(libc, "proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "subset=pid")
-    _mount(libc, None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    calls.mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "subset=pid")
+    calls.mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
-    number = SYS_PIVOT_ROOT.get(os.uname().machine)
-    if number is None:
-        raise JailError(f"pivot_root: unknown syscall number on {os.uname().machine}")
-    _check(libc.syscall(number, root.encode(), f"{root}/.old".encode()), "pivot_root")
-    os.chdir("/")
-    _check(libc.umount2(b"/.old", MNT_DETACH), "umount /.old")
+    calls.pivot_root(root, f"{root}/.old")
 
     # No RLIMIT_FSIZE: the /tmp tmpfs (the only writable place) bounds every file, and says why
     # (ENOSPC); LLVM turns the SIGXFSZ of a file-size limit into a silent abort.
@@ -385,7 +373,9 @@ def _stage2(stdin: BinaryIO) -> dict[str, Any]:
         resource.setrlimit(which, (value, value))
     cpu = max(1, int(limits.cpu_s + 0.999))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU first, SIGKILL a second later
-    _drop_privileges(libc, cap_last)
+    # No capabilities now or after any exec, and no way to gain one (setuid files, file caps).
+    calls.check(calls.libc.prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED_DOWN, 0, 0, 0), "prctl(SECUREBITS)")
+    calls.keep_only_capabilities(())
 
     stdin_r, stdin_w = os.pipe()  # the compiler's stdin: empty (there is no /dev/null here)
     os.close(stdin_w)
@@ -442,52 +432,6 @@ def _classify(code: int, output: bytes, cpu_used: float, limits: JailLimits) -> 
         how = f" ({signal.Signals(-code).name})" if code < 0 else ""
         return "crash", f"the compiler crashed{how}; it may have run out of memory (its limit is {mb} MB)"
     return None, None
-
-
-#: statvfs flags a bind mount must keep when it is remounted in a user namespace (the kernel
-#: refuses to clear them: they are locked), and the mount flag each stands for.
-LOCKED_FLAGS = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
-                (os.ST_NOATIME, 0x400), (os.ST_NODIRATIME, 0x800), (os.ST_RELATIME, 0x200000))
-
-
-def _bind_readonly(libc: Any, source: str, target: str) -> None:
-    _mount(libc, source, target, None, MS_BIND)
-    kept = os.statvfs(target).f_flag
-    flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
-    for st_flag, ms_flag in LOCKED_FLAGS:
-        if kept & st_flag:
-            flags |= ms_flag
-    _mount(libc, None, target, None, flags)
-
-
-def _drop_privileges(libc: Any, cap_last: int) -> None:
-    """No capabilities now or after any exec, and no way to gain one (setuid files, file caps)."""
-    import ctypes
-
-    _check(libc.prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED_DOWN, 0, 0, 0), "prctl(SECUREBITS)")
-    for cap in range(cap_last + 1):
-        _check(libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"prctl(CAPBSET_DROP {cap})")
-    _check(libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl(CAP_AMBIENT)")
-    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
-    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable; two 32-bit words each
-    _check(libc.capset(header, data), "capset")
-    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
-
-
-def _mount(libc: Any, source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    import ctypes
-
-    result = libc.mount(source.encode() if source else None, target.encode(), fstype.encode() if fstype else None,
-                        ctypes.c_ulong(flags), data.encode() if data else None)
-    _check(result, f"mount {fstype or 'bind'} on {target}")
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        import ctypes
-
-        err = ctypes.get_errno()
-        raise JailError(f"{what}: {os.strerror(err)}")
 
 
 def _copy_head(fd: int, kept: bytearray, limit: int) -> None:

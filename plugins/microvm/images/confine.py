@@ -27,7 +27,8 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+from plugins.linux import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_REC, Syscalls
 
 #: Where the host's root is attached while pivoting; removed again (`setup_argv`'s caller).
 OLD_ROOT = ".sandgate-old-root"
@@ -41,23 +42,6 @@ ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "
        "LC_ALL": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive", "TMPDIR": "/tmp"}
 #: Stage 2's exit status when it could not confine the command (the command never ran).
 CONFINE_FAILED = 125
-
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 0x40000
-MNT_DETACH = 0x2
-PR_SET_PDEATHSIG = 1
-PR_CAPBSET_DROP = 24
-PR_SET_NO_NEW_PRIVS = 38
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
-LINUX_CAPABILITY_VERSION_3 = 0x20080522
-#: glibc has no pivot_root wrapper; its syscall number per machine.
-SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}
 
 
 def setup_argv(tree: Path, command: str) -> list[str]:
@@ -90,57 +74,24 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _confine(tree: str) -> None:
-    import ctypes
-    import signal
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    _check(libc, libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
+    calls = Syscalls(ConfineError)
+    calls.die_with_parent()
     if os.getpid() != 1:
         raise ConfineError("not PID 1 of a new PID namespace (run through setup_argv)")
     root = os.path.realpath(tree)
-    _mount(libc, root, root, None, MS_BIND | MS_REC)
+    calls.mount(root, root, None, MS_BIND | MS_REC)
     os.makedirs(f"{root}/proc", exist_ok=True)
-    _mount(libc, "proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    calls.mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     os.makedirs(f"{root}/dev", exist_ok=True)
-    _mount(libc, "sandgate-dev", f"{root}/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755")
+    calls.mount("sandgate-dev", f"{root}/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755")
     for name in DEVICES:
         with open(f"{root}/dev/{name}", "w"):
             pass
-        _mount(libc, f"/dev/{name}", f"{root}/dev/{name}", None, MS_BIND)
+        calls.mount(f"/dev/{name}", f"{root}/dev/{name}", None, MS_BIND)
     os.makedirs(f"{root}/{OLD_ROOT}", mode=0o700, exist_ok=True)
-    number = SYS_PIVOT_ROOT.get(os.uname().machine)
-    if number is None:
-        raise ConfineError(f"pivot_root: unknown syscall number on {os.uname().machine}")
-    _check(libc, libc.syscall(number, root.encode(), f"{root}/{OLD_ROOT}".encode()), "pivot_root")
-    os.chdir("/")
-    _check(libc, libc.umount2(f"/{OLD_ROOT}".encode(), MNT_DETACH), "umount the host's root")
+    calls.pivot_root(root, f"{root}/{OLD_ROOT}")
     os.rmdir(f"/{OLD_ROOT}")
-    cap_last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
-    for cap in range(cap_last + 1):
-        if cap not in KEPT_CAPS:
-            _check(libc, libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"prctl(CAPBSET_DROP {cap})")
-    _check(libc, libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl(CAP_AMBIENT)")
-    kept = sum(1 << cap for cap in KEPT_CAPS)
-    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
-    # effective, permitted, inheritable (low words; the high words hold no kept capability)
-    data = (ctypes.c_uint32 * 6)(kept, kept, 0, 0, 0, 0)
-    _check(libc, libc.capset(header, data), "capset")
-    _check(libc, libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
-
-
-def _mount(libc: Any, source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    import ctypes
-
-    result = libc.mount(source.encode() if source else None, target.encode(), fstype.encode() if fstype else None,
-                        ctypes.c_ulong(flags), data.encode() if data else None)
-    _check(libc, result, f"mount {fstype or 'bind'} on {target}")
-
-
-def _check(libc: Any, result: int, what: str) -> None:
-    if result != 0:
-        import ctypes
-
-        raise ConfineError(f"{what}: {os.strerror(ctypes.get_errno())}")
+    calls.keep_only_capabilities(KEPT_CAPS)
 
 
 if __name__ == "__main__":
