@@ -118,16 +118,19 @@ def zig_version() -> str:
 
 def toolchain_dir() -> Path:
     """zig as every jail sees it: the ziglang package's folder linked into the cache once per
-    ziglang build (its RECORD, which lists every file's hash, names the copy). zig's library
+    ziglang build (the hashes its RECORD lists for the package's files name the copy). zig's library
     cache trusts an input file while its inode and mtime are unchanged: the same ziglang installed
     in another virtualenv (a CI clone's) has new inodes, so with the package's own folder every
     entry `warm` made would miss and zig would rebuild libc inside a jail that cannot. Hard links
     (a copy across file systems) cost nothing on the usual single disk."""
     record = _dist_info() / "RECORD"
     try:
-        digest = hashlib.sha256(record.read_bytes()).hexdigest()[:12]
+        # The package's own files only: the rest (the console script's shebang, install metadata)
+        # differs from one virtualenv to the next.
+        lines = sorted(line for line in record.read_text().splitlines() if line.startswith("ziglang/"))
     except OSError as exc:
         raise ToolchainMissing(f"cannot read {record}: {exc.strerror}") from None
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
     dest = artifacts.wasm_cache_dir() / f"zig-{zig_version()}-{digest}"
     if dest.is_dir():
         return dest
