@@ -31,6 +31,7 @@ from __future__ import annotations
 import builtins
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -286,7 +287,11 @@ class _MatplotlibHook:
     reach every process the sandbox starts."""
 
     def find_spec(self, name: str, path: Sequence[str] | None, target: Any = None) -> Any:
-        if name != "matplotlib" or "MPLBACKEND" in os.environ:
+        if name != "matplotlib":
+            return None
+        # matplotlib's caches and settings go to /tmp, not the user's files (HOME is /work)
+        os.environ.setdefault("MPLCONFIGDIR", os.path.join(tempfile.gettempdir(), "matplotlib"))
+        if "MPLBACKEND" in os.environ:
             return None
         import importlib.machinery
 
