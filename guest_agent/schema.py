@@ -278,8 +278,8 @@ _OPS: tuple[Op, ...] = (
        capability="metrics", nested=True, idempotent=True),
     # -- exec
     Op("exec.start", "run code (capability `exec.<language>`) or a process (`exec.process`); its output streams back",
-       "stream: `start{exec_id, pid}`, `data{fd, data}`..., `end{exit_code, signal, duration_ms, error?, "
-       "truncated?}`",
+       "stream: `start{exec_id, pid}`, `data{fd, data}`... (python: and `display{bundle}`, rich output), "
+       "`end{exit_code, signal, duration_ms, error?, truncated?}`",
        (
            Field("exec_id", (str,), "the exec's id (client leg: optional, the gateway assigns e1, e2, ...; "
                  "agent leg: always sent)", low=1, high=MAX_EXEC_ID),
@@ -617,6 +617,8 @@ def describe() -> dict[str, Any]:
         "version": PROTOCOL_VERSION,
         "ops": ops,
         "binary_fields": list(BINARY_FIELDS),
+        "display": {"max_bundle_bytes": MAX_DISPLAY_BYTES, "max_exec_bytes": MAX_EXEC_DISPLAY_BYTES,
+                    "max_types": MAX_DISPLAY_TYPES, "base64_types": list(BASE64_TYPES)},
         "errors": {code: {"retryable": k.retryable, "http": k.http_status} for code, k in ERRORS.items()},
     }
 

@@ -211,7 +211,8 @@ print('drawing')
 display({'image/png': png, 'text/plain': 'red'}, raw=True)
 class Table:
     def _repr_html_(self):
-        return "<b id='cell'>rich cell</b><script>parent.document.title = 'pwned'; document.body.dataset.ran = 1</script>"
+        return ("<b id='cell'>rich cell</b>"
+                "<script>parent.document.title = 'pwned'; document.body.dataset.ran = 1</script>")
 Table()
 """
 
