@@ -1,7 +1,9 @@
 """In-interpreter Python execs (`exec.start` with `language: "python"`).
 
 Code runs in the agent's own interpreter, REPL style: the last statement, if it is an
-expression, has its repr printed (unless it is None). Namespaces persist by name between execs.
+expression, has its repr printed (unless it is None), or, when its value has rich representations,
+is displayed (a `display` event: guest_agent/display.py, which also shows matplotlib's figures
+left open at the end). Namespaces persist by name between execs.
 
 `sys.stdout`, `sys.stderr` and `sys.stdin` are replaced once, for the agent's life, by proxies
 that forward to the streams of the exec running on the current thread (threads that user code
