@@ -85,6 +85,8 @@ class _InStream:
     next_seq: int = 0
     started: bool = False
     discarded: bool = False
+    #: What its display events carried so far (`schema.bundle_size`), bounded per exec.
+    display_bytes: int = 0
 
 
 @dataclass
@@ -236,6 +238,11 @@ class AgentLeg:
         # Every field is checked where it enters (a discarded stream's too: the guest broke the
         # protocol whoever listens), so nothing above this leg checks a guest's type again.
         fields = schema.check_event(ev, {k: v for k, v in message.items() if k not in ("id", "ev", "seq")})
+        if ev == "display":
+            stream.display_bytes += schema.bundle_size(fields["bundle"])
+            if stream.display_bytes > schema.MAX_EXEC_DISPLAY_BYTES:
+                raise ProtocolError("guest_protocol", f"stream {rid}: display events of more than "
+                                                      f"{schema.MAX_EXEC_DISPLAY_BYTES} bytes in all")
         if ev == "end":
             del self._in_streams[rid]
         if not stream.discarded:
@@ -311,9 +318,28 @@ class AgentLeg:
 
 
 def event_size(event: Mapping[str, Any]) -> int:
-    """What a decoded event really costs while it is held (EVENT_OVERHEAD plus its data)."""
+    """What a decoded event really costs while it is held (EVENT_OVERHEAD plus its data, or its
+    display bundle's strings)."""
     data = event.get("data")
-    return EVENT_OVERHEAD + (len(data) if isinstance(data, bytes | bytearray) else 0)
+    if isinstance(data, bytes | bytearray):
+        return EVENT_OVERHEAD + len(data)
+    bundle = event.get("bundle")
+    if isinstance(bundle, dict):
+        return EVENT_OVERHEAD + bundle_cost(bundle)
+    return EVENT_OVERHEAD
+
+
+#: What a bundle costs beyond its strings' characters: the map, and per entry its slot and two
+#: str objects' headers (measured with tracemalloc, as EVENT_OVERHEAD is; a non-ASCII string
+#: takes up to 4 bytes a character, which `text_bytes` never undercounts by more than the header).
+BUNDLE_OVERHEAD = 240
+BUNDLE_ENTRY_OVERHEAD = 200
+
+
+def bundle_cost(bundle: Mapping[str, Any]) -> int:
+    """What a checked display bundle costs its holder's memory."""
+    return BUNDLE_OVERHEAD + sum(BUNDLE_ENTRY_OVERHEAD + len(mime) + (
+        len(value) if isinstance(value, str) and value.isascii() else 4 * len(value)) for mime, value in bundle.items())
 
 
 def _reply(rid: int, message: Mapping[str, Any]) -> Reply:

@@ -1,7 +1,9 @@
 """In-interpreter Python execs (`exec.start` with `language: "python"`).
 
 Code runs in the agent's own interpreter, REPL style: the last statement, if it is an
-expression, has its repr printed (unless it is None). Namespaces persist by name between execs.
+expression, has its repr printed (unless it is None), or, when its value has rich representations,
+is displayed (a `display` event: guest_agent/display.py, which also shows matplotlib's figures
+left open at the end). Namespaces persist by name between execs.
 
 `sys.stdout`, `sys.stderr` and `sys.stdin` are replaced once, for the agent's life, by proxies
 that forward to the streams of the exec running on the current thread (threads that user code
@@ -21,9 +23,12 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from types import CodeType
 from typing import Any, TextIO
 
+from . import display
+from .schema import MAX_EXEC_DISPLAY_BYTES, bundle_size
 from .wire import CHUNK_SIZE, ProtocolError
 
 #: exec.input beyond this much unread stdin is answered `busy` (retryable).
@@ -55,6 +60,8 @@ class Outcome:
 
 
 Sink = Callable[[str, bytes], None]
+#: Where an exec's display bundles go (guest_agent/display.py).
+DisplaySink = Callable[[dict[str, str]], None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,10 +142,12 @@ def run_cell(source: str, namespace: dict[str, Any], filename: str, streams: Exe
             exec(body, namespace)
         if expr is not None:
             value = eval(expr, namespace)
-            if value is not None:
+            if value is not None and not display.show_result(value, streams):
                 streams.stdout.write(repr(value) + "\n")
+        display.flush_figures(streams)
         return Outcome(0)
     except SystemExit as exc:
+        display.flush_figures(streams)
         code = exc.code
         if code is None:
             return Outcome(0)
@@ -153,6 +162,8 @@ def run_cell(source: str, namespace: dict[str, Any], filename: str, streams: Exe
         return Outcome(None, streams.terminated_by or "SIGTERM")
     except BaseException as exc:
         streams.stderr.write(format_user_exception(exc, filename))
+        if isinstance(exc, Exception) and not isinstance(exc, ExecTimeoutError):
+            display.flush_figures(streams)  # as Jupyter's inline backend does after a cell that raised
         return Outcome(1)
 
 
@@ -219,6 +230,8 @@ class TextWriter(io.TextIOBase):
         self._output = output
         self._fd = fd
         self._binary = _BinaryWriter(output, fd)
+        #: The exec whose stream this is (stdout only): how display() finds it (display.py).
+        self.sandgate_exec: ExecStreams | None = None
 
     @property
     def buffer(self) -> _BinaryWriter:
@@ -322,13 +335,42 @@ class ExecStreams:
     stdin: TextIO
     #: The signal name an injected ExecTerminated stands for.
     terminated_by: str | None = None
+    #: Where display bundles go (None: their text/plain is printed).
+    display_sink: DisplaySink | None = None
+    #: What its display bundles took so far (`schema.bundle_size`), and whether it was told that
+    #: it displayed all it may.
+    display_bytes: int = 0
+    display_refused: bool = False
+    #: The ids of matplotlib figures this exec displayed explicitly (display.flush_figures).
+    shown_figures: set[int] = dc_field(default_factory=set)
 
     @classmethod
-    def create(cls, sink: Sink, pump: Callable[[], None] | None = None) -> ExecStreams:
+    def create(cls, sink: Sink, pump: Callable[[], None] | None = None,
+               display_sink: DisplaySink | None = None) -> ExecStreams:
         output = ExecOutput(sink)
         raw = StdinBuffer(pump)
         text = io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8", errors="replace")
-        return cls(output, TextWriter(output, "stdout"), TextWriter(output, "stderr"), raw, text)
+        streams = cls(output, TextWriter(output, "stdout"), TextWriter(output, "stderr"), raw, text,
+                      display_sink=display_sink)
+        streams.stdout.sandgate_exec = streams  # how display() finds its exec (display.py)
+        return streams
+
+    def display(self, bundle: dict[str, str]) -> None:
+        """Send one bundle (display.py made it, within a bundle's bound) after the output
+        written before it; past the exec's display bound it is dropped, once said on stderr."""
+        size = bundle_size(bundle)
+        if self.display_bytes + size > MAX_EXEC_DISPLAY_BYTES:
+            if not self.display_refused:
+                self.display_refused = True
+                self.stderr.write(f"display: this exec displayed its {MAX_EXEC_DISPLAY_BYTES} bytes; further "
+                                  "output to display is dropped\n")
+            return
+        self.display_bytes += size
+        self.output.flush()
+        if self.display_sink is None:
+            self.stdout.write(bundle.get("text/plain", "") + "\n")
+        else:
+            self.display_sink(bundle)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Any
 
+from . import display
 from ._log import log_exception
 from .channel import Channel
 from .features import Features
@@ -48,7 +49,7 @@ from .pyexec import (
     run_cell,
 )
 from .records import ExecRecord
-from .schema import Request
+from .schema import Request, bundle_size
 from .timers import Scheduler, Timer
 from .wire import ProtocolError
 
@@ -136,6 +137,7 @@ class PythonRunner:
         if install_std_streams:
             self._std.install()
         self._install_std_streams = install_std_streams
+        display.install()  # the display() builtin, and matplotlib's backend (display.py)
         self._outq: queue.SimpleQueue[tuple[ExecRecord, str, Any] | None] = queue.SimpleQueue()
         self._output_thread: threading.Thread | None = None
         if features.threads:
@@ -165,11 +167,13 @@ class PythonRunner:
         namespace = self._namespaces.get(namespace_name)
         threaded = self._features.threads
         if threaded:
-            streams = ExecStreams.create(lambda fd, data: self._sink(record, fd, data))
+            streams = ExecStreams.create(lambda fd, data: self._sink(record, fd, data),
+                                         display_sink=lambda bundle: self._display(record, bundle))
         else:
             streams = ExecStreams.create(
                 lambda fd, data: self._sink_inline(record, fd, data),
                 pump=lambda: self._pump_for(record),
+                display_sink=lambda bundle: self._display_inline(record, bundle),
             )
             streams.stdin_buffer.check = lambda: self._check_deadline(record)
         streams.stdin_buffer.feed(stdin, force=True)
@@ -265,15 +269,22 @@ class PythonRunner:
 
     def _sink(self, record: ExecRecord, fd: str, data: bytes) -> None:
         """Output of a threaded Python exec: queued for the output thread, within a window."""
+        self._queue_output(record, "data", (fd, data), len(data))
+
+    def _queue_output(self, record: ExecRecord, kind: str, payload: Any, size: int) -> None:
         run = record.python
         assert run is not None
         if record.stream.ended:
             return
-        self._outq.put((record, "data", (fd, data)))
+        self._outq.put((record, kind, payload))
         with run.credit:
-            run.unsent += len(data)
+            run.unsent += size
             while run.unsent > PYTHON_OUTPUT_WINDOW and not record.stream.ended:
                 run.credit.wait(0.5)
+
+    def _display(self, record: ExecRecord, bundle: dict[str, str]) -> None:
+        """A display bundle of a threaded Python exec: queued behind its output, in the window."""
+        self._queue_output(record, "display", bundle, bundle_size(bundle))
 
     def _output_loop(self) -> None:
         while True:
@@ -285,17 +296,24 @@ class PythonRunner:
                 if kind == "data":
                     fd, data = payload
                     record.stream.emit("data", fd=fd, data=data)
-                    run = record.python
-                    assert run is not None
-                    with run.credit:
-                        run.unsent -= len(data)
-                        run.credit.notify_all()
+                    self._credit(record, len(data))
+                elif kind == "display":
+                    record.stream.emit("display", bundle=payload)
+                    self._credit(record, bundle_size(payload))
                 elif kind == "exit":
                     self._finish(record, payload)
                 elif kind == "abandon":
                     self._finish(record, None)
             except Exception:
                 log_exception(f"python exec {record.exec_id}: output failed")
+
+    @staticmethod
+    def _credit(record: ExecRecord, sent: int) -> None:
+        run = record.python
+        assert run is not None
+        with run.credit:
+            run.unsent -= sent
+            run.credit.notify_all()
 
     def _inject(self, record: ExecRecord, exc_type: type[BaseException], name: str) -> None:
         run = record.python
@@ -329,6 +347,10 @@ class PythonRunner:
 
     def _sink_inline(self, record: ExecRecord, fd: str, data: bytes) -> None:
         record.stream.emit("data", fd=fd, data=data)
+        self._check_deadline(record)
+
+    def _display_inline(self, record: ExecRecord, bundle: dict[str, str]) -> None:
+        record.stream.emit("display", bundle=bundle)
         self._check_deadline(record)
 
     def _check_deadline(self, record: ExecRecord) -> None:

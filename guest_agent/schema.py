@@ -16,6 +16,7 @@ compatibility, docs/protocol.md §1).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -277,8 +278,8 @@ _OPS: tuple[Op, ...] = (
        capability="metrics", nested=True, idempotent=True),
     # -- exec
     Op("exec.start", "run code (capability `exec.<language>`) or a process (`exec.process`); its output streams back",
-       "stream: `start{exec_id, pid}`, `data{fd, data}`..., `end{exit_code, signal, duration_ms, error?, "
-       "truncated?}`",
+       "stream: `start{exec_id, pid}`, `data{fd, data}`... (python: and `display{bundle}`, rich output), "
+       "`end{exit_code, signal, duration_ms, error?, truncated?}`",
        (
            Field("exec_id", (str,), "the exec's id (client leg: optional, the gateway assigns e1, e2, ...; "
                  "agent leg: always sent)", low=1, high=MAX_EXEC_ID),
@@ -452,10 +453,12 @@ _NONE = type(None)
 #: enters (`check_event`): a mistyped field is the guest breaking the protocol (`guest_protocol`),
 #: and fields not listed here are dropped, so nothing unchecked reaches a client or the gateway.
 #: `start` carries `exec_id`/`pid` (exec.start) or `size` (fs.read); `end` carries `exit_code`,
-#: `signal`, `duration_ms`, `error`, `truncated` (exec.start) or `bytes`, `error` (fs.read).
+#: `signal`, `duration_ms`, `error`, `truncated` (exec.start) or `bytes`, `error` (fs.read);
+#: `display` (exec.start, Python) carries one MIME `bundle` (`check_display`).
 EVENT_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "start": {"exec_id": (str,), "pid": (int, _NONE), "size": (int, _NONE)},
     "data": {"fd": (str,), "data": (bytes,)},
+    "display": {"bundle": (dict,)},
     "end": {"exit_code": (int, _NONE), "signal": (str, int, _NONE), "duration_ms": (int, float, _NONE),
             "error": (dict, _NONE), "truncated": (bool,), "bytes": (int,)},
     "keepalive": {},
@@ -492,6 +495,8 @@ def check_event(ev: str, fields: Mapping[str, Any]) -> dict[str, Any]:
         if name == "error" and value is not None:
             value = _checked_error(ev, value)
         out[name] = value
+    if ev == "display":
+        check_display(out.get("bundle"))
     if ev == "data":
         data = out.get("data")
         if data is None:
@@ -501,6 +506,68 @@ def check_event(ev: str, fields: Mapping[str, Any]) -> dict[str, Any]:
         if "fd" in out and out["fd"] not in OUTPUT_FDS:
             raise ProtocolError("guest_protocol", f"a data event for unknown fd {out['fd']!r:.40}")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Rich output: display events
+# ---------------------------------------------------------------------------------------------
+
+#: A display event carries one MIME bundle, as Jupyter's display_data does: a map from MIME type
+#: to its content, every value text on every leg and in every REST body (so sandgate.v1.json and
+#: sandgate.v1.msgpack carry it alike): `image/png` and `image/jpeg` are base64 (standard
+#: alphabet, padded, as in Jupyter's bundles), `application/json` is JSON text, the rest is the
+#: text itself. `text/plain` is always there (the object's repr).
+#: The most one bundle may carry, its types and values in UTF-8 bytes: a PNG of ~700 KiB in base64,
+#: and the event still fits the agent leg's 1 MiB frame.
+MAX_DISPLAY_BYTES = 960 * 1024
+#: The most one exec may display in all (its bundles summed, as `bundle_size` counts them).
+MAX_EXEC_DISPLAY_BYTES = 16 << 20
+#: MIME types per bundle, and the length of one.
+MAX_DISPLAY_TYPES = 16
+MAX_MIME_TYPE = 128
+#: The MIME types whose value is base64.
+BASE64_TYPES = ("image/png", "image/jpeg")
+_MIME_TYPE = re.compile(r"[a-z0-9][a-z0-9.+-]*/[a-z0-9][a-z0-9.+-]*")
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
+def text_bytes(text: str) -> int:
+    """`text`'s length in UTF-8 (what it takes in a frame), without encoding ASCII."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def bundle_size(bundle: Mapping[str, str]) -> int:
+    """What a bundle counts against `MAX_DISPLAY_BYTES` and `MAX_EXEC_DISPLAY_BYTES`."""
+    return sum(text_bytes(mime) + text_bytes(value) for mime, value in bundle.items())
+
+
+def check_display(bundle: Any) -> int:
+    """Check one display event's bundle; returns its `bundle_size`.
+
+    Raises:
+        ProtocolError: `guest_protocol` for a bundle that is not a map of 1..16 MIME types to
+            text, lacks `text/plain`, has a base64 type that is not base64, or is larger than
+            `MAX_DISPLAY_BYTES`.
+    """
+    if not isinstance(bundle, dict) or not 1 <= len(bundle) <= MAX_DISPLAY_TYPES:
+        raise ProtocolError("guest_protocol", f"a display event needs 'bundle', a map of 1..{MAX_DISPLAY_TYPES} "
+                                              "MIME types")
+    for mime, value in bundle.items():
+        if not (isinstance(mime, str) and len(mime) <= MAX_MIME_TYPE and _MIME_TYPE.fullmatch(mime)):
+            raise ProtocolError("guest_protocol", f"display event: {mime!r:.80} is not a MIME type")
+        if type(value) is not str:
+            raise ProtocolError("guest_protocol", f"display event: the {mime} value must be a string, not "
+                                                  f"{type(value).__name__}")
+    if "text/plain" not in bundle:
+        raise ProtocolError("guest_protocol", "display event: the bundle has no text/plain")
+    size = bundle_size(bundle)
+    if size > MAX_DISPLAY_BYTES:
+        raise ProtocolError("guest_protocol", f"a display event of {size} bytes (at most {MAX_DISPLAY_BYTES})")
+    for mime in BASE64_TYPES:
+        value = bundle.get(mime)
+        if value is not None and (len(value) % 4 or not _BASE64.fullmatch(value)):
+            raise ProtocolError("guest_protocol", f"display event: the {mime} value is not base64")
+    return size
 
 
 def _checked_error(ev: str, error: Mapping[str, Any]) -> dict[str, Any]:
@@ -550,6 +617,8 @@ def describe() -> dict[str, Any]:
         "version": PROTOCOL_VERSION,
         "ops": ops,
         "binary_fields": list(BINARY_FIELDS),
+        "display": {"max_bundle_bytes": MAX_DISPLAY_BYTES, "max_exec_bytes": MAX_EXEC_DISPLAY_BYTES,
+                    "max_types": MAX_DISPLAY_TYPES, "base64_types": list(BASE64_TYPES)},
         "errors": {code: {"retryable": k.retryable, "http": k.http_status} for code, k in ERRORS.items()},
     }
 

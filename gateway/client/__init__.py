@@ -17,6 +17,7 @@ from gateway.client.aio import AsyncClient, AsyncExecution, AsyncFiles, AsyncSan
 from gateway.client.errors import SandgateError
 from gateway.client.models import (
     CacheEntry,
+    Display,
     ExecEvent,
     ExecResult,
     ExecutionInfo,
@@ -44,6 +45,7 @@ __all__ = [
     "AsyncSandbox",
     "CacheEntry",
     "Client",
+    "Display",
     "ExecEvent",
     "ExecResult",
     "Execution",

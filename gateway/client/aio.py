@@ -46,6 +46,7 @@ from gateway.client.errors import (
 )
 from gateway.client.models import (
     CacheEntry,
+    Display,
     ExecEvent,
     ExecResult,
     ExecutionInfo,
@@ -585,7 +586,8 @@ class AsyncSandbox:
                    code_ref: str | None = None, language: str | None = None, stdin: bytes | str | None = None,
                    env: Mapping[str, str] | None = None, cwd: str | None = None, timeout: float | None = None,
                    tag: str | None = None, namespace: str | None = None,
-                   pty: tuple[int, int] | None = None, max_output_bytes: int = DEFAULT_MAX_OUTPUT) -> ExecResult:
+                   pty: tuple[int, int] | None = None, max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+                   on_display: Callable[[Display], object] | None = None) -> ExecResult:
         """Run a command or code to its end and return what it did.
 
         Args:
@@ -600,6 +602,8 @@ class AsyncSandbox:
             namespace: python only: `"default"` (persistent), `"fresh"`, or another persistent name.
             pty: `(rows, cols)` to run on a terminal (runtimes with `exec.pty`).
             max_output_bytes: output kept beyond this is dropped and `truncated` set.
+            on_display: called with each `Display` (rich output of Python code: figures,
+                DataFrames, `display()`) as it arrives; the result lists them too (`display`).
 
         Returns:
             The `ExecResult` (a non-zero exit is a result, not an error).
@@ -615,7 +619,7 @@ class AsyncSandbox:
                                      stdin_open=False,
                                      env=env, cwd=cwd, timeout=timeout, tag=tag, namespace=namespace, pty=pty,
                                      max_output_bytes=max_output_bytes)
-        return await execution.wait()
+        return await execution.wait(on_display=on_display)
 
     async def start(self, command: str | Sequence[str] | None = None, *, code: str | None = None,
                     code_ref: str | None = None, language: str | None = None, stdin: bytes | str | None = None,
@@ -881,16 +885,18 @@ class AsyncExecution:
         """True once the `Exited` event (or an error) was taken."""
         return self._finished
 
-    async def wait(self) -> ExecResult:
-        """Take the remaining events and return the result.
+    async def wait(self, *, on_display: Callable[[Display], object] | None = None) -> ExecResult:
+        """Take the remaining events and return the result; `on_display` is called with each
+        `Display` taken meanwhile.
 
         Raises:
             Timeout, GuestDied: the exec did not end on its own (the exception's `result` has its output).
             ConnectionLost, NotFound: the connection could not be resumed, or the sandbox is gone.
         """
         try:
-            async for _ in self:
-                pass
+            async for event in self:
+                if on_display is not None and isinstance(event, Display):
+                    on_display(event)
         except asyncio.CancelledError:
             self._conn.forget(self._stream)  # the exec runs on; this client stops following it
             raise

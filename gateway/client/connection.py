@@ -78,7 +78,7 @@ class ExecStream:
         except SandgateError as exc:
             self.fail(exc)
             return
-        deliver, gap = self.tracker.accept(event.seq)
+        deliver, gap = self.tracker.accept(message["seq"])  # an int: event_from_wire checked it
         if not deliver:
             return
         if gap is not None:

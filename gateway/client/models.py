@@ -6,6 +6,8 @@ know (a newer gateway may add some) and keeps the original map in `raw`.
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -91,6 +93,72 @@ class Output:
 
 
 @dataclass(frozen=True)
+class Display:
+    """Rich output of a Python exec: one MIME bundle, as Jupyter's display_data carries it.
+
+    Made by the last expression of a cell when its value has rich representations (a pandas
+    DataFrame, an object with `_repr_html_`), by `display(obj)` in the sandbox, and by matplotlib
+    figures (`plt.show()`, or left open at the end of the exec). Every value of `bundle` is text:
+    `image/png` base64, `application/json` JSON text (docs/protocol.md); the properties decode them.
+
+    Attributes:
+        bundle: MIME type -> content; `text/plain` (the object's repr) is always there.
+        seq: the event's sequence number in the exec's stream (None in a REST result).
+    """
+
+    bundle: dict[str, str]
+    seq: int | None = None
+
+    @property
+    def text(self) -> str:
+        """The text/plain representation."""
+        return self.bundle.get("text/plain", "")
+
+    @property
+    def html(self) -> str | None:
+        """The text/html representation (untrusted: the sandbox's code made it)."""
+        return self.bundle.get("text/html")
+
+    @property
+    def png(self) -> bytes | None:
+        """The image/png representation, decoded."""
+        return _decoded(self.bundle.get("image/png"))
+
+    @property
+    def jpeg(self) -> bytes | None:
+        """The image/jpeg representation, decoded."""
+        return _decoded(self.bundle.get("image/jpeg"))
+
+    @property
+    def json(self) -> Any:
+        """The application/json representation, parsed (None without one)."""
+        text = self.bundle.get("application/json")
+        return None if text is None else json.loads(text)
+
+    @property
+    def mime_types(self) -> list[str]:
+        return list(self.bundle)
+
+    @classmethod
+    def from_wire(cls, bundle: Any, seq: int | None = None) -> Display | None:
+        """A bundle as the gateway sends it; None for anything that is not one."""
+        if not isinstance(bundle, Mapping):
+            return None
+        return cls({k: v for k, v in bundle.items() if isinstance(k, str) and isinstance(v, str)}, seq)
+
+
+def _decoded(text: str | None) -> bytes | None:
+    return None if text is None else base64.b64decode(text)
+
+
+def displays_from_wire(items: Any) -> list[Display]:
+    """A REST result's `display` list."""
+    if not isinstance(items, list):
+        return []
+    return [d for d in (Display.from_wire(item) for item in items) if d is not None]
+
+
+@dataclass(frozen=True)
 class OutputLost:
     """Events `first_seq`..`last_seq` (inclusive) fell out of the gateway's replay buffer while this
     client was disconnected: that output is gone, and this says exactly which part."""
@@ -111,7 +179,7 @@ class Exited:
     seq: int
 
 
-ExecEvent = Started | Output | OutputLost | Exited
+ExecEvent = Started | Output | Display | OutputLost | Exited
 
 
 @dataclass
@@ -126,6 +194,7 @@ class ExecResult:
         error: why it did not end on its own (`Timeout`, `GuestDied`), else None.
         truncated: output was cut (by the gateway's cap, or this client's `max_output_bytes`).
         lost: sequence ranges that fell out of the replay buffer during a reconnect.
+        display: rich output (Python), in order: `Display` bundles.
     """
 
     exec_id: str
@@ -138,6 +207,7 @@ class ExecResult:
     error: SandgateError | None = None
     truncated: bool = False
     lost: list[tuple[int, int]] = field(default_factory=list)
+    display: list[Display] = field(default_factory=list)
 
     @property
     def stdout(self) -> str:
@@ -168,7 +238,7 @@ class ExecResult:
                    stdout_bytes=str(data.get("stdout") or "").encode(),
                    stderr_bytes=str(data.get("stderr") or "").encode(),
                    error=error_from_wire(data["error"]) if data.get("error") else None,
-                   truncated=data.get("truncated") is True)
+                   truncated=data.get("truncated") is True, display=displays_from_wire(data.get("display")))
 
 
 # -- files and metrics -------------------------------------------------------------------------
@@ -295,6 +365,7 @@ class InvokeResult:
         result: the function's return value (JSON), None unless `status` is `success`.
         error: why it did not return, or None.
         stdout, stderr: what the call printed; duration_ms: as the sandbox measured it.
+        display: the call's rich output (Python: `display()`, matplotlib figures), as `Display`s.
         files: the files the call created, modified and deleted.
         exec_id: the exec that ran the call (an execution of the sandbox: cancel it by this id).
         truncated: output past the gateway's cap was dropped.
@@ -314,6 +385,7 @@ class InvokeResult:
     cold: bool | None = None
     instance: str | None = None
     version: str | None = None
+    display: list[Display] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -338,6 +410,7 @@ class InvokeResult:
             cold=cold if isinstance(cold, bool) else None,
             instance=_str(data.get("instance")),
             version=_str(data.get("version")),
+            display=displays_from_wire(data.get("display")),
             raw=dict(data),
         )
 
@@ -488,6 +561,7 @@ class ExecutionInfo:
         state: `pending`, `running`, then `completed` (exit 0), `failed` (any other end),
             `cancelled` or `timeout`.
         stdout, stderr: the output from `output_offset` on (a listing carries none: empty).
+        display: the rich output (`Display`s) from `output_offset` on.
         output_offset: where the next poll continues (pass it back as `output_offset`), None in a listing.
         output_lost: `(first, last)` sequence numbers that fell out of the replay buffer, if any.
         error: why it did not end on its own (`Timeout`, `GuestDied`), else None.
@@ -507,6 +581,7 @@ class ExecutionInfo:
     pty: str = ""
     output_offset: int | None = None
     output_lost: tuple[int, int] | None = None
+    display: list[Display] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -534,6 +609,7 @@ class ExecutionInfo:
             output_offset=_int(data.get("output_offset")),
             output_lost=(int(lost[0]), int(lost[1])) if isinstance(lost, list) and len(lost) == 2
             and all(_int(n) is not None for n in lost) else None,
+            display=displays_from_wire(data.get("display")),
             raw=dict(data),
         )
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway.client.errors import GuestProtocol, error_from_wire
-from gateway.client.models import ExecEvent, ExecResult, Exited, Output, OutputLost, Started
+from gateway.client.models import Display, ExecEvent, ExecResult, Exited, Output, OutputLost, Started
 
 _FDS = ("stdout", "stderr", "pty")
 
@@ -54,8 +54,8 @@ class StreamTracker:
         return True, gap
 
 
-def event_from_wire(message: Mapping[str, Any]) -> Started | Output | Exited:
-    """An exec stream's `start`, `data` or `end` message as an event object.
+def event_from_wire(message: Mapping[str, Any]) -> Started | Output | Display | Exited:
+    """An exec stream's `start`, `data`, `display` or `end` message as an event object.
 
     Raises:
         GuestProtocol: a message that is none of those, or has mistyped fields.
@@ -72,6 +72,11 @@ def event_from_wire(message: Mapping[str, Any]) -> Started | Output | Exited:
         if fd not in _FDS or not isinstance(data, bytes):
             raise GuestProtocol(f"malformed data event: fd={fd!r:.20} data={type(data).__name__}")
         return Output(fd=fd, data=data, seq=seq)
+    if ev == "display":
+        display = Display.from_wire(message.get("bundle"), seq)
+        if display is None:
+            raise GuestProtocol(f"malformed display event: bundle={type(message.get('bundle')).__name__}")
+        return display
     if ev == "end":
         code, signal, duration = message.get("exit_code"), message.get("signal"), message.get("duration_ms")
         error = message.get("error")
@@ -105,6 +110,8 @@ class ResultBuilder:
                 result.truncated = True
             self._taken += len(data)
             self._out[event.fd] += data
+        elif isinstance(event, Display):
+            result.display.append(event)
         elif isinstance(event, OutputLost):
             result.lost.append((event.first_seq, event.last_seq))
         elif isinstance(event, Exited):

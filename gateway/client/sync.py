@@ -13,7 +13,7 @@ import asyncio
 import builtins
 import os
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import IO, Any, TypeVar
 
@@ -21,6 +21,7 @@ from gateway.client.aio import DEFAULT_MAX_OUTPUT, AsyncClient, AsyncExecution, 
 from gateway.client.errors import ConnectionLost, NotFound
 from gateway.client.models import (
     CacheEntry,
+    Display,
     ExecEvent,
     ExecResult,
     ExecutionInfo,
@@ -269,11 +270,13 @@ class Sandbox:
              code_ref: str | None = None, language: str | None = None, stdin: bytes | str | None = None,
              env: Mapping[str, str] | None = None, cwd: str | None = None, timeout: float | None = None,
              tag: str | None = None, namespace: str | None = None, pty: tuple[int, int] | None = None,
-             max_output_bytes: int = DEFAULT_MAX_OUTPUT) -> ExecResult:
-        """Run a command or code to its end (arguments, result and errors as `AsyncSandbox.exec`)."""
+             max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+             on_display: Callable[[Display], object] | None = None) -> ExecResult:
+        """Run a command or code to its end (arguments, result and errors as `AsyncSandbox.exec`;
+        `on_display` is called on the client's event-loop thread)."""
         return _run(self._async.exec(command, code=code, code_ref=code_ref, language=language, stdin=stdin, env=env,
                                      cwd=cwd, timeout=timeout, tag=tag, namespace=namespace, pty=pty,
-                                     max_output_bytes=max_output_bytes))
+                                     max_output_bytes=max_output_bytes, on_display=on_display))
 
     def start(self, command: str | Sequence[str] | None = None, *, code: str | None = None,
               code_ref: str | None = None, language: str | None = None, stdin: bytes | str | None = None,
@@ -366,9 +369,9 @@ class Execution:
     def __iter__(self) -> Iterator[ExecEvent]:
         return _iterate(self._async)
 
-    def wait(self) -> ExecResult:
-        """Take the remaining events and return the result (errors as `AsyncExecution.wait`)."""
-        return _run(self._async.wait())
+    def wait(self, *, on_display: Callable[[Display], object] | None = None) -> ExecResult:
+        """Take the remaining events and return the result (as `AsyncExecution.wait`)."""
+        return _run(self._async.wait(on_display=on_display))
 
     def send_stdin(self, data: bytes | str) -> None:
         """Write to the exec's stdin."""

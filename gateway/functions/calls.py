@@ -209,8 +209,8 @@ def invoke_result(run: CallRun) -> dict[str, Any]:
         status, error = run.unfinished()
         result, files = None, _clean_files(None)
     return {"status": status, "result": result, "error": error, "stdout": run.text("stdout"),
-            "stderr": run.text("stderr"), "duration_ms": run.end.get("duration_ms"), "files": files,
-            "exec_id": run.record.exec_id, "truncated": run.output.truncated}
+            "stderr": run.text("stderr"), "display": run.output.display, "duration_ms": run.end.get("duration_ms"),
+            "files": files, "exec_id": run.record.exec_id, "truncated": run.output.truncated}
 
 
 def test_result(run: CallRun) -> dict[str, Any]:

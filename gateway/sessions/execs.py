@@ -214,7 +214,9 @@ class OutputCollector:
     """A subscriber that gathers an exec's output for a REST reply.
 
     It keeps at most `stream_bytes` of each output stream (its first bytes) and `max_bytes` in
-    all; the rest is counted, not kept (`dropped_bytes`), while the exec runs on to its end."""
+    all; the rest is counted, not kept (`dropped_bytes`), while the exec runs on to its end.
+    It keeps every display bundle (`display`): the agent leg bounds their sum per exec
+    (guest_agent/schema.py `MAX_EXEC_DISPLAY_BYTES`)."""
 
     #: Its `deliver` never waits and never raises: the record arms no send timeout for it.
     never_waits = True
@@ -226,6 +228,7 @@ class OutputCollector:
         # The agent leg admits only these fds (OUTPUT_FDS), so indexing below cannot fail.
         self.out: dict[str, bytearray] = {fd: bytearray() for fd in OUTPUT_FDS}
         self.dropped_bytes: dict[str, int] = dict.fromkeys(OUTPUT_FDS, 0)
+        self.display: list[dict[str, str]] = []
 
     @property
     def truncated(self) -> bool:
@@ -240,6 +243,8 @@ class OutputCollector:
                 data = data[:room]
             self.taken += len(data)
             self.out[fd].extend(data)
+        elif event["ev"] == "display":
+            self.display.append(event["bundle"])
 
     def dropped(self, reason: str) -> None:  # never raises, so never dropped
         pass

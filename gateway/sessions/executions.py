@@ -51,13 +51,17 @@ def describe(record: ExecRecord, output_offset: int = 0, *, with_output: bool = 
     if with_output:
         events, lost = record.buffer.since(output_offset)
         streams: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray(), "pty": bytearray()}
+        display: list[dict[str, str]] = []
         for event in events:
             if event.get("ev") == "data":
                 streams[event["fd"]] += event["data"]
+            elif event.get("ev") == "display":
+                display.append(event["bundle"])
         out["stdout"] = streams["stdout"].decode("utf-8", "replace")
         out["stderr"] = streams["stderr"].decode("utf-8", "replace")
         if streams["pty"]:
             out["pty"] = streams["pty"].decode("utf-8", "replace")
+        out["display"] = display
         # Where the next poll continues: past every event this reply had (or could have had).
         out["output_offset"] = max(output_offset, record.buffer.next_seq)
         out["output_lost"] = list(lost) if lost else None

@@ -284,7 +284,8 @@ class OpRouter(ABC):
 
         Each output stream keeps its first `exec_stream_output_bytes` (and all of them together
         `exec_output_bytes`); the rest is counted, not kept: `truncated` says output was cut,
-        `<stream>_truncated` which stream, and `dropped_bytes` how many bytes of each."""
+        `<stream>_truncated` which stream, and `dropped_bytes` how many bytes of each. `display`
+        lists the exec's display bundles in order (rich output, guest_agent/display.py)."""
         limits = self.settings.limits
         collector = OutputCollector(limits.exec_output_bytes, limits.exec_stream_output_bytes)
         record = await self.start_exec(sandbox, message, collector,
@@ -304,6 +305,7 @@ class OpRouter(ABC):
             "stdout_truncated": collector.dropped_bytes["stdout"] > 0,
             "stderr_truncated": collector.dropped_bytes["stderr"] > 0,
             "dropped_bytes": {fd: n for fd, n in collector.dropped_bytes.items() if n or fd != "pty"},
+            "display": collector.display,
         }
         if collector.out["pty"] or collector.dropped_bytes["pty"]:
             result["pty"] = collector.out["pty"].decode("utf-8", "replace")

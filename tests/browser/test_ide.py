@@ -197,3 +197,51 @@ def test_page_works_without_xterm(page: Any, gateway: Served, shots: Shots) -> N
     page.wait_for_function("() => window.sandgateIDE.terminalText().includes('\\n42')")
     assert ">>> 6 * 7" in terminal_text(page)
     shots.take(page, "no-xterm")
+
+
+#: Python that displays a real PNG (a 3x2 red image, made with the stdlib), and HTML whose script
+#: would mark the IDE page if it ever ran there.
+RICH_PROGRAM = """import struct, zlib
+def chunk(kind, data):
+    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+rows = b''.join(b'\\x00' + b'\\xff\\x00\\x00' * 3 for _ in range(2))
+png = (b'\\x89PNG\\r\\n\\x1a\\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 3, 2, 8, 2, 0, 0, 0))
+       + chunk(b'IDAT', zlib.compress(rows)) + chunk(b'IEND', b''))
+print('drawing')
+display({'image/png': png, 'text/plain': 'red'}, raw=True)
+class Table:
+    def _repr_html_(self):
+        return ("<b id='cell'>rich cell</b>"
+                "<script>parent.document.title = 'pwned'; document.body.dataset.ran = 1</script>")
+Table()
+"""
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_rich_output_shows_inline_and_html_stays_sandboxed(page: Any, gateway: Served, runtimes: dict[str, Any],
+                                                           shots: Shots, runtime: str) -> None:
+    need_runtime(runtimes, runtime)
+    log_in(page, base(gateway), KEY)
+    start_sandbox(page, runtime)
+    if not has_pty(page):
+        console_idle(page)
+    title = page.title()
+    edit_file(page, "rich.py", RICH_PROGRAM)
+    page.click("#run-python")
+    wait_for_terminal(page, "drawing")
+    panel = page.locator("#rich-output")
+    expect(panel).to_be_visible()
+    image = panel.locator('figure[data-mime="image/png"] img')
+    expect(image).to_have_attribute("alt", "red")
+    page.wait_for_function("(img) => img.complete && img.naturalWidth === 3 && img.naturalHeight === 2",
+                           arg=image.element_handle())
+    frame = panel.locator('figure[data-mime="text/html"] iframe')
+    expect(frame).to_have_attribute("sandbox", "")
+    expect(page.frame_locator('#rich-items iframe').locator("#cell")).to_have_text("rich cell")
+    assert page.frame_locator('#rich-items iframe').locator("body").get_attribute("data-ran") is None, \
+        "the html's script did not run, not even inside its frame"
+    assert page.title() == title, "nor did it reach the IDE page"
+    assert page.locator("#cell").count() == 0, "the html is never part of the IDE's own DOM"
+    shots.take(page, f"rich-output-{runtime}")
+    page.click("#rich-clear")
+    expect(panel).to_be_hidden()

@@ -151,3 +151,16 @@ def test_sync_functions_executions_and_cache(url: str) -> None:
             client.invoke_function("adder")
         client.clear_cache()
         assert client.cache_entries() == []
+
+
+def test_sync_exec_display(url: str) -> None:
+    """Rich output through the sync SDK: `on_display` and the result's `display` (the async SDK's
+    are tested in tests/client/test_display.py)."""
+    from gateway.client import Display
+    from tests.client.test_display import RICH, check_chart
+
+    with Sandbox.create(runtime="wasm", url=url, api_key=KEY) as sandbox:
+        seen: list[Display] = []
+        done = sandbox.exec(code=RICH + "Chart()", on_display=seen.append)
+        assert done.stdout == "" and len(seen) == 1 and seen == done.display
+        check_chart(seen[0])

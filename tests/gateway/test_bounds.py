@@ -250,3 +250,50 @@ async def test_a_flooding_sandbox_decodes_at_most_its_share_per_turn_of_the_even
     assert sum(per_turn) > 10_000, "the probe saw the flood decoded"
     share = LIMITS.agent_turn_events
     assert max(per_turn) <= 2 * share, f"a turn decoded {max(per_turn)} frames of one sandbox (share {share})"
+
+
+# -- display events (rich output, issue 16) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(("bundle", "what"), [
+    ("'<b>'", "field 'bundle' must be a map, not str"),
+    ({}, "a map of 1..16 MIME types"),
+    ({"text/plain": b"bytes"}, "must be a string, not bytes"),
+    ({"text/html": "<b>"}, "has no text/plain"),
+    ({"text/plain": "x", "not a type": "y"}, "is not a MIME type"),
+    ({"text/plain": "x", "image/png": "%%%%"}, "image/png value is not base64"),
+    ({"text/plain": "x", **{f"text/x{i}": "" for i in range(16)}}, "a map of 1..16 MIME types"),
+    ({"text/plain": "x", "text/html": "y" * (960 * 1024)}, "a display event of 983060 bytes (at most 983040)"),
+])
+async def test_a_malformed_display_event_ends_the_agent_with_guest_protocol(
+    gateway: TestClient[Any, Any], bundle: Any, what: str
+) -> None:
+    sandbox = await _create(gateway)
+    done = await _exec(gateway, sandbox, FORGE + "print('first', flush=True)\n"
+                                                f"ch.event(rid, 'display', bundle={bundle!r})\n"
+                                                "import time\ntime.sleep(600)\n")
+    assert done["error"]["code"] == "guest_protocol" and what in done["error"]["message"], done
+    assert done["stdout"] == "first\n" and done["display"] == [], "what came before is kept, nothing after"
+    after = await _exec(gateway, sandbox, "display(7)")
+    assert after["display"] == [{"text/plain": "7"}], "a restarted agent serves on"
+
+
+async def test_display_events_are_bounded_per_exec_and_charged_in_replay(gateway: TestClient[Any, Any]) -> None:
+    """A guest that sends display events past the per-exec bound (16 MiB of bundles) breaks the
+    protocol; below it, each buffered display event is charged what it costs, within the replay cap."""
+    from guest_agent.schema import MAX_EXEC_DISPLAY_BYTES
+
+    sandbox = await _create(gateway)
+    code = (FORGE + "big = 'y' * (900 * 1024)\n"
+            f"for i in range({MAX_EXEC_DISPLAY_BYTES // (900 * 1024) + 1}):\n"
+            "    ch.event(rid, 'display', bundle={'text/plain': str(i), 'text/html': big})\n"
+            "import time\ntime.sleep(600)\n")
+    done = await _exec(gateway, sandbox, code)
+    assert done["error"]["code"] == "guest_protocol" and "display events of more than" in done["error"]["message"]
+    assert len(done["display"]) == MAX_EXEC_DISPLAY_BYTES // (900 * 1024), "those below the bound were delivered"
+    record = sandbox.execs[done["exec_id"]]
+    assert record.buffer.bytes <= LIMITS.replay_bytes
+    done = await _exec(gateway, sandbox, "display({'text/html': 'é' * 30000, 'image/png': 'AAAA'}, raw=True)")
+    [event] = [e for e in sandbox.execs[done["exec_id"]].buffer.since(0)[0] if e["ev"] == "display"]
+    deep = _deep_size(event) + sum(sys.getsizeof(k) + sys.getsizeof(v) + 64 for k, v in event["bundle"].items())
+    assert event_size(event) >= deep, "a buffered display event is charged what it really costs"

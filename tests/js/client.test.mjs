@@ -126,3 +126,25 @@ test("bad input gets clear errors", { skip }, async () => {
   await assert.rejects(sandbox.files.read("../etc/passwd"), { code: "path_escape" });
   await sandbox.destroy();
 });
+
+test("rich output arrives as display bundles, in order, on both wires", { skip }, async () => {
+  for (const wire of ["json", "msgpack"]) {
+    const sandbox = await new Gateway({ url, apiKey, wire }).createSandbox({ runtime: "wasm" });
+    const order = [];
+    const code = "class T:\n    def _repr_html_(self):\n        return '<i>t</i>'\n"
+      + "print('a')\ndisplay(T())\ndisplay({'image/png': b'\\x89PNG'}, raw=True)\nprint('b')";
+    const result = await sandbox.run({ code });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.equal(result.stdout, "a\nb\n");
+    assert.equal(result.display.length, 2);
+    assert.equal(result.display[0]["text/html"], "<i>t</i>");
+    assert.match(result.display[0]["text/plain"], /<__main__\.T object at/);
+    assert.equal(Buffer.from(result.display[1]["image/png"], "base64").toString("latin1"), "\x89PNG");
+    await sandbox.exec({ code }, {
+      onData: (data) => order.push(new TextDecoder().decode(data).trim()),
+      onDisplay: (bundle) => order.push(Object.keys(bundle).sort().join(",")),
+    }).wait();
+    assert.deepEqual(order, ["a", "text/html,text/plain", "image/png,text/plain", "b"]);
+    await sandbox.destroy();
+  }
+});

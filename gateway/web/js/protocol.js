@@ -13,6 +13,15 @@ export const PROTOCOL = {
   "protocol_error": 4400,
   "too_slow": 4408
  },
+ "display": {
+  "base64_types": [
+   "image/png",
+   "image/jpeg"
+  ],
+  "max_bundle_bytes": 983040,
+  "max_exec_bytes": 16777216,
+  "max_types": 16
+ },
  "errors": {
   "bad_frame": {
    "http": 400,

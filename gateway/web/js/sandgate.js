@@ -89,8 +89,17 @@ const IDEMPOTENT_OPS = new Set(Object.entries(PROTOCOL.ops).filter(([, op]) => o
  * @typedef {object} ExecHandlers
  * @property {(info: {execId: string, pid: number | null}) => void} [onStart]
  * @property {(data: Uint8Array, fd: "stdout" | "stderr" | "pty") => void} [onData]
+ * @property {(bundle: DisplayBundle) => void} [onDisplay]  rich output of Python code, in order with onData
  * @property {(result: ExecResult) => void} [onEnd]
  * @property {(range: [number, number]) => void} [onLost]  sequence numbers the gateway could not replay
+ */
+
+/**
+ * Rich output of a Python exec (a `display` event; REST results list them as `display`): MIME type
+ * -> content, every value a string: `image/png` and `image/jpeg` base64, `application/json` JSON
+ * text, `text/plain` always there. `text/html` and `image/svg+xml` come from the sandbox's code:
+ * untrusted, never to be put into a page's DOM (the IDE shows html in a sandboxed iframe).
+ * @typedef {Record<string, string>} DisplayBundle
  */
 
 /** @typedef {"connecting" | "open" | "reconnecting" | "closed"} SessionState */
@@ -115,6 +124,7 @@ const IDEMPOTENT_OPS = new Set(Object.entries(PROTOCOL.ops).filter(([, op]) => o
  * @property {{type: string, message: string, traceback: string} | null} error  `type`: the exception's class
  * @property {string} stdout
  * @property {string} stderr
+ * @property {DisplayBundle[]} display  rich output (Python)
  * @property {number | null} duration_ms
  * @property {{created: string[], modified: string[], deleted: string[]}} files
  * @property {string} exec_id
@@ -148,6 +158,7 @@ const IDEMPOTENT_OPS = new Set(Object.entries(PROTOCOL.ops).filter(([, op]) => o
  * @property {number | null} exit_code
  * @property {string} stdout  from `output_offset` on
  * @property {string} stderr
+ * @property {DisplayBundle[]} display  rich output (Python) from `output_offset` on
  * @property {number} output_offset  where the next poll continues
  */
 
@@ -1135,23 +1146,26 @@ export class Sandbox extends Emitter {
   }
 
   /**
-   * Run to the end and collect the output as text.
+   * Run to the end and collect the output as text, and the rich output (`display`).
    * @param {ExecRequest} request
-   * @returns {Promise<ExecResult & {stdout: string, stderr: string, pty: string}>}
+   * @returns {Promise<ExecResult & {stdout: string, stderr: string, pty: string, display: DisplayBundle[]}>}
    */
   async run(request) {
     /** @type {Record<string, TextDecoder>} */
     const decoders = {};
     /** @type {Record<string, string>} */
     const text = { stdout: "", stderr: "", pty: "" };
+    /** @type {DisplayBundle[]} */
+    const display = [];
     const exec = this.exec(request, {
       onData: (data, fd) => {
         text[fd] += (decoders[fd] ??= new TextDecoder()).decode(data, { stream: true });
       },
+      onDisplay: (bundle) => display.push(bundle),
     });
     const result = await exec.wait();
     for (const fd of Object.keys(decoders)) text[fd] += decoders[fd].decode();
-    return { ...result, stdout: text.stdout, stderr: text.stderr, pty: text.pty };
+    return { ...result, stdout: text.stdout, stderr: text.stderr, pty: text.pty, display };
   }
 
   /**
@@ -1328,6 +1342,8 @@ export class Exec extends Stream {
       this.#handlers.onStart?.({ execId: message.exec_id, pid: this.pid });
     } else if (message.ev === "data") {
       this.#handlers.onData?.(message.data, message.fd);
+    } else if (message.ev === "display") {
+      this.#handlers.onDisplay?.(message.bundle);
     } else if (message.ev === "end") {
       this.#end(message);
     }

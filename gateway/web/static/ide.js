@@ -10,6 +10,7 @@
  */
 import { Gateway, SandgateError } from "/static/sandgate.js";
 import { PythonConsole } from "/static/pyconsole.js";
+import { renderBundle } from "/static/richoutput.js";
 
 const STORE = { key: "sandgate.apiKey", wire: "sandgate.wire", sandbox: "sandgate.sandbox" };
 const TERMINAL_TAG = "ide-terminal";
@@ -17,6 +18,8 @@ const RUN_TAG = "ide-run";
 // A login shell: bash where the image has it, else sh.
 const SHELL = "if command -v bash >/dev/null 2>&1; then exec bash -l; else exec sh -l; fi";
 const METRICS_EVERY_MS = 2000;
+// Rich output items kept in the output panel (the oldest go first): each may hold a large image.
+const DISPLAY_KEEP = 50;
 
 /** @param {string} id */
 function $(id) {
@@ -32,7 +35,8 @@ const ui = {
   refresh: $("refresh"), upload: $("upload"), tree: $("tree"),
   path: $("path"), save: $("save"), runPython: $("run-python"), runJs: $("run-js"), stop: $("stop"),
   editor: $("editor"), terminal: $("terminal"), terminalTitle: $("terminal-title"),
-  terminalNote: $("terminal-note"), status: $("status"),
+  terminalNote: $("terminal-note"), status: $("status"), richOutput: $("rich-output"),
+  richItems: $("rich-items"), richClear: $("rich-clear"),
 };
 
 /** @type {Gateway | null} */
@@ -208,6 +212,7 @@ function onTerminalResize(rows, cols) {
 /** @param {import("/static/sandgate.js").Sandbox} sb */
 async function startTerminal(sb) {
   term.reset();
+  clearDisplay();
   const caps = sb.capabilities;
   if (caps.has("exec.pty")) {
     ui.terminalTitle.textContent = "Terminal";
@@ -267,6 +272,10 @@ async function runInConsole(request, showExit = false) {
   const decoders = { stdout: new TextDecoder(), stderr: new TextDecoder(), pty: new TextDecoder() };
   const exec = sandbox.exec(request, {
     onData: (data, fd) => pyconsole.output(decoders[fd].decode(data, { stream: true }), fd === "stderr" ? "31" : ""),
+    onDisplay: (bundle) => {
+      showDisplay(bundle);
+      pyconsole.output(`[${bundle["text/plain"]?.split("\n")[0] ?? "output"} → output panel]\n`, "36");
+    },
     onLost: ([first, last]) => pyconsole.output(`[${last - first + 1} output events were lost]\n`, "33"),
   });
   mode.running = exec;
@@ -287,7 +296,56 @@ async function runInConsole(request, showExit = false) {
   }
 }
 
+/**
+ * Run the editor's Python in the agent's interpreter (where figures and rich values become display
+ * bundles) with its output in the terminal, next to the shell: a runtime with a PTY.
+ * @param {string} code
+ * @param {string} path
+ */
+async function runInTerminal(code, path) {
+  if (!sandbox) return;
+  const decoder = new TextDecoder();
+  term.write(`\r\n\x1b[36m▶ python ${path}\x1b[0m\r\n`);
+  const exec = sandbox.exec({ language: "python", code, tag: RUN_TAG }, {
+    onData: (data) => term.write(decoder.decode(data, { stream: true }).replace(/\r?\n/g, "\r\n")),
+    onDisplay: showDisplay,
+  });
+  ui.stop.disabled = false;
+  runningInTerminal = exec;
+  try {
+    const result = await exec.wait();
+    const how = result.error ? result.error.message : result.signal ? `signal ${result.signal}` : `exit ${result.exitCode}`;
+    term.write(`\x1b[2m[${how}, ${Math.round(result.durationMs ?? 0)} ms]\x1b[0m\r\n`);
+  } finally {
+    runningInTerminal = null;
+    ui.stop.disabled = true;
+  }
+}
+
+/** The exec `runInTerminal` runs, for the Stop button. @type {import("/static/sandgate.js").Exec | null} */
+let runningInTerminal = null;
+
+/**
+ * Show one display bundle in the output panel (never in the page's own DOM: richoutput.js).
+ * @param {Record<string, string>} bundle
+ */
+function showDisplay(bundle) {
+  ui.richOutput.hidden = false;
+  ui.richItems.append(renderBundle(bundle, document));
+  while (ui.richItems.childElementCount > DISPLAY_KEEP) ui.richItems.firstElementChild?.remove();
+  ui.richItems.lastElementChild?.scrollIntoView({ block: "nearest" });
+}
+
+function clearDisplay() {
+  ui.richItems.replaceChildren();
+  ui.richOutput.hidden = true;
+}
+
 function stop() {
+  if (runningInTerminal) {
+    runningInTerminal.signal("SIGINT").catch(report);
+    return;
+  }
   if (mode?.kind === "console") mode.running?.signal("SIGINT").catch(report);
   else if (mode?.kind === "pty") mode.exec.write("\x03").catch(report);
 }
@@ -347,6 +405,7 @@ function logout() {
   ui.login.hidden = false;
   ui.tree.replaceChildren();
   term.reset();
+  clearDisplay();
   say("Logged out.");
 }
 
@@ -570,7 +629,10 @@ async function runFile(language) {
   if (!sandbox) return;
   const path = await saveFile();
   if (!path) return;
-  if (mode?.kind === "pty") {
+  if (mode?.kind === "pty" && language === "python" && sandbox.capabilities.has("exec.python")) {
+    // In the agent's Python, like a notebook cell: figures and rich values reach the output panel.
+    await runInTerminal(ui.editor.value, path);
+  } else if (mode?.kind === "pty") {
     // In a shell the file runs the way the user would run it, in the same terminal.
     const program = language === "python" ? "python3" : "node";
     await mode.exec.write(`${program} '${path.replace(/'/g, "'\\''")}'\r`);
@@ -688,6 +750,7 @@ ui.save.addEventListener("click", guarded(saveFile));
 ui.runPython.addEventListener("click", guarded(() => runFile("python")));
 ui.runJs.addEventListener("click", guarded(() => runFile("javascript")));
 ui.stop.addEventListener("click", stop);
+ui.richClear.addEventListener("click", clearDisplay);
 ui.editor.addEventListener("keydown", editorKeys);
 ui.editor.addEventListener("input", () => { ui.editor.dataset.dirty = "1"; });
 

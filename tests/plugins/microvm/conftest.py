@@ -63,3 +63,11 @@ def microvm_polyglot_image(microvm_image: BootImage) -> BootImage:
     """The `polyglot` template (the full template's kind of root disk with a toolchain per language:
     ~1.4 GB of Debian packages, so debootstrap takes many minutes the first time) and its snapshot."""
     return _built_with_snapshot("polyglot")
+
+
+@pytest.fixture(scope="session")
+def microvm_datascience_image(microvm_image: BootImage) -> BootImage:
+    """The `datascience` template (the full template's kind of root disk with Debian's numpy,
+    pandas and matplotlib, ~1.2 GB with what they pull in: debootstrap takes minutes the first
+    time) and its snapshot."""
+    return _built_with_snapshot("datascience")
