@@ -297,35 +297,6 @@ async function runInConsole(request, showExit = false) {
 }
 
 /**
- * Run the editor's Python in the agent's interpreter (where figures and rich values become display
- * bundles) with its output in the terminal, next to the shell: a runtime with a PTY.
- * @param {string} code
- * @param {string} path
- */
-async function runInTerminal(code, path) {
-  if (!sandbox) return;
-  const decoder = new TextDecoder();
-  term.write(`\r\n\x1b[36m▶ python ${path}\x1b[0m\r\n`);
-  const exec = sandbox.exec({ language: "python", code, tag: RUN_TAG }, {
-    onData: (data) => term.write(decoder.decode(data, { stream: true }).replace(/\r?\n/g, "\r\n")),
-    onDisplay: showDisplay,
-  });
-  ui.stop.disabled = false;
-  runningInTerminal = exec;
-  try {
-    const result = await exec.wait();
-    const how = result.error ? result.error.message : result.signal ? `signal ${result.signal}` : `exit ${result.exitCode}`;
-    term.write(`\x1b[2m[${how}, ${Math.round(result.durationMs ?? 0)} ms]\x1b[0m\r\n`);
-  } finally {
-    runningInTerminal = null;
-    ui.stop.disabled = true;
-  }
-}
-
-/** The exec `runInTerminal` runs, for the Stop button. @type {import("/static/sandgate.js").Exec | null} */
-let runningInTerminal = null;
-
-/**
  * Show one display bundle in the output panel (never in the page's own DOM: richoutput.js).
  * @param {Record<string, string>} bundle
  */
@@ -342,10 +313,6 @@ function clearDisplay() {
 }
 
 function stop() {
-  if (runningInTerminal) {
-    runningInTerminal.signal("SIGINT").catch(report);
-    return;
-  }
   if (mode?.kind === "console") mode.running?.signal("SIGINT").catch(report);
   else if (mode?.kind === "pty") mode.exec.write("\x03").catch(report);
 }
@@ -629,10 +596,7 @@ async function runFile(language) {
   if (!sandbox) return;
   const path = await saveFile();
   if (!path) return;
-  if (mode?.kind === "pty" && language === "python" && sandbox.capabilities.has("exec.python")) {
-    // In the agent's Python, like a notebook cell: figures and rich values reach the output panel.
-    await runInTerminal(ui.editor.value, path);
-  } else if (mode?.kind === "pty") {
+  if (mode?.kind === "pty") {
     // In a shell the file runs the way the user would run it, in the same terminal.
     const program = language === "python" ? "python3" : "node";
     await mode.exec.write(`${program} '${path.replace(/'/g, "'\\''")}'\r`);
