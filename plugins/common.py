@@ -10,7 +10,9 @@ import contextlib
 import importlib.util
 import os
 import sys
-from collections.abc import Iterable, Iterator
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
@@ -64,6 +66,32 @@ def write_atomic(dest: Path, data: bytes) -> None:
         raise
 
 
+
+
+@contextlib.contextmanager
+def progress_ticking(progress: Callable[[float, str], None] | None, phase: str) -> Iterator[list[str]]:
+    """Call `progress(elapsed, phase)` about twice a second from a thread while the body runs (the
+    body may change the phase: the yielded list's one item), then once with "done" when it
+    succeeded. Nothing at all when `progress` is None."""
+    current = [phase]
+    if progress is None:
+        yield current
+        return
+    start = time.monotonic()
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(0.5):
+            progress(time.monotonic() - start, current[0])
+
+    ticker = threading.Thread(target=tick, name="progress", daemon=True)
+    ticker.start()
+    try:
+        yield current
+    finally:
+        stop.set()
+        ticker.join()
+    progress(time.monotonic() - start, "done")
 
 
 class TerminalProgress:

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from plugins.common import TerminalProgress, cache_root, file_lock, private_dir, write_atomic
+from plugins.common import TerminalProgress, cache_root, file_lock, private_dir, progress_ticking, write_atomic
 
 if TYPE_CHECKING:
     import wasmtime
@@ -239,32 +237,12 @@ def ensure_compiled(kind: Kind, progress: Progress | None = None, wasm: Path | N
     dest = compiled_module_path(kind, wasm)
     if dest.is_file():
         return dest
-    start = time.monotonic()
-    phase = [f"waiting for another process compiling the {kind} module"]
-    stop = threading.Event()
-    ticker = None
-    if progress is not None:
-        ticker = threading.Thread(
-            target=_tick, args=(progress, start, phase, stop), name="compile-progress", daemon=True
-        )
-        ticker.start()
-    try:
+    with progress_ticking(progress, f"waiting for another process compiling the {kind} module") as phase:
         with file_lock(dest.parent / f".{dest.name}.lock"):
             if not dest.is_file():  # nobody compiled it while we waited
                 phase[0] = f"compiling the {kind} module (once; takes a few minutes)"
                 _compile_in_child(kind, dest, wasm or wasm_path(kind))
-    finally:
-        stop.set()
-        if ticker is not None:
-            ticker.join()
-    if progress is not None:
-        progress(time.monotonic() - start, "done")
     return dest
-
-
-def _tick(progress: Progress, start: float, phase: list[str], stop: threading.Event) -> None:
-    while not stop.wait(0.5):
-        progress(time.monotonic() - start, phase[0])
 
 
 def child_env() -> dict[str, str]:

