@@ -255,6 +255,34 @@ class Functions:
 
 
 @dataclass(frozen=True)
+class Storage:
+    """Named volumes (`[storage]`, docs/storage.md). Sizes in MB; each count and size is > 0."""
+
+    #: Where volumes live (records and the "local" store's images); they outlive the gateway, so
+    #: not under the cache. Empty: the platform's user data folder (`~/.local/share/sandgate/volumes`).
+    dir: str = ""
+    #: A volume's `quota_mb` when the create names none, and the most it may name.
+    quota_mb: int = 1024
+    max_quota_mb: int = 16384
+    #: Volumes one tenant may have, and the sum of their quotas.
+    max_volumes: int = 20
+    max_tenant_mb: int = 65536
+    #: Host directories `"mounts"` may name lie under one of these (none: mounts are refused).
+    allowed_roots: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_fields(self, "[storage] ")
+        for name in ("quota_mb", "max_quota_mb", "max_volumes", "max_tenant_mb"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"[storage] {name} must be > 0, not {getattr(self, name)!r}")
+        if self.quota_mb > self.max_quota_mb:
+            raise ConfigError(f"[storage] quota_mb = {self.quota_mb} is above max_quota_mb = {self.max_quota_mb}")
+        for i, root in enumerate(self.allowed_roots):
+            if not os.path.isabs(root):
+                raise ConfigError(f"[storage] allowed_roots[{i}] must be an absolute path, not {_show(root)}")
+
+
+@dataclass(frozen=True)
 class NetworkAccess:
     """Which tenants may create sandboxes with `"network": true` (`[network]`). A sandbox's
     network reaches public addresses only, never the gateway's host or private ranges (see the
@@ -291,6 +319,7 @@ class Settings:
     quotas: Quotas = field(default_factory=Quotas)
     network: NetworkAccess = field(default_factory=NetworkAccess)
     functions: Functions = field(default_factory=Functions)
+    storage: Storage = field(default_factory=Storage)
     #: `[runtimes.<id>]` tables, handed to each runtime's constructor.
     runtimes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: Entry-point names of runtime plugins not to load.
@@ -420,7 +449,7 @@ ENVIRONMENT: dict[str, tuple[str, typing.Callable[[str], Any]]] = {
 FILE_SETTINGS = ("host", "port", "api_keys", "allowed_origins", "default_runtime", "reap_interval_s",
                  "client_send_timeout_s", "keepalive_s", "http_header_timeout_s", "http_idle_timeout_s",
                  "max_connections_per_address", "runtimes")
-FILE_TABLES = ("limits", "quotas", "network", "functions", "plugins")
+FILE_TABLES = ("limits", "quotas", "network", "functions", "storage", "plugins")
 
 
 def _from_table(data: Mapping[str, Any]) -> Settings:
@@ -435,7 +464,8 @@ def _from_table(data: Mapping[str, Any]) -> Settings:
         values["runtimes"] = _table(values["runtimes"], "[runtimes]")
         for runtime_id, table in values["runtimes"].items():
             _table(table, f"[runtimes.{runtime_id}]")
-    for name, cls in (("limits", Limits), ("quotas", Quotas), ("network", NetworkAccess), ("functions", Functions)):
+    for name, cls in (("limits", Limits), ("quotas", Quotas), ("network", NetworkAccess), ("functions", Functions),
+                      ("storage", Storage)):
         if name in data:
             table = _table(data[name], f"[{name}]")
             check_keys(table, (f.name for f in fields(cls)), f"[{name}]")

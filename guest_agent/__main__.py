@@ -1,6 +1,6 @@
 """`python -m guest_agent`: serve the agent protocol on a byte channel.
 
-    python -m guest_agent [--root DIR] [--fd-in N --fd-out N | --device PATH] [--single-thread]
+    python -m guest_agent [--root DIR] [--fs-root DIR ...] [--fd-in N --fd-out N | --device PATH] [--single-thread]
                           [--vm] [--cgroup DIR]
 
 By default the channel is stdin/stdout. The agent then keeps private copies of fds 0 and 1 for
@@ -27,6 +27,13 @@ def _parser() -> argparse.ArgumentParser:
         "--root",
         help="the sandbox root: fs ops are confined to it, execs start in it "
         "(default: /work if it exists, else the current directory)",
+    )
+    parser.add_argument(
+        "--fs-root",
+        action="append",
+        default=[],
+        help="a directory absolute paths of fs ops may lie under, besides --root (repeatable; "
+        "'/' for the whole file system)",
     )
     parser.add_argument("--fd-in", type=int, help="read frames from this fd (with --fd-out)")
     parser.add_argument("--fd-out", type=int, help="write frames to this fd (with --fd-in)")
@@ -85,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isdir(root):
         parser.error(f"--root {root!r} is not a directory")
     root = os.path.realpath(root)
+    for fs_root in args.fs_root:
+        if not os.path.isdir(fs_root):
+            parser.error(f"--fs-root {fs_root!r} is not a directory")
 
     from .agent import Agent, serve
     from .channel import Channel
@@ -102,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     agent = Agent(
         root,
         channel,
+        fs_roots=tuple(args.fs_root),
         features=detect(single_thread=args.single_thread, system=args.vm),
         replace_dunder=True,
         cgroup=cgroup,

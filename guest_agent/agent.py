@@ -56,7 +56,8 @@ class Agent:
     """The guest agent's protocol state: the exec registry, the root, the Python exec engine.
 
     Args:
-        root: the sandbox root: fs ops are confined to it, execs start in it.
+        root: the working directory: relative paths of fs ops and execs start there.
+        fs_roots: directories absolute paths of fs ops may also lie under ("/" on a VM or pod).
         channel: the agent leg to the gateway: requests in (read by a single-threaded platform's
             Python exec too, while it waits for stdin), replies and events out (thread-safe).
         features: the platform's abilities (detected if not given).
@@ -70,6 +71,7 @@ class Agent:
         root: str,
         channel: Channel,
         *,
+        fs_roots: tuple[str, ...] = (),
         features: Features | None = None,
         install_std_streams: bool = True,
         replace_dunder: bool = False,
@@ -79,7 +81,7 @@ class Agent:
         if self.features.processes:
             unignore_for_children()
         self._cgroup = cgroup
-        self.root = Root(root)
+        self.root = Root(root, fs_roots)
         self.files = FileOps(self.root)
         self.channel = channel
         self._started = time.monotonic()
@@ -124,6 +126,7 @@ class Agent:
             "fs.mkdir": lambda rid, m: self.files.mkdir(m),
             "fs.move": lambda rid, m: self.files.move(m),
             "fs.remove": lambda rid, m: self.files.remove(m),
+            "fs.patch": lambda rid, m: self.files.patch(m),
         }
         if self.features.system:
             from . import system  # now, so a snapshot holds it loaded: see system.py

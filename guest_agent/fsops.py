@@ -1,7 +1,7 @@
-"""File-system ops confined to the sandbox root (docs/protocol.md §3, fs).
+"""File-system ops confined to the sandbox's file-system roots (docs/protocol.md §3, fs).
 
-Every path is checked twice: lexically (no NUL, no `..`, absolute paths must lie under the root)
-and then by its real location (`os.path.realpath`), so a symlink cannot lead outside the root.
+Every path is checked twice: lexically (no NUL, no `..`, absolute paths must lie under a root)
+and then by its real location (`os.path.realpath`), so a symlink cannot lead outside the roots.
 Ops that act on a name itself (stat, move, remove) resolve only the parent directory and act on
 the link, not on what it points to; everything else resolves the whole path. The agent then
 works on the resolved real path, which narrows (but inside a guest cannot close) the window in
@@ -11,6 +11,7 @@ hard boundary is the runtime's (WASI preopens, the microVM, the pod).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat as stat_mod
@@ -52,32 +53,69 @@ def os_error(exc: OSError, path: str | None = None) -> ProtocolError:
 
 @dataclass(frozen=True)
 class Resolved:
-    real: str  #: the host path to operate on
-    rel: str  #: the path relative to the root, as shown to clients ("." for the root)
+    real: str  #: the real path to operate on
+    #: The path as shown to clients: relative to the working directory ("." for it) when it lies
+    #: there, else absolute.
+    rel: str
+    #: Whether the path is one of the roots themselves (the working directory or an fs root),
+    #: which cannot be moved or removed.
+    is_root: bool = False
 
 
-class Root:
-    """The sandbox root, and path resolution confined to it."""
+class _Base:
+    """One directory paths may lie under, as given and as it really is (it may be a symlink)."""
 
     def __init__(self, path: str) -> None:
         self.given = os.path.abspath(path)
         self.real = os.path.realpath(path)
 
-    def _inside(self, path: str) -> bool:
-        base = self.real
+    @staticmethod
+    def _under(path: str, base: str) -> bool:
         return path == base or path.startswith(base if base.endswith(os.sep) else base + os.sep)
 
+    def lexical(self, absolute: str) -> str | None:
+        """`absolute` on the real side of this base, or None when it lies outside."""
+        for base in (self.given, self.real):
+            if self._under(absolute, base):
+                rel = os.path.relpath(absolute, base)
+                return self.real if rel == "." else os.path.join(self.real, rel)
+        return None
+
+    def holds(self, real: str) -> bool:
+        return self._under(real, self.real)
+
+
+class Root:
+    """The sandbox's working directory and the file-system roots paths are confined to.
+
+    Relative paths are taken from the working directory (/work); absolute paths may name anything
+    under one of the fs roots: "/" on a microVM or pod (the whole file system), the preopens on
+    WASM (/work, volumes, mounts). The working directory is always one of them.
+    """
+
+    def __init__(self, path: str, fs_roots: tuple[str, ...] = ()) -> None:
+        self.work = _Base(path)
+        self.given = self.work.given
+        self.real = self.work.real
+        bases = [self.work, *(_Base(root) for root in fs_roots)]
+        # Deepest first, so a path is checked against the innermost root that holds it.
+        self.bases = sorted(bases, key=lambda b: len(b.real), reverse=True)
+
+    def _base_of(self, real: str) -> _Base | None:
+        return next((base for base in self.bases if base.holds(real)), None)
+
     def resolve(self, path: str, *, follow: bool = True) -> Resolved:
-        """Map a client path to a real path inside the root.
+        """Map a client path to a real path inside the roots.
 
         Args:
-            path: relative to the root, or absolute under it ("" and "." are the root).
+            path: relative to the working directory, or absolute under an fs root ("" and "." are
+                the working directory).
             follow: resolve the final component too. With False, only its parent is resolved,
                 for ops that act on the name itself (a symlink is stat'ed, moved or removed,
                 never followed).
 
         Raises:
-            ProtocolError: `path_escape` for NUL, `..`, or a location outside the root.
+            ProtocolError: `path_escape` for NUL, `..`, or a location outside the roots.
         """
         if "\0" in path:
             raise ProtocolError("path_escape", "NUL byte in path")
@@ -85,31 +123,38 @@ class Root:
             raise ProtocolError("path_escape", "'..' is not allowed in paths")
         if path.startswith("/"):
             absolute = os.path.normpath(path)
-            for base in (self.given, self.real):
-                if absolute == base or absolute.startswith(base.rstrip("/") + "/"):
-                    rel = os.path.relpath(absolute, base)
-                    break
-            else:
-                raise ProtocolError("path_escape", f"{path!r:.300} is outside the sandbox root")
+            if absolute.startswith("//"):
+                absolute = "/" + absolute.lstrip("/")
+            lexical = next((hit for hit in (b.lexical(absolute) for b in self.bases) if hit is not None), None)
+            if lexical is None:
+                raise ProtocolError("path_escape", f"{path!r:.300} is outside the sandbox's file system")
         else:
             rel = os.path.normpath(path) if path else "."
-        lexical = self.real if rel == "." else os.path.join(self.real, rel)
-        if follow or rel == ".":
+            lexical = self.real if rel == "." else os.path.join(self.real, rel)
+        is_root = any(lexical == base.real for base in self.bases)
+        if follow or is_root:
             real = os.path.realpath(lexical)
+            resolved = real
         else:
             parent, name = os.path.split(lexical)
             real = os.path.join(os.path.realpath(parent), name)
-        resolved = real if follow or rel == "." else os.path.dirname(real)
-        if not self._inside(resolved) or self._unresolved_link(resolved):
-            raise ProtocolError("path_escape", f"{path!r:.300} leads outside the sandbox root")
-        return Resolved(real, rel)
+            resolved = os.path.dirname(real)
+        base = self._base_of(resolved)
+        if base is None or self._unresolved_link(base, resolved):
+            raise ProtocolError("path_escape", f"{path!r:.300} leads outside the sandbox's file system")
+        if self.work.holds(lexical):
+            shown = os.path.relpath(lexical, self.real)
+        else:
+            shown = lexical
+        return Resolved(real, shown, is_root)
 
-    def _unresolved_link(self, real: str) -> bool:
+    @staticmethod
+    def _unresolved_link(base: _Base, real: str) -> bool:
         """Whether a realpath() result still holds a symlink: one it could not read. WASI
         refuses to read links that point out of the preopened root, and a non-strict realpath
         then leaves them in place, looking as if they were inside."""
-        path = self.real
-        for part in os.path.relpath(real, self.real).split(os.sep):
+        path = base.real
+        for part in os.path.relpath(real, base.real).split(os.sep):
             if part == ".":
                 continue
             path = os.path.join(path, part)
@@ -184,7 +229,7 @@ class FileOps:
             st = os.lstat(target.real)
         except OSError as exc:
             raise os_error(exc, path) from None
-        name = "." if target.rel == "." else os.path.basename(target.rel)
+        name = "." if target.rel == "." else (os.path.basename(target.rel) or target.rel)
         return stat_entry(name, target.rel, st)
 
     def list(self, message: Mapping[str, Any]) -> dict[str, Any]:
@@ -298,8 +343,8 @@ class FileOps:
         src_path, dst_path = _path(message, "src"), _path(message, "dst")
         src = self.root.resolve(src_path, follow=False)
         dst = self.root.resolve(dst_path, follow=False)
-        if src.rel == "." or dst.rel == ".":
-            raise ProtocolError("bad_request", "the sandbox root cannot be moved or replaced")
+        if src.is_root or dst.is_root:
+            raise ProtocolError("bad_request", "a root of the sandbox's file system cannot be moved or replaced")
         try:
             os.lstat(src.real)
             try:
@@ -318,8 +363,8 @@ class FileOps:
         path = _path(message)
         recursive = field(message, "recursive", bool, False)
         target = self.root.resolve(path, follow=False)
-        if target.rel == ".":
-            raise ProtocolError("bad_request", "the sandbox root cannot be removed")
+        if target.is_root:
+            raise ProtocolError("bad_request", "a root of the sandbox's file system cannot be removed")
         try:
             st = os.lstat(target.real)
             if stat_mod.S_ISDIR(st.st_mode):
@@ -331,6 +376,62 @@ class FileOps:
                     os.rmdir(target.real)
             else:
                 os.unlink(target.real)
+        except OSError as exc:
+            raise os_error(exc, path) from None
+        return {}
+
+
+    def patch(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        """One fs.patch action (the schema checked its fields). Parents are made as needed;
+        `remove` of a missing path and `mkdir` of an existing directory succeed, so a list of
+        patches can be applied again."""
+        path = _path(message)
+        action = message["action"]
+        follow = action in ("text", "append", "mkdir")
+        target = self.root.resolve(path, follow=follow)
+        if target.is_root and action != "mkdir":
+            raise ProtocolError("bad_request", f"a {action} patch cannot replace a root of the file system")
+        try:
+            if action != "remove":
+                os.makedirs(os.path.dirname(target.real), exist_ok=True)
+            if action in ("text", "append"):
+                data = message["data"] if "data" in message else message["text"].encode("utf-8")
+                flags = os.O_WRONLY | os.O_CREAT | _OPEN_FLAGS | getattr(os, "O_NOFOLLOW", 0)
+                flags |= os.O_APPEND if action == "append" else os.O_TRUNC
+                fd = os.open(target.real, flags, 0o644)
+                try:
+                    _check_regular(os.fstat(fd), path)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    if "mode" in message:
+                        os.fchmod(fd, message["mode"])
+                finally:
+                    os.close(fd)
+            elif action == "mkdir":
+                os.makedirs(target.real, exist_ok=True)
+                if "mode" in message:
+                    os.chmod(target.real, message["mode"])
+            elif action == "symlink":
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(target.real)
+                os.symlink(message["target"], target.real)
+            elif action == "copy":
+                source = self.root.resolve(message["src"], follow=False)
+                import shutil
+
+                if os.path.isdir(source.real) and not os.path.islink(source.real):
+                    shutil.copytree(source.real, target.real, symlinks=True, dirs_exist_ok=True)
+                else:
+                    shutil.copy2(source.real, target.real, follow_symlinks=False)
+            else:  # remove
+                with contextlib.suppress(FileNotFoundError):
+                    if os.path.isdir(target.real) and not os.path.islink(target.real):
+                        import shutil
+
+                        shutil.rmtree(target.real)
+                    else:
+                        os.unlink(target.real)
         except OSError as exc:
             raise os_error(exc, path) from None
         return {}

@@ -256,6 +256,21 @@ def _path(name: str = "path", doc: str = "a path in the sandbox: relative to its
     return Field(name, (str,), doc, required=True, high=MAX_PATH)  # "": the root itself
 
 
+#: fs.patch's actions and the field each needs besides `path`.
+PATCH_ACTIONS = {"text": None, "append": None, "mkdir": None, "copy": "src", "symlink": "target", "remove": None}
+
+
+def _patch_rules(args: dict[str, Any]) -> None:
+    action = args["action"]
+    if action not in PATCH_ACTIONS:
+        raise ProtocolError("bad_request", f"'action' is one of {', '.join(PATCH_ACTIONS)}, not {action!r:.40}")
+    needed = PATCH_ACTIONS[action]
+    if needed is not None and needed not in args:
+        raise ProtocolError("bad_request", f"a {action} patch needs {needed!r}")
+    if action in ("text", "append") and ("text" in args) == ("data" in args):
+        raise ProtocolError("bad_request", f"a {action} patch has 'text' or 'data' (one of them)")
+
+
 # ---------------------------------------------------------------------------------------------
 # The ops (docs/protocol.md §3)
 # ---------------------------------------------------------------------------------------------
@@ -365,6 +380,15 @@ _OPS: tuple[Op, ...] = (
     Op("fs.remove", "remove a file or directory", "`{}`",
        (_path(), Field("recursive", (bool,), "remove a directory with its contents", default=False)),
        capability="fs"),
+    Op("fs.patch", "change the file system in one step (patches at create)", "`{}`",
+       (_path(), Field("action", (str,), "one of " + ", ".join(PATCH_ACTIONS), required=True),
+        Field("text", (str,), "text: the file's text; append: text to add", high=MAX_WRITE_CHUNK),
+        Field("data", (bytes,), "text/append: the bytes instead of `text`", high=MAX_WRITE_CHUNK,
+              over_code="frame_too_large"),
+        Field("src", (str,), "copy: what to copy (a file or a directory)", high=MAX_PATH),
+        Field("target", (str,), "symlink: what the link points to", high=MAX_PATH),
+        Field("mode", (int,), "text/mkdir: permission bits", low=0, high=0o7777)),
+       capability="fs", rules=_patch_rules),
     # -- agent leg only
     Op("guest.setup", "make a VM restored from a snapshot its own (clock, entropy, limits)", "`time_ns`",
        (Field("time_ns", (int,), "the host's CLOCK_REALTIME", low=0),

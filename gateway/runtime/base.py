@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from gateway.storage.volumes import VolumeBackend, VolumeMount
 from guest_agent.wire import ProtocolError
 
 
@@ -48,6 +49,9 @@ class SandboxSpec:
     ttl_s: float | None = None
     idle_timeout_s: float | None = None
     created_at: float | None = None
+    #: Named volumes to mount (gateway/storage/volumes.py), already acquired for this sandbox; a
+    #: runtime makes a sandbox with volumes cold (a warm one was started without them).
+    volumes: tuple[VolumeMount, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -192,6 +196,10 @@ class Runtime(ABC):
     #: The least `memory_mb` a sandbox of this runtime can start with; a create asking for less
     #: answers `bad_request` before anything starts (docs/plugins.md).
     min_memory_mb: ClassVar[int] = 1
+    #: The volume store whose volumes this runtime's sandboxes mount (`SandboxSpec.volumes`):
+    #: "local" (ext4 images on this host, kept by the gateway), a store of the runtime's own
+    #: (`volume_backend`), or None for no volumes.
+    volume_store: ClassVar[str | None] = None
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         """`config` is this runtime's table from the gateway config file (`[runtimes.<id>]`)."""
@@ -243,6 +251,11 @@ class Runtime(ABC):
         (`default`: no template asked): what `GET /v1/runtimes` lists. Empty when only a sandbox's
         agent can tell (its hello's `exec.<language>` capabilities decide either way)."""
         return {}
+
+    def volume_backend(self) -> VolumeBackend | None:
+        """The backend of this runtime's own `volume_store` (e.g. PersistentVolumeClaims), or None
+        for a store the gateway keeps ("local"). Called once by the gateway after `start`."""
+        return None
 
     async def start(self) -> None:
         """Prepare (fill warm pools, check host support). Called once at gateway start-up; a

@@ -19,17 +19,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import Quotas, Settings
 from gateway.runtime.base import Runtime, SandboxSpec
+from gateway.storage.patches import parse_files, parse_patches
+from gateway.storage.volumes import VolumeMount
 from guest_agent.wire import ProtocolError
 from guest_agent.wire import field as wire_field
 
 #: The create body's fields the gateway reads itself; the rest are the runtime's options.
 CREATE_FIELDS = ("runtime", "ttl", "idle_timeout", "memory_mb", "cpu_seconds", "disk_mb", "network",
-                 "template", "metadata")
+                 "template", "metadata", "volumes", "files", "patches")
 
 
 @dataclass(frozen=True)
@@ -46,13 +48,19 @@ class CreateRequest:
     template: str | None
     metadata: dict[str, str]
     options: dict[str, Any]
+    #: {path: {"name", "readonly"}} as asked: the manager acquires them (gateway/storage/volumes.py).
+    volumes: Mapping[str, Any] = field(default_factory=dict)
+    #: fs.patch arguments and (path, bytes) files, applied before the sandbox is handed out.
+    patches: tuple[dict[str, Any], ...] = ()
+    files: tuple[tuple[str, bytes], ...] = ()
 
-    def spec(self, sandbox_id: str, tenant: str, created_at: float) -> SandboxSpec:
-        """What the runtime is asked to create for this request."""
+    def spec(self, sandbox_id: str, tenant: str, created_at: float,
+             volumes: tuple[VolumeMount, ...] = ()) -> SandboxSpec:
+        """What the runtime is asked to create for this request, with the volumes acquired for it."""
         return SandboxSpec(sandbox_id=sandbox_id, tenant=tenant, memory_mb=self.memory_mb,
                            cpu_seconds=self.cpu_seconds, disk_mb=self.disk_mb, network=self.network,
                            template=self.template, options=self.options, ttl_s=self.ttl,
-                           idle_timeout_s=self.idle_timeout, created_at=created_at)
+                           idle_timeout_s=self.idle_timeout, created_at=created_at, volumes=volumes)
 
 
 def check_create(
@@ -102,10 +110,16 @@ def check_create(
         isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 256 for k, v in metadata.items()
     ):
         raise ProtocolError("bad_request", "metadata: at most 32 string keys (<= 64) to strings (<= 256)")
+    volumes = wire_field(body, "volumes", dict, {})
+    if volumes and runtime.volume_store is None:
+        raise ProtocolError("unsupported", f"runtime {runtime.id!r} does not mount volumes")
+    patches = parse_patches(body.get("patches"))
+    files = parse_files(body.get("files"))
     options = runtime.validate_options({k: v for k, v in body.items() if k not in CREATE_FIELDS})
     runtime.check_create(template, network)
     return CreateRequest(runtime=runtime, ttl=ttl, idle_timeout=idle, memory_mb=memory, cpu_seconds=cpu,
-                         disk_mb=disk, network=network, template=template, metadata=metadata, options=options)
+                         disk_mb=disk, network=network, template=template, metadata=metadata, options=options,
+                         volumes=volumes, patches=patches, files=files)
 
 
 def _bounded(body: Mapping[str, Any], name: str, default: float, maximum: float, kind: type) -> Any:

@@ -32,6 +32,8 @@ from gateway.sessions.admission import TenantQuota, check_create
 from gateway.sessions.replay import ReplayBudget
 from gateway.sessions.routing import OpRouter
 from gateway.sessions.sandbox import Sandbox
+from gateway.storage import local, patches
+from gateway.storage.volumes import VolumeBackend, VolumeRegistry
 from guest_agent.wire import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,10 @@ class SandboxManager(OpRouter):
         self._reaper: asyncio.Task[None] | None = None
         self.draining = False
         self.unavailable: dict[str, str] = {}
+        #: Named volumes; its stores are known once the runtimes started (`start`).
+        self.volumes = VolumeRegistry(settings.storage, {})
+        #: Why a volume store is missing here, by store name (GET /v1/runtimes lists it).
+        self.volume_stores_unavailable: dict[str, str] = {}
 
     # -- start and stop ----------------------------------------------------------------------
 
@@ -74,8 +80,28 @@ class SandboxManager(OpRouter):
                 log.error("runtime %s unavailable: %s", runtime_id, exc)
                 self.unavailable[runtime_id] = str(exc)
                 del self.runtimes[runtime_id]
+        self._start_volumes()
         self._reaper = asyncio.create_task(self._reap_forever(), name="sandbox-reaper")
         self.functions.start()
+
+    def _start_volumes(self) -> None:
+        backends: dict[str, VolumeBackend] = {}
+        for runtime in self.runtimes.values():
+            store = runtime.volume_store
+            if store is None or store in backends:
+                continue
+            if store == local.LocalVolumes.store:
+                why = local.available()
+                if why is not None:
+                    self.volume_stores_unavailable[store] = why
+                    continue
+                backends[store] = local.LocalVolumes(self.volumes.dir)
+            else:
+                backend = runtime.volume_backend()
+                if backend is not None:
+                    backends[store] = backend
+        self.volumes.backends = backends
+        self.volumes.load()
 
     async def drain(self) -> None:
         """Refuse new sandboxes and destroy every sandbox: in-flight execs end now with
@@ -113,22 +139,35 @@ class SandboxManager(OpRouter):
         if self.draining:
             raise ProtocolError("unavailable", "the gateway is shutting down")
         request = check_create(body, self.settings, self.runtimes, self.unavailable, tenant)
-        # Only now, with every option checked: a bad request never costs a quota or rate token.
-        count = sum(1 for s in self._sandboxes.values() if s.tenant == tenant) + self._creating.get(tenant, 0)
-        self._quota.admit(tenant, count)
-
         runtime = request.runtime
         sandbox_id = "sb_" + secrets.token_urlsafe(16)
         now = time.time()
-        spec = request.spec(sandbox_id, tenant, now)
+        store = runtime.volume_store if runtime.volume_store in self.volumes.backends else None
+        if request.volumes and store is None:
+            why = self.volume_stores_unavailable.get(str(runtime.volume_store), "no volume store runs here")
+            raise ProtocolError("unavailable", f"runtime {runtime.id!r} cannot mount volumes here: {why}")
+        # Volumes before the quota: a missing or busy volume must not cost a rate token.
+        spec = request.spec(sandbox_id, tenant, now, self.volumes.acquire(tenant, sandbox_id, store, request.volumes))
         self._creating[tenant] = self._creating.get(tenant, 0) + 1
         try:
+            # Only now, with every option checked: a bad request never costs a quota or rate token.
+            count = sum(1 for s in self._sandboxes.values() if s.tenant == tenant) + self._creating[tenant] - 1
+            self._quota.admit(tenant, count)
             backend = await runtime.create(spec)
             try:
                 agent = await self._connect(backend)
             except BaseException:
                 await backend.destroy()
                 raise
+            try:
+                await patches.apply(lambda op, args: agent.request(op, **args), request.patches, request.files)
+            except BaseException:
+                await backend.destroy()
+                await agent.close()
+                raise
+        except BaseException:
+            self.volumes.release(sandbox_id)
+            raise
         finally:
             self._creating[tenant] -= 1
         sandbox = Sandbox(id=sandbox_id, tenant=tenant, runtime=runtime, spec=spec, backend=backend,
@@ -259,6 +298,7 @@ class SandboxManager(OpRouter):
         # still writes to the agent is taken, and an agent that does not read (a WASM exec busy
         # without reading stdin, sent a large exec.input) would never take it.
         await sandbox.agent.close()
+        self.volumes.release(sandbox.id)
         self.pm.hook.sandgate_sandbox_destroyed(sandbox_id=sandbox.id, tenant=sandbox.tenant,
                                                 runtime=sandbox.runtime.id, reason=reason)
 

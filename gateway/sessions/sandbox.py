@@ -91,6 +91,7 @@ class Sandbox:
             "disk_mb": self.spec.disk_mb,
             "network": self.spec.network,
             "template": self.spec.template,
+            "volumes": {m.path: {"name": m.name, "readonly": m.readonly} for m in self.spec.volumes},
             "capabilities": sorted(self.capabilities),
             "languages": self.languages(),
             "metadata": self.metadata,

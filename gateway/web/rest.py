@@ -102,10 +102,22 @@ async def sandbox_metrics(request: web.Request) -> web.Response:
     return web.json_response(await request.app[MANAGER].metrics(sandbox))
 
 
+def file_path(request: web.Request) -> str:
+    """The file a files route names: `/files/{path}` is relative to the sandbox's working folder
+    (/work); `/files?path=...` takes any path, absolute or relative (E2B's shape)."""
+    if "path" in request.match_info:
+        return check_path(request.match_info["path"], allow_absolute=False)
+    path = request.query.get("path")
+    if path is None:
+        raise ProtocolError("bad_request", "the query parameter 'path' names the file")
+    return check_path(path, allow_absolute=True)
+
+
 @routes.get("/v1/sandboxes/{sandbox_id}/files/{path:.+}")
+@routes.get("/v1/sandboxes/{sandbox_id}/files")
 async def download(request: web.Request) -> web.StreamResponse:
     sandbox = await sandbox_of(request)
-    path = check_path(request.match_info["path"], allow_absolute=False)
+    path = file_path(request)
     stream = await request.app[MANAGER].read_file(sandbox, path)
     response: web.StreamResponse | None = None
     try:
@@ -135,28 +147,44 @@ async def download(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@routes.delete("/v1/sandboxes/{sandbox_id}/files/{path:.+}")
+@routes.delete("/v1/sandboxes/{sandbox_id}/files")
+async def delete_file(request: web.Request) -> web.Response:
+    """Remove a file, or a directory with everything in it."""
+    sandbox = await sandbox_of(request)
+    await request.app[MANAGER].request(sandbox, "fs.remove", {"path": file_path(request), "recursive": True})
+    return web.Response(status=204)
+
+
+def _in_work(path: str) -> bool:
+    return not path.startswith("/") or path == "/work" or path.startswith("/work/")
+
+
 @routes.put("/v1/sandboxes/{sandbox_id}/files/{path:.+}")
+@routes.put("/v1/sandboxes/{sandbox_id}/files")
 async def upload(request: web.Request) -> web.Response:
     """Stream the body into a temporary file next to the target, then move it into place, so a
     failed upload (quota, dropped connection) never leaves a half-written target behind."""
     manager = request.app[MANAGER]
     sandbox = await sandbox_of(request)
-    path = check_path(request.match_info["path"], allow_absolute=False)
+    path = file_path(request)
     if path.endswith("/"):
         raise ProtocolError("bad_request", "an upload names a file: the path must not end with '/'")
-    # The host's figure where the runtime has one (the guest's could be forged, and costs a walk).
-    usage = sandbox.backend.disk_usage()
-    if usage is not None:
-        used = usage[0]
-    else:
-        reported = (await manager.request(sandbox, "metrics", {})).get("disk_bytes")
-        used = reported if isinstance(reported, int) and reported > 0 else 0
-    quota = (sandbox.spec.disk_mb << 20) - used
-    if request.content_length is not None and request.content_length > quota:
-        raise ProtocolError("disk_quota", f"{request.content_length} bytes with the {used} bytes already in use "
-                                          f"exceed the {sandbox.spec.disk_mb} MB quota")
+    quota = 1 << 62  # elsewhere (a volume, /tmp) the file system's own size is the bound (ENOSPC)
+    if _in_work(path) and not any(path.startswith(m.path + "/") for m in sandbox.spec.volumes):
+        # The host's figure where the runtime has one (the guest's could be forged, and costs a walk).
+        usage = sandbox.backend.disk_usage()
+        if usage is not None:
+            used = usage[0]
+        else:
+            reported = (await manager.request(sandbox, "metrics", {})).get("disk_bytes")
+            used = reported if isinstance(reported, int) and reported > 0 else 0
+        quota = (sandbox.spec.disk_mb << 20) - used
+        if request.content_length is not None and request.content_length > quota:
+            raise ProtocolError("disk_quota", f"{request.content_length} bytes with the {used} bytes already in use "
+                                              f"exceed the {sandbox.spec.disk_mb} MB quota")
     head, _, name = path.rpartition("/")
-    temp = f"{head}/" if head else ""
+    temp = f"{head}/" if head or path.startswith("/") else ""
     # The name, cut so the temporary name stays within MAX_NAME bytes too (a 255-byte name is legal).
     stem = name.encode()[: MAX_NAME - 32].decode("utf-8", "ignore")
     temp += f".{stem}.upload-{secrets.token_hex(4)}"

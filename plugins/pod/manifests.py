@@ -126,7 +126,7 @@ def agent_command(settings: PodSettings, image: str) -> list[str]:
     """The agent's command line in a sandbox container of `image` (attach: its main process;
     exec: what each connection runs)."""
     path = AGENT_DIR if image == settings.agent_image else AGENT_VOLUME_MOUNT
-    return [settings.python, "-c", AGENT_BOOT.format(path=path), "--root", "/work"]
+    return [settings.python, "-c", AGENT_BOOT.format(path=path), "--root", "/work", "--fs-root", "/"]
 
 
 def pod_spec(settings: PodSettings, *, image: str, memory_mb: int, disk_mb: int) -> dict[str, Any]:

@@ -40,6 +40,27 @@ def test_root_reached_through_a_symlink(tmp_path: Path) -> None:
     assert root.resolve(f"{os.path.realpath(tmp_path)}/real/x").rel == "x"
 
 
+def test_fs_roots_take_absolute_paths_outside_the_working_directory(tmp_path: Path) -> None:
+    work, data, other = tmp_path / "work", tmp_path / "data", tmp_path / "other"
+    for folder in (work, data, other):
+        folder.mkdir()
+    (data / "out").symlink_to(other)
+    (work / "to-data").symlink_to(data)
+    root = Root(str(work), (str(data),))
+    assert root.resolve(f"{data}/x").real == f"{os.path.realpath(data)}/x"
+    assert root.resolve(f"{data}/x").rel == f"{data}/x"  # outside /work: shown absolute
+    assert root.resolve(f"{work}/x").rel == "x"
+    assert root.resolve("to-data/x").real == f"{os.path.realpath(data)}/x"  # a link between roots
+    assert root.resolve(str(data)).is_root and root.resolve("").is_root
+    for bad in [f"{other}/x", f"{data}/out/x", f"{data}/../other"]:
+        with pytest.raises(ProtocolError) as info:
+            root.resolve(bad)
+        assert info.value.code == "path_escape"
+    whole = Root(str(work), ("/",))
+    assert whole.resolve("/etc/hostname").real == os.path.realpath("/etc/hostname")
+    assert whole.resolve("/").is_root
+
+
 def test_compile_cell_splits_off_the_last_expression() -> None:
     body, expr = compile_cell("x = 1\nx + 1", "<t>")
     assert body is not None and expr is not None

@@ -417,6 +417,52 @@ export const PROTOCOL = {
    "nested": false,
    "stream": false
   },
+  "fs.patch": {
+   "capability": "fs",
+   "control": false,
+   "fields": {
+    "action": {
+     "required": true,
+     "type": "str"
+    },
+    "data": {
+     "max": 524288,
+     "required": false,
+     "type": "bin"
+    },
+    "mode": {
+     "max": 4095,
+     "min": 0,
+     "required": false,
+     "type": "int"
+    },
+    "path": {
+     "max": 4096,
+     "required": true,
+     "type": "str"
+    },
+    "src": {
+     "max": 4096,
+     "required": false,
+     "type": "str"
+    },
+    "target": {
+     "max": 4096,
+     "required": false,
+     "type": "str"
+    },
+    "text": {
+     "max": 524288,
+     "required": false,
+     "type": "str"
+    }
+   },
+   "idempotent": false,
+   "leg": "both",
+   "liveness": false,
+   "nested": false,
+   "stream": false
+  },
   "fs.read": {
    "capability": "fs",
    "control": false,

@@ -1,0 +1,1 @@
+"""Storage: named volumes (`volumes`), the local store (`local`), patches and files at create."""
