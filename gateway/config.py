@@ -259,7 +259,8 @@ class Storage:
     """Named volumes (`[storage]`, docs/storage.md). Sizes in MB; each count and size is > 0."""
 
     #: Where volumes live (records and the "local" store's images); they outlive the gateway, so
-    #: not under the cache. Empty: the platform's user data folder (`~/.local/share/sandgate/volumes`).
+    #: not under the cache. Empty: `$SANDGATE_DATA_DIR/volumes`, else the platform's user data folder
+    #: (`~/.local/share/sandgate/volumes`).
     dir: str = ""
     #: A volume's `quota_mb` when the create names none, and the most it may name.
     quota_mb: int = 1024

@@ -35,6 +35,7 @@ from gateway.client.models import (
     TestOutcome,
     TestReport,
     TestSummary,
+    VolumeInfo,
 )
 from gateway.client.sync import Client, Execution, Files, Sandbox
 
@@ -67,5 +68,6 @@ __all__ = [
     "TestOutcome",
     "TestReport",
     "TestSummary",
+    "VolumeInfo",
     "errors",
 ]

@@ -58,6 +58,7 @@ from gateway.client.models import (
     SandboxInfo,
     Started,
     TestReport,
+    VolumeInfo,
 )
 from gateway.client.streams import ResultBuilder
 from gateway.protocol.client import JSON, MSGPACK
@@ -225,6 +226,55 @@ class AsyncClient:
             result.error.result = result
             raise result.error
         return result
+
+    # -- volumes --------------------------------------------------------------------------------
+
+    async def create_volume(self, name: str, quota_mb: int | None = None, *,
+                            runtime: str | None = None) -> VolumeInfo:
+        """Create a named volume (`POST /v1/volumes`): a file system of `quota_mb` that outlives the
+        sandboxes that mount it (`create_sandbox(volumes={"/data": {"name": name}})`).
+
+        Args:
+            name: 1-63 lowercase letters, digits, `.`, `_` or `-`.
+            quota_mb: its size (default: the gateway's); writes past it fail with `DiskQuota`.
+            runtime: the runtime whose sandboxes will mount it (default: the gateway's).
+
+        Raises:
+            BadRequest: a bad name or size. Exists: the name is taken. QuotaExceeded: too many volumes.
+        """
+        body = {"name": name, "quota_mb": quota_mb, "runtime": runtime}
+        return VolumeInfo.from_wire(await self._json("POST", "/v1/volumes",
+                                                     json={k: v for k, v in body.items() if v is not None}))
+
+    async def list_volumes(self) -> list[VolumeInfo]:
+        """This tenant's volumes, by name."""
+        data = await self._json("GET", "/v1/volumes")
+        return [VolumeInfo.from_wire(v) for v in data.get("volumes", []) if isinstance(v, dict)]
+
+    async def get_volume(self, name: str) -> VolumeInfo:
+        """One volume. Raises `NotFound`."""
+        return VolumeInfo.from_wire(await self._json("GET", _volume_path(name)))
+
+    async def delete_volume(self, name: str) -> None:
+        """Delete a volume and its files. Raises `NotFound`; `Busy` while a sandbox mounts it."""
+        await self._json("DELETE", _volume_path(name))
+
+    async def write_volume_file(self, name: str, path: str, data: FileData) -> int:
+        """Write a file into a volume no sandbox mounts (streamed, whole or not at all); the bytes
+        written. Raises `Busy` while mounted, `DiskQuota` past its size."""
+        body: Any = data.encode() if isinstance(data, str) else data
+        if isinstance(body, bytes | bytearray | memoryview):
+            body = io.BytesIO(body)
+        url = self._url("v1", "volumes", quote(name, safe=""), "files", path.lstrip("/"))
+        async with self._request("PUT", url, data=body, streaming=True) as resp:
+            answer = await resp.json(content_type=None)
+        return int(answer.get("bytes", 0)) if isinstance(answer, dict) else 0
+
+    async def read_volume_file(self, name: str, path: str) -> bytes:
+        """A file of a volume that no sandbox mounts read-write. Raises `NotFound`, `Busy`."""
+        url = self._url("v1", "volumes", quote(name, safe=""), "files", path.lstrip("/"))
+        async with self._request("GET", url, streaming=True) as resp:
+            return await resp.read()
 
     # -- deployed functions -----------------------------------------------------------------------
 
@@ -413,6 +463,10 @@ def _function_path(name: str) -> str:
     if not name or not isinstance(name, str):
         raise NotFound("a function's name is a non-empty string")
     return f"/v1/functions/{quote(name, safe='')}"
+
+
+def _volume_path(name: str) -> str:
+    return f"/v1/volumes/{quote(name, safe='')}"
 
 
 class _Creating:
@@ -933,14 +987,16 @@ class AsyncExecution:
 
 
 class AsyncFiles:
-    """The sandbox's files. Paths are relative to the sandbox's root (`/work` on WASM); `stat`,
-    `list`, `mkdir`, `move` and `remove` also take absolute paths inside it."""
+    """The sandbox's files. Every op takes a path relative to the sandbox's working folder (/work),
+    or an absolute one: anywhere in its file system on a microVM or pod, under /work or a mounted
+    volume on WASM."""
 
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sandbox = sandbox
 
     def _file_url(self, path: str) -> URL:
-        return self._sandbox.client._url("v1", "sandboxes", quote(self._sandbox.id, safe=""), "files", path)
+        url = self._sandbox.client._url("v1", "sandboxes", quote(self._sandbox.id, safe=""), "files")
+        return url.with_query(path=path)
 
     async def write(self, path: str, data: FileData) -> int:
         """Write a file (created with its parent directories, or replaced), streamed: `data` may be

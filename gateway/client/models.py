@@ -548,6 +548,28 @@ class FunctionInfo:
         )
 
 
+@dataclass(frozen=True)
+class VolumeInfo:
+    """A named volume (`GET /v1/volumes/{name}`): its size, the bytes in use (None when the
+    gateway cannot tell right now) and the sandboxes that mount it (`{sandbox_id, readonly}`)."""
+
+    name: str
+    quota_mb: int
+    store: str
+    used_bytes: int | None
+    mounted_by: list[dict[str, Any]]
+    created_at: float | None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> VolumeInfo:
+        mounted = data.get("mounted_by")
+        return cls(name=str(data["name"]), quota_mb=_int(data.get("quota_mb")) or 0, store=str(data.get("store") or ""),
+                   used_bytes=_int(data.get("used_bytes")),
+                   mounted_by=[dict(m) for m in mounted if isinstance(m, dict)] if isinstance(mounted, list) else [],
+                   created_at=_float(data.get("created_at")), raw=dict(data))
+
+
 #: The states in which an execution has ended.
 FINISHED_STATES = frozenset({"completed", "failed", "cancelled", "timeout"})
 

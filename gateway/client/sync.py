@@ -31,6 +31,7 @@ from gateway.client.models import (
     Metrics,
     SandboxInfo,
     TestReport,
+    VolumeInfo,
 )
 
 T = TypeVar("T")
@@ -153,6 +154,30 @@ class Client:
             name, code, function, code_ref=code_ref, runtime=runtime, language=language, timeout=timeout,
             memory_mb=memory_mb, min_instances=min_instances, max_instances=max_instances,
             idle_timeout=idle_timeout, env=env))
+
+    def create_volume(self, name: str, quota_mb: int | None = None, *, runtime: str | None = None) -> VolumeInfo:
+        """Create a named volume (as `AsyncClient.create_volume`)."""
+        return _run(self._async.create_volume(name, quota_mb, runtime=runtime))
+
+    def list_volumes(self) -> list[VolumeInfo]:
+        """This tenant's volumes."""
+        return _run(self._async.list_volumes())
+
+    def get_volume(self, name: str) -> VolumeInfo:
+        """One volume. Raises `NotFound`."""
+        return _run(self._async.get_volume(name))
+
+    def delete_volume(self, name: str) -> None:
+        """Delete a volume. Raises `NotFound`, `Busy` while mounted."""
+        _run(self._async.delete_volume(name))
+
+    def write_volume_file(self, name: str, path: str, data: bytes | str) -> int:
+        """Write a file into an unmounted volume (as `AsyncClient.write_volume_file`)."""
+        return _run(self._async.write_volume_file(name, path, data))
+
+    def read_volume_file(self, name: str, path: str) -> bytes:
+        """A file of a volume no sandbox mounts read-write."""
+        return _run(self._async.read_volume_file(name, path))
 
     def list_functions(self) -> list[FunctionInfo]:
         """This tenant's deployed functions."""

@@ -104,8 +104,16 @@ class VolumeBackend(ABC):
         """Release what the backend holds (mounts kept for reading). Called at gateway shutdown."""
 
 
+#: Overrides the folder sandgate keeps data in that must outlive it (volumes).
+DATA_ENV = "SANDGATE_DATA_DIR"
+
+
 def default_dir() -> Path:
-    """`~/.local/share/sandgate/volumes` (platformdirs' rule), for `[storage] dir = ""`."""
+    """For `[storage] dir = ""`: `$SANDGATE_DATA_DIR/volumes`, else the user data folder's
+    (`~/.local/share/sandgate/volumes`, platformdirs' rule)."""
+    data = os.environ.get(DATA_ENV)
+    if data:
+        return Path(data) / "volumes"
     import platformdirs
 
     return Path(platformdirs.user_data_dir("sandgate")) / "volumes"
