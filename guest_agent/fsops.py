@@ -205,6 +205,13 @@ def _check_regular(st: os.stat_result, path: str) -> None:
         raise ProtocolError("io_error", f"not a regular file: {path!r:.300}")
 
 
+def _makedirs(path: str) -> None:
+    """os.makedirs(exist_ok=True), except that a folder that exists is left alone: under WASI a
+    preopen's parent ("/") does not exist, and makedirs would climb to it and fail."""
+    if not os.path.isdir(path):
+        os.makedirs(path, exist_ok=True)
+
+
 def _path(message: Mapping[str, Any], name: str = "path") -> str:
     return field(message, name, str)  # type: ignore[no-any-return]
 
@@ -332,7 +339,7 @@ class FileOps:
         target = self.root.resolve(path)
         try:
             if parents:
-                os.makedirs(target.real, exist_ok=True)
+                _makedirs(target.real)
             else:
                 os.mkdir(target.real)
         except OSError as exc:
@@ -393,7 +400,7 @@ class FileOps:
             raise ProtocolError("bad_request", f"a {action} patch cannot replace a root of the file system")
         try:
             if action != "remove":
-                os.makedirs(os.path.dirname(target.real), exist_ok=True)
+                _makedirs(os.path.dirname(target.real))
             if action in ("text", "append"):
                 data = message["data"] if "data" in message else message["text"].encode("utf-8")
                 flags = os.O_WRONLY | os.O_CREAT | _OPEN_FLAGS | getattr(os, "O_NOFOLLOW", 0)
@@ -409,7 +416,7 @@ class FileOps:
                 finally:
                     os.close(fd)
             elif action == "mkdir":
-                os.makedirs(target.real, exist_ok=True)
+                _makedirs(target.real)
                 if "mode" in message:
                     os.chmod(target.real, message["mode"])
             elif action == "symlink":

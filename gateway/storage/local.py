@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -105,28 +106,96 @@ class MountHolder:
         await self.proc.wait()
 
 
-def _inside(base: Path, path: str) -> Path:
-    """`path` (relative, checked by `check_path`) under the mount, refusing symlinks that leave it."""
-    target = base / path.lstrip("/")
-    real_base = os.path.realpath(base)
-    real = os.path.realpath(target)
-    if real != real_base and not real.startswith(real_base + os.sep):
-        raise ProtocolError("path_escape", f"{path!r:.200} leads outside the volume")
-    return Path(real)
+_NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_parent(base: Path, path: str, *, create: bool) -> tuple[int, str]:
+    """(fd of the folder holding `path`, its last name), walking the volume one name at a time
+    with O_NOFOLLOW: a symlink the guest left in the volume is never followed (its target would be
+    resolved in the gateway's file system: the mount is reached through /proc/<pid>/root). Makes
+    missing folders when `create`. The caller closes the fd."""
+    *folders, name = [part for part in path.split("/") if part not in ("", ".")]
+    fd = os.open(base, _NOFOLLOW_DIR)
+    try:
+        for folder in folders:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(folder, 0o755, dir_fd=fd)
+            child = os.open(folder, _NOFOLLOW_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, name
+
+
+def _os_error(exc: OSError, path: str) -> ProtocolError:
+    from guest_agent.fsops import os_error
+
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR) and not isinstance(exc, NotADirectoryError):
+        return ProtocolError("path_escape", f"{path!r:.200} goes through a symbolic link")
+    return os_error(exc, path)
 
 
 def _open_regular(base: Path, path: str, volume: str) -> BinaryIO:
-    target = _inside(base, path)
     try:
-        f = open(target, "rb")  # the caller closes it, after streaming
+        parent, name = _open_parent(base, path, create=False)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=parent)
+        finally:
+            os.close(parent)
     except FileNotFoundError:
         raise ProtocolError("not_found", f"no file {path!r:.200} in volume {volume!r}") from None
-    except IsADirectoryError:
-        raise ProtocolError("is_a_directory", f"{path!r:.200} is a directory") from None
-    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-        f.close()
+    except OSError as exc:
+        raise _os_error(exc, path) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise ProtocolError("is_a_directory", f"{path!r:.200} is a directory")
         raise ProtocolError("io_error", f"{path!r:.200} is not a regular file")
-    return f
+    return os.fdopen(fd, "rb")
+
+
+class _Upload:
+    """A file written beside its target under a temporary name, renamed into place at the end."""
+
+    def __init__(self, base: Path, path: str) -> None:
+        self.path = path
+        try:
+            self.parent, self.name = _open_parent(base, path, create=True)
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        self.temp = f".{self.name[:200]}.upload-{secrets.token_hex(4)}"
+        try:
+            self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                              dir_fd=self.parent)
+        except OSError as exc:
+            os.close(self.parent)
+            raise _os_error(exc, path) from None
+
+    def write(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:
+            raise _os_error(exc, self.path) from None
+
+    def commit(self) -> None:
+        try:
+            os.fsync(self.fd)
+            os.rename(self.temp, self.name, src_dir_fd=self.parent, dst_dir_fd=self.parent)
+        except OSError as exc:
+            raise _os_error(exc, self.path) from None
+
+    def close(self) -> None:
+        """Close, removing the temporary file if it was not renamed."""
+        os.close(self.fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.temp, dir_fd=self.parent)
+        os.close(self.parent)
 
 
 class LocalVolumes(VolumeBackend):
@@ -195,27 +264,13 @@ class LocalVolumes(VolumeBackend):
 
     async def write_file(self, volume: Volume, path: str, chunks: AsyncIterator[bytes]) -> int:
         async with self._mounted(volume, readonly=False) as base:
-            target = await asyncio.to_thread(_inside, base, path)
-            temp = target.parent / f".{target.name[:200]}.upload-{secrets.token_hex(4)}"
+            upload = await asyncio.to_thread(_Upload, base, path)
             written = 0
             try:
-                await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
-                f = await asyncio.to_thread(open, temp, "xb")
-                with f:
-                    async for chunk in chunks:
-                        await asyncio.to_thread(f.write, chunk)
-                        written += len(chunk)
-                    await asyncio.to_thread(f.flush)
-                    await asyncio.to_thread(os.fsync, f.fileno())
-                await asyncio.to_thread(os.replace, temp, target)
-            except OSError as exc:
-                with contextlib.suppress(OSError):
-                    temp.unlink()
-                from guest_agent.fsops import os_error
-
-                raise os_error(exc, path) from None
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    temp.unlink()
-                raise
+                async for chunk in chunks:
+                    await asyncio.to_thread(upload.write, chunk)
+                    written += len(chunk)
+                await asyncio.to_thread(upload.commit)
+            finally:
+                await asyncio.to_thread(upload.close)
             return written

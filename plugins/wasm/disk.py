@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 from guest_agent.wire import ProtocolError
@@ -35,7 +36,9 @@ READY_TIMEOUT_S = 10.0
 #: Marks a sandbox process (holder or launcher) with the work root of the gateway that made it,
 #: so a restarted gateway can find and kill what a dead one left (plugins.common.remove_orphans).
 WORK_ROOT_ENV = "SANDGATE_WORK_ROOT"
-_MOUNT = ('mount -t tmpfs -o "size=$2m,nr_inodes=$3,mode=0700" sandgate-work "$1" && echo ready '
+#: The tmpfs, then each volume (image, folder, options) given after the first three arguments.
+_MOUNT = ('mount -t tmpfs -o "size=$2m,nr_inodes=$3,mode=0700" sandgate-work "$1" && shift 3 && '
+          'while [ $# -gt 0 ]; do mount -t ext4 -o "$3" "$1" "$2" || exit 1; shift 3; done && echo ready '
           '&& exec sleep infinity </dev/null >/dev/null 2>&1')
 
 
@@ -44,13 +47,27 @@ def inode_bound(disk_mb: int) -> int:
     return max(MIN_INODES, (disk_mb << 20) // BYTES_PER_INODE)
 
 
-def holder_command(work: Path, disk_mb: int) -> list[str]:
-    """The holder's argv: unshare, then setpriv (the parent-death signal), then the mount."""
+@dataclass(frozen=True)
+class VolumeImage:
+    """A volume's ext4 image and the host folder the holder mounts it over (loop, in its namespace)."""
+
+    image: str
+    folder: Path
+    readonly: bool
+
+    def options(self) -> str:
+        # noload: a read-only mount never replays the journal (a write, and others may read it).
+        return "loop,ro,noload" if self.readonly else "loop,rw,nosuid,nodev"
+
+
+def holder_command(work: Path, disk_mb: int, volumes: tuple[VolumeImage, ...] = ()) -> list[str]:
+    """The holder's argv: unshare, then setpriv (the parent-death signal), then the mounts."""
     unshare = ["unshare", "--mount", "--propagation", "private"]
     if os.geteuid() != 0:
         unshare[1:1] = ["--user", "--map-root-user"]
+    mounts = [arg for v in volumes for arg in (v.image, str(v.folder), v.options())]
     return [*unshare, "setpriv", "--pdeathsig", "KILL", "sh", "-c", _MOUNT, "sandgate-disk", str(work),
-            str(disk_mb), str(inode_bound(disk_mb))]
+            str(disk_mb), str(inode_bound(disk_mb)), *mounts]
 
 
 class DiskHolder:
@@ -59,18 +76,24 @@ class DiskHolder:
     def __init__(self, proc: asyncio.subprocess.Process, work: Path) -> None:
         self.proc = proc
         #: Where this process (and the launchers) reach the tmpfs.
-        self.path = Path(f"/proc/{proc.pid}/root") / work.relative_to("/")
+        self.path = self.reach(work)
+
+    def reach(self, folder: Path) -> Path:
+        """Where a folder of the holder's namespace (the tmpfs, a volume) is reached from outside."""
+        return Path(f"/proc/{self.proc.pid}/root") / folder.relative_to("/")
 
     @classmethod
-    async def start(cls, work: Path, disk_mb: int, work_root: Path) -> DiskHolder:
-        """Mount a `disk_mb` tmpfs over `work` in a new holder; `unavailable` if the host cannot.
+    async def start(cls, work: Path, disk_mb: int, work_root: Path,
+                    volumes: tuple[VolumeImage, ...] = ()) -> DiskHolder:
+        """Mount a `disk_mb` tmpfs over `work`, and the volumes, in a new holder; `unavailable` if
+        the host cannot.
 
         Must run on the event loop's thread: the parent-death signal follows the thread that
         forked the holder, and a worker thread that ends would take the holder with it."""
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", WORK_ROOT_ENV: str(work_root)}
         try:
             proc = await asyncio.create_subprocess_exec(
-                *holder_command(work, disk_mb), stdin=asyncio.subprocess.DEVNULL,
+                *holder_command(work, disk_mb, volumes), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
                 start_new_session=True)
         except OSError as exc:
@@ -82,7 +105,8 @@ class DiskHolder:
                 ready = await proc.stdout.readline()
                 if ready != b"ready\n":
                     err = (await proc.stderr.read(4096)).decode(errors="replace").strip()
-                    raise ProtocolError("unavailable", f"cannot mount the sandbox's {disk_mb} MB tmpfs "
+                    what = f"{disk_mb} MB tmpfs" + (" and volumes" if volumes else "")
+                    raise ProtocolError("unavailable", f"cannot mount the sandbox's {what} "
                                                        f"(unshare/mount): {err or 'no reason given'}")
                 await proc.stdout.read()  # EOF: the sleep has its own stdio
                 await proc.stderr.read()

@@ -114,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("python", "javascript", *interpreters.LANGUAGES, "program"), default="python")
     p.add_argument("--work", help="host folder preopened read-write at /work")
     p.add_argument("--agent-dir", help="host folder preopened read-only at /sandgate")
+    p.add_argument("--preopen", action="append", default=[], metavar="HOST:GUEST[:ro]",
+                   help="another host folder preopened at an absolute guest path (a volume), read-only with :ro")
     p.add_argument("--memory-bytes", type=int, help="cap on the guest's linear memory")
     p.add_argument("--cpu-seconds", type=float, help="guest CPU allowed over the sandbox's life")
     p.add_argument("--code", help="javascript mode: the JS source")
@@ -138,6 +140,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for item in args.env:
         if "=" not in item:
             p.error(f"--env wants K=V, got {item!r}")
+    for item in args.preopen:
+        host, _, rest = item.partition(":")
+        guest, _, mode = rest.partition(":")
+        if not host or not guest.startswith("/") or mode not in ("", "ro"):
+            p.error(f"--preopen wants HOST:GUEST or HOST:GUEST:ro, got {item!r}")
     if args.memory_bytes is not None and args.memory_bytes <= 0:
         p.error("--memory-bytes must be positive")
     if args.cpu_seconds is not None and args.cpu_seconds <= 0:
@@ -337,6 +344,12 @@ def _store(engine: wasmtime.Engine, args: argparse.Namespace, wasi_argv: list[st
         if not os.path.isdir(args.work):
             raise LauncherError(f"--work {args.work!r} is not a folder")
         wasi.preopen_dir(os.path.abspath(args.work), WORK_GUEST, True)
+    for item in args.preopen:
+        host, _, rest = item.partition(":")
+        guest, _, mode = rest.partition(":")
+        if not os.path.isdir(host):
+            raise LauncherError(f"--preopen {host!r} is not a folder")
+        wasi.preopen_dir(os.path.abspath(host), guest, mode != "ro")
     shared = args.code_dir if args.mode in interpreters.LANGUAGES else args.agent_dir
     if shared:
         if not os.path.isdir(shared):

@@ -33,11 +33,12 @@ from typing import Any
 from gateway.runtime.agent_client import call_once
 from gateway.runtime.base import Backend, ByteChannel, CachedImage, Progress, Runtime, SandboxSpec, StreamChannel
 from gateway.runtime.pool import WarmPool
+from gateway.storage.volumes import VolumeMount
 from guest_agent.wire import CHUNK_SIZE, ProtocolError
 from plugins.common import CACHE_ENV, TerminalProgress, cache_root, gateway_work_root, remove_orphans
 from plugins.wasm import artifacts, cprograms, interpreters, jail, runno
 from plugins.wasm.agent_dir import stage_agent_dir
-from plugins.wasm.disk import WORK_ROOT_ENV, DiskHolder
+from plugins.wasm.disk import WORK_ROOT_ENV, DiskHolder, VolumeImage
 from plugins.wasm.settings import WasmSettings
 
 log = logging.getLogger(__name__)
@@ -223,15 +224,22 @@ def _check_text(what: str, text: str) -> None:
 ONESHOT_NAMES = {"javascript": "JavaScript", "ruby": "Ruby", "php": "PHP", "c": "C", "cpp": "C++"}
 
 
+def volumes_folder(work: Path) -> Path:
+    """Where a sandbox's volume mount points are (beside its work folder: the tmpfs would hide them)."""
+    return work.with_name(work.name + "-volumes")
+
+
 class WasmBackend(Backend):
     """One WASM sandbox: its disk holder (the /work tmpfs), the agent's launcher, at most one
     one-shot launcher (JavaScript, Ruby, PHP) at a time, and the CPU budget they all draw from."""
 
     def __init__(self, runtime: WasmRuntime, work: Path, holder: DiskHolder, memory_mb: int, cpu_seconds: float,
-                 disk_mb: int) -> None:
+                 disk_mb: int, volumes: tuple[tuple[VolumeImage, str], ...] = ()) -> None:
         self.runtime = runtime
         self.work = work
         self.holder = holder
+        #: The volumes the holder mounted, each with its path in the guest.
+        self.volumes = volumes
         self.host_root = holder.path
         self.memory_mb = memory_mb
         self.cpu_seconds = cpu_seconds
@@ -256,8 +264,10 @@ class WasmBackend(Backend):
         return left
 
     def launcher_args(self, mode: str, memory_bytes: int, cpu_seconds: float) -> list[str]:
+        preopens = [f"--preopen={self.holder.reach(v.folder)}:{guest}{':ro' if v.readonly else ''}"
+                    for v, guest in self.volumes]
         return ["--mode", mode, "--work", str(self.holder.path), "--agent-dir", str(self.runtime.agent_dir),
-                "--memory-bytes", str(memory_bytes), "--cpu-seconds", f"{cpu_seconds:.3f}"]
+                *preopens, "--memory-bytes", str(memory_bytes), "--cpu-seconds", f"{cpu_seconds:.3f}"]
 
     async def boot(self) -> None:
         """Start a launcher and wait until its agent answers. At most one boot per core runs at a
@@ -265,8 +275,9 @@ class WasmBackend(Backend):
         concurrent cold creates, p50 11 s -> ~5 s)."""
         async with self.runtime.boot_slots:
             args = self.launcher_args("python", self.memory_mb << 20, self.cpu_remaining())
-            self.launcher = await Launcher.spawn([*args, "--", "python", "-m", "guest_agent", "--root", "/work"],
-                                                 self.runtime.launcher_env)
+            fs_roots = [arg for _, guest in self.volumes for arg in ("--fs-root", guest)]
+            self.launcher = await Launcher.spawn([*args, "--", "python", "-m", "guest_agent", "--root", "/work",
+                                                  *fs_roots], self.runtime.launcher_env)
             self._channel = self.launcher.channel()
             await self.launcher.wait_ready()
 
@@ -291,6 +302,7 @@ class WasmBackend(Backend):
         await self._retire(self.oneshot_launcher)
         await self.holder.stop()
         await asyncio.to_thread(shutil.rmtree, self.work, True)
+        await asyncio.to_thread(shutil.rmtree, volumes_folder(self.work), True)
         if not self._destroyed:
             self._destroyed = True
             self.runtime.release_disk(self.disk_mb)
@@ -507,6 +519,8 @@ class WasmRuntime(Runtime):
                    "JavaScript, Ruby and PHP")
     capabilities = frozenset()
     min_memory_mb = MIN_MEMORY_MB
+    #: Volumes are ext4 images the sandbox's disk holder loop-mounts and the launcher preopens.
+    volume_store = "local"
 
     def languages(self) -> dict[str, list[str]]:
         return {"default": sorted({"python", "javascript", *self.modules, *self.compiled_languages()})}
@@ -647,9 +661,10 @@ class WasmRuntime(Runtime):
         self.disk_committed_mb -= disk_mb
         self._disk_freed.set()
 
-    async def new_backend(self, memory_mb: int, cpu_seconds: float, disk_mb: int) -> WasmBackend:
-        """A sandbox's folder and disk holder (no launcher yet); `unavailable` when its disk_mb
-        would take the gateway past max_total_disk_mb."""
+    async def new_backend(self, memory_mb: int, cpu_seconds: float, disk_mb: int,
+                          mounts: tuple[VolumeMount, ...] = ()) -> WasmBackend:
+        """A sandbox's folder and disk holder with its volumes mounted (no launcher yet);
+        `unavailable` when its disk_mb would take the gateway past max_total_disk_mb."""
         limit = self.settings.max_total_disk_mb
         if self.disk_committed_mb + disk_mb > limit:
             raise ProtocolError("unavailable", f"the WASM runtime's disk capacity is used up: live sandboxes hold "
@@ -657,14 +672,19 @@ class WasmRuntime(Runtime):
                                                f"this one asks {disk_mb} MB")
         self.disk_committed_mb += disk_mb
         work = self.work_root / secrets.token_hex(8)
+        volumes = tuple((VolumeImage(m.source, volumes_folder(work) / str(i), m.readonly), m.path)
+                        for i, m in enumerate(mounts))
         try:
             work.mkdir(parents=True, mode=0o700)
-            holder = await DiskHolder.start(work, disk_mb, self.work_root)
+            for volume, _ in volumes:
+                volume.folder.mkdir(parents=True, mode=0o700)
+            holder = await DiskHolder.start(work, disk_mb, self.work_root, tuple(v for v, _ in volumes))
         except BaseException:
             self.release_disk(disk_mb)
             await asyncio.to_thread(shutil.rmtree, work, True)
+            await asyncio.to_thread(shutil.rmtree, volumes_folder(work), True)
             raise
-        return WasmBackend(self, work, holder, memory_mb, cpu_seconds, disk_mb)
+        return WasmBackend(self, work, holder, memory_mb, cpu_seconds, disk_mb, volumes)
 
     async def _make_pooled(self) -> WasmBackend:
         # A full gateway is no failure of the pool's: its refill waits for a destroy to free room.
@@ -687,11 +707,12 @@ class WasmRuntime(Runtime):
 
     async def create(self, spec: SandboxSpec) -> Backend:
         wanted = (spec.memory_mb, spec.cpu_seconds, spec.disk_mb)
-        if wanted == (self.default_memory_mb, self.default_cpu_seconds, self.default_disk_mb):
+        # A warm sandbox has its preopens already: one with volumes is made cold.
+        if wanted == (self.default_memory_mb, self.default_cpu_seconds, self.default_disk_mb) and not spec.volumes:
             warm = self.pool.take()
             if warm is not None:
                 return warm
-        backend = await self.new_backend(*wanted)
+        backend = await self.new_backend(*wanted, spec.volumes)
         try:
             await backend.boot()
         except BaseException:
