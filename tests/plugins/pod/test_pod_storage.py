@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.config import Limits, Settings, Storage
 from gateway.testing.conformance import AUTH, KEY, OTHER_AUTH, OTHER_KEY, Gateway
+from gateway.testing.storage import StorageConformance
 from gateway.web.app import create_app
 from plugins.pod import manifests as m
 from tests.kube.cluster import KubeCluster
@@ -21,6 +22,19 @@ from tests.kube.kubelet import TEST_STORAGE_CLASS
 pytestmark = pytest.mark.pod
 
 Client = TestClient[Any, Any]
+
+
+class TestPodStorageConformance(StorageConformance):
+    runtime = "pod"
+    whole_file_system = True
+
+    @pytest.fixture(autouse=True)
+    def _aim_at_the_test_cluster(self, pod_config: dict[str, Any]) -> None:
+        self.runtime_config = {**pod_config, "storage_class": TEST_STORAGE_CLASS}  # per test: its own namespace
+
+    def _patch_dir(self) -> str:
+        # A pod's root file system is read-only: patches reach its writable emptyDirs (/work, /tmp).
+        return "/tmp/patched"
 
 
 def pod_gateway_settings(tmp_path: Path, pod_config: dict[str, Any], **extra: Any) -> Settings:
