@@ -246,6 +246,7 @@ class SandboxManager(OpRouter):
                           ttl=ttl, idle_timeout=idle, metadata={}, created_at=created_at,
                           created_mono=time.monotonic() - age, replay_budget=self._sandbox_budget())
         self._sandboxes[sandbox_id] = sandbox
+        self.volumes.adopt(sandbox_id, spec.volumes)  # its mounts count against other mounts here too
         sandbox.spawn(self._watch(sandbox), f"watch-{sandbox_id}")
         log.info("sandbox %s: adopted from runtime %s", sandbox_id, runtime.id)
         return sandbox

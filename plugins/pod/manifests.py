@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway.runtime.base import SandboxSpec
+from gateway.storage.volumes import Volume, VolumeMount
 from guest_agent.languages import canonical
 from plugins.pod.settings import PodSettings
 
@@ -28,6 +29,8 @@ NETWORK = "sandgate.dev/network"
 CREATED_AT = "sandgate.dev/created-at"
 EXPIRES_AT = "sandgate.dev/expires-at"
 SPEC = "sandgate.dev/spec"
+VOLUME_ID = "sandgate.dev/volume-id"
+VOLUME_NAME = "sandgate.dev/volume-name"
 
 SANDBOX_SELECTOR = f"{MANAGED_BY}=sandgate,{COMPONENT}=sandbox"
 LEASE_SELECTOR = f"{MANAGED_BY}=sandgate,{COMPONENT}=gateway-lease"
@@ -100,10 +103,38 @@ def sandbox_annotations(settings: PodSettings, spec: SandboxSpec | None, now: da
 
 def spec_json(spec: SandboxSpec) -> str:
     import json
+    from dataclasses import asdict
 
     return json.dumps({"memory_mb": spec.memory_mb, "cpu_seconds": spec.cpu_seconds, "disk_mb": spec.disk_mb,
                        "network": spec.network, "template": spec.template, "ttl_s": spec.ttl_s,
-                       "idle_timeout_s": spec.idle_timeout_s, "created_at": spec.created_at}, sort_keys=True)
+                       "idle_timeout_s": spec.idle_timeout_s, "created_at": spec.created_at,
+                       "volumes": [asdict(v) for v in spec.volumes]}, sort_keys=True)
+
+
+def parse_volumes(value: Any) -> tuple[VolumeMount, ...]:
+    """The `volumes` of a stored spec annotation. Raises TypeError or KeyError for a bad one."""
+    if value is None:
+        return ()
+    return tuple(VolumeMount(path=str(v["path"]), name=str(v["name"]), readonly=bool(v["readonly"]),
+                             quota_mb=int(v["quota_mb"]), source=str(v["source"]), volume_id=str(v["volume_id"]))
+                 for v in value)
+
+
+def claim_manifest(settings: PodSettings, name: str, volume: Volume) -> dict[str, Any]:
+    """A named volume's PersistentVolumeClaim: its quota as the storage request, one writer node."""
+    spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"],
+                            "resources": {"requests": {"storage": f"{volume.quota_mb}Mi"}}}
+    if settings.storage_class is not None:
+        spec["storageClassName"] = settings.storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": settings.namespace,
+                     "labels": {MANAGED_BY: "sandgate", COMPONENT: "volume", TENANT: label_value(volume.tenant),
+                                VOLUME_ID: label_value(volume.id)},
+                     "annotations": {TENANT: volume.tenant, VOLUME_ID: volume.id, VOLUME_NAME: volume.name}},
+        "spec": spec,
+    }
 
 
 def claim_patch(settings: PodSettings, spec: SandboxSpec, now: datetime.datetime) -> dict[str, Any]:
@@ -129,11 +160,14 @@ def agent_command(settings: PodSettings, image: str) -> list[str]:
     return [settings.python, "-c", AGENT_BOOT.format(path=path), "--root", "/work", "--fs-root", "/"]
 
 
-def pod_spec(settings: PodSettings, *, image: str, memory_mb: int, disk_mb: int) -> dict[str, Any]:
+def pod_spec(settings: PodSettings, *, image: str, memory_mb: int, disk_mb: int,
+             volumes_wanted: tuple[VolumeMount, ...] = ()) -> dict[str, Any]:
     """A hardened PodSpec: non-root, no privilege escalation, no capabilities, seccomp
     RuntimeDefault, no service-account token, read-only root with emptyDirs for /work and /tmp,
     bounded memory, CPU and disk. The agent comes from an init container copying it out of the
-    agent image unless the sandbox image is the agent image."""
+    agent image unless the sandbox image is the agent image. Each named volume is its
+    PersistentVolumeClaim, mounted at its path (read-only when asked: the claim and the mount
+    both say so); the pod's fsGroup makes a read-write one writable by the non-root agent."""
     hardened = {
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
@@ -151,6 +185,10 @@ def pod_spec(settings: PodSettings, *, image: str, memory_mb: int, disk_mb: int)
         {"name": "work", "emptyDir": {"sizeLimit": f"{disk_mb}Mi"}},
         {"name": "tmp", "emptyDir": {"sizeLimit": f"{settings.tmp_mb}Mi"}},
     ]
+    for i, wanted in enumerate(volumes_wanted):
+        volumes.append({"name": f"volume-{i}", "persistentVolumeClaim": {"claimName": wanted.source,
+                                                                          "readOnly": wanted.readonly}})
+        mounts.append({"name": f"volume-{i}", "mountPath": wanted.path, "readOnly": wanted.readonly})
     init: list[dict[str, Any]] = []
     if not own_agent:
         volumes.append({"name": "agent", "emptyDir": {"sizeLimit": "64Mi"}})
@@ -228,7 +266,8 @@ def pod_manifest(settings: PodSettings, name: str, spec: SandboxSpec | None, now
         "kind": "Pod",
         "metadata": {"name": name, "namespace": settings.namespace, "labels": sandbox_labels(settings, spec),
                      "annotations": sandbox_annotations(settings, spec, now)},
-        "spec": pod_spec(settings, image=image, memory_mb=memory_mb, disk_mb=disk_mb),
+        "spec": pod_spec(settings, image=image, memory_mb=memory_mb, disk_mb=disk_mb,
+                         volumes_wanted=spec.volumes if spec is not None else ()),
     }
 
 
@@ -245,7 +284,8 @@ def sandbox_resource(settings: PodSettings, name: str, spec: SandboxSpec, now: d
         "spec": {
             "podTemplate": {
                 "metadata": {"labels": labels, "annotations": annotations},
-                "spec": pod_spec(settings, image=image, memory_mb=spec.memory_mb, disk_mb=spec.disk_mb),
+                "spec": pod_spec(settings, image=image, memory_mb=spec.memory_mb, disk_mb=spec.disk_mb,
+                                 volumes_wanted=spec.volumes),
             },
             "shutdownTime": annotations[EXPIRES_AT],
             "shutdownPolicy": "Delete",

@@ -30,6 +30,7 @@ import aiohttp
 from gateway.runtime.agent_client import call_once
 from gateway.runtime.base import Backend, ByteChannel, NotConfigured, Runtime, SandboxSpec
 from gateway.runtime.pool import WarmPool
+from gateway.storage.volumes import VolumeBackend
 from guest_agent.wire import ProtocolError
 from plugins.pod import manifests as m
 from plugins.pod.channel import StreamChannel
@@ -174,6 +175,7 @@ class PodRuntime(Runtime):
     id = "pod"
     description = "Kubernetes pods (or agent-sandbox Sandboxes), the agent over the API server's exec/attach"
     capabilities = frozenset({"network"})
+    volume_store = "kubernetes"
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
@@ -186,6 +188,12 @@ class PodRuntime(Runtime):
         self.misses = MissCache(MISS_CACHE_SIZE, MISS_TTL_S)
         self._finds = asyncio.Semaphore(MAX_FINDS_RUNNING)
         self._finds_waiting = 0
+
+    def volume_backend(self) -> VolumeBackend | None:
+        """Named volumes as PersistentVolumeClaims (plugins/pod/volumes.py)."""
+        from plugins.pod.volumes import PodVolumes
+
+        return PodVolumes(self)
 
     @property
     def kube(self) -> Kube:
@@ -391,7 +399,9 @@ class PodRuntime(Runtime):
                 if lang not in self.settings.templates}
 
     def _poolable(self, spec: SandboxSpec) -> bool:
+        # A sandbox with volumes starts cold: a warm pod cannot gain a volume.
         return (self.pool is not None and self.settings.mode == "pod" and not spec.network and spec.template is None
+                and not spec.volumes
                 and (spec.memory_mb, spec.disk_mb) == (self.settings.pool_memory_mb, self.settings.pool_disk_mb))
 
     async def create(self, spec: SandboxSpec) -> Backend:
@@ -561,7 +571,8 @@ class PodRuntime(Runtime):
                                cpu_seconds=float(fields["cpu_seconds"]), disk_mb=int(fields["disk_mb"]),
                                network=bool(fields["network"]), template=fields.get("template"),
                                ttl_s=_number(fields.get("ttl_s")), idle_timeout_s=_number(fields.get("idle_timeout_s")),
-                               created_at=_number(fields.get("created_at")))
+                               created_at=_number(fields.get("created_at")),
+                               volumes=m.parse_volumes(fields.get("volumes")))
         except (ValueError, KeyError, TypeError):
             return None
         patch = {"metadata": {"resourceVersion": pod["metadata"]["resourceVersion"],

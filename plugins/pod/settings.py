@@ -23,6 +23,7 @@ DEFAULT_EGRESS_EXCEPT = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.2
 IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|Ki|Mi|Gi)?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,11 @@ class PodSettings:
     gateway_id: str = ""
     python: str = "python3"
     service_account_name: str | None = None
+    #: The storage class of volumes' PersistentVolumeClaims; None: the cluster's default class.
+    storage_class: str | None = None
+    #: How long a volume's create waits for its claim to be Bound (0: not at all, for classes
+    #: that bind only once a pod uses the claim, WaitForFirstConsumer).
+    volume_bind_timeout_s: float = 60.0
 
     @property
     def sandbox_image(self) -> str:
@@ -130,6 +136,10 @@ class PodSettings:
         for name, image in {**self.templates, **self.languages}.items():
             if not image.strip():
                 raise ConfigError(f"[runtimes.pod] the image for {name!r} is empty")
+        if self.storage_class is not None and not _DNS_SUBDOMAIN.match(self.storage_class):
+            raise ConfigError(f"[runtimes.pod] storage_class {self.storage_class!r} is not a storage class name")
+        if self.volume_bind_timeout_s < 0:
+            raise ConfigError(f"[runtimes.pod] volume_bind_timeout_s must be >= 0, not {self.volume_bind_timeout_s!r}")
         if self.pool_size and self.mode != "pod":
             raise ConfigError("[runtimes.pod] pool_size needs mode = 'pod' (agent-sandbox has SandboxWarmPool)")
 

@@ -11,7 +11,11 @@ What the apiserver is given, and why:
   1.20 would skip verifying kubelets altogether) and the kubelet accepts only the apiserver's cert;
 - a static token file: `admin` (system:masters) for tests, `system:node:<node>` (group system:nodes)
   for the kubelet, so the real Node authorizer and NodeRestriction admission judge it, and
-  `system:kube-scheduler` for the kubelet's scheduling part, which RBAC's bootstrap roles cover;
+  `system:kube-scheduler` for the kubelet's scheduling part, which RBAC's bootstrap roles cover,
+  and `sandgate-test-provisioner` (system:masters, as an external provisioner's own account would
+  be given what it needs) for its storage part, which creates PVs and binds claims;
+- as root, the kubelet runs in a private mount namespace (`unshare --mount`): the ext4 images of
+  its volumes are loop-mounted there and vanish with it;
 - `--authorization-mode=Node,RBAC`, so `kubectl auth can-i` answers as a real cluster would;
 - a service-account key pair, issuer and audiences: 1.20 requires them, and the TokenRequest API
   (`service_account_token`) then issues real, verifiable service-account tokens;
@@ -339,12 +343,13 @@ def running_cluster(binaries: Binaries, *, log: Callable[[str], None] = print,
         procs.append(etcd)
         _poll("etcd", lambda: _http_ok(f"{etcd_url}/health"), etcd, deadline)
 
-        tokens = {"admin": secrets.token_hex(16), "node": secrets.token_hex(16), "scheduler": secrets.token_hex(16)}
+        tokens = {name: secrets.token_hex(16) for name in ("admin", "node", "scheduler", "provisioner")}
         token_file = workdir / "tokens.csv"
         token_file.write_text(
             f'{tokens["admin"]},admin,admin,"system:masters"\n'
             f'{tokens["node"]},system:node:{NODE_NAME},{NODE_NAME},"system:nodes"\n'
-            f'{tokens["scheduler"]},system:kube-scheduler,system:kube-scheduler\n')
+            f'{tokens["scheduler"]},system:kube-scheduler,system:kube-scheduler\n'
+            f'{tokens["provisioner"]},sandgate-test-provisioner,sandgate-test-provisioner,"system:masters"\n')
         token_file.chmod(0o600)
         port = _free_port()
         server = f"https://127.0.0.1:{port}"
@@ -396,11 +401,14 @@ def running_cluster(binaries: Binaries, *, log: Callable[[str], None] = print,
         config.write_text(json.dumps({
             "server": server, "ca_file": str(pki["ca.crt"]), "node_name": NODE_NAME,
             "node_token": tokens["node"], "scheduler_token": tokens["scheduler"],
+            "provisioner_token": tokens["provisioner"],
             "cert_file": str(pki["kubelet.crt"]), "key_file": str(pki["kubelet.key"]),
             "client_ca_file": str(pki["ca.crt"]), "client_cn": "kube-apiserver-kubelet-client",
             "state_dir": str(workdir / "kubelet"), "bwrap": str(binaries.bwrap),
         }))
-        kubelet = _Proc("test kubelet", [sys.executable, "-m", "tests.kube.kubelet", "--config", config],
+        # Root: in a private mount namespace, so the loop mounts of its volumes end with it.
+        private = ["unshare", "--mount", "--propagation", "private"] if os.geteuid() == 0 else []
+        kubelet = _Proc("test kubelet", [*private, sys.executable, "-m", "tests.kube.kubelet", "--config", config],
                         workdir / "kubelet.log", env={"PYTHONPATH": str(ROOT)}, stdout_pipe=True)
         procs.append(kubelet)
         assert kubelet.proc.stdout is not None

@@ -7,11 +7,23 @@ What it does, through the apiserver like a kubelet (as the user system:node:<nod
 authorizer and NodeRestriction admission judge it):
 - registers its Node: InternalIP 127.0.0.1, its kubelet port, capacity, a Ready condition;
 - schedules (as system:kube-scheduler): binds pending pods with no nodeName to its node when their
-  nodeSelector matches and their requests fit, else marks them Unschedulable, as the scheduler would;
+  nodeSelector matches, their requests fit and their PersistentVolumeClaims are Bound, else marks
+  them Unschedulable, as the scheduler would;
+- provisions (as its own admin identity, `provisioner_token`: a real external provisioner has its
+  own service account, and a node may not create PVs) PersistentVolumeClaims of the storage class
+  `sandgate-test-ext4` (TEST_STORAGE_CLASS, made at start): each gets a PV whose data is a sparse
+  ext4 image of the requested size, loop-mounted by the kubelet (root only; cluster.py runs the
+  kubelet in a private mount namespace, so its mounts end with it), so a claim's size is a real
+  quota (ENOSPC). It binds them as the PV controller would (PV claimRef, PVC volumeName, both
+  phases Bound); on the claim's delete it deletes the PV, unmounts and removes the image
+  (reclaim policy Delete). It also stands in for kube-controller-manager's pvc-protection and
+  pv-protection controllers: it drops their finalizers once no pod on the node uses the claim.
+  A claim of another class stays Pending;
 - runs each pod bound to it: init containers one after the other to completion, then the containers,
   each under bubblewrap (`bwrap`) in its own mount, PID (the command is PID 1), IPC and UTS
   namespaces, as the pod's runAsUser/runAsGroup (in a user namespace) or as root; env, command/args,
-  workingDir, emptyDir/configMap/secret volumes, readOnlyRootFilesystem, capabilities drop ALL and
+  workingDir, emptyDir/configMap/secret/persistentVolumeClaim volumes (fsGroup applied to a
+  read-write claim's files, as a kubelet does), readOnlyRootFilesystem, capabilities drop ALL and
   allowPrivilegeEscalation=false (no_new_privs) are honoured;
 - reports pod status (Pending, Running with container statuses and Ready, Succeeded or Failed when
   the containers end) and deletes pods when they are deleted: SIGTERM, then SIGKILL after the grace
@@ -28,7 +40,8 @@ empty root (a tmpfs; read-only with readOnlyRootFilesystem), with a private /tmp
 - a name containing `does-not-exist` is refused like an image that cannot be pulled: the container
   waits with reason ImagePullBackOff and the pod stays Pending, so fail-fast tests are real.
 
-Not done: no image pulls, no pod network (pods share the host's network namespace and report
+Not done: no dynamic provisioning but for TEST_STORAGE_CLASS, no volume expansion, no image pulls,
+no pod network (pods share the host's network namespace and report
 podIP 127.0.0.1), no NetworkPolicy, no cgroups (resource limits are not enforced), no seccomp, no
 probes (a container is Ready once started), no restarts (restartPolicy is not honoured: a pod ends
 when its containers end), no TTYs, no port-forward. exec and attach speak WebSocket only
@@ -58,6 +71,12 @@ import aiohttp
 from aiohttp import web
 
 AGENT_IMAGE_MARK = "sandgate-agent"
+#: The storage class this kubelet provisions (an ext4 image per claim, loop-mounted).
+TEST_STORAGE_CLASS = "sandgate-test-ext4"
+PROVISIONER = "sandgate.test/ext4-image"
+PVC_PROTECTION = "kubernetes.io/pvc-protection"
+PV_PROTECTION = "kubernetes.io/pv-protection"
+SYSTEM_PATH = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 REJECTED_IMAGE_MARK = "does-not-exist"
 AGENT_MOUNT = "/opt/sandgate"
 #: Host folders bound read-only into every container (the "image"); top-level symlinks (the merged
@@ -386,6 +405,9 @@ class Pod:
             path.mkdir(parents=True)
             if "emptyDir" in volume:
                 path.chmod(0o777)  # as a kubelet makes it: any container user may write there
+            elif "persistentVolumeClaim" in volume:
+                path.rmdir()
+                volumes[name] = await self._claim(volume)
             elif "configMap" in volume or "secret" in volume:
                 kind, ref = ("configmaps", volume["configMap"]) if "configMap" in volume else \
                     ("secrets", volume["secret"])
@@ -413,9 +435,37 @@ class Pod:
             else:
                 kinds = sorted(k for k in volume if k != "name")
                 raise self._fail_container(self.spec["containers"][0], "CreateContainerConfigError",
-                                           f"volume {name}: the test kubelet supports emptyDir, configMap and "
-                                           f"secret volumes, not {', '.join(kinds)}")
+                                           f"volume {name}: the test kubelet supports emptyDir, configMap, secret "
+                                           f"and persistentVolumeClaim volumes, not {', '.join(kinds)}")
         return volumes
+
+    async def _claim(self, volume: dict[str, Any]) -> Path:
+        """A persistentVolumeClaim volume: its bound PV's folder (read as the node, which the Node
+        authorizer allows for claims of pods bound here), with fsGroup applied to a read-write one."""
+        ref = volume["persistentVolumeClaim"]
+        api = self.kubelet.node_api
+        try:
+            claim = await api.call("GET", f"/api/v1/namespaces/{self.namespace}/persistentvolumeclaims/"
+                                          f"{ref['claimName']}")
+            if (claim.get("status") or {}).get("phase") != "Bound":
+                raise ApiError(409, f"claim {ref['claimName']} is not Bound")
+            pv = await api.call("GET", f"/api/v1/persistentvolumes/{claim['spec']['volumeName']}")
+        except ApiError as exc:
+            raise self._fail_container(self.spec["containers"][0], "CreateContainerConfigError",
+                                       f"volume {volume['name']}: {exc}") from exc
+        path = Path(((pv.get("spec") or {}).get("hostPath") or {}).get("path", ""))
+        if not await asyncio.to_thread(path.is_dir):
+            raise self._fail_container(self.spec["containers"][0], "CreateContainerConfigError",
+                                       f"volume {volume['name']}: PV {pv['metadata']['name']} has no data here")
+        group = (self.spec.get("securityContext") or {}).get("fsGroup")
+        if group is not None and not ref.get("readOnly"):
+            await asyncio.to_thread(_apply_fs_group, path, int(group))
+        return path
+
+    def claims(self) -> set[str]:
+        """namespace/claim of every claim this pod mounts."""
+        return {f"{self.namespace}/{v['persistentVolumeClaim']['claimName']}"
+                for v in self.spec.get("volumes", []) if "persistentVolumeClaim" in v}
 
     def _plan(self, spec: dict[str, Any], volumes: dict[str, Path], *, init: bool) -> _Plan:
         """How to run one container: bwrap's arguments, the environment, the user."""
@@ -471,7 +521,10 @@ class Pod:
                     spec, "CreateContainerConfigError",
                     f"mountPath {target}: the test kubelet's image is the host's read-only /{top}, which has "
                     f"no {target} to mount on", init)
-            argv += ["--ro-bind" if mount.get("readOnly") else "--bind", str(source), target]
+            claim = next((v.get("persistentVolumeClaim") for v in self.spec.get("volumes", [])
+                          if v["name"] == mount["name"]), None) or {}
+            readonly = mount.get("readOnly") or claim.get("readOnly")
+            argv += ["--ro-bind" if readonly else "--bind", str(source), target]
         if sc.get("readOnlyRootFilesystem"):
             argv += ["--remount-ro", "/"]
         workdir = spec.get("workingDir") or "/"
@@ -564,6 +617,143 @@ def _wrapper_exes(first: str) -> set[str]:
     exes = {os.path.realpath(shutil.which(name) or name) for name in ("bwrap", "setpriv")}
     exes.discard(os.path.realpath(shutil.which(first) or first))
     return exes
+
+
+def _apply_fs_group(root: Path, gid: int) -> None:
+    """fsGroup on a volume, as a kubelet applies it: every file's group becomes `gid`, group-writable
+    (directories setgid, so new files keep the group)."""
+    for folder, dirs, files in os.walk(root):
+        for name in [folder, *(os.path.join(folder, f) for f in files + dirs)]:
+            st = os.lstat(name)
+            if os.path.islink(name):
+                continue
+            os.chown(name, st.st_uid, gid)
+            extra = 0o2070 if os.path.isdir(name) else 0o060
+            os.chmod(name, (st.st_mode & 0o7777) | extra)
+
+
+async def _run_tool(*argv: str) -> None:
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.PIPE, env=SYSTEM_PATH)
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {err.decode(errors='replace').strip()}")
+
+
+class Provisioner:
+    """The storage half: ext4-image PVs for claims of TEST_STORAGE_CLASS, bound as the PV controller
+    binds them, and the pvc/pv-protection finalizers dropped once no pod here uses a claim."""
+
+    def __init__(self, kubelet: Kubelet, api: Api) -> None:
+        self.kubelet = kubelet
+        self.api = api
+        self.dir = kubelet.state_dir / "pv"
+        #: namespace/name of claims being deleted, waiting for their pods to go.
+        self.deleting: dict[str, dict[str, Any]] = {}
+
+    def in_use(self, key: str) -> bool:
+        return any(key in pod.claims() for pod in self.kubelet.pods.values())
+
+    async def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.chmod(0o711)
+        try:
+            await self.api.call("POST", "/apis/storage.k8s.io/v1/storageclasses", {
+                "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": TEST_STORAGE_CLASS},
+                "provisioner": PROVISIONER, "reclaimPolicy": "Delete", "volumeBindingMode": "Immediate"})
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+
+    async def watch(self) -> None:
+        async for kind, claim in self.api.watch("/api/v1/persistentvolumeclaims", {}):
+            meta = claim["metadata"]
+            key = f"{meta['namespace']}/{meta['name']}"
+            try:
+                if kind == "DELETED":
+                    self.deleting.pop(key, None)
+                    if claim["spec"].get("volumeName") and claim["spec"].get("storageClassName") == TEST_STORAGE_CLASS:
+                        await self.remove_volume(claim["spec"]["volumeName"])
+                elif meta.get("deletionTimestamp"):
+                    self.deleting[key] = claim
+                    await self.release(key)
+                elif (claim["spec"].get("storageClassName") == TEST_STORAGE_CLASS
+                      and not claim["spec"].get("volumeName")):
+                    await self.provision(claim)
+            except (ApiError, RuntimeError, OSError) as exc:
+                log(f"provisioner: {key}: {exc}")
+
+    async def release(self, key: str) -> None:
+        """Drop a deleted claim's pvc-protection finalizer once no pod here mounts it."""
+        claim = self.deleting.get(key)
+        if claim is None or self.in_use(key):
+            return
+        meta = claim["metadata"]
+        finalizers = [f for f in meta.get("finalizers") or [] if f != PVC_PROTECTION]
+        try:
+            await self.api.call("PATCH", f"/api/v1/namespaces/{meta['namespace']}/persistentvolumeclaims/"
+                                         f"{meta['name']}", {"metadata": {"finalizers": finalizers or None}},
+                                content_type="application/merge-patch+json")
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+
+    async def release_all(self) -> None:
+        for key in list(self.deleting):
+            await self.release(key)
+
+    async def provision(self, claim: dict[str, Any]) -> None:
+        meta, spec = claim["metadata"], claim["spec"]
+        size = int(_quantity(spec["resources"]["requests"]["storage"]))
+        name = f"pvc-{meta['uid']}"
+        image, mountpoint = self.dir / f"{name}.ext4", self.dir / name
+        if not mountpoint.is_dir():
+            with image.open("wb") as f:
+                f.truncate(size)
+            await _run_tool("mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1",
+                            str(image))
+            mountpoint.mkdir(mode=0o755)
+            await _run_tool("mount", "-o", "loop,nosuid,nodev", str(image), str(mountpoint))
+        pv = {"apiVersion": "v1", "kind": "PersistentVolume",
+              "metadata": {"name": name, "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER}},
+              "spec": {"capacity": {"storage": spec["resources"]["requests"]["storage"]},
+                       "accessModes": spec.get("accessModes") or ["ReadWriteOnce"],
+                       "persistentVolumeReclaimPolicy": "Delete", "storageClassName": TEST_STORAGE_CLASS,
+                       "hostPath": {"path": str(mountpoint), "type": "Directory"},
+                       "claimRef": {"kind": "PersistentVolumeClaim", "apiVersion": "v1",
+                                    "namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"]}}}
+        try:
+            await self.api.call("POST", "/api/v1/persistentvolumes", pv)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+        await self.api.call("PATCH", f"/api/v1/persistentvolumes/{name}/status", {"status": {"phase": "Bound"}},
+                            content_type="application/merge-patch+json")
+        path = f"/api/v1/namespaces/{meta['namespace']}/persistentvolumeclaims/{meta['name']}"
+        await self.api.call("PATCH", path, {"metadata": {"annotations": {
+            "pv.kubernetes.io/bind-completed": "yes", "pv.kubernetes.io/bound-by-controller": "yes"}},
+            "spec": {"volumeName": name}}, content_type="application/merge-patch+json")
+        await self.api.call("PATCH", f"{path}/status", {"status": {
+            "phase": "Bound", "accessModes": pv["spec"]["accessModes"], "capacity": pv["spec"]["capacity"]}},
+            content_type="application/merge-patch+json")
+        log(f"provisioner: {meta['namespace']}/{meta['name']} bound to {name} ({size} bytes)")
+        self.kubelet.retry_unschedulable()
+
+    async def remove_volume(self, name: str) -> None:
+        """Reclaim policy Delete: the PV goes (its pv-protection finalizer with it), then its data."""
+        try:
+            await self.api.call("DELETE", f"/api/v1/persistentvolumes/{name}")
+            await self.api.call("PATCH", f"/api/v1/persistentvolumes/{name}", {"metadata": {"finalizers": None}},
+                                content_type="application/merge-patch+json")
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+        mountpoint = self.dir / name
+        if mountpoint.is_dir():
+            await _run_tool("umount", str(mountpoint))
+            mountpoint.rmdir()
+        (self.dir / f"{name}.ext4").unlink(missing_ok=True)
+        log(f"provisioner: {name} deleted")
 
 
 def _read_json(fd: int) -> Any:
@@ -723,10 +913,12 @@ class Kubelet:
         self.pods.pop(pod.uid, None)
         await self._finish_delete(pod.obj)
         self._retry_unschedulable()
+        await self.provisioner.release_all()
 
     async def _stopped(self, pod: Pod, grace: float) -> None:
         await pod.terminate(grace)
         self._retry_unschedulable()
+        await self.provisioner.release_all()
 
     async def _finish_delete(self, obj: dict[str, Any]) -> None:
         """The kubelet's last word on a pod: delete it for good, this very pod (uid) only."""
@@ -755,6 +947,28 @@ class Kubelet:
         for obj in list(self.unschedulable.values()):
             self.spawn(self.schedule(obj))
 
+    def retry_unschedulable(self) -> None:
+        """A claim was bound: pods waiting for it may fit now."""
+        self._retry_unschedulable()
+
+    async def _unbound_claims(self, pod: dict[str, Any]) -> str | None:
+        """Why the pod's claims keep it off the node (the scheduler's VolumeBinding words), or None."""
+        for volume in pod["spec"].get("volumes", []):
+            ref = volume.get("persistentVolumeClaim")
+            if ref is None:
+                continue
+            try:
+                claim = await self.scheduler_api.call(
+                    "GET", f"/api/v1/namespaces/{pod['metadata']['namespace']}/persistentvolumeclaims/"
+                           f"{ref['claimName']}")
+            except ApiError as exc:
+                if exc.status == 404:
+                    return f'persistentvolumeclaim "{ref["claimName"]}" not found'
+                raise
+            if (claim.get("status") or {}).get("phase") != "Bound":
+                return "pod has unbound immediate PersistentVolumeClaims"
+        return None
+
     def _fits(self, pod: dict[str, Any]) -> str | None:
         """Why the pod cannot go on this node (the scheduler's words), or None."""
         selector = pod["spec"].get("nodeSelector", {})
@@ -777,7 +991,7 @@ class Kubelet:
     async def schedule(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
         path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}"
-        why = self._fits(pod)
+        why = self._fits(pod) or await self._unbound_claims(pod)
         try:
             if why is None:
                 self.unschedulable.pop(meta["uid"], None)
@@ -931,6 +1145,8 @@ class Kubelet:
                                          read_bufsize=1 << 20) as session:
             self.node_api = Api(session, self.config["server"], self.config["node_token"])
             self.scheduler_api = Api(session, self.config["server"], self.config["scheduler_token"])
+            self.provisioner = Provisioner(self, Api(session, self.config["server"], self.config["provisioner_token"]))
+            await self.provisioner.start()
             runner = web.AppRunner(self.app(), handle_signals=False)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ssl)
@@ -941,7 +1157,8 @@ class Kubelet:
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, stop.set)
-            watchers = [asyncio.create_task(self.watch_node_pods()), asyncio.create_task(self.watch_unscheduled())]
+            watchers = [asyncio.create_task(self.watch_node_pods()), asyncio.create_task(self.watch_unscheduled()),
+                        asyncio.create_task(self.provisioner.watch())]
             log(f"node {self.node_name} registered; kubelet API on https://127.0.0.1:{port}")
             print(f"ready port={port}", flush=True)
             stopped = asyncio.create_task(stop.wait())
