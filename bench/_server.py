@@ -30,7 +30,7 @@ TENANT = "bench"
 
 
 def build_settings(raw: Mapping[str, Any]) -> Any:
-    from gateway.config import Limits, Quotas, Settings
+    from gateway.config import Limits, Quotas, Settings, Storage
 
     wasm: dict[str, Any] = {"pool_size": int(raw.get("pool_size", 0)),
                             "pool_refill_per_s": float(raw.get("refill_per_s", 4.0))}
@@ -44,6 +44,7 @@ def build_settings(raw: Mapping[str, Any]) -> Any:
         # Only the runtimes a bench names: another's warm pool would share the CPU being measured.
         blocked_plugins=tuple(raw.get("blocked", ("microvm", "pod"))),
         client_send_timeout_s=float(raw.get("client_send_timeout_s", 30.0)),
+        storage=Storage(**raw.get("storage", {})),
         **raw.get("settings", {}),  # any other Settings field, as is (bench/soak.py)
     )
 

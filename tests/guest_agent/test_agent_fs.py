@@ -223,3 +223,28 @@ def test_fifos_are_refused_without_blocking(client: AgentClient, root: Path) -> 
     assert client.error("fs.read", path="fifo")["code"] == "io_error"
     assert client.error("fs.write", path="fifo", data=b"x")["code"] == "io_error"
     assert client.request("fs.stat", path="fifo")["type"] == "other"
+
+
+def test_patch_actions_in_order(client: AgentClient, root: Path) -> None:
+    client.request("fs.patch", path="etc/app", action="mkdir", mode=0o750)
+    assert (root / "etc/app").is_dir() and (root / "etc/app").stat().st_mode & 0o777 == 0o750
+    client.request("fs.patch", path="etc/app/a.ini", action="text", text="[a]\n")
+    client.request("fs.patch", path="etc/app/a.ini", action="append", data=b"x = 1\n")
+    client.request("fs.patch", path="deep/new/b.txt", action="text", text="parents made", mode=0o600)
+    assert (root / "deep/new/b.txt").stat().st_mode & 0o777 == 0o600
+    client.request("fs.patch", path="copy", action="copy", src="etc/app")
+    client.request("fs.patch", path="link", action="symlink", target="copy/a.ini")
+    client.request("fs.patch", path="link", action="symlink", target="etc/app/a.ini")  # replaces
+    assert (root / "copy/a.ini").read_text() == "[a]\nx = 1\n" and os.readlink(root / "link") == "etc/app/a.ini"
+    client.request("fs.patch", path="copy", action="remove")
+    client.request("fs.patch", path="copy", action="remove")  # already gone: still fine
+    client.request("fs.patch", path="etc/app", action="mkdir")  # exists: still fine
+    assert not (root / "copy").exists()
+    for fields, code in (({"action": "chmod"}, "bad_request"), ({"action": "copy"}, "bad_request"),
+                         ({"action": "text"}, "bad_request"), ({"action": "text", "text": "a", "data": b"a"},
+                                                               "bad_request"),
+                         ({"action": "copy", "src": "missing"}, "not_found"),
+                         ({"action": "remove", "path": ""}, "bad_request"),
+                         ({"action": "text", "text": "x", "path": "../x"}, "path_escape")):
+        error = client.error("fs.patch", **{"path": "p", **fields})
+        assert error["code"] == code, (fields, error)
