@@ -148,3 +148,25 @@ test("rich output arrives as display bundles, in order, on both wires", { skip }
     await sandbox.destroy();
   }
 });
+
+test("volumes and absolute paths over REST", { skip }, async () => {
+  const volume = await direct.createVolume("js-notes", { quota_mb: 16 });
+  assert.equal(volume.name, "js-notes");
+  assert.deepEqual(await direct.uploadToVolume("js-notes", "seed.txt", "seeded"), { path: "seed.txt", bytes: 6 });
+  const info = await direct.createSandbox({ runtime: "wasm", volumes: { "/notes": { name: "js-notes" } } });
+  try {
+    await direct.upload(info.id, "/notes/out.txt", "from js");
+    await direct.upload(info.id, "/work/abs.txt", "absolute");
+    assert.equal(await (await direct.download(info.id, "abs.txt")).text(), "absolute");
+    assert.equal(await (await direct.download(info.id, "/notes/seed.txt")).text(), "seeded");
+    await direct.removeFile(info.id, "/work/abs.txt");
+    await assert.rejects(direct.download(info.id, "abs.txt"), { code: "not_found" });
+    await assert.rejects(direct.deleteVolume("js-notes"), { code: "busy" });
+  } finally {
+    await direct.destroySandbox(info.id);
+  }
+  assert.equal(await (await direct.downloadFromVolume("js-notes", "out.txt")).text(), "from js");
+  assert.deepEqual((await direct.listVolumes()).map((v) => v.name), ["js-notes"]);
+  await direct.deleteVolume("js-notes");
+  assert.deepEqual(await direct.listVolumes(), []);
+});

@@ -470,21 +470,70 @@ export class Gateway {
   /**
    * Upload a file over REST (streamed; any size the disk quota allows).
    * @param {string} id  the sandbox
-   * @param {string} path  relative to the sandbox's root
+   * @param {string} path  relative to the sandbox's working folder (/work), or absolute
    * @param {Blob | ArrayBuffer | Uint8Array | string} data
    * @returns {Promise<{path: string, bytes: number}>}
    */
   upload(id, path, data) {
-    return this.rest("PUT", `/v1/sandboxes/${encodeURIComponent(id)}/files/${encodePath(path)}`, data);
+    return this.rest("PUT", filesPath(id, path), data);
   }
 
   /**
    * Download a file over REST.
-   * @param {string} id @param {string} path
+   * @param {string} id @param {string} path  relative to /work, or absolute
    * @returns {Promise<Blob>}
    */
   async download(id, path) {
-    return (await this.#call("GET", `/v1/sandboxes/${encodeURIComponent(id)}/files/${encodePath(path)}`,
+    return (await this.#call("GET", filesPath(id, path), undefined)).blob();
+  }
+
+  /**
+   * Remove a file, or a folder with everything in it, over REST.
+   * @param {string} id @param {string} path  relative to /work, or absolute
+   */
+  async removeFile(id, path) {
+    await this.rest("DELETE", filesPath(id, path));
+  }
+
+  // -- volumes (docs/storage.md) ---------------------------------------------------------------------
+
+  /**
+   * Create a named volume: a file system of `quota_mb` that outlives the sandboxes mounting it
+   * (`createSandbox({volumes: {"/data": {name}}})`).
+   * @param {string} name @param {{quota_mb?: number, runtime?: string}} [options]
+   * @returns {Promise<any>} the volume: `name`, `quota_mb`, `store`, `used_bytes`, `mounted_by`
+   */
+  createVolume(name, options = {}) {
+    return this.rest("POST", "/v1/volumes", { name, ...options });
+  }
+
+  /** This tenant's volumes. @returns {Promise<any[]>} */
+  async listVolumes() {
+    return (await this.rest("GET", "/v1/volumes")).volumes;
+  }
+
+  /** @param {string} name @returns {Promise<any>} */
+  getVolume(name) {
+    return this.rest("GET", `/v1/volumes/${encodeURIComponent(name)}`);
+  }
+
+  /** Delete a volume; rejects with `busy` while a sandbox mounts it. @param {string} name */
+  async deleteVolume(name) {
+    await this.rest("DELETE", `/v1/volumes/${encodeURIComponent(name)}`);
+  }
+
+  /**
+   * Write a file into a volume no sandbox mounts.
+   * @param {string} name @param {string} path @param {Blob | ArrayBuffer | Uint8Array | string} data
+   * @returns {Promise<{path: string, bytes: number}>}
+   */
+  uploadToVolume(name, path, data) {
+    return this.rest("PUT", `/v1/volumes/${encodeURIComponent(name)}/files/${encodePath(path)}`, data);
+  }
+
+  /** A file of a volume no sandbox mounts read-write. @param {string} name @param {string} path @returns {Promise<Blob>} */
+  async downloadFromVolume(name, path) {
+    return (await this.#call("GET", `/v1/volumes/${encodeURIComponent(name)}/files/${encodePath(path)}`,
       undefined)).blob();
   }
 
@@ -712,6 +761,11 @@ const finished = (/** @type {any} */ info) => FINISHED.has(info.state) || info.e
 /** @param {string} path */
 function encodePath(path) {
   return path.replace(/^\/+/, "").split("/").map(encodeURIComponent).join("/");
+}
+
+/** A sandbox file's REST path: `files?path=` takes relative and absolute paths alike. */
+function filesPath(id, path) {
+  return `/v1/sandboxes/${encodeURIComponent(id)}/files?path=${encodeURIComponent(path)}`;
 }
 
 // ------------------------------------------------------------------------------------------------
