@@ -49,6 +49,9 @@ RESTORE_TIMEOUT_S = 15.0
 AGENT_EXIT_TIMEOUT_S = 30.0
 #: How often the host checks a VM's CPU time against the sandbox's budget.
 CPU_CHECK_INTERVAL_S = 1.0
+#: How long a VM with read-write volumes has to write its dirty pages to them before it is killed
+#: (`Vm.flush_disks`; ~10-50 ms for a few MB, see bench/microvm.py --volumes).
+FLUSH_TIMEOUT_S = 10.0
 
 
 def host_tsc_khz() -> int:
@@ -99,6 +102,7 @@ class MicrovmBackend(Backend):
             if used > self.spec.cpu_seconds:
                 self._budget_reason = f"the sandbox used its CPU budget ({self.spec.cpu_seconds:g}s)"
                 log.info("sandbox %s: %s", self.spec.sandbox_id, self._budget_reason)
+                await self.flush_volumes()
                 await self.vm.kill()
                 return
 
@@ -127,11 +131,25 @@ class MicrovmBackend(Backend):
             "boot": self.vm.boot.kind,
         }
 
+    async def flush_volumes(self) -> None:
+        """Before the VM is killed: what its guest wrote to read-write volumes goes to their
+        images. The guest mounts them without `sync` (every write would wait on the disk), so
+        written and closed files may still be in its page cache; this writes them out. A guest
+        that does not answer in FLUSH_TIMEOUT_S keeps what it had not written."""
+        if self.vm.exited.done() or all(v.readonly for v in self.spec.volumes):
+            return
+        try:
+            await self.vm.flush_disks(FLUSH_TIMEOUT_S)
+        except (TimeoutError, ProtocolError, OSError) as exc:
+            log.warning("sandbox %s: its volumes were not flushed before the VM was killed: %s",
+                        self.spec.sandbox_id, exc or "no answer")
+
     async def destroy(self) -> None:
         if self._cpu_task is not None:
             self._cpu_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._cpu_task
+        await self.flush_volumes()
         await self.runtime.discard(self.vm)
 
 
@@ -144,6 +162,8 @@ class MicrovmRuntime(Runtime):
     id = "microvm"
     description = "QEMU microvm with its own Linux kernel: processes, PTY, shell, Python; KVM or TCG"
     capabilities = frozenset({"network"})
+    #: Each volume an ext4 image of the gateway's "local" store, attached as a virtio-blk disk.
+    volume_store = "local"
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
@@ -332,6 +352,9 @@ class MicrovmRuntime(Runtime):
         machine = self.machine(image, spec.memory_mb, network=spec.network)
         if "vcpus" in spec.options:
             machine = dataclasses.replace(machine, vcpus=spec.options["vcpus"])
+        if spec.volumes:
+            machine = dataclasses.replace(machine, volumes=spec.volumes)
+            machine.kernel_cmdline()  # too long a command line: bad_request now, not a failed boot
         vm = self.pool.take() if machine == self.pool_machine else None
         if vm is None:
             vm = await self.start_vm(machine)
@@ -357,7 +380,9 @@ class MicrovmRuntime(Runtime):
 
     async def start_vm(self, machine: Machine) -> Vm:
         """A VM whose agent answers: cloned, restored or booted, whichever works first."""
-        snapshot = find_snapshot(machine)
+        # A snapshot's VM had no volume disks, and a restored VM cannot gain virtio-mmio devices:
+        # a VM with volumes boots cold.
+        snapshot = None if machine.volumes else find_snapshot(machine)
         ways: list[tuple[Boot, float]] = []
         if snapshot is not None:
             ways += [(snapshot.clone_boot(), RESTORE_TIMEOUT_S), (snapshot.restore_boot(), RESTORE_TIMEOUT_S)]

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from gateway.runtime.agent_client import call_once
 from gateway.runtime.base import ByteChannel, StreamChannel
+from gateway.storage.volumes import VolumeMount
 from guest_agent.wire import ProtocolError
 from plugins.microvm import egress
 from plugins.microvm.accel import Accel
@@ -46,6 +47,22 @@ PR_SET_PDEATHSIG = 1
 INCOMING_TIMEOUT_S = 30.0
 #: How much of QEMU's stderr and of the guest console is kept for error messages.
 TAIL_BYTES = 4096
+#: The guest kernel's command line is cut at 2048 bytes on x86 (COMMAND_LINE_SIZE).
+CMDLINE_MAX = 2047
+#: Bytes of a volume's mount path that go on the kernel command line as they are; the others
+#: as %XX (the guest's init decodes them), so a path with spaces or `%` stays one argument.
+_PATH_PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-")
+
+
+def volume_serial(index: int) -> str:
+    """The virtio-blk serial of a VM's `index`th volume disk: how its init finds the disk (the
+    guest's vdX names follow probe order, which the host does not choose)."""
+    return f"sgvol{index}"
+
+
+def encode_path(path: str) -> str:
+    """`path` for the kernel command line: %XX for every byte but [A-Za-z0-9/._-]."""
+    return "".join(chr(b) if b in _PATH_PLAIN else f"%{b:02X}" for b in path.encode())
 
 
 @dataclass(frozen=True)
@@ -81,6 +98,9 @@ class Machine:
     vcpus: int
     network: bool
     tsc_khz: int
+    #: Named volumes, each a virtio-blk disk (the image `VolumeMount.source`) that the guest's
+    #: init mounts before its agent starts. A VM with volumes boots cold: no snapshot has the disks.
+    volumes: tuple[VolumeMount, ...] = ()
 
     def kernel_cmdline(self) -> str:
         # No disk size here: `guest.setup` sizes /work per sandbox, so one snapshot fits every size.
@@ -91,7 +111,14 @@ class Machine:
             parts.append(f"tsc_early_khz={self.tsc_khz}")
         if self.network:
             parts += ["sandgate.net=1", egress.kernel_argument()]
-        return " ".join(p for p in parts if p)
+        for index, volume in enumerate(self.volumes):
+            mode = "ro" if volume.readonly else "rw"
+            parts.append(f"sandgate.vol={volume_serial(index)},{mode},{encode_path(volume.path)}")
+        cmdline = " ".join(p for p in parts if p)
+        if len(cmdline) > CMDLINE_MAX:
+            raise ProtocolError("bad_request", "the volumes' mount paths are too long for a microVM (the kernel "
+                                               "command line holds 2 KiB): choose shorter paths")
+        return cmdline
 
     def argv(self, boot: Boot, *, agent_fd: int, control_fd: int, qmp_fd: int, incoming_fd: int | None,
              console: Path, egress_socket: Path | None) -> list[str]:
@@ -132,6 +159,19 @@ class Machine:
                 "-drive", f"id=root,file={self.image.rootfs},format=raw,if=none,readonly=on",
                 "-device", "virtio-blk-device,drive=root",
             ]
+        for index, volume in enumerate(self.volumes):
+            # cache=writeback: a write the guest flushed is in the host's page cache, which outlives
+            # a killed QEMU, and the gateway's own loop mount of the image reads the same cache;
+            # aio=threads works with it on every host file system (native needs O_DIRECT).
+            # readonly=on for a read-only mount: the guest cannot write the image even if it tries.
+            # A comma in the image's path would end QEMU's option: the store names images
+            # <volume id>.ext4 in the gateway's own folder, which has none.
+            if "," in volume.source:
+                raise ProtocolError("internal", f"volume image path {volume.source!r} has a comma")
+            drive = f"id=vol{index},file={volume.source},format=raw,if=none,cache=writeback,aio=threads"
+            if volume.readonly:
+                drive += ",readonly=on"
+            argv += ["-drive", drive, "-device", f"virtio-blk-device,drive=vol{index},serial={volume_serial(index)}"]
         if self.network:
             if egress_socket is None:
                 raise ValueError("a VM with a network needs its egress listener's socket")
@@ -373,6 +413,27 @@ class Vm:
             backend={"type": "socket", "data": {"addr": {"type": "fd", "data": {"str": "agent"}}, "server": False}},
         )
         await self._tell_init("start")
+
+    async def flush_disks(self, timeout: float) -> None:
+        """Have the guest write every dirty page to its disks (`sync`) and wait until it says so:
+        what the guest wrote to a volume is then in the image (the host's page cache), and the VM
+        can be killed. The guest may never answer (it is untrusted, or hung): then after `timeout`
+        the caller kills it anyway and loses only what that guest left unwritten.
+
+        Raises:
+            TimeoutError: no answer within `timeout`.
+            ProtocolError: QEMU exited, or the guest closed the control port.
+        """
+        assert self._control is not None
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            await self._tell_init("flush")
+            seen = b""
+            while b"flushed\n" not in seen:
+                chunk = await self._unless_exited(loop.sock_recv(self._control, 256))
+                if not chunk:
+                    raise ProtocolError("unavailable", "the guest closed its control port")
+                seen = (seen + chunk)[-256:]
 
     async def _tell_init(self, request: str) -> None:
         """One request on the control port (CONTROL_PORT)."""
