@@ -166,7 +166,7 @@ class SandboxManager(OpRouter):
                 await agent.close()
                 raise
         except BaseException:
-            self.volumes.release(sandbox_id)
+            await self.volumes.release(sandbox_id)
             raise
         finally:
             self._creating[tenant] -= 1
@@ -299,7 +299,7 @@ class SandboxManager(OpRouter):
         # still writes to the agent is taken, and an agent that does not read (a WASM exec busy
         # without reading stdin, sent a large exec.input) would never take it.
         await sandbox.agent.close()
-        self.volumes.release(sandbox.id)
+        await self.volumes.release(sandbox.id)
         self.pm.hook.sandgate_sandbox_destroyed(sandbox_id=sandbox.id, tenant=sandbox.tenant,
                                                 runtime=sandbox.runtime.id, reason=reason)
 
