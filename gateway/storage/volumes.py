@@ -36,7 +36,7 @@ NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 #: Where a volume may be mounted: an absolute path, not the root nor the sandbox's working folder,
 #: nor under the system's own folders (a volume over /proc or /usr would break the guest).
 RESERVED_MOUNT_PREFIXES = ("/proc", "/sys", "/dev", "/sandgate", "/usr", "/bin", "/sbin", "/lib", "/lib64",
-                           "/etc", "/boot", "/run", "/opt/sandgate")
+                           "/etc", "/boot", "/run", "/opt/sandgate", "/mnt/sandgate-agent")
 
 
 @dataclass(frozen=True)
