@@ -345,16 +345,17 @@ class RuntimeConformance(GatewayFixtures):
         assert await change(deep) == ("moved", "b.txt", "a.txt")
         await ws.call("fs.remove", path="watched/b.txt")
         assert await change(deep) == ("deleted", "b.txt", None)
-        await ws.ws.close()  # five events so far (start and four changes): the next is seq 5
+        await ws.ws.close()  # six events so far (start and five changes): the next is seq 6
         other = await gateway.ws(sid)
         names = [f"f{n}.txt" for n in range(5)]
         for name in names:  # while the watch's client is away
             await other.call("fs.write", path=f"watched/{name}", data=b"x", truncate=True)
         again = await gateway.ws(sid)
-        attach = await again.send("exec.attach", tag="deep", from_seq=5)
+        attach = await again.send("exec.attach", tag="deep", from_seq=6)
         reply = await again.receive_for(attach)
-        assert reply["result"]["lost"] is None and reply["result"]["first_seq"] == 5, reply
-        assert [await change(attach, again) for _ in names] == [("created", n, None) for n in names]
+        assert reply["result"]["lost"] is None and reply["result"]["first_seq"] == 6, reply
+        replayed = [await change(attach, again) for _ in names]
+        assert replayed == [("created", n, None) for n in names], replayed
         assert await again.call("fs.unwatch", tag="deep") == {}
         while (end := await again.receive_for(attach))["ev"] != "end":
             assert end["ev"] == "keepalive", end
