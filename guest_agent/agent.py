@@ -37,6 +37,7 @@ from .pyrunner import PYTHON_KILL_GRACE, PythonRunner, is_exec_thread
 from .records import ExecRecord, Stream
 from .signals import signal_name, signal_number, unignore_for_children
 from .timers import Scheduler
+from .watch import WatchRegistry
 
 if TYPE_CHECKING:
     from .system import SandboxCgroup
@@ -97,6 +98,7 @@ class Agent:
         if self.features.threads:
             self._scheduler = Scheduler()
             self._scheduler.start()
+        self.watches = WatchRegistry(self.root, threads=self.features.threads)
         self._python = PythonRunner(
             channel,
             self.features,
@@ -127,6 +129,8 @@ class Agent:
             "fs.move": lambda rid, m: self.files.move(m),
             "fs.remove": lambda rid, m: self.files.remove(m),
             "fs.patch": lambda rid, m: self.files.patch(m),
+            "fs.watch": lambda rid, m: self.watches.start(Stream(self.channel, rid), m),
+            "fs.unwatch": lambda rid, m: self.watches.stop(m["watch_id"]),
         }
         if self.features.system:
             from . import system  # now, so a snapshot holds it loaded: see system.py
@@ -165,6 +169,7 @@ class Agent:
         if self._closed:
             return
         self._closed = True
+        self.watches.close()
         with self._lock:
             records = [rec for rec in self._execs.values() if rec.running]
             pgids = set(self._pgids)
@@ -492,7 +497,14 @@ def serve(channel: Channel, agent: Agent) -> int:
     Either way every process the agent started is killed before this returns.
     """
     try:
-        while (request := channel.receive()) is not None:
+        while True:
+            # A single-threaded agent polls its watches between requests (guest_agent/watch.py).
+            delay = agent.watches.due()
+            if delay is not None and not channel.wait(delay):
+                continue
+            request = channel.receive()
+            if request is None:
+                break
             agent.handle(request)
         return 0
     except ProtocolError as exc:

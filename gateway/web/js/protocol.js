@@ -527,6 +527,71 @@ export const PROTOCOL = {
    "nested": false,
    "stream": false
   },
+  "fs.unwatch": {
+   "capability": "fs.watch",
+   "control": false,
+   "fields": {
+    "tag": {
+     "leg": "client",
+     "max": 128,
+     "min": 1,
+     "required": false,
+     "type": "str"
+    },
+    "watch_id": {
+     "max": 64,
+     "min": 1,
+     "required": false,
+     "type": "str"
+    }
+   },
+   "idempotent": false,
+   "leg": "both",
+   "liveness": false,
+   "nested": true,
+   "stream": false
+  },
+  "fs.watch": {
+   "capability": "fs.watch",
+   "control": false,
+   "fields": {
+    "path": {
+     "max": 4096,
+     "required": true,
+     "type": "str"
+    },
+    "poll_interval": {
+     "default": 0.5,
+     "max": 60.0,
+     "min": 0.05,
+     "required": false,
+     "type": "float"
+    },
+    "recursive": {
+     "default": false,
+     "required": false,
+     "type": "bool"
+    },
+    "tag": {
+     "leg": "client",
+     "max": 128,
+     "min": 1,
+     "required": false,
+     "type": "str"
+    },
+    "watch_id": {
+     "max": 64,
+     "min": 1,
+     "required": false,
+     "type": "str"
+    }
+   },
+   "idempotent": false,
+   "leg": "both",
+   "liveness": false,
+   "nested": false,
+   "stream": true
+  },
   "fs.write": {
    "capability": "fs",
    "control": false,
