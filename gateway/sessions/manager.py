@@ -161,6 +161,8 @@ class SandboxManager(OpRouter):
                 raise
             try:
                 await patches.apply(lambda op, args: agent.request(op, **args), request.patches, request.files)
+                # Change tracking starts here: what the create placed is not a change of the sandbox's.
+                await agent.request("fs.changes", track=[v.path for v in spec.volumes], base=True)
             except BaseException:
                 await backend.destroy()
                 await agent.close()

@@ -306,6 +306,7 @@ class OpRouter(ABC):
             "stderr_truncated": collector.dropped_bytes["stderr"] > 0,
             "dropped_bytes": {fd: n for fd, n in collector.dropped_bytes.items() if n or fd != "pty"},
             "display": collector.display,
+            "files": end.get("files"),
         }
         if collector.out["pty"] or collector.dropped_bytes["pty"]:
             result["pty"] = collector.out["pty"].decode("utf-8", "replace")
