@@ -45,8 +45,8 @@ MAX_WATCHES = 16
 #: The most entries (files and directories) one watch follows; a tree past it gets `overflow`.
 MAX_WATCH_ENTRIES = 10_000
 #: inotify: how long a batch waits for more events to coalesce with, and at most in all.
-SETTLE_S = 0.01
-MAX_BATCH_S = 0.1
+SETTLE_S = 0.025
+MAX_BATCH_S = 0.25
 #: How long `stop` waits for a watch's thread.
 STOP_WAIT_S = 2.0
 OVERFLOW = "overflow"

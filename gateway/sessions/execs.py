@@ -30,7 +30,7 @@ class Subscriber(Protocol):
 
 
 class ExecRecord:
-    """One exec as the gateway keeps it.
+    """One exec as the gateway keeps it (or another stream kept the same way: `kind`).
 
     `confirm_end`, when given, is awaited when the agent says the exec ended and before the
     gateway takes it as ended: the agent's `end` is a claim, and only the gateway decides (for an
@@ -38,6 +38,9 @@ class ExecRecord:
     can only answer once its exec handler returned). If the confirmation fails, the exec ends with
     that error instead of the claimed end.
     """
+
+    #: What the stream is: an exec, or a watch (gateway/sessions/watches.py) kept the same way.
+    kind = "exec"
 
     def __init__(self, exec_id: str, tag: str | None, *, replay_bytes: int, send_timeout: float,
                  budget: ReplayBudget | None = None,

@@ -27,8 +27,10 @@ import pluggy
 from gateway.config import Settings
 from gateway.functions.code_cache import CodeCache
 from gateway.runtime.agent_client import AgentClient, AgentStream
+from gateway.sessions import watches
 from gateway.sessions.execs import ExecRecord, OutputCollector, Subscriber, refused_before_start
 from gateway.sessions.sandbox import Sandbox
+from gateway.sessions.watches import WatchRecord
 from guest_agent import languages, schema
 from guest_agent.schema import OPS
 from guest_agent.wire import ProtocolError
@@ -74,14 +76,15 @@ class OpRouter(ABC):
                 raise ProtocolError("busy", f"the agent runs one thing at a time and exec {running[0].exec_id} "
                                             "is running")
 
-    def find_exec(self, sandbox: Sandbox, args: Mapping[str, Any]) -> ExecRecord:
-        """The exec a checked request names by `exec_id`, or the latest with its `tag`."""
+    def find_exec(self, sandbox: Sandbox, args: Mapping[str, Any], kind: str | None = "exec") -> ExecRecord:
+        """The exec a checked request names by `exec_id`, or the latest with its `tag`; with
+        `kind` None, any stream of the registry (exec.attach re-attaches watches too)."""
         if "exec_id" in args:
             record = sandbox.execs.get(args["exec_id"])
         else:
-            matches = [r for r in sandbox.execs.values() if r.tag == args["tag"]]
+            matches = [r for r in sandbox.execs.values() if r.tag == args["tag"] and kind in (None, r.kind)]
             record = matches[-1] if matches else None
-        if record is None:
+        if record is None or kind not in (None, record.kind):
             raise ProtocolError("not_found", "no such exec")
         return record
 
@@ -161,6 +164,23 @@ class OpRouter(ABC):
         if length is not None:
             fields["length"] = length
         return await (await self._agent(sandbox)).stream("fs.read", **fields)
+
+    async def start_watch(self, sandbox: Sandbox, args: Mapping[str, Any],
+                          subscriber: Subscriber | None = None) -> WatchRecord:
+        """fs.watch (gateway/sessions/watches.py); `args` as the schema checked them."""
+        self._check_usable(sandbox, "fs.watch")
+        return await watches.start_watch(sandbox, args, subscriber, get_agent=self._agent,
+                                         replay_bytes=self.settings.limits.replay_bytes,
+                                         send_timeout=self.settings.client_send_timeout_s,
+                                         finished=self.forget_finished)
+
+    async def stop_watch(self, sandbox: Sandbox, args: Mapping[str, Any]) -> dict[str, Any]:
+        """fs.unwatch. Not refused as `busy` while a one-request-at-a-time agent runs an exec: the
+        agent takes it when the exec reads stdin, or ends."""
+        if sandbox.state != "running":
+            raise ProtocolError("guest_died", f"the sandbox is {sandbox.state}")
+        sandbox.touch()
+        return await watches.stop_watch(sandbox, args, self._agent)
 
     def _exec_fields(
         self, sandbox: Sandbox, args: Mapping[str, Any], default_timeout: float | None
