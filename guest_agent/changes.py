@@ -121,8 +121,9 @@ class ChangeTracker:
               base: bool) -> dict[str, Any]:
         """`fs.changes`: what changed since `since` (a token or pinned name; None: the base), and a
         token for now. `keep` pins now's snapshot under that name instead of a new token;
-        `advance` (with `since`, a pinned name) moves only these paths of it forward (a mount's
-        partial sync); `base` makes now the base."""
+        `advance` (with `since`, a pinned name) moves exactly these paths of it forward, not
+        what lies under them (a mount's partial sync; `advance=[]` asks without making a
+        token); `base` makes now the base."""
         now = self.snapshot()
         with self._lock:
             if since is None:
@@ -142,11 +143,10 @@ class ChangeTracker:
                 if since is None or since not in self._pinned:
                     raise ProtocolError("bad_request", "`advance` moves a pinned name (`since`) forward")
                 moved = treediff.Snapshot(dict(old.entries), truncated=now.truncated)
-                for path in advance:
-                    for key in [k for k in moved.entries if k == path or k.startswith(path + "/")]:
-                        del moved.entries[key]
-                    moved.entries.update((k, e) for k, e in now.entries.items()
-                                         if k == path or k.startswith(path + "/"))
+                for path in advance:  # exactly these: a folder's entries are listed (and synced) on their own
+                    moved.entries.pop(path, None)
+                    if path in now.entries:
+                        moved.entries[path] = now.entries[path]
                 self._pinned[since] = moved
                 answer["token"] = since
             elif keep is not None:

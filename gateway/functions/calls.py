@@ -212,7 +212,8 @@ def invoke_result(run: CallRun) -> dict[str, Any]:
         files = _clean_files(run.end["files"])
     return {"status": status, "result": result, "error": error, "stdout": run.text("stdout"),
             "stderr": run.text("stderr"), "display": run.output.display, "duration_ms": run.end.get("duration_ms"),
-            "files": files, "exec_id": run.record.exec_id, "truncated": run.output.truncated}
+            "files": files, "mounts": run.end.get("mounts"), "exec_id": run.record.exec_id,
+            "truncated": run.output.truncated}
 
 
 def test_result(run: CallRun) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 
 from gateway.config import Quotas, Settings
 from gateway.runtime.base import Runtime, SandboxSpec
-from gateway.storage.mounts import parse_mounts
+from gateway.storage.mounts import MountSpec, parse_mounts
 from gateway.storage.patches import parse_files, parse_patches
 from gateway.storage.volumes import VolumeMount
 from guest_agent.wire import ProtocolError
@@ -54,6 +54,8 @@ class CreateRequest:
     #: fs.patch arguments and (path, bytes) files, applied before the sandbox is handed out.
     patches: tuple[dict[str, Any], ...] = ()
     files: tuple[tuple[str, bytes], ...] = ()
+    #: Host mounts: copied in after the files, synced back (gateway/storage/mount_sync.py).
+    mounts: tuple[MountSpec, ...] = ()
 
     def spec(self, sandbox_id: str, tenant: str, created_at: float,
              volumes: tuple[VolumeMount, ...] = ()) -> SandboxSpec:
@@ -118,13 +120,12 @@ def check_create(
     files = parse_files(body.get("files"))
     # WASM reaches only its preopens: a mount's copy goes under /work there.
     mounts = parse_mounts(body.get("mounts"), settings.storage.allowed_roots, work_only=runtime.id == "wasm")
-    if mounts:  # checked in full above; placing the copy and syncing it back are not built yet
-        raise ProtocolError("unsupported", "mounts are checked but not yet placed in sandboxes by this gateway")
     options = runtime.validate_options({k: v for k, v in body.items() if k not in CREATE_FIELDS})
     runtime.check_create(template, network)
     return CreateRequest(runtime=runtime, ttl=ttl, idle_timeout=idle, memory_mb=memory, cpu_seconds=cpu,
                          disk_mb=disk, network=network, template=template, metadata=metadata, options=options,
-                         volumes=volumes, patches=patches, files=files)
+                         volumes=volumes, patches=patches, files=files,
+                         mounts=mounts)
 
 
 def _bounded(body: Mapping[str, Any], name: str, default: float, maximum: float, kind: type) -> Any:

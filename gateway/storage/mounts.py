@@ -178,3 +178,69 @@ def parse_mounts(value: Any, allowed_roots: Sequence[str], *, work_only: bool = 
         mounts.append(MountSpec(real, path, _permissions(item.get("permissions"), f"{where}.permissions"),
                                 sync, on_error, False))
     return tuple(mounts)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a mount's changes amount to (sans-I/O)
+# ---------------------------------------------------------------------------------------------
+
+#: A tracked change's kind -> the operation it needs.
+OPERATION_OF = {"created": "create", "modified": "modify", "deleted": "delete"}
+
+
+def pin_name(mount: MountSpec) -> str:
+    """The change tracker's pinned name for a mount's sync point (guest_agent/changes.py)."""
+    return f"mount:{mount.path}"
+
+
+def shown_prefix(mount: MountSpec) -> str:
+    """How the tracker names paths in the mount: relative under /work, absolute elsewhere."""
+    return mount.path.removeprefix("/work/") + "/" if _under(mount.path, "/work") else mount.path + "/"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One pending change of a mount: `path` as the sandbox shows it, `rel` to the mount."""
+
+    path: str
+    rel: str
+    kind: str  # created, modified, deleted
+    permitted: bool
+
+    @property
+    def operation(self) -> str:
+        return OPERATION_OF[self.kind]
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": self.path, "change": self.kind, "operation": self.operation}
+
+
+def pending(mount: MountSpec, files: Mapping[str, Any]) -> list[Change]:
+    """The mount's changes in a tracker's `files` answer, each with its verdict; excluded paths
+    are left out (never synced, never reported). In the order a sync applies them: deletions
+    (deepest first: a folder is emptied before it goes), creations (shallowest first: a folder
+    before its files), modifications; a file replaced by a folder is a deletion and a creation."""
+    prefix = shown_prefix(mount)
+    out: list[Change] = []
+    for kind in OPERATION_OF:
+        for path in files.get(kind, []):
+            if not path.startswith(prefix):
+                continue
+            rel = path[len(prefix):]
+            if not rel or mount.permissions.excluded(rel):
+                continue
+            out.append(Change(path, rel, kind, mount.permissions.allows(rel, OPERATION_OF[kind])))
+    order = {"deleted": 0, "created": 1, "modified": 2}
+    out.sort(key=lambda c: (order[c.kind], -c.rel.count("/") if c.kind == "deleted" else c.rel.count("/"), c.rel))
+    return out
+
+
+def copy_mode(permissions: Permissions, rel: str, *, is_dir: bool) -> int:
+    """The mode a copied entry gets in the sandbox, so that where the guest runs as non-root
+    (pods) a denied change fails at the syscall with EACCES: a file is read-only unless `modify`
+    is allowed on it; a folder is read-only (nothing made or removed in it) when neither `create`
+    nor `delete` could be allowed anywhere in the mount (finer denials are refused at sync)."""
+    if is_dir:
+        ops = set(permissions.default) | {op for rule in permissions.rules for op in rule.allow}
+        return 0o755 if ops & {"create", "delete"} else 0o555
+    return 0o644 if permissions.allows(rel, "modify") else 0o444

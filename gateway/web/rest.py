@@ -110,6 +110,25 @@ async def sandbox_changes(request: web.Request) -> web.Response:
     return web.json_response({"token": token, "files": schema.check_files(answer.get("files"))})
 
 
+@routes.get("/v1/sandboxes/{sandbox_id}/mounts")
+async def sandbox_mounts(request: web.Request) -> web.Response:
+    """The sandbox's host mounts, each with its pending changes (permitted and denied)."""
+    sandbox = await sandbox_of(request)
+    return web.json_response({"mounts": await request.app[MANAGER].list_mounts(sandbox)})
+
+
+@routes.post("/v1/sandboxes/{sandbox_id}/mounts/sync")
+async def sync_mounts(request: web.Request) -> web.Response:
+    """Apply the chosen pending changes (`{"paths": [...]}`, a folder meaning what lies under it too)."""
+    sandbox = await sandbox_of(request)
+    body = await json_body(request)
+    paths = body.get("paths")
+    if not isinstance(paths, list) or not paths or len(paths) > 10_000 or not all(
+            isinstance(p, str) and 0 < len(p) <= schema.MAX_PATH and "\0" not in p for p in paths):
+        raise ProtocolError("bad_request", "'paths' is a list of 1 to 10000 paths")
+    return web.json_response(await request.app[MANAGER].sync_mounts(sandbox, paths))
+
+
 @routes.get("/v1/sandboxes/{sandbox_id}/metrics")
 async def sandbox_metrics(request: web.Request) -> web.Response:
     sandbox = await sandbox_of(request)
