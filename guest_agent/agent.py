@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__, languages
 from ._log import log, log_exception
+from .changes import ChangeTracker
 from .channel import Channel
 from .features import Features, detect
 from .fsops import FileOps, Root, os_error, read_chunks
@@ -84,6 +85,7 @@ class Agent:
         self._cgroup = cgroup
         self.root = Root(root, fs_roots)
         self.files = FileOps(self.root)
+        self.changes = ChangeTracker(self.root)
         self.channel = channel
         self._started = time.monotonic()
         self._lock = threading.Lock()
@@ -129,6 +131,7 @@ class Agent:
             "fs.move": lambda rid, m: self.files.move(m),
             "fs.remove": lambda rid, m: self.files.remove(m),
             "fs.patch": lambda rid, m: self.files.patch(m),
+            "fs.changes": self._fs_changes,
             "fs.watch": lambda rid, m: self.watches.start(Stream(self.channel, rid), m),
             "fs.unwatch": lambda rid, m: self.watches.stop(m["watch_id"]),
         }
@@ -255,6 +258,8 @@ class Agent:
             deadline=None if timeout is None else now + float(timeout),
             timeout=None if timeout is None else float(timeout),
         )
+        before = self.changes.snapshot()
+        record.stream.end_fields = lambda: {"files": self.changes.since(before)}
         if code is not None and message["language"] != "python":
             self._start_language(record, message["language"], code, stdin, stdin_open, env,
                                  cwd_path or self.root.real, pty)
@@ -437,6 +442,16 @@ class Agent:
             self._threads = [t for t in self._threads if t.is_alive()]
             self._threads.append(thread)
         thread.start()
+
+    # -----------------------------------------------------------------------------------------
+    # fs.changes
+    # -----------------------------------------------------------------------------------------
+
+    def _fs_changes(self, rid: int, message: Mapping[str, Any]) -> dict[str, Any]:
+        if "track" in message:
+            self.changes.track(message["track"])
+        return self.changes.query(since=message.get("since"), keep=message.get("keep"),
+                                  advance=message.get("advance"), base=message["base"])
 
     # -----------------------------------------------------------------------------------------
     # fs.read (stream)

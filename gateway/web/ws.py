@@ -115,7 +115,8 @@ class Session:
         "metrics": "_metrics", "exec.start": "_exec_start", "exec.attach": "_exec_attach", "exec.list": "_exec_list",
         "exec.signal": "_exec_signal", "fs.read": "_fs_read", "exec.input": None, "exec.close_stdin": None,
         "exec.resize": None, "fs.stat": None, "fs.list": None, "fs.write": None, "fs.mkdir": None, "fs.move": None,
-        "fs.remove": None, "fs.patch": None, "fs.watch": "_fs_watch", "fs.unwatch": "_fs_unwatch",
+        "fs.remove": None, "fs.patch": None, "fs.changes": None, "fs.watch": "_fs_watch",
+        "fs.unwatch": "_fs_unwatch",
         "invoke": "_invoke", "test": "_test",
     }
 

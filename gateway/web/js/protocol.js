@@ -352,6 +352,48 @@ export const PROTOCOL = {
    "nested": false,
    "stream": true
   },
+  "fs.changes": {
+   "capability": "fs",
+   "control": false,
+   "fields": {
+    "advance": {
+     "leg": "agent",
+     "max": 100000,
+     "required": false,
+     "type": "list"
+    },
+    "base": {
+     "default": false,
+     "leg": "agent",
+     "required": false,
+     "type": "bool"
+    },
+    "keep": {
+     "leg": "agent",
+     "max": 128,
+     "min": 1,
+     "required": false,
+     "type": "str"
+    },
+    "since": {
+     "max": 128,
+     "min": 1,
+     "required": false,
+     "type": "str"
+    },
+    "track": {
+     "leg": "agent",
+     "max": 64,
+     "required": false,
+     "type": "list"
+    }
+   },
+   "idempotent": false,
+   "leg": "both",
+   "liveness": false,
+   "nested": false,
+   "stream": false
+  },
   "fs.list": {
    "capability": "fs",
    "control": false,
