@@ -258,8 +258,9 @@ class Agent:
             deadline=None if timeout is None else now + float(timeout),
             timeout=None if timeout is None else float(timeout),
         )
-        before = self.changes.snapshot()
-        record.stream.end_fields = lambda: {"files": self.changes.since(before)}
+        if message.get("track_files", True):
+            before = self.changes.snapshot()
+            record.stream.end_fields = lambda: {"files": self.changes.since(before)}
         if code is not None and message["language"] != "python":
             self._start_language(record, message["language"], code, stdin, stdin_open, env,
                                  cwd_path or self.root.real, pty)

@@ -62,7 +62,9 @@ def invoke_source(language: str, *, function: str, args: list[Any], kwargs: dict
     check_language(language)
     args_json, kwargs_json = _json(args, "args"), _json(kwargs, "kwargs")
     if language == "python":
-        load = "" if code is None else f", code={code!r}, filename={filename!r}"
+        # The agent's own tracking lists the call's files in the exec's end (every runtime's Python
+        # runs in the agent): the harness need not walk the tree twice more.
+        load = ", track_files=False" if code is None else f", code={code!r}, filename={filename!r}, track_files=False"
         if call is not None:
             load += f", call={call!r}"
         if bind is not None:

@@ -344,6 +344,11 @@ export const PROTOCOL = {
      "min": 0.001,
      "required": false,
      "type": "float"
+    },
+    "track_files": {
+     "default": true,
+     "required": false,
+     "type": "bool"
     }
    },
    "idempotent": false,
