@@ -394,6 +394,9 @@ class FileOps:
         patches can be applied again."""
         path = _path(message)
         action = message["action"]
+        if "mode" in message and not (hasattr(os, "fchmod") and hasattr(os, "chmod")):
+            raise ProtocolError("unsupported", "this sandbox's file system has no permission bits (WASI): "
+                                               "leave out 'mode'")
         follow = action in ("text", "append", "mkdir")
         target = self.root.resolve(path, follow=follow)
         if target.is_root and action != "mkdir":
