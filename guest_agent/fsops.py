@@ -373,16 +373,7 @@ class FileOps:
         if target.is_root:
             raise ProtocolError("bad_request", "a root of the sandbox's file system cannot be removed")
         try:
-            st = os.lstat(target.real)
-            if stat_mod.S_ISDIR(st.st_mode):
-                if recursive:
-                    import shutil
-
-                    shutil.rmtree(target.real)
-                else:
-                    os.rmdir(target.real)
-            else:
-                os.unlink(target.real)
+            _remove(target.real, recursive=recursive)
         except OSError as exc:
             raise os_error(exc, path) from None
         return {}
@@ -436,15 +427,24 @@ class FileOps:
                     shutil.copy2(source.real, target.real, follow_symlinks=False)
             else:  # remove
                 with contextlib.suppress(FileNotFoundError):
-                    if os.path.isdir(target.real) and not os.path.islink(target.real):
-                        import shutil
-
-                        shutil.rmtree(target.real)
-                    else:
-                        os.unlink(target.real)
+                    _remove(target.real, recursive=True)
         except OSError as exc:
             raise os_error(exc, path) from None
         return {}
+
+
+def _remove(real: str, *, recursive: bool) -> None:
+    """Remove a file or link, or a folder (with what is in it when `recursive`), never following
+    a link."""
+    if stat_mod.S_ISDIR(os.lstat(real).st_mode):
+        if recursive:
+            import shutil  # rare paths; not worth its import at every sandbox start
+
+            shutil.rmtree(real)
+        else:
+            os.rmdir(real)
+    else:
+        os.unlink(real)
 
 
 def read_chunks(fd: int, length: int | None) -> Iterator[bytes]:
