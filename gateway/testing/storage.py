@@ -35,8 +35,6 @@ def _python(code: str) -> dict[str, Any]:
 class StorageConformance(GatewayFixtures):
     """Subclass with `runtime = "<id>"` (a runtime whose `volume_store` runs here)."""
 
-    #: Whether the files API reaches the whole file system (/etc/os-release), not only preopens.
-    whole_file_system: ClassVar[bool] = False
     #: A volume's size in these tests: small, so the quota test fills it fast.
     quota_mb: ClassVar[int] = 16
     #: Whether the guest's file system has symbolic links (WASM's sandbox refuses to make them).

@@ -34,6 +34,7 @@ CONFIG = {"pool_size": 1}
 class TestMicrovmConformance(RuntimeConformance):
     runtime = "microvm"
     runtime_config = CONFIG
+    whole_file_system = True
 
 
 def _alive(pid: int) -> bool:

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.pod
 
 class TestPodConformance(RuntimeConformance):
     runtime = "pod"
+    whole_file_system = True
 
     @pytest.fixture(autouse=True)
     def _aim_at_the_test_cluster(self, pod_config: dict[str, Any]) -> None:
@@ -24,6 +25,7 @@ class TestPodConformanceAttach(RuntimeConformance):
     """The same suite with `channel = "attach"`: the agent is the container's main process."""
 
     runtime = "pod"
+    whole_file_system = True
 
     @pytest.fixture(autouse=True)
     def _aim_at_the_test_cluster(self, pod_config: dict[str, Any]) -> None:
