@@ -69,3 +69,37 @@ class TestMicrovmStorage(StorageConformance):
                                         headers=AUTH)
         assert resp.status == 200 and await resp.read() == b"in\n"
         await self._destroy(gateway, sid)
+
+    async def test_every_file_and_a_last_rename_survive_the_kill(self, gateway: Gateway) -> None:
+        """Many small files and a rename right before destroy: the guest's `sync` commits them to
+        the ext4 journal, but QEMU is killed before they are checkpointed to their final blocks,
+        and read-only mounts (`noload`, in a VM and on the host) replay no journal. Every file must
+        still be there, under its last name, for a read-only VM and for the volume files API, and
+        the volume's used_bytes must count them."""
+        await self._volume(gateway, "many")
+        writer = await gateway.create(volumes={"/data": {"name": "many"}})
+        done = await gateway.exec(writer["id"], command=["sh", "-c", """
+for d in $(seq 1 20); do
+    mkdir /data/d$d
+    for f in $(seq 1 100); do echo "$d/$f" > /data/d$d/f$f; done
+done
+mv /data/d20/f100 /data/last-renamed && mv /data/d1 /data/first-dir-renamed"""])
+        assert done["exit_code"] == 0, done
+        await self._destroy(gateway, writer["id"])
+
+        # The superblock's free counts are the kernel's to write at unmount, which a killed guest
+        # never does: used_bytes must come from the counts as they are (each file takes a block,
+        # at least 1 KiB).
+        described = await (await gateway.client.get("/v1/volumes/many", headers=AUTH)).json()
+        assert described["used_bytes"] >= 2000 << 10, described
+        resp = await gateway.client.get("/v1/volumes/many/files/last-renamed", headers=AUTH)
+        assert resp.status == 200 and await resp.read() == b"20/100\n"
+        resp = await gateway.client.get("/v1/volumes/many/files/first-dir-renamed/f7", headers=AUTH)
+        assert resp.status == 200 and await resp.read() == b"1/7\n"
+        reader = await gateway.create(volumes={"/in": {"name": "many", "readonly": True}})
+        got = await gateway.exec(reader["id"], command=["sh", "-c", "cd /in && find . -type f | wc -l && "
+                                                        "ls -d d1 d20/f100 2>&1; cat last-renamed "
+                                                        "first-dir-renamed/f100 d19/f100"])
+        assert got["stdout"].split("\n")[0] == "2000", got
+        assert "No such file" in got["stdout"] and "20/100\n1/100\n19/100\n" in got["stdout"], got
+        await self._destroy(gateway, reader["id"])
