@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__, languages
 from ._log import log, log_exception
+from .changes import ChangeTracker
 from .channel import Channel
 from .features import Features, detect
 from .fsops import FileOps, Root, os_error, read_chunks
@@ -37,6 +38,7 @@ from .pyrunner import PYTHON_KILL_GRACE, PythonRunner, is_exec_thread
 from .records import ExecRecord, Stream
 from .signals import signal_name, signal_number, unignore_for_children
 from .timers import Scheduler
+from .watch import WatchRegistry
 
 if TYPE_CHECKING:
     from .system import SandboxCgroup
@@ -83,6 +85,7 @@ class Agent:
         self._cgroup = cgroup
         self.root = Root(root, fs_roots)
         self.files = FileOps(self.root)
+        self.changes = ChangeTracker(self.root)
         self.channel = channel
         self._started = time.monotonic()
         self._lock = threading.Lock()
@@ -97,6 +100,7 @@ class Agent:
         if self.features.threads:
             self._scheduler = Scheduler()
             self._scheduler.start()
+        self.watches = WatchRegistry(self.root, threads=self.features.threads)
         self._python = PythonRunner(
             channel,
             self.features,
@@ -127,6 +131,9 @@ class Agent:
             "fs.move": lambda rid, m: self.files.move(m),
             "fs.remove": lambda rid, m: self.files.remove(m),
             "fs.patch": lambda rid, m: self.files.patch(m),
+            "fs.changes": self._fs_changes,
+            "fs.watch": lambda rid, m: self.watches.start(Stream(self.channel, rid), m),
+            "fs.unwatch": lambda rid, m: self.watches.stop(m["watch_id"]),
         }
         if self.features.system:
             from . import system  # now, so a snapshot holds it loaded: see system.py
@@ -165,6 +172,7 @@ class Agent:
         if self._closed:
             return
         self._closed = True
+        self.watches.close()
         with self._lock:
             records = [rec for rec in self._execs.values() if rec.running]
             pgids = set(self._pgids)
@@ -250,6 +258,8 @@ class Agent:
             deadline=None if timeout is None else now + float(timeout),
             timeout=None if timeout is None else float(timeout),
         )
+        before = self.changes.snapshot()
+        record.stream.end_fields = lambda: {"files": self.changes.since(before)}
         if code is not None and message["language"] != "python":
             self._start_language(record, message["language"], code, stdin, stdin_open, env,
                                  cwd_path or self.root.real, pty)
@@ -434,6 +444,16 @@ class Agent:
         thread.start()
 
     # -----------------------------------------------------------------------------------------
+    # fs.changes
+    # -----------------------------------------------------------------------------------------
+
+    def _fs_changes(self, rid: int, message: Mapping[str, Any]) -> dict[str, Any]:
+        if "track" in message:
+            self.changes.track(message["track"])
+        return self.changes.query(since=message.get("since"), keep=message.get("keep"),
+                                  advance=message.get("advance"), base=message["base"])
+
+    # -----------------------------------------------------------------------------------------
     # fs.read (stream)
     # -----------------------------------------------------------------------------------------
 
@@ -492,7 +512,14 @@ def serve(channel: Channel, agent: Agent) -> int:
     Either way every process the agent started is killed before this returns.
     """
     try:
-        while (request := channel.receive()) is not None:
+        while True:
+            # A single-threaded agent polls its watches between requests (guest_agent/watch.py).
+            delay = agent.watches.due()
+            if delay is not None and not channel.wait(delay):
+                continue
+            request = channel.receive()
+            if request is None:
+                break
             agent.handle(request)
         return 0
     except ProtocolError as exc:

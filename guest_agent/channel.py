@@ -79,6 +79,19 @@ class Channel:
                 self._write(self.leg.data_to_send())  # its answers to malformed requests
         return self._pending.popleft()
 
+    def wait(self, timeout: float) -> bool:
+        """Whether `receive` has something (a request, or the end of input) within `timeout`
+        seconds: the request loop of a single-threaded agent waits this way when it has other
+        work to do at a given time (polling watches)."""
+        if self._pending or self._eof or self.leg.failure is not None:
+            return True
+        try:
+            import select
+        except ImportError:  # no select: receive blocks, and the other work waits for a request
+            return True
+        readable, _, _ = select.select([self.fd_in], [], [], timeout)
+        return bool(readable)
+
     def reply(self, request_id: int, result: Mapping[str, Any]) -> None:
         with self._lock:
             self.leg.send_reply(request_id, result)

@@ -60,7 +60,7 @@ class Features:
             caps.append("exec.pty")
         if self.threads:
             caps.append("exec.concurrent")
-        caps += ["fs", "metrics"]
+        caps += ["fs", "fs.watch", "metrics"]
         if self.system:
             caps.append("guest.setup")
         return caps

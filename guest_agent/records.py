@@ -23,6 +23,8 @@ class Stream:
         self._channel = channel
         self.request_id = request_id
         self.ended = False
+        #: Fields added to the `end` event, computed when it is sent (an exec's `files`).
+        self.end_fields: Callable[[], dict[str, Any]] | None = None
 
     def emit(self, ev: str, **fields: Any) -> bool:
         """Send one event; False (and nothing sent) once the stream has ended."""
@@ -30,6 +32,8 @@ class Stream:
             return False
         if ev == "end":
             self.ended = True
+            if self.end_fields is not None:
+                fields = {**self.end_fields(), **fields}
         return self._channel.event(self.request_id, ev, **fields)
 
 

@@ -211,6 +211,11 @@ def _exec_start_rules(args: dict[str, Any]) -> None:
         raise ProtocolError("bad_request", "NUL byte in 'cwd'")
 
 
+def _needs_watch(args: dict[str, Any]) -> None:
+    if "watch_id" not in args and "tag" not in args:
+        raise ProtocolError("bad_request", "name the watch with 'watch_id' or 'tag'")
+
+
 _ROWS = Field("rows", (int,), "terminal rows", required=True, low=1, high=MAX_PTY_SIDE)
 _COLS = Field("cols", (int,), "terminal columns", required=True, low=1, high=MAX_PTY_SIDE)
 
@@ -269,6 +274,14 @@ def _patch_rules(args: dict[str, Any]) -> None:
         raise ProtocolError("bad_request", f"a {action} patch needs {needed!r}")
     if action in ("text", "append") and ("text" in args) == ("data" in args):
         raise ProtocolError("bad_request", f"a {action} patch has 'text' or 'data' (one of them)")
+
+
+def _changes_rules(args: dict[str, Any]) -> None:
+    for name in ("track", "advance"):
+        if not all(isinstance(p, str) and "\0" not in p and len(p) <= MAX_PATH for p in args.get(name, [])):
+            raise ProtocolError("bad_request", f"{name!r} is a list of paths")
+    if "advance" in args and "since" not in args:
+        raise ProtocolError("bad_request", "'advance' moves the pinned name given as 'since' forward")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,6 +402,38 @@ _OPS: tuple[Op, ...] = (
         Field("target", (str,), "symlink: what the link points to", high=MAX_PATH),
         Field("mode", (int,), "text/mkdir: permission bits", low=0, high=0o7777)),
        capability="fs", rules=_patch_rules),
+    Op("fs.changes", "which files were created, modified, deleted under the tracked paths (/work, mounts, "
+       "volumes) since a token; every exec's end carries the same `files` for its own run",
+       "`{token, files: {created, modified, deleted, truncated?}}` (`not_found`: a token no longer kept)",
+       (Field("since", (str,), "a token an earlier fs.changes gave (absent: since the sandbox was handed out)",
+              low=1, high=MAX_TAG),
+        Field("keep", (str,), "agent leg: pin this snapshot under this name instead of a new token (a host "
+              "mount's sync point)", low=1, high=MAX_TAG, leg=AGENT),
+        Field("advance", (list,), "agent leg: with `since` (a pinned name), move only these paths of it to now",
+              high=100_000, leg=AGENT),
+        Field("track", (list,), "agent leg: the directories tracked besides /work and the fs roots (the base is "
+              "taken again)", high=64, leg=AGENT),
+        Field("base", (bool,), "agent leg: make this snapshot the base (the sandbox is being handed out)",
+              default=False, leg=AGENT)),
+       capability="fs", rules=_changes_rules),
+    Op("fs.watch", "watch a directory for changes (inotify where the guest has it, else polling: "
+       "guest_agent/watch.py)",
+       "stream: `start{watch_id, backend, entries}`, `change{change, path, dir, src?}`... (`change`: created, "
+       "modified, deleted, moved (with `src`) or overflow; paths relative to the watched directory), "
+       "`end{error?}` after fs.unwatch, or with an error (`not_found`: the directory went away; `guest_died`)",
+       (_path(), Field("recursive", (bool,), "watch the directories below it too", default=False),
+        Field("watch_id", (str,), "the watch's id (client leg: optional, the gateway assigns w1, w2, ...; agent "
+              "leg: always sent); exec.attach re-attaches the stream by it", low=1, high=MAX_EXEC_ID),
+        Field("tag", (str,), "a label fs.unwatch and exec.attach can select the watch by", low=1, high=MAX_TAG,
+              leg=CLIENT),
+        Field("poll_interval", (float,), "seconds between two snapshots where the guest polls (no inotify)",
+              default=0.5, low=0.05, high=60.0)),
+       capability="fs.watch", stream=True),
+    Op("fs.unwatch", "stop a watch: its stream ends", "`{}`",
+       (Field("watch_id", (str,), "the watch", low=1, high=MAX_EXEC_ID),
+        Field("tag", (str,), "client leg: the latest watch with this tag, instead of watch_id", low=1, high=MAX_TAG,
+              leg=CLIENT)),
+       capability="fs.watch", nested=True, rules=_needs_watch),
     # -- agent leg only
     Op("guest.setup", "make a VM restored from a snapshot its own (clock, entropy, limits)", "`time_ns`",
        (Field("time_ns", (int,), "the host's CLOCK_REALTIME", low=0),
@@ -476,23 +521,30 @@ _NONE = type(None)
 #: so bool is no int). The gateway-role `AgentLeg` checks every event against this table where it
 #: enters (`check_event`): a mistyped field is the guest breaking the protocol (`guest_protocol`),
 #: and fields not listed here are dropped, so nothing unchecked reaches a client or the gateway.
-#: `start` carries `exec_id`/`pid` (exec.start) or `size` (fs.read); `end` carries `exit_code`,
-#: `signal`, `duration_ms`, `error`, `truncated` (exec.start) or `bytes`, `error` (fs.read);
+#: `start` carries `exec_id`/`pid` (exec.start), `size` (fs.read) or `watch_id`/`backend`/`entries`
+#: (fs.watch); `change` (fs.watch) carries `change`, `path`, `dir` and, for a move, `src`; `end` carries `exit_code`,
+#: `signal`, `duration_ms`, `error`, `truncated`, `files` (exec.start: what it changed, `check_files`)
+#: or `bytes`, `error` (fs.read);
 #: `display` (exec.start, Python) carries one MIME `bundle` (`check_display`).
 EVENT_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
-    "start": {"exec_id": (str,), "pid": (int, _NONE), "size": (int, _NONE)},
+    "start": {"exec_id": (str,), "pid": (int, _NONE), "size": (int, _NONE), "watch_id": (str,), "backend": (str,),
+              "entries": (int,)},
     "data": {"fd": (str,), "data": (bytes,)},
     "display": {"bundle": (dict,)},
     "end": {"exit_code": (int, _NONE), "signal": (str, int, _NONE), "duration_ms": (int, float, _NONE),
-            "error": (dict, _NONE), "truncated": (bool,), "bytes": (int,)},
+            "error": (dict, _NONE), "truncated": (bool,), "bytes": (int,), "files": (dict,)},
+    "change": {"change": (str,), "path": (str,), "dir": (bool,), "src": (str,)},
     "keepalive": {},
 }
+#: What a fs.watch `change` event's `change` may be (guest_agent/watch.py).
+CHANGE_KINDS = ("created", "modified", "deleted", "moved", "overflow")
 _TYPE_WORDS = {bytes: "binary", str: "a string", int: "an integer", float: "a number", bool: "a boolean",
                dict: "a map"}
 #: The most bytes one data event may carry (docs/protocol.md: output and file chunks).
 MAX_EVENT_DATA = CHUNK_SIZE
 #: Bounds on the strings an event carries (an exec id is a client's, an error message the agent's).
-_MAX_EVENT_TEXT = {"exec_id": MAX_EXEC_ID, "signal": 32, "fd": 8}
+_MAX_EVENT_TEXT = {"exec_id": MAX_EXEC_ID, "watch_id": MAX_EXEC_ID, "backend": 16, "signal": 32, "fd": 8,
+                   "change": 16, "path": MAX_PATH, "src": MAX_PATH}
 _MAX_ERROR_TEXT = 4096
 
 
@@ -521,6 +573,11 @@ def check_event(ev: str, fields: Mapping[str, Any]) -> dict[str, Any]:
         out[name] = value
     if ev == "display":
         check_display(out.get("bundle"))
+    if "files" in out:
+        out["files"] = check_files(out["files"])
+    if ev == "change" and (out.get("change") not in CHANGE_KINDS or "path" not in out):
+        raise ProtocolError("guest_protocol", f"a change event needs 'path' and a 'change' of "
+                                              f"{', '.join(CHANGE_KINDS)}")
     if ev == "data":
         data = out.get("data")
         if data is None:
@@ -529,6 +586,35 @@ def check_event(ev: str, fields: Mapping[str, Any]) -> dict[str, Any]:
             raise ProtocolError("guest_protocol", f"a data event of {len(data)} bytes (at most {MAX_EVENT_DATA})")
         if "fd" in out and out["fd"] not in OUTPUT_FDS:
             raise ProtocolError("guest_protocol", f"a data event for unknown fd {out['fd']!r:.40}")
+    return out
+
+
+#: The kinds of change a `files` report lists (guest_agent/changes.py).
+FILES_KINDS = ("created", "modified", "deleted")
+#: Paths one `files` report may list in all.
+MAX_FILES_LISTED = 100_000
+
+
+def check_files(value: Any) -> dict[str, Any]:
+    """An exec end's or fs.changes' `files` from the agent: `{created, modified, deleted}`, lists of
+    paths, and `truncated` when set. Raises `guest_protocol` for any other shape."""
+    if not isinstance(value, dict) or set(value) - {*FILES_KINDS, "truncated"}:
+        raise ProtocolError("guest_protocol", "'files' is {created, modified, deleted, truncated?}")
+    out: dict[str, Any] = {}
+    count = 0
+    for kind in FILES_KINDS:
+        paths = value.get(kind)
+        if not isinstance(paths, list) or not all(type(p) is str and len(p) <= MAX_PATH for p in paths):
+            raise ProtocolError("guest_protocol", f"'files.{kind}' is a list of paths")
+        count += len(paths)
+        out[kind] = paths
+    if count > MAX_FILES_LISTED:
+        raise ProtocolError("guest_protocol", f"'files' lists more than {MAX_FILES_LISTED} paths")
+    if "truncated" in value:
+        if type(value["truncated"]) is not bool:
+            raise ProtocolError("guest_protocol", "'files.truncated' is a boolean")
+        if value["truncated"]:
+            out["truncated"] = True
     return out
 
 

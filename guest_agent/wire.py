@@ -25,7 +25,7 @@ MAX_REQUEST_ID = 2**31
 
 _LENGTH = struct.Struct(">I")
 
-STREAM_EVENTS = ("start", "data", "display", "end", "keepalive")
+STREAM_EVENTS = ("start", "data", "display", "change", "end", "keepalive")
 OUTPUT_FDS = ("stdout", "stderr", "pty")
 
 

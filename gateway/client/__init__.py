@@ -13,7 +13,7 @@
 """
 
 from gateway.client import errors
-from gateway.client.aio import AsyncClient, AsyncExecution, AsyncFiles, AsyncSandbox
+from gateway.client.aio import AsyncClient, AsyncExecution, AsyncFiles, AsyncSandbox, AsyncWatch
 from gateway.client.errors import SandgateError
 from gateway.client.models import (
     CacheEntry,
@@ -36,14 +36,16 @@ from gateway.client.models import (
     TestReport,
     TestSummary,
     VolumeInfo,
+    WatchEvent,
 )
-from gateway.client.sync import Client, Execution, Files, Sandbox
+from gateway.client.sync import Client, Execution, Files, Sandbox, Watch
 
 __all__ = [
     "AsyncClient",
     "AsyncExecution",
     "AsyncFiles",
     "AsyncSandbox",
+    "AsyncWatch",
     "CacheEntry",
     "Client",
     "Display",
@@ -69,5 +71,7 @@ __all__ = [
     "TestReport",
     "TestSummary",
     "VolumeInfo",
+    "Watch",
+    "WatchEvent",
     "errors",
 ]

@@ -37,6 +37,7 @@ from gateway.client import bodies
 from gateway.client.connection import Connection, ExecStream
 from gateway.client.errors import (
     ConnectionLost,
+    GuestProtocol,
     NotFound,
     SandgateError,
     Timeout,
@@ -55,10 +56,12 @@ from gateway.client.models import (
     FunctionInfo,
     InvokeResult,
     Metrics,
+    OutputLost,
     SandboxInfo,
     Started,
     TestReport,
     VolumeInfo,
+    WatchEvent,
 )
 from gateway.client.streams import ResultBuilder
 from gateway.protocol.client import JSON, MSGPACK
@@ -923,6 +926,8 @@ class AsyncExecution:
         if self._finished:
             raise StopAsyncIteration
         item = await self._stream.queue.get()
+        if isinstance(item, WatchEvent):  # never on an exec's stream: ExecStream.feed refuses it
+            item = GuestProtocol("a change event on an exec's stream")
         if isinstance(item, SandgateError):
             self._finished = True
             item.result = self._builder.build()
@@ -984,6 +989,93 @@ class AsyncExecution:
 
     async def _control(self, op: str, **fields: Any) -> None:
         await self._conn.request(op, {"exec_id": self.exec_id, **fields})
+
+
+class AsyncWatch:
+    """A directory's changes, as `WatchEvent`s (`AsyncFiles.watch`): an async iterator, and an async
+    context manager that stops the watch on exit.
+
+    The watch starts on first use (`start()`, entering it, or the first iteration). It follows the
+    sandbox across WebSocket reconnects (re-attached from the first change not yet delivered, as an
+    exec is); changes the gateway could no longer replay arrive as one `overflow` change. Iteration
+    ends after `stop()`; it raises when the watch ends otherwise: `NotFound` when the watched
+    directory went away, `GuestDied` or `NotFound` when the sandbox did."""
+
+    def __init__(self, sandbox: AsyncSandbox, path: str, recursive: bool, poll_interval: float | None,
+                 tag: str | None) -> None:
+        self.sandbox = sandbox
+        self.path = path
+        self.recursive = recursive
+        self.tag = tag
+        self.watch_id = "cw" + secrets.token_hex(8)  # chosen here, so a reconnect can re-attach it
+        self._poll_interval = poll_interval
+        self._stream: ExecStream | None = None
+        self._finished = False
+
+    def __repr__(self) -> str:
+        return f"<AsyncWatch {self.watch_id} {self.path!r}{' recursive' if self.recursive else ''}>"
+
+    @property
+    def backend(self) -> str | None:
+        """How the guest watches: `inotify`, or `poll` (None before the start)."""
+        backend = self._stream.start_message.get("backend") if self._stream is not None else None
+        return backend if isinstance(backend, str) else None
+
+    async def start(self) -> AsyncWatch:
+        """Start watching (once); returns when the guest watches.
+
+        Raises:
+            NotFound, NotADirectory, PathEscape, BadRequest (a tree past the guest's bound), Busy
+            (too many watches), Unsupported: the sandbox's refusal.
+        """
+        if self._stream is None:
+            fields: dict[str, Any] = {"path": self.path, "recursive": self.recursive, "watch_id": self.watch_id}
+            if self._poll_interval is not None:
+                fields["poll_interval"] = self._poll_interval
+            if self.tag is not None:
+                fields["tag"] = self.tag
+            self._stream = await self.sandbox.connection.start_exec(fields, op="fs.watch")
+        return self
+
+    async def stop(self) -> None:
+        """Stop the watch; iteration then ends after the changes that came before."""
+        if self._stream is None or self._stream.done:
+            return
+        await self.sandbox.connection.request("fs.unwatch", {"watch_id": self.watch_id})
+
+    async def __aenter__(self) -> AsyncWatch:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        stream = self._stream
+        if stream is None:
+            return
+        try:
+            await self.stop()
+        except SandgateError:
+            pass  # the sandbox or the connection is gone: so is the watch
+        self.sandbox.connection.forget(stream)
+
+    def __aiter__(self) -> AsyncWatch:
+        return self
+
+    async def __anext__(self) -> WatchEvent:
+        await self.start()
+        assert self._stream is not None
+        while not self._finished:
+            item = await self._stream.queue.get()
+            if isinstance(item, SandgateError):
+                self._finished = True
+                raise item
+            if isinstance(item, WatchEvent):
+                return item
+            if isinstance(item, OutputLost):
+                return WatchEvent("overflow", "", True, None, item.last_seq)
+            if isinstance(item, Exited):
+                self._finished = True
+                if item.error is not None:
+                    raise item.error
+        raise StopAsyncIteration
 
 
 class AsyncFiles:
@@ -1084,6 +1176,20 @@ class AsyncFiles:
     async def move(self, src: str, dst: str) -> None:
         """Move or rename a file or directory."""
         await self._sandbox.connection.request("fs.move", {"src": src, "dst": dst})
+
+    def watch(self, path: str = ".", *, recursive: bool = False, poll_interval: float | None = None,
+              tag: str | None = None) -> AsyncWatch:
+        """Watch a directory for changes (fs.watch): `async with sandbox.files.watch("src",
+        recursive=True) as changes: async for change in changes: ...`.
+
+        Args:
+            path: the directory (relative to the sandbox's root, or absolute).
+            recursive: the directories below it too.
+            poll_interval: seconds between two looks where the guest polls (WASM; see
+                `AsyncWatch.backend`); the gateway's default (0.5) when None.
+            tag: a label to find the watch by (fs.unwatch, exec.attach).
+        """
+        return AsyncWatch(self._sandbox, path, recursive, poll_interval, tag)
 
     async def remove(self, path: str, *, recursive: bool = False) -> None:
         """Remove a file, or a directory (which must be empty unless `recursive=True`)."""

@@ -33,7 +33,7 @@ from gateway.client.errors import (
     error_for_status,
     error_from_wire,
 )
-from gateway.client.models import ExecEvent, Exited, OutputLost, Started
+from gateway.client.models import ExecEvent, Exited, OutputLost, Started, WatchEvent
 from gateway.client.streams import StreamTracker, event_from_wire
 from gateway.protocol.client import CLOSE_DESTROYED, CLOSE_PROTOCOL_ERROR, SUBPROTOCOLS, ClientCodec
 from guest_agent.schema import OPS
@@ -64,10 +64,14 @@ class ExecStream:
     Items are queued until the consumer takes them, so a consumer that is slow (or absent) never
     stalls replies to other requests on the same socket."""
 
-    def __init__(self, exec_id: str) -> None:
+    def __init__(self, exec_id: str, *, watch: bool = False) -> None:
         self.exec_id = exec_id
+        #: A watch's stream (fs.watch): `change` events, and no output.
+        self.watch = watch
+        #: The `start` message as it came (a watch's says which `backend` it uses).
+        self.start_message: dict[str, Any] = {}
         self.tracker = StreamTracker()
-        self.queue: asyncio.Queue[ExecEvent | SandgateError] = asyncio.Queue()
+        self.queue: asyncio.Queue[ExecEvent | WatchEvent | SandgateError] = asyncio.Queue()
         self.started: asyncio.Future[Started] = asyncio.get_running_loop().create_future()
         self.done = False
 
@@ -78,6 +82,10 @@ class ExecStream:
         except SandgateError as exc:
             self.fail(exc)
             return
+        if isinstance(event, WatchEvent) != self.watch and not isinstance(event, Started | Exited):
+            whose = "a watch" if self.watch else "an exec"
+            self.fail(GuestProtocol(f"a {message.get('ev')} event on {whose}'s stream"))
+            return
         deliver, gap = self.tracker.accept(message["seq"])  # an int: event_from_wire checked it
         if not deliver:
             return
@@ -85,6 +93,7 @@ class ExecStream:
             self.queue.put_nowait(gap)
         self.queue.put_nowait(event)
         if isinstance(event, Started) and not self.started.done():
+            self.start_message = dict(message)
             self.started.set_result(event)
         if isinstance(event, Exited):
             self.done = True
@@ -171,14 +180,16 @@ class Connection:
         except TimeoutError:
             raise Timeout(f"no answer to {op} within {limit:g} s") from None
 
-    async def start_exec(self, fields: Mapping[str, Any]) -> ExecStream:
-        """Send `exec.start` (with a client-chosen `exec_id`) and return its stream once it has
-        started, so a refused exec raises here.
+    async def start_exec(self, fields: Mapping[str, Any], *, op: str = "exec.start") -> ExecStream:
+        """Send `exec.start` (with a client-chosen `exec_id`), or `fs.watch` (with a client-chosen
+        `watch_id`), and return its stream once it has started, so a refused one raises here. A
+        reconnect re-attaches either by its id (`exec.attach`).
 
         Raises:
             SandgateError: the gateway's refusal (`busy`, `unsupported`, ...), or a connection error.
         """
-        stream = ExecStream(str(fields["exec_id"]))
+        watch = op == "fs.watch"
+        stream = ExecStream(str(fields["watch_id" if watch else "exec_id"]), watch=watch)
         try:
             async with asyncio.timeout(self.request_timeout):
                 ws = await self._wait_ready()
@@ -186,13 +197,14 @@ class Connection:
                 self._routes[request_id] = stream
                 self._live.add(stream)
                 try:
-                    await self._send(ws, {"id": request_id, "op": "exec.start", **fields})
+                    await self._send(ws, {"id": request_id, "op": op, **fields})
                 except _Dropped:
                     pass  # the supervisor re-attaches it by exec_id, or reports that it never started
                 await stream.started
         except TimeoutError:
             self.forget(stream)
-            raise Timeout(f"exec {stream.exec_id} was not confirmed within {self.request_timeout:g} s") from None
+            raise Timeout(f"{'watch' if watch else 'exec'} {stream.exec_id} was not confirmed within "
+                          f"{self.request_timeout:g} s") from None
         return stream
 
     async def attach_exec(self, exec_id: str | None = None, tag: str | None = None) -> ExecStream:

@@ -182,6 +182,21 @@ class Exited:
 ExecEvent = Started | Output | Display | OutputLost | Exited
 
 
+@dataclass(frozen=True)
+class WatchEvent:
+    """One change a watch saw (`AsyncFiles.watch`). `kind` is `created`, `modified`, `deleted`,
+    `moved` (then `src` is the old path) or `overflow`: changes were lost (the guest's queue was
+    full, the tree grew past the watch's bound, the sandbox's agent was restarted, or a reconnect
+    came too late for the replay buffer), so re-list the directory to resync. Paths are relative to
+    the watched directory."""
+
+    kind: str
+    path: str
+    is_dir: bool
+    src: str | None
+    seq: int
+
+
 @dataclass
 class ExecResult:
     """What an exec did: its exit, its output, and how long it took.

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway.client.errors import GuestProtocol, error_from_wire
-from gateway.client.models import Display, ExecEvent, ExecResult, Exited, Output, OutputLost, Started
+from gateway.client.models import Display, ExecEvent, ExecResult, Exited, Output, OutputLost, Started, WatchEvent
 
 _FDS = ("stdout", "stderr", "pty")
 
@@ -54,8 +54,9 @@ class StreamTracker:
         return True, gap
 
 
-def event_from_wire(message: Mapping[str, Any]) -> Started | Output | Display | Exited:
-    """An exec stream's `start`, `data`, `display` or `end` message as an event object.
+def event_from_wire(message: Mapping[str, Any]) -> Started | Output | Display | Exited | WatchEvent:
+    """An exec stream's `start`, `data`, `display` or `end` message (or a watch's `change`) as an
+    event object.
 
     Raises:
         GuestProtocol: a message that is none of those, or has mistyped fields.
@@ -77,6 +78,12 @@ def event_from_wire(message: Mapping[str, Any]) -> Started | Output | Display | 
         if display is None:
             raise GuestProtocol(f"malformed display event: bundle={type(message.get('bundle')).__name__}")
         return display
+    if ev == "change":
+        kind, path, is_dir, src = message.get("change"), message.get("path"), message.get("dir"), message.get("src")
+        if not (isinstance(kind, str) and isinstance(path, str) and isinstance(is_dir, bool)
+                and (src is None or isinstance(src, str))):
+            raise GuestProtocol(f"malformed change event: {dict(message)!r:.200}")
+        return WatchEvent(kind=kind, path=path, is_dir=is_dir, src=src, seq=seq)
     if ev == "end":
         code, signal, duration = message.get("exit_code"), message.get("signal"), message.get("duration_ms")
         error = message.get("error")

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mappin
 from types import TracebackType
 from typing import IO, Any, TypeVar
 
-from gateway.client.aio import DEFAULT_MAX_OUTPUT, AsyncClient, AsyncExecution, AsyncFiles, AsyncSandbox
+from gateway.client.aio import DEFAULT_MAX_OUTPUT, AsyncClient, AsyncExecution, AsyncFiles, AsyncSandbox, AsyncWatch
 from gateway.client.errors import ConnectionLost, NotFound
 from gateway.client.models import (
     CacheEntry,
@@ -32,6 +32,7 @@ from gateway.client.models import (
     SandboxInfo,
     TestReport,
     VolumeInfo,
+    WatchEvent,
 )
 
 T = TypeVar("T")
@@ -419,6 +420,41 @@ class Execution:
         _run(self._async.resize(rows, cols))
 
 
+class Watch:
+    """Sync form of `AsyncWatch`: `with sandbox.files.watch("src", recursive=True) as changes:
+    for change in changes: ...` (iterating starts it too; leaving the `with` stops it)."""
+
+    def __init__(self, inner: AsyncWatch) -> None:
+        self._async = inner
+
+    @property
+    def watch_id(self) -> str:
+        return self._async.watch_id
+
+    @property
+    def backend(self) -> str | None:
+        """`inotify` or `poll` (None before the start)."""
+        return self._async.backend
+
+    def start(self) -> Watch:
+        """Start watching (once); returns when the guest watches."""
+        _run(self._async.start())
+        return self
+
+    def stop(self) -> None:
+        """Stop the watch; iteration ends after the changes that came before."""
+        _run(self._async.stop())
+
+    def __enter__(self) -> Watch:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        _run(self._async.__aexit__(*exc))
+
+    def __iter__(self) -> Iterator[WatchEvent]:
+        return _iterate(self._async)
+
+
 class Files:
     """Sync form of `AsyncFiles` (paths relative to the sandbox's root)."""
 
@@ -476,3 +512,8 @@ class Files:
     def remove(self, path: str, *, recursive: bool = False) -> None:
         """Remove a file or directory."""
         _run(self._async.remove(path, recursive=recursive))
+
+    def watch(self, path: str = ".", *, recursive: bool = False, poll_interval: float | None = None,
+              tag: str | None = None) -> Watch:
+        """Watch a directory for changes (as `AsyncFiles.watch`)."""
+        return Watch(self._async.watch(path, recursive=recursive, poll_interval=poll_interval, tag=tag))

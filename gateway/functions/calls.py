@@ -208,9 +208,12 @@ def invoke_result(run: CallRun) -> dict[str, Any]:
     else:
         status, error = run.unfinished()
         result, files = None, _clean_files(None)
+    if isinstance(run.end.get("files"), dict):  # the agent's tracking: /work, mounts and volumes
+        files = _clean_files(run.end["files"])
     return {"status": status, "result": result, "error": error, "stdout": run.text("stdout"),
             "stderr": run.text("stderr"), "display": run.output.display, "duration_ms": run.end.get("duration_ms"),
-            "files": files, "exec_id": run.record.exec_id, "truncated": run.output.truncated}
+            "files": files, "mounts": run.end.get("mounts"), "exec_id": run.record.exec_id,
+            "truncated": run.output.truncated}
 
 
 def test_result(run: CallRun) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 
 from gateway.config import Quotas, Settings
 from gateway.runtime.base import Runtime, SandboxSpec
+from gateway.storage.mounts import MountSpec, parse_mounts
 from gateway.storage.patches import parse_files, parse_patches
 from gateway.storage.volumes import VolumeMount
 from guest_agent.wire import ProtocolError
@@ -31,7 +32,7 @@ from guest_agent.wire import field as wire_field
 
 #: The create body's fields the gateway reads itself; the rest are the runtime's options.
 CREATE_FIELDS = ("runtime", "ttl", "idle_timeout", "memory_mb", "cpu_seconds", "disk_mb", "network",
-                 "template", "metadata", "volumes", "files", "patches")
+                 "template", "metadata", "volumes", "files", "patches", "mounts")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class CreateRequest:
     #: fs.patch arguments and (path, bytes) files, applied before the sandbox is handed out.
     patches: tuple[dict[str, Any], ...] = ()
     files: tuple[tuple[str, bytes], ...] = ()
+    #: Host mounts: copied in after the files, synced back (gateway/storage/mount_sync.py).
+    mounts: tuple[MountSpec, ...] = ()
 
     def spec(self, sandbox_id: str, tenant: str, created_at: float,
              volumes: tuple[VolumeMount, ...] = ()) -> SandboxSpec:
@@ -115,11 +118,14 @@ def check_create(
         raise ProtocolError("unsupported", f"runtime {runtime.id!r} does not mount volumes")
     patches = parse_patches(body.get("patches"))
     files = parse_files(body.get("files"))
+    # WASM reaches only its preopens: a mount's copy goes under /work there.
+    mounts = parse_mounts(body.get("mounts"), settings.storage.allowed_roots, work_only=runtime.id == "wasm")
     options = runtime.validate_options({k: v for k, v in body.items() if k not in CREATE_FIELDS})
     runtime.check_create(template, network)
     return CreateRequest(runtime=runtime, ttl=ttl, idle_timeout=idle, memory_mb=memory, cpu_seconds=cpu,
                          disk_mb=disk, network=network, template=template, metadata=metadata, options=options,
-                         volumes=volumes, patches=patches, files=files)
+                         volumes=volumes, patches=patches, files=files,
+                         mounts=mounts)
 
 
 def _bounded(body: Mapping[str, Any], name: str, default: float, maximum: float, kind: type) -> Any:

@@ -30,7 +30,7 @@ class Subscriber(Protocol):
 
 
 class ExecRecord:
-    """One exec as the gateway keeps it.
+    """One exec as the gateway keeps it (or another stream kept the same way: `kind`).
 
     `confirm_end`, when given, is awaited when the agent says the exec ended and before the
     gateway takes it as ended: the agent's `end` is a claim, and only the gateway decides (for an
@@ -38,6 +38,9 @@ class ExecRecord:
     can only answer once its exec handler returned). If the confirmation fails, the exec ends with
     that error instead of the claimed end.
     """
+
+    #: What the stream is: an exec, or a watch (gateway/sessions/watches.py) kept the same way.
+    kind = "exec"
 
     def __init__(self, exec_id: str, tag: str | None, *, replay_bytes: int, send_timeout: float,
                  budget: ReplayBudget | None = None,
@@ -51,6 +54,9 @@ class ExecRecord:
         self.oneshot = False
         self.buffer = ReplayBuffer(replay_bytes, budget)
         self.confirm_end = confirm_end
+        #: Awaited after `confirm_end`, before the end is published: fields it returns are added
+        #: to the end (a batch mount sync's `mounts`).
+        self.on_end: Callable[[], Awaitable[dict[str, Any]]] | None = None
         #: Why a cancelled pump ended the exec (a destroy's reason; a shutdown says so).
         self.cancel_error = ProtocolError("guest_died", "the sandbox was closed")
         self.send_timeout = send_timeout
@@ -138,11 +144,14 @@ class ExecRecord:
                     pid = event.get("pid")
                     self.pid = pid if isinstance(pid, int) and not isinstance(pid, bool) else None
                 elif ev == "end":
+                    confirmed = True
                     if self.confirm_end is not None:
                         try:
                             await self.confirm_end()
                         except ProtocolError as exc:  # the agent died or was stopped meanwhile
-                            event = _end_with(exc)
+                            event, confirmed = _end_with(exc), False
+                    if self.on_end is not None and confirmed:
+                        event.update(await self.on_end())
                     await self._finish(event)
                     return
                 await self.publish(event)

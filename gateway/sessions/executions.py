@@ -45,6 +45,8 @@ def describe(record: ExecRecord, output_offset: int = 0, *, with_output: bool = 
         "signal": end.get("signal"),
         "error": end.get("error"),
         "duration_ms": end.get("duration_ms"),
+        "files": end.get("files"),
+        "mounts": end.get("mounts"),
         "created_at": record.created_at,
         "ended_at": record.ended_at,
     }

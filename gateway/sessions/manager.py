@@ -32,7 +32,7 @@ from gateway.sessions.admission import TenantQuota, check_create
 from gateway.sessions.replay import ReplayBudget
 from gateway.sessions.routing import OpRouter
 from gateway.sessions.sandbox import Sandbox
-from gateway.storage import local, patches
+from gateway.storage import local, mount_sync, patches
 from gateway.storage.volumes import VolumeBackend, VolumeRegistry
 from guest_agent.wire import ProtocolError
 
@@ -161,23 +161,37 @@ class SandboxManager(OpRouter):
                 raise
             try:
                 await patches.apply(lambda op, args: agent.request(op, **args), request.patches, request.files)
+                mounts = tuple(mount_sync.MountState(m) for m in request.mounts)
+                for mount in request.mounts:
+                    # WASI has no file modes (its guest is not refused by them): a denial is refused at sync.
+                    await mount_sync.copy_in(agent, mount, self.settings.storage.allowed_roots,
+                                             modes=runtime.id != "wasm")
+                # Change tracking starts here: what the create placed is not a change of the sandbox's.
+                await self._start_tracking(agent, spec, mounts)
             except BaseException:
                 await backend.destroy()
                 await agent.close()
                 raise
         except BaseException:
-            self.volumes.release(sandbox_id)
+            await self.volumes.release(sandbox_id)
             raise
         finally:
             self._creating[tenant] -= 1
         sandbox = Sandbox(id=sandbox_id, tenant=tenant, runtime=runtime, spec=spec, backend=backend,
                           agent=agent, ttl=request.ttl, idle_timeout=request.idle_timeout,
                           metadata=request.metadata, created_at=now, replay_budget=self._sandbox_budget(),
-                          owner=owner)
+                          owner=owner, mounts=mounts)
         self._sandboxes[sandbox_id] = sandbox
         sandbox.spawn(self._watch(sandbox), f"watch-{sandbox_id}")
         self.pm.hook.sandgate_sandbox_created(sandbox_id=sandbox_id, tenant=tenant, runtime=runtime.id)
         return sandbox
+
+    @staticmethod
+    async def _start_tracking(agent: AgentClient, spec: SandboxSpec, mounts: tuple[mount_sync.MountState, ...]) -> None:
+        """Track the volumes and mounts besides /work from now, and pin each mount's sync point."""
+        await agent.request("fs.changes", track=[v.path for v in spec.volumes] + [m.spec.path for m in mounts],
+                            base=True)
+        await mount_sync.pin(agent, mounts)
 
     async def _connect(self, backend: Backend) -> AgentClient:
         limits = self.settings.limits
@@ -299,7 +313,7 @@ class SandboxManager(OpRouter):
         # still writes to the agent is taken, and an agent that does not read (a WASM exec busy
         # without reading stdin, sent a large exec.input) would never take it.
         await sandbox.agent.close()
-        self.volumes.release(sandbox.id)
+        await self.volumes.release(sandbox.id)
         self.pm.hook.sandgate_sandbox_destroyed(sandbox_id=sandbox.id, tenant=sandbox.tenant,
                                                 runtime=sandbox.runtime.id, reason=reason)
 
@@ -330,6 +344,9 @@ class SandboxManager(OpRouter):
             try:
                 await sandbox.backend.restart_agent()
                 sandbox.agent = await self._connect(sandbox.backend)
+                # The new agent's tracker starts empty: track again and pin the mounts at now. What
+                # the stopped exec changed in a mount before the restart is not synced back.
+                await self._start_tracking(sandbox.agent, sandbox.spec, sandbox.mounts)
             except ProtocolError as exc:
                 log.warning("sandbox %s failed: %s", sandbox.id, exc.message)
                 sandbox.state = "failed"

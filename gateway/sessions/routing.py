@@ -27,8 +27,11 @@ import pluggy
 from gateway.config import Settings
 from gateway.functions.code_cache import CodeCache
 from gateway.runtime.agent_client import AgentClient, AgentStream
+from gateway.sessions import watches
 from gateway.sessions.execs import ExecRecord, OutputCollector, Subscriber, refused_before_start
 from gateway.sessions.sandbox import Sandbox
+from gateway.sessions.watches import WatchRecord
+from gateway.storage import mount_sync
 from guest_agent import languages, schema
 from guest_agent.schema import OPS
 from guest_agent.wire import ProtocolError
@@ -74,14 +77,15 @@ class OpRouter(ABC):
                 raise ProtocolError("busy", f"the agent runs one thing at a time and exec {running[0].exec_id} "
                                             "is running")
 
-    def find_exec(self, sandbox: Sandbox, args: Mapping[str, Any]) -> ExecRecord:
-        """The exec a checked request names by `exec_id`, or the latest with its `tag`."""
+    def find_exec(self, sandbox: Sandbox, args: Mapping[str, Any], kind: str | None = "exec") -> ExecRecord:
+        """The exec a checked request names by `exec_id`, or the latest with its `tag`; with
+        `kind` None, any stream of the registry (exec.attach re-attaches watches too)."""
         if "exec_id" in args:
             record = sandbox.execs.get(args["exec_id"])
         else:
-            matches = [r for r in sandbox.execs.values() if r.tag == args["tag"]]
+            matches = [r for r in sandbox.execs.values() if r.tag == args["tag"] and kind in (None, r.kind)]
             record = matches[-1] if matches else None
-        if record is None:
+        if record is None or kind not in (None, record.kind):
             raise ProtocolError("not_found", "no such exec")
         return record
 
@@ -162,6 +166,23 @@ class OpRouter(ABC):
             fields["length"] = length
         return await (await self._agent(sandbox)).stream("fs.read", **fields)
 
+    async def start_watch(self, sandbox: Sandbox, args: Mapping[str, Any],
+                          subscriber: Subscriber | None = None) -> WatchRecord:
+        """fs.watch (gateway/sessions/watches.py); `args` as the schema checked them."""
+        self._check_usable(sandbox, "fs.watch")
+        return await watches.start_watch(sandbox, args, subscriber, get_agent=self._agent,
+                                         replay_bytes=self.settings.limits.replay_bytes,
+                                         send_timeout=self.settings.client_send_timeout_s,
+                                         finished=self.forget_finished)
+
+    async def stop_watch(self, sandbox: Sandbox, args: Mapping[str, Any]) -> dict[str, Any]:
+        """fs.unwatch. Not refused as `busy` while a one-request-at-a-time agent runs an exec: the
+        agent takes it when the exec reads stdin, or ends."""
+        if sandbox.state != "running":
+            raise ProtocolError("guest_died", f"the sandbox is {sandbox.state}")
+        sandbox.touch()
+        return await watches.stop_watch(sandbox, args, self._agent)
+
     def _exec_fields(
         self, sandbox: Sandbox, args: Mapping[str, Any], default_timeout: float | None
     ) -> dict[str, Any]:
@@ -229,6 +250,8 @@ class OpRouter(ABC):
             if "exec.concurrent" not in sandbox.capabilities:
                 record.confirm_end = lambda: _confirm_idle(agent)
             events = aiter(await agent.stream("exec.start", exec_id=exec_id, **fields))
+            if any(m.spec.sync == "batch" for m in sandbox.mounts):
+                record.on_end = lambda: self._sync_batch_mounts(sandbox, agent)
             if timeout is not None:
                 # The agent enforces timeouts where it can signal; the watchdog catches the rest.
                 grace = self.settings.limits.exec_grace_s if "exec.signal" in sandbox.capabilities else 0.0
@@ -249,6 +272,47 @@ class OpRouter(ABC):
         assert record.end is not None
         self.pm.hook.sandgate_exec_finished(sandbox_id=sandbox.id, tenant=sandbox.tenant,
                                             exec_id=record.exec_id, end=record.end)
+
+    async def _sync_batch_mounts(self, sandbox: Sandbox, agent: AgentClient) -> dict[str, Any]:
+        """An exec ended: apply each batch mount's permitted changes to the host (`mounts` of its end)."""
+        results = []
+        for state in sandbox.mounts:
+            if state.spec.sync != "batch":
+                continue
+            try:
+                results.append(await mount_sync.sync(agent, state, self.settings.storage.allowed_roots))
+            except ProtocolError as exc:  # the agent died, or the host directory went away
+                results.append({"path": state.spec.path, "error": exc.to_wire()})
+        return {"mounts": results}
+
+    async def list_mounts(self, sandbox: Sandbox) -> list[dict[str, Any]]:
+        """Each host mount with its pending changes (permitted and denied) and its last sync."""
+        self._check_usable(sandbox, "fs.changes")
+        sandbox.touch()
+        agent = await self._agent(sandbox)
+        out = []
+        for state in sandbox.mounts:
+            changes = await mount_sync.list_pending(agent, state.spec)
+            out.append({"path": state.spec.path, "sync": state.spec.sync, "on_error": state.spec.on_error,
+                        "pending": {"permitted": [c.describe() for c in changes if c.permitted],
+                                    "denied": [c.describe() for c in changes if not c.permitted]},
+                        "last_sync": state.last_sync})
+        return out
+
+    async def sync_mounts(self, sandbox: Sandbox, paths: list[str]) -> dict[str, Any]:
+        """`POST .../mounts/sync`: apply the pending changes at `paths` (and under them) to the
+        host, in each mount they fall in; only permitted ones (the others are reported denied)."""
+        self._check_usable(sandbox, "fs.changes")
+        sandbox.touch()
+        agent = await self._agent(sandbox)
+        shown = [p.removeprefix("/work/") if p.startswith("/work/") else p for p in paths]
+        results, matched = [], set()
+        for state in sandbox.mounts:
+            mine = [p for p in shown if (p + "/").startswith(mount_sync.shown_prefix(state.spec))]
+            if mine:
+                matched.update(mine)
+                results.append(await mount_sync.sync(agent, state, self.settings.storage.allowed_roots, paths=mine))
+        return {"mounts": results, "unmatched": [p for p in shown if p not in matched]}
 
     async def _watchdog(self, sandbox: Sandbox, agent: AgentClient, record: ExecRecord, timeout: float,
                         grace: float) -> None:
@@ -306,6 +370,8 @@ class OpRouter(ABC):
             "stderr_truncated": collector.dropped_bytes["stderr"] > 0,
             "dropped_bytes": {fd: n for fd, n in collector.dropped_bytes.items() if n or fd != "pty"},
             "display": collector.display,
+            "files": end.get("files"),
+            "mounts": end.get("mounts"),
         }
         if collector.out["pty"] or collector.dropped_bytes["pty"]:
             result["pty"] = collector.out["pty"].decode("utf-8", "replace")

@@ -19,6 +19,7 @@ from gateway.runtime.agent_client import AgentClient
 from gateway.runtime.base import Backend, Runtime, SandboxSpec
 from gateway.sessions.execs import ExecRecord
 from gateway.sessions.replay import ReplayBudget
+from gateway.storage.mount_sync import MountState
 from guest_agent import languages
 
 
@@ -54,6 +55,8 @@ class Sandbox:
     #: What made the sandbox for its own use (`function:<name>`, `ephemeral`): such a sandbox counts
     #: against the tenant's quotas but is not in its sandbox list. None: the tenant's own.
     owner: str | None = None
+    #: Host mounts (gateway/storage/mount_sync.py), in the create's order.
+    mounts: tuple[MountState, ...] = ()
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -92,6 +95,7 @@ class Sandbox:
             "network": self.spec.network,
             "template": self.spec.template,
             "volumes": {m.path: {"name": m.name, "readonly": m.readonly} for m in self.spec.volumes},
+            "mounts": [{"path": m.spec.path, "sync": m.spec.sync, "on_error": m.spec.on_error} for m in self.mounts],
             "capabilities": sorted(self.capabilities),
             "languages": self.languages(),
             "metadata": self.metadata,

@@ -15,6 +15,7 @@ but the event loop's: acquiring all of a create's volumes happens in one synchro
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -35,7 +36,7 @@ NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 #: Where a volume may be mounted: an absolute path, not the root nor the sandbox's working folder,
 #: nor under the system's own folders (a volume over /proc or /usr would break the guest).
 RESERVED_MOUNT_PREFIXES = ("/proc", "/sys", "/dev", "/sandgate", "/usr", "/bin", "/sbin", "/lib", "/lib64",
-                           "/etc", "/boot", "/run", "/opt/sandgate")
+                           "/etc", "/boot", "/run", "/opt/sandgate", "/mnt/sandgate-agent")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,11 @@ class VolumeBackend(ABC):
     async def write_file(self, volume: Volume, path: str, chunks: AsyncIterator[bytes]) -> int:
         """Replace the file with `chunks` (parents made), all or nothing; the bytes written. The
         volume is not mounted. Raises ProtocolError(`disk_quota`) past the volume's size."""
+
+    async def settle(self, volume: Volume) -> None:
+        """Make the volume's bytes consistent after a read-write mount ended, before anyone mounts
+        it again (a guest killed without unmounting leaves a journal to replay). Called by
+        `VolumeRegistry.release`; the default does nothing."""
 
     async def close(self) -> None:
         """Release what the backend holds (mounts kept for reading). Called at gateway shutdown."""
@@ -295,11 +301,18 @@ class VolumeRegistry:
                                       source=self.backend(volume).source(volume), volume_id=volume.id))
         return tuple(mounts)
 
-    def release(self, sandbox_id: str) -> None:
-        """Give back every volume `sandbox_id` mounted (its sandbox is gone, or never came)."""
+    async def release(self, sandbox_id: str) -> None:
+        """Give back every volume `sandbox_id` mounted (its sandbox is gone, or never came). A
+        volume it wrote is settled by its backend first (`VolumeBackend.settle`), and stays taken
+        until then: nobody mounts a file system mid-repair."""
         for volume_id in self._by_sandbox.pop(sandbox_id, ()):
             if self._writer.get(volume_id) == sandbox_id:
-                del self._writer[volume_id]
+                volume = self._volumes.get(volume_id)
+                try:
+                    if volume is not None and volume.store in self.backends:
+                        await asyncio.shield(self.backends[volume.store].settle(volume))
+                finally:
+                    del self._writer[volume_id]
             readers = self._readers.get(volume_id)
             if readers is not None:
                 readers.discard(sandbox_id)

@@ -175,6 +175,9 @@ class GatewayFixtures:
 class RuntimeConformance(GatewayFixtures):
     """Subclass with `runtime = "<id>"`; every test here must pass for a conforming runtime."""
 
+    #: The fs.watch backend the runtime's guest must use (`inotify`, `poll`); None: either.
+    watch_backend: ClassVar[str | None] = None
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def test_create_get_list_delete(self, gateway: Gateway) -> None:
@@ -314,6 +317,55 @@ class RuntimeConformance(GatewayFixtures):
         with pytest.raises(RequestFailed) as missing:
             await ws.call("fs.stat", path="proj")
         assert missing.value.code == "not_found"
+
+    async def test_fs_watch_events_in_order_across_a_reconnect(self, gateway: Gateway,
+                                                              sandbox: dict[str, Any]) -> None:
+        """fs.watch: create, modify, move and delete seen in order; a nested change only by a
+        recursive watch; after a dropped connection, exec.attach from the next seq replays exactly
+        the changes missed; fs.unwatch ends the stream."""
+        sid = sandbox["id"]
+        ws = await gateway.ws(sid, MSGPACK)
+        await ws.call("fs.mkdir", path="watched/sub")
+        deep = await ws.send("fs.watch", path="watched", recursive=True, tag="deep", poll_interval=0.05)
+        flat = await ws.send("fs.watch", path="watched", poll_interval=0.05)
+        for request_id in (deep, flat):
+            start = await ws.receive_for(request_id)
+            assert start["ev"] == "start" and start["seq"] == 0, start
+            if self.watch_backend is not None:
+                assert start["backend"] == self.watch_backend, start
+
+        async def change(request_id: int, client: WsClient = ws) -> tuple[str, str, str | None]:
+            while (event := await client.receive_for(request_id))["ev"] == "keepalive":
+                pass
+            assert event["ev"] == "change", event
+            return event["change"], event["path"], event.get("src")
+
+        await ws.call("fs.write", path="watched/sub/inner.txt", data=b"1", truncate=True)
+        assert await change(deep) == ("created", "sub/inner.txt", None)
+        await ws.call("fs.write", path="watched/a.txt", data=b"1", truncate=True)
+        assert await change(deep) == ("created", "a.txt", None)
+        assert await change(flat) == ("created", "a.txt", None), "the flat watch never saw sub/inner.txt"
+        await ws.call("fs.write", path="watched/a.txt", data=b"22", truncate=True)
+        assert await change(deep) == ("modified", "a.txt", None)
+        await ws.call("fs.move", src="watched/a.txt", dst="watched/b.txt")
+        assert await change(deep) == ("moved", "b.txt", "a.txt")
+        await ws.call("fs.remove", path="watched/b.txt")
+        assert await change(deep) == ("deleted", "b.txt", None)
+        await ws.ws.close()  # six events so far (start and five changes): the next is seq 6
+        other = await gateway.ws(sid)
+        names = [f"f{n}.txt" for n in range(5)]
+        for name in names:  # while the watch's client is away
+            await other.call("fs.write", path=f"watched/{name}", data=b"x", truncate=True)
+        again = await gateway.ws(sid)
+        attach = await again.send("exec.attach", tag="deep", from_seq=6)
+        reply = await again.receive_for(attach)
+        assert reply["result"]["lost"] is None and reply["result"]["first_seq"] == 6, reply
+        replayed = [await change(attach, again) for _ in names]
+        assert replayed == [("created", n, None) for n in names], replayed
+        assert await again.call("fs.unwatch", tag="deep") == {}
+        while (end := await again.receive_for(attach))["ev"] != "end":
+            assert end["ev"] == "keepalive", end
+        assert end.get("error") is None, end
 
     # -- metrics, errors, destroy -------------------------------------------------------------
 

@@ -96,6 +96,39 @@ async def exec_sandbox(request: web.Request) -> web.Response:
     return web.json_response(await request.app[MANAGER].run_collected(sandbox, args))
 
 
+@routes.get("/v1/sandboxes/{sandbox_id}/changes")
+async def sandbox_changes(request: web.Request) -> web.Response:
+    """Which files were created, modified, deleted under /work, the mounts and the volumes since
+    `since` (a token an earlier answer gave), or since the sandbox was handed out; with a token for now."""
+    sandbox = await sandbox_of(request)
+    args = {"since": request.query["since"]} if "since" in request.query else {}
+    args = schema.parse({**args, "id": 0, "op": "fs.changes"}, schema.CLIENT).args
+    answer = await request.app[MANAGER].request(sandbox, "fs.changes", args)
+    token = answer.get("token")
+    if not isinstance(token, str) or len(token) > schema.MAX_TAG:
+        raise ProtocolError("guest_protocol", "fs.changes answered without a token")
+    return web.json_response({"token": token, "files": schema.check_files(answer.get("files"))})
+
+
+@routes.get("/v1/sandboxes/{sandbox_id}/mounts")
+async def sandbox_mounts(request: web.Request) -> web.Response:
+    """The sandbox's host mounts, each with its pending changes (permitted and denied)."""
+    sandbox = await sandbox_of(request)
+    return web.json_response({"mounts": await request.app[MANAGER].list_mounts(sandbox)})
+
+
+@routes.post("/v1/sandboxes/{sandbox_id}/mounts/sync")
+async def sync_mounts(request: web.Request) -> web.Response:
+    """Apply the chosen pending changes (`{"paths": [...]}`, a folder meaning what lies under it too)."""
+    sandbox = await sandbox_of(request)
+    body = await json_body(request)
+    paths = body.get("paths")
+    if not isinstance(paths, list) or not paths or len(paths) > 10_000 or not all(
+            isinstance(p, str) and 0 < len(p) <= schema.MAX_PATH and "\0" not in p for p in paths):
+        raise ProtocolError("bad_request", "'paths' is a list of 1 to 10000 paths")
+    return web.json_response(await request.app[MANAGER].sync_mounts(sandbox, paths))
+
+
 @routes.get("/v1/sandboxes/{sandbox_id}/metrics")
 async def sandbox_metrics(request: web.Request) -> web.Response:
     sandbox = await sandbox_of(request)

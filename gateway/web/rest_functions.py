@@ -175,7 +175,8 @@ async def list_executions(request: web.Request) -> web.Response:
     if state is not None and state not in executions.STATES:
         raise ProtocolError("bad_request", f"state must be one of {', '.join(executions.STATES)}")
     limit = int(_query_number(request, "limit", 100, 1, 1000))
-    records = [r for r in reversed(sandbox.execs.values()) if state is None or executions.state_of(r) == state]
+    records = [r for r in reversed(sandbox.execs.values())
+               if r.kind == "exec" and (state is None or executions.state_of(r) == state)]
     return web.json_response({"executions": [executions.describe(r, with_output=False) for r in records[:limit]]})
 
 

@@ -96,7 +96,7 @@ async def upload(request: web.Request) -> web.Response:
     try:
         written = await volumes.backend(volume).write_file(volume, path, body())
     finally:
-        volumes.release(f"api:{volume.id}")
+        await volumes.release(f"api:{volume.id}")
     return web.json_response({"path": path, "bytes": written}, status=201)
 
 

@@ -115,7 +115,9 @@ class Session:
         "metrics": "_metrics", "exec.start": "_exec_start", "exec.attach": "_exec_attach", "exec.list": "_exec_list",
         "exec.signal": "_exec_signal", "fs.read": "_fs_read", "exec.input": None, "exec.close_stdin": None,
         "exec.resize": None, "fs.stat": None, "fs.list": None, "fs.write": None, "fs.mkdir": None, "fs.move": None,
-        "fs.remove": None, "fs.patch": None, "invoke": "_invoke", "test": "_test",
+        "fs.remove": None, "fs.patch": None, "fs.changes": None, "fs.watch": "_fs_watch",
+        "fs.unwatch": "_fs_unwatch",
+        "invoke": "_invoke", "test": "_test",
     }
 
     def __init__(self, ws: web.WebSocketResponse, codec: ClientCodec, manager: SandboxManager,
@@ -320,7 +322,7 @@ class Session:
             raise
 
     async def _exec_attach(self, request: schema.Request) -> None:
-        record = self.manager.find_exec(self.sandbox, request.args)
+        record = self.manager.find_exec(self.sandbox, request.args, kind=None)  # a watch too
         subscription = Subscription(self, request.id)
         from_seq = request["from_seq"]
         # The client has everything before from_seq: a quiet re-attached stream gets keepalives
@@ -337,10 +339,22 @@ class Session:
         await record.attach(subscription, from_seq, reply_first)
 
     async def _exec_list(self, request: schema.Request) -> dict[str, Any]:
-        return {"execs": [r.summary() for r in self.sandbox.execs.values()]}
+        return {"execs": [r.summary() for r in self.sandbox.execs.values() if r.kind == "exec"]}
 
     async def _exec_signal(self, request: schema.Request) -> dict[str, Any]:
         return await self.manager.signal(self.sandbox, request.args)
+
+    async def _fs_watch(self, request: schema.Request) -> None:
+        subscription = Subscription(self, request.id, starting=True)
+        self.subscriptions.add(subscription)
+        try:
+            await self.manager.start_watch(self.sandbox, request.args, subscription)
+        except BaseException:
+            self.subscriptions.discard(subscription)
+            raise
+
+    async def _fs_unwatch(self, request: schema.Request) -> dict[str, Any]:
+        return await self.manager.stop_watch(self.sandbox, request.args)
 
     async def _invoke(self, request: schema.Request) -> dict[str, Any]:
         return await invoke_in(self.manager, self.sandbox, request.args)

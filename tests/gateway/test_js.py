@@ -81,14 +81,14 @@ def test_readme_javascript_example(gateway: Served, tmp_path: Path) -> None:
 @pytest.mark.usefixtures("wasm_compiled")
 def test_js_client_against_the_gateway(gateway: Served) -> None:
     """tests/js/client.test.mjs: a stalled connection found out by its ping, a stream resumed, a
-    sandbox destroyed while the client was cut off, bad input, display bundles on both wires, volumes
-    and absolute paths over REST."""
+    sandbox destroyed while the client was cut off, a watch resumed, bad input, display bundles on
+    both wires, volumes and absolute paths over REST."""
     node = _node()
     env = {**os.environ, "SANDGATE_TEST_URL": f"http://127.0.0.1:{gateway.port}", "SANDGATE_TEST_KEY": KEY}
     done = subprocess.run([node, *_websocket_flags(node), "--test", str(ROOT / "tests" / "js" / "client.test.mjs")],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert re.search(r"^# pass 5$", done.stdout, re.M), done.stdout
+    assert re.search(r"^# pass 6$", done.stdout, re.M), done.stdout
 
 
 def _passed(output: str, count: int) -> None:

@@ -30,6 +30,7 @@ HOST_CAPABILITIES = [
     "exec.pty",
     "exec.concurrent",
     "fs",
+    "fs.watch",
     "metrics",
 ]
 

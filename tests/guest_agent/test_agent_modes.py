@@ -20,7 +20,7 @@ def single(root: Path) -> Iterator[AgentClient]:
 
 def test_single_thread_capabilities(single: AgentClient) -> None:
     result = single.request("hello", version=PROTOCOL_VERSION)
-    assert result["capabilities"] == ["exec.python", "exec.stdin", "fs", "metrics"]
+    assert result["capabilities"] == ["exec.python", "exec.stdin", "fs", "fs.watch", "metrics"]
 
 
 def test_single_thread_refuses_processes(single: AgentClient) -> None:

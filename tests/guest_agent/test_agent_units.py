@@ -114,7 +114,7 @@ def test_channel_eof_and_reply() -> None:
 
 def test_detect_single_thread() -> None:
     features = detect(single_thread=True)
-    assert features.capabilities == ["exec.python", "exec.stdin", "fs", "metrics"]
+    assert features.capabilities == ["exec.python", "exec.stdin", "fs", "fs.watch", "metrics"]
     assert "exec.pty" in detect().capabilities
 
 

@@ -13,7 +13,7 @@ from tests.guest_agent.agent_harness import AgentClient, SubprocessAgent
 
 pytestmark = pytest.mark.wasm
 
-WASI_CAPABILITIES = ["exec.python", "exec.stdin", "fs", "metrics"]
+WASI_CAPABILITIES = ["exec.python", "exec.stdin", "fs", "fs.watch", "metrics"]
 
 
 @pytest.fixture(scope="session")

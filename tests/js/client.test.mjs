@@ -115,6 +115,35 @@ test("a sandbox destroyed while the client is cut off ends its streams, nothing 
   await assert.rejects(sandbox.metrics(), { code: "not_found" });
 });
 
+test("a watch delivers every change once, in order, across a stalled connection", { skip }, async () => {
+  const sandbox = await viaProxy.createSandbox({ runtime: "wasm" });
+  const changes = [];
+  const changed = new Set();
+  const subscribe = (fn) => { changed.add(fn); return () => changed.delete(fn); };
+  const states = [];
+  sandbox.on("state", (event) => { states.push(event); for (const fn of changed) fn(); });
+  const watch = sandbox.files.watch(".", { pollInterval: 0.05 }, {
+    onChange: (change) => { changes.push(`${change.kind} ${change.path}`); for (const fn of changed) fn(); },
+  });
+  await watch.started();
+  assert.equal(watch.backend, "poll");
+  const other = await direct.connect(sandbox.id);
+  const put = (path) => other.request("fs.write", { path, data: new TextEncoder().encode(path), truncate: true });
+  await put("first.txt");
+  await when(subscribe, () => changes.length === 1);
+  proxy.stall();
+  await when(subscribe, () => states.some((s) => s.state === "reconnecting"));
+  const names = Array.from({ length: 10 }, (_, i) => `f${i}.txt`);
+  for (const name of names) await put(name); // while this client is cut off; polls see them one by one
+  await when(subscribe, () => changes.length === 11);
+  assert.deepEqual(changes, ["created first.txt", ...names.map((name) => `created ${name}`)]);
+  assert.equal(sandbox.reconnects, 1);
+  await watch.stop();
+  assert.deepEqual(await watch.wait(), { error: null });
+  other.close();
+  await sandbox.destroy();
+});
+
 test("bad input gets clear errors", { skip }, async () => {
   assert.throws(() => new Gateway({ url }), /apiKey/);
   assert.throws(() => new Gateway({ url, apiKey, wire: "xml" }), /wire must be/);

@@ -352,6 +352,48 @@ export const PROTOCOL = {
    "nested": false,
    "stream": true
   },
+  "fs.changes": {
+   "capability": "fs",
+   "control": false,
+   "fields": {
+    "advance": {
+     "leg": "agent",
+     "max": 100000,
+     "required": false,
+     "type": "list"
+    },
+    "base": {
+     "default": false,
+     "leg": "agent",
+     "required": false,
+     "type": "bool"
+    },
+    "keep": {
+     "leg": "agent",
+     "max": 128,
+     "min": 1,
+     "required": false,
+     "type": "str"
+    },
+    "since": {
+     "max": 128,
+     "min": 1,
+     "required": false,
+     "type": "str"
+    },
+    "track": {
+     "leg": "agent",
+     "max": 64,
+     "required": false,
+     "type": "list"
+    }
+   },
+   "idempotent": false,
+   "leg": "both",
+   "liveness": false,
+   "nested": false,
+   "stream": false
+  },
   "fs.list": {
    "capability": "fs",
    "control": false,
@@ -526,6 +568,71 @@ export const PROTOCOL = {
    "liveness": false,
    "nested": false,
    "stream": false
+  },
+  "fs.unwatch": {
+   "capability": "fs.watch",
+   "control": false,
+   "fields": {
+    "tag": {
+     "leg": "client",
+     "max": 128,
+     "min": 1,
+     "required": false,
+     "type": "str"
+    },
+    "watch_id": {
+     "max": 64,
+     "min": 1,
+     "required": false,
+     "type": "str"
+    }
+   },
+   "idempotent": false,
+   "leg": "both",
+   "liveness": false,
+   "nested": true,
+   "stream": false
+  },
+  "fs.watch": {
+   "capability": "fs.watch",
+   "control": false,
+   "fields": {
+    "path": {
+     "max": 4096,
+     "required": true,
+     "type": "str"
+    },
+    "poll_interval": {
+     "default": 0.5,
+     "max": 60.0,
+     "min": 0.05,
+     "required": false,
+     "type": "float"
+    },
+    "recursive": {
+     "default": false,
+     "required": false,
+     "type": "bool"
+    },
+    "tag": {
+     "leg": "client",
+     "max": 128,
+     "min": 1,
+     "required": false,
+     "type": "str"
+    },
+    "watch_id": {
+     "max": 64,
+     "min": 1,
+     "required": false,
+     "type": "str"
+    }
+   },
+   "idempotent": false,
+   "leg": "both",
+   "liveness": false,
+   "nested": false,
+   "stream": true
   },
   "fs.write": {
    "capability": "fs",

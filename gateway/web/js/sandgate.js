@@ -1553,6 +1553,146 @@ class FileRead extends Stream {
   }
 }
 
+/**
+ * @typedef {object} WatchChange
+ * @property {"created" | "modified" | "deleted" | "moved" | "overflow"} kind  `overflow`: changes were
+ *   lost (re-list the directory): the guest's queue was full, the sandbox's agent restarted, or a
+ *   reconnect came too late for the gateway's replay buffer
+ * @property {string} path  relative to the watched directory
+ * @property {boolean} dir
+ * @property {string | null} src  a move's old path
+ * @property {number} seq
+ */
+
+/**
+ * @typedef {object} WatchHandlers
+ * @property {(info: {watchId: string, backend: string}) => void} [onStart]
+ * @property {(change: WatchChange) => void} [onChange]
+ * @property {(end: {error: any}) => void} [onEnd]  after `stop()` (no error), or when the watch failed
+ */
+
+/**
+ * A directory's changes (`files.watch`, fs.watch): each arrives through `onChange`, in order, once,
+ * also across reconnects (the watch is re-attached by its id from the last change delivered).
+ */
+export class Watch extends Stream {
+  /** `inotify` or `poll`, once started. @type {string | null} */
+  backend = null;
+  /** The last sequence number delivered; -1 before `start`. */
+  lastSeq = -1;
+  /** Set once the watch ended: `{error}` (null after a stop). @type {{error: any} | null} */
+  ended = null;
+
+  #sandbox;
+  #handlers;
+  /** @type {Record<string, any> | null} the fs.watch fields, until the watch is known to exist */
+  #startFields;
+  #requestId = 0;
+  /** @type {(value: Watch) => void} */
+  #startedResolve = () => {};
+  /** @type {(error: SandgateError) => void} */
+  #startedReject = () => {};
+  #started;
+  /** @type {(value: {error: any}) => void} */
+  #endResolve = () => {};
+  #done;
+
+  /** @param {Sandbox} sandbox @param {Record<string, any>} fields @param {WatchHandlers} handlers */
+  constructor(sandbox, fields, handlers) {
+    super();
+    this.#sandbox = sandbox;
+    this.#handlers = handlers;
+    this.watchId = fields.watch_id;
+    this.#startFields = fields;
+    this.#started = new Promise((resolve, reject) => {
+      this.#startedResolve = resolve;
+      this.#startedReject = reject;
+    });
+    this.#started.catch(() => {}); // a refusal is reported through started(); never unhandled
+    this.#done = new Promise((resolve) => { this.#endResolve = resolve; });
+    this.#requestId = sandbox._openStream(this, "fs.watch", fields);
+  }
+
+  describe() {
+    return `watch ${this.watchId}`;
+  }
+
+  /** Resolves once the guest watches; rejects with the gateway's refusal. @returns {Promise<Watch>} */
+  started() {
+    return this.#started;
+  }
+
+  /** Resolves when the watch ended: `{error}` (null after `stop()`). @returns {Promise<{error: any}>} */
+  wait() {
+    return this.#done;
+  }
+
+  /** Stop watching; `onEnd` follows. */
+  stop() {
+    return this.#sandbox.request("fs.unwatch", { watch_id: this.watchId });
+  }
+
+  /** @param {any} message @internal */
+  _event(message) {
+    this.lastEventAt = Date.now();
+    this.heard = true;
+    if (message.ev === "keepalive" || this.ended) return;
+    const seq = message.seq;
+    if (seq <= this.lastSeq) return; // replayed after a reconnect: already delivered
+    if (seq > this.lastSeq + 1 && this.lastSeq >= 0) {
+      this.#handlers.onChange?.({ kind: "overflow", path: "", dir: true, src: null, seq: seq - 1 });
+    }
+    this.lastSeq = seq;
+    this.#startFields = null; // the gateway has it: never start it again
+    if (message.ev === "start") {
+      this.backend = message.backend ?? null;
+      this.#handlers.onStart?.({ watchId: this.watchId, backend: this.backend ?? "" });
+      this.#startedResolve(this);
+    } else if (message.ev === "change") {
+      this.#handlers.onChange?.({ kind: message.change, path: message.path, dir: Boolean(message.dir),
+        src: message.src ?? null, seq });
+    } else if (message.ev === "end") {
+      this.#end(message.error ?? null);
+    }
+  }
+
+  /** @param {any} message @internal */
+  _reply(message) {
+    this.lastEventAt = Date.now();
+    if (!message.error) return;
+    const error = SandgateError.fromWire(message.error);
+    if (error.code === "not_found" && this.#startFields && this.lastSeq < 0) {
+      // Resumed an fs.watch that never reached the gateway (the drop came first): send it now.
+      this.#sandbox._closeStream(this.#requestId);
+      this.#requestId = this.#sandbox._openStream(this, "fs.watch", this.#startFields);
+      return;
+    }
+    this.#startedReject(error);
+    this.#end(error.toWire());
+  }
+
+  /** @internal */
+  _resume() {
+    if (this.ended) return;
+    this.#requestId = this.#sandbox._openStream(this, "exec.attach", { exec_id: this.watchId, from_seq: this.lastSeq + 1 });
+  }
+
+  /** @param {SandgateError} error @internal */
+  _abort(error) {
+    if (this.ended) return;
+    this.#startedReject(error);
+    this.#end(error.toWire());
+  }
+
+  /** @param {any} error */
+  #end(error) {
+    this.#sandbox._closeStream(this.#requestId);
+    this.ended = { error };
+    this.#handlers.onEnd?.(this.ended);
+    this.#endResolve(this.ended);
+  }
+}
+
 /** `sandbox.files`: the fs ops (docs/protocol.md §3); paths are relative to the sandbox's root. */
 export class Files {
   #sandbox;
@@ -1621,5 +1761,18 @@ export class Files {
   /** @param {string} path @param {boolean} [recursive] */
   remove(path, recursive = false) {
     return this.#sandbox.request("fs.remove", { path, recursive });
+  }
+
+  /**
+   * Watch a directory for changes (fs.watch); `await watch.started()` to know it watches.
+   * @param {string} path
+   * @param {{recursive?: boolean, pollInterval?: number, tag?: string}} [options]  `pollInterval`:
+   *   seconds between two looks where the guest polls (WASM)
+   * @param {WatchHandlers} [handlers]
+   * @returns {Watch}
+   */
+  watch(path, options = {}, handlers = {}) {
+    return new Watch(this.#sandbox, clean({ path, recursive: options.recursive ?? false, watch_id: randomId(),
+      poll_interval: options.pollInterval, tag: options.tag }), handlers);
   }
 }

@@ -33,6 +33,7 @@ CONFIG = {"pool_size": 1}
 
 class TestMicrovmConformance(RuntimeConformance):
     runtime = "microvm"
+    watch_backend = "inotify"
     runtime_config = CONFIG
     whole_file_system = True
 

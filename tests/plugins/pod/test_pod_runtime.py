@@ -15,6 +15,7 @@ pytestmark = pytest.mark.pod
 class TestPodConformance(RuntimeConformance):
     runtime = "pod"
     whole_file_system = True
+    watch_backend = "inotify"
 
     @pytest.fixture(autouse=True)
     def _aim_at_the_test_cluster(self, pod_config: dict[str, Any]) -> None:
@@ -26,6 +27,7 @@ class TestPodConformanceAttach(RuntimeConformance):
 
     runtime = "pod"
     whole_file_system = True
+    watch_backend = "inotify"
 
     @pytest.fixture(autouse=True)
     def _aim_at_the_test_cluster(self, pod_config: dict[str, Any]) -> None:

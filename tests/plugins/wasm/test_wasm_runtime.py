@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.wasm, pytest.mark.usefixtures("wasm_compiled")]
 
 class TestWasmConformance(RuntimeConformance):
     runtime = "wasm"
+    watch_backend = "poll"
 
 
 def _alive(pid: int) -> bool:
