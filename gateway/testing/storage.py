@@ -35,12 +35,14 @@ def _python(code: str) -> dict[str, Any]:
 class StorageConformance(GatewayFixtures):
     """Subclass with `runtime = "<id>"` (a runtime whose `volume_store` runs here)."""
 
-    #: Whether the files API reaches the whole file system (/etc/os-release), not only preopens.
-    whole_file_system: ClassVar[bool] = False
     #: A volume's size in these tests: small, so the quota test fills it fast.
     quota_mb: ClassVar[int] = 16
     #: Whether the guest's file system has symbolic links (WASM's sandbox refuses to make them).
     symlinks: ClassVar[bool] = True
+    #: A file of the image's own, outside /work, that the files API must read on a whole-file-system
+    #: runtime (an initramfs without /etc/os-release names another), and bytes it holds.
+    system_file: ClassVar[str] = "/etc/os-release"
+    system_file_holds: ClassVar[bytes] = b"ID="
 
     def _settings(self, folder: Path) -> Settings:
         return Settings(api_keys={KEY: "tenant-a", OTHER_KEY: "tenant-b"}, limits=Limits(exec_timeout_s=60.0),
@@ -291,9 +293,10 @@ print(json.dumps({{
         assert resp.status == 204
         resp = await gateway.client.get(f"/v1/sandboxes/{sid}/files?path=up/load.txt", headers=AUTH)
         assert resp.status == 404
-        resp = await gateway.client.get(f"/v1/sandboxes/{sid}/files?path=/etc/os-release", headers=AUTH)
+        resp = await gateway.client.get(f"/v1/sandboxes/{sid}/files", params={"path": self.system_file},
+                                        headers=AUTH)
         if self.whole_file_system:
-            assert resp.status == 200 and b"ID=" in await resp.read()
+            assert resp.status == 200 and self.system_file_holds in await resp.read(), self.system_file
             resp = await gateway.client.put(f"/v1/sandboxes/{sid}/files?path=/tmp/x", data=b"tmp", headers=AUTH)
             assert resp.status == 201, await resp.text()
             assert (await ws.call("fs.stat", path="/tmp/x"))["size"] == 3

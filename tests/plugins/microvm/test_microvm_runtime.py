@@ -35,6 +35,7 @@ class TestMicrovmConformance(RuntimeConformance):
     runtime = "microvm"
     watch_backend = "inotify"
     runtime_config = CONFIG
+    whole_file_system = True
 
 
 def _alive(pid: int) -> bool:

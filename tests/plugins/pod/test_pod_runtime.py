@@ -14,6 +14,7 @@ pytestmark = pytest.mark.pod
 
 class TestPodConformance(RuntimeConformance):
     runtime = "pod"
+    whole_file_system = True
     watch_backend = "inotify"
 
     @pytest.fixture(autouse=True)
@@ -25,6 +26,7 @@ class TestPodConformanceAttach(RuntimeConformance):
     """The same suite with `channel = "attach"`: the agent is the container's main process."""
 
     runtime = "pod"
+    whole_file_system = True
     watch_backend = "inotify"
 
     @pytest.fixture(autouse=True)
