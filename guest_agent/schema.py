@@ -327,8 +327,8 @@ _OPS: tuple[Op, ...] = (
                  low=0.001),
            Field("pty", (dict,), "run on a pseudo-terminal: `{rows, cols}` (1..65535, default 24x80); output "
                  "arrives as fd `pty`"),
-           Field("track_files", (bool,), "list the files the exec created, modified, deleted in its end's "
-                 "`files` (false: skip the two snapshots of the tracked folders it costs)", default=True),
+           Field("track_files", (bool,), "false: skip the two snapshots of the tracked folders that list the "
+                 "files the exec created, modified, deleted in its end's `files` (absent: listed)"),
        ),
        stream=True, rules=_exec_start_rules),
     Op("exec.attach", "re-subscribe to an exec (reconnect, or a second viewer) and replay what is buffered",

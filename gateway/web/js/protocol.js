@@ -346,7 +346,6 @@ export const PROTOCOL = {
      "type": "float"
     },
     "track_files": {
-     "default": true,
      "required": false,
      "type": "bool"
     }
