@@ -97,6 +97,7 @@ def test_role_grants_only_what_the_runtime_calls() -> None:
     assert rules({}) == {
         "/pods": ["create", "get", "list", "watch", "patch", "delete"],
         "/pods/exec": ["create", "get"],
+        "/persistentvolumeclaims": ["create", "list", "watch", "delete"],
         "networking.k8s.io/networkpolicies": ["create", "list", "delete"],
         "coordination.k8s.io/leases": ["create", "list", "patch", "delete"],
     }
