@@ -9,7 +9,8 @@ rewritten by each of its calls). An exec that ends without a report never finish
 crashed, timed out or was stopped): the gateway tells which from the exec's end.
 
 The report: `{"status": "success"|"error", "result", "error": {type, message, traceback}|null,
-"files": {created, modified, deleted}, "call": <the call's id>}`. The `call` the gateway named
+"call": <the call's id>}`; which files the call changed is the exec's own `files` (the agent's
+change tracking, guest_agent/changes.py). The `call` the gateway named
 tells a report of this call from an earlier one left at the same path (a call whose exec ended
 cleanly without writing one: `SystemExit(0)`). The guest is untrusted and may write any report it
 likes; it only ever describes its own call, and the gateway checks its shape and size.
@@ -27,10 +28,9 @@ from collections import OrderedDict
 from types import CodeType
 from typing import Any
 
-#: Where reports go, relative to the sandbox root; left out of the change tracking.
+#: Where reports go, relative to the sandbox root; left out of the change tracking (changes.py keeps
+#: the same name, so the agent does not import this module, and json, at start).
 PRIVATE_DIR = ".sandgate"
-#: At most this many files are compared before and after a call; past it, `files` says `truncated`.
-MAX_TRACKED_FILES = 10000
 #: Where a deployed function's namespace keeps the caller of its warm calls (see `invoke`'s `bind`).
 CALLER = "__sandgate_call__"
 #: Compiled sources kept per agent with their lines (for tracebacks), by filename and the source
@@ -42,45 +42,6 @@ _COMPILED: OrderedDict[tuple[str, str], tuple[CodeType, list[str]]] = OrderedDic
 _COMPILED_KEEP = 64
 _COMPILED_KEEP_CHARS = 4 << 20
 _compiled_chars = 0
-
-
-def snapshot(root: str) -> tuple[dict[str, tuple[int, int]], bool]:
-    """{relative path: (size, mtime_ns)} of the regular files under `root` (not `.sandgate/`, not
-    following symlinks), and whether the walk stopped at MAX_TRACKED_FILES."""
-    files: dict[str, tuple[int, int]] = {}
-    stack = [""]
-    while stack:
-        rel_dir = stack.pop()
-        try:
-            entries = list(os.scandir(os.path.join(root, rel_dir) if rel_dir else root))
-        except OSError:
-            continue
-        for entry in entries:
-            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-            if rel == PRIVATE_DIR:
-                continue
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(rel)
-                elif entry.is_file(follow_symlinks=False):
-                    st = entry.stat(follow_symlinks=False)
-                    files[rel] = (st.st_size, st.st_mtime_ns)
-            except OSError:
-                continue
-            if len(files) >= MAX_TRACKED_FILES:
-                return files, True
-    return files, False
-
-
-def changes(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], truncated: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "created": sorted(p for p in after if p not in before),
-        "modified": sorted(p for p in after if p in before and after[p] != before[p]),
-        "deleted": sorted(p for p in before if p not in after),
-    }
-    if truncated:
-        out["truncated"] = True
-    return out
 
 
 def compiled(source: str, filename: str) -> CodeType:
@@ -126,7 +87,7 @@ def error_of(exc: BaseException, filename: str) -> dict[str, Any]:
 
 def invoke(namespace: dict[str, Any], *, report: str, function: str, args_json: str = "[]",
            kwargs_json: str = "{}", code: str | None = None, filename: str = "<function>",
-           track_files: bool = True, call: str | None = None, bind: str | None = None) -> None:
+           call: str | None = None, bind: str | None = None) -> None:
     """Load `code` into `namespace` (when given), call `namespace[function](*args, **kwargs)` and
     write the report to `report` (relative to the working directory, the sandbox root). An empty
     `function` only loads; the report's `loaded` says whether the code ran whole.
@@ -140,14 +101,13 @@ def invoke(namespace: dict[str, Any], *, report: str, function: str, args_json: 
     agent's own stop pass through (the exec then ends without a report: crash or terminated)."""
     root = os.getcwd()
     report_path = os.path.join(root, report)
-    before, truncated = snapshot(root) if track_files else ({}, False)
     outcome: dict[str, Any] = {"status": "success", "result": None, "error": None}
     try:
         try:
             if code is not None:
                 exec(compiled(code, filename), namespace)
             if bind is not None:
-                namespace[CALLER] = functools.partial(_call_bound, namespace, report, bind, filename, track_files)
+                namespace[CALLER] = functools.partial(_call_bound, namespace, report, bind, filename)
             # Said once the code ran whole: a deployed function's instance keeps it loaded.
             outcome["loaded"] = True
             target = namespace.get(function)
@@ -176,17 +136,15 @@ def invoke(namespace: dict[str, Any], *, report: str, function: str, args_json: 
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-    after, more = snapshot(root) if track_files else ({}, False)
-    outcome["files"] = changes(before, after, truncated or more) if track_files else None
     if call is not None:  # first: the gateway checks the start of a report too large to parse
         outcome = {"call": call, **outcome}
     write_report(report_path, outcome)
 
 
-def _call_bound(namespace: dict[str, Any], report: str, function: str, filename: str, track_files: bool,
+def _call_bound(namespace: dict[str, Any], report: str, function: str, filename: str,
                 args_json: str, kwargs_json: str, call: str) -> None:
     invoke(namespace, report=report, function=function, args_json=args_json, kwargs_json=kwargs_json,
-           filename=filename, track_files=track_files, call=call)
+           filename=filename, call=call)
 
 
 def write_report(path: str, outcome: dict[str, Any]) -> None:

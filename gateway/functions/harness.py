@@ -62,9 +62,8 @@ def invoke_source(language: str, *, function: str, args: list[Any], kwargs: dict
     check_language(language)
     args_json, kwargs_json = _json(args, "args"), _json(kwargs, "kwargs")
     if language == "python":
-        # The agent's own tracking lists the call's files in the exec's end (every runtime's Python
-        # runs in the agent): the harness need not walk the tree twice more.
-        load = ", track_files=False" if code is None else f", code={code!r}, filename={filename!r}, track_files=False"
+        # The call's files are the exec's own (the agent's change tracking): Python runs in the agent.
+        load = "" if code is None else f", code={code!r}, filename={filename!r}"
         if call is not None:
             load += f", call={call!r}"
         if bind is not None:
