@@ -1,6 +1,7 @@
 """Run by QEMU for each connection a guest opens to the egress proxy's address (`guestfwd`'s
 `cmd:`, which gives the command the connection as stdin, stdout and stderr): hands the connection
-to the gateway (`egress.EgressListener`, over the Unix socket named by the argument) and exits.
+to the gateway (`gateway.egress.handoff.HandoffListener`, over the Unix socket named by the argument, with
+`egress.PROXY_KIND` as the datagram's byte) and exits.
 
 One process per connection, so it must start fast and say nothing: standard library only, run
 with `python -I -S`, and silent (its stderr is the guest's connection). When the gateway is gone

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gateway.egress import proxy
+from gateway.egress.handoff import HandoffListener
 from gateway.runtime.agent_client import call_once
 from gateway.runtime.base import ByteChannel, StreamChannel
 from gateway.storage.volumes import VolumeMount
@@ -207,7 +209,7 @@ class Vm:
         self._stderr_task: asyncio.Task[None] | None = None
         self._reap_task: asyncio.Task[None] | None = None
         self._channel: StreamChannel | None = None
-        self._egress: egress.EgressListener | None = None
+        self._egress: HandoffListener | None = None
         #: Called with True/False when the guest opens/closes the agent's port (QMP
         #: VSERPORT_CHANGE): the agent started, or died or exited.
         self.on_port_change: Callable[[bool], None] = lambda is_open: None
@@ -241,7 +243,10 @@ class Vm:
         try:
             await self._attach_agent(agent_ours)  # first: from here on `kill` closes every "ours"
             if self.machine.network:
-                self._egress = egress.EgressListener(self.workdir / "egress.sock", self.workdir.name)
+                label = self.workdir.name
+                self._egress = HandoffListener.bind(
+                    self.workdir / "egress.sock", label,
+                    {egress.PROXY_KIND: lambda reader, writer: proxy.handle(reader, writer, label)})
                 self._egress.start()
             if self.boot.incoming is not None:
                 incoming_fd = os.open(self.boot.incoming, os.O_RDONLY | os.O_CLOEXEC)
@@ -254,7 +259,7 @@ class Vm:
                 qmp_fd=qmp_theirs.fileno(),
                 incoming_fd=incoming_fd,
                 console=self.console,
-                egress_socket=self._egress.path if self._egress is not None else None,
+                egress_socket=Path(self._egress.sock.getsockname()) if self._egress is not None else None,
             )
             self.proc = await asyncio.create_subprocess_exec(
                 *argv,
