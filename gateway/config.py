@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.egress.resolver import parse_nameservers
+
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
@@ -285,24 +287,41 @@ class Storage:
 
 @dataclass(frozen=True)
 class NetworkAccess:
-    """Which tenants may create sandboxes with `"network": true` (`[network]`). A sandbox's
-    network reaches public addresses only, never the gateway's host or private ranges (see the
-    runtime); this decides who gets even that."""
+    """Who may give sandboxes a network, and how the gateway reaches the network for them
+    (`[network]`; the policy itself is each sandbox's: gateway/egress/policy.py)."""
 
-    #: Whether a tenant that `tenants` does not name may.
+    #: Whether a tenant that `tenants` does not name may create sandboxes with a network.
     allowed: bool = True
     #: Tenant -> whether it may, over `allowed`.
     tenants: Mapping[str, bool] = field(default_factory=dict)
+    #: Tenants that may ask for `"all"` (private networks and the metadata address too): none by default.
+    all_tenants: tuple[str, ...] = ()
+    #: Name servers the gateway asks for sandboxes' names ("address" or "address:port"); empty: the
+    #: host's resolver.
+    nameservers: tuple[str, ...] = ()
+    #: An extra CA bundle (PEM) trusted for upstream TLS besides the system's (a corporate proxy's
+    #: CA; the tests' upstream).
+    upstream_ca_file: str = ""
 
     def __post_init__(self) -> None:
         check_fields(self, "[network] ")
-        for tenant in self.tenants:
+        for tenant in (*self.tenants, *self.all_tenants):
             if not tenant.strip():
                 raise ConfigError("[network] tenants: a tenant name must not be empty")
+        try:
+            parse_nameservers(self.nameservers)
+        except ValueError as exc:
+            raise ConfigError(f"[network] nameservers: {exc}") from None
+        if self.upstream_ca_file and not os.path.isfile(self.upstream_ca_file):
+            raise ConfigError(f"[network] upstream_ca_file: no file {_show(self.upstream_ca_file)}")
 
     def allows(self, tenant: str) -> bool:
         """Whether `tenant` may create a sandbox with a network."""
         return self.tenants.get(tenant, self.allowed)
+
+    def allows_all(self, tenant: str) -> bool:
+        """Whether `tenant` may ask for `"all"`."""
+        return self.allows(tenant) and tenant in self.all_tenants
 
 
 @dataclass(frozen=True)

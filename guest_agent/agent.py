@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, languages
+from . import __version__, languages, sandbox_env
 from ._log import log, log_exception
 from .changes import ChangeTracker
 from .channel import Channel
@@ -134,6 +134,7 @@ class Agent:
             "fs.changes": self._fs_changes,
             "fs.watch": lambda rid, m: self.watches.start(Stream(self.channel, rid), m),
             "fs.unwatch": lambda rid, m: self.watches.stop(m["watch_id"]),
+            "guest.env": lambda rid, m: sandbox_env.apply(m),
         }
         if self.features.system:
             from . import system  # now, so a snapshot holds it loaded: see system.py

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from . import sandbox_env
 from .signals import signal_name
 from .wire import CHUNK_SIZE, ProtocolError
 
@@ -55,6 +56,7 @@ INHERITED_ENV = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_P
 def build_env(root: str, extra: Mapping[str, str], *, pty: bool) -> dict[str, str]:
     env = {"PATH": DEFAULT_PATH, "HOME": root, "LANG": "C.UTF-8"}
     env.update({name: os.environ[name] for name in INHERITED_ENV if name in os.environ})
+    env.update(sandbox_env.ENV)
     if pty:
         env["TERM"] = "xterm-256color"
     env.update(extra)

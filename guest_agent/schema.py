@@ -164,6 +164,9 @@ MAX_TAG = 128
 MAX_PTY_SIDE = 0xFFFF
 MAX_ENV = 4096
 MAX_LIST_DEPTH = 16
+#: guest.env: variables per call, and the CA certificate's size.
+MAX_ENV_VARIABLES = 64
+MAX_CA_PEM = 64 << 10
 PYTHON_NAMESPACE_DEFAULT = "default"
 
 
@@ -209,6 +212,12 @@ def _exec_start_rules(args: dict[str, Any]) -> None:
     args.setdefault("stdin_open", "pty" in args)
     if "cwd" in args and "\0" in args["cwd"]:
         raise ProtocolError("bad_request", "NUL byte in 'cwd'")
+
+
+def _env_strings(args: dict[str, Any]) -> None:
+    if not all(isinstance(k, str) and isinstance(v, str) and k and "\0" not in k + v and "=" not in k
+               for k, v in args["set"].items()):
+        raise ProtocolError("bad_request", "'set' must map variable names to strings (no NUL, no '=' in a name)")
 
 
 def _needs_watch(args: dict[str, Any]) -> None:
@@ -437,6 +446,11 @@ _OPS: tuple[Op, ...] = (
               leg=CLIENT)),
        capability="fs.watch", nested=True, rules=_needs_watch),
     # -- agent leg only
+    Op("guest.env", "the sandbox's environment for every exec from now (secrets' placeholders) and the CA it "
+                    "trusts for their hosts", "`ca_bundle`: the bundle's path, or null",
+       (Field("set", (dict,), "variable -> value (strings)", default={}, high=MAX_ENV_VARIABLES),
+        Field("ca_pem", (bytes,), "a CA certificate (PEM) to add to the guest's trust", high=MAX_CA_PEM)),
+       leg=AGENT, rules=_env_strings),
     Op("guest.setup", "make a VM restored from a snapshot its own (clock, entropy, limits)", "`time_ns`",
        (Field("time_ns", (int,), "the host's CLOCK_REALTIME", low=0),
         Field("entropy", (bytes,), "credited to the kernel's pool", low=16, high=512),

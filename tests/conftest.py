@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.net.upstream import UnavailableHere, Upstream
 
 # The local test cluster's fixtures (kube_cluster, kube_namespace): tests/kube/fixtures.py.
 pytest_plugins = ["tests.kube.fixtures"]
@@ -39,3 +42,16 @@ def wasm_interpreters(wasm_compiled: None) -> None:
         pytest.skip(f"Ruby and PHP on WASM are not installed here: {exc}")
     for kind, wasm in zip(artifacts.FETCHED_KINDS, wasms, strict=True):
         artifacts.ensure_compiled(kind, TerminalProgress(), wasm)
+
+
+@pytest.fixture(scope="session")
+def egress_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    """"The internet" for network tests (tests/net/upstream.py): one per test run, or a skip
+    naming what this machine lacks."""
+    server = Upstream(tmp_path_factory.mktemp("upstream"))
+    try:
+        server.start()
+    except UnavailableHere as exc:
+        pytest.skip(f"no test upstream on a public address here: {exc}")
+    yield server
+    server.stop()

@@ -1,210 +1,206 @@
-"""An HTTP forward proxy for a sandbox's outbound connections: `CONNECT host:port` (HTTPS and any
-other TCP) and absolute-URI requests (`GET http://host/...`), resolved and checked here.
+"""The policy proxy: every outbound connection of every sandbox ends here, on the gateway.
 
-The name is resolved by the gateway, every answer is checked against `policy.refusal`, and the
-connection goes to an address that passed (never resolved again, so a name cannot be rebound to a
-refused address between check and connect). A refused or bad request gets an HTTP error whose body
-says why, and one log line.
+An HTTP/1.1 forward proxy (h11 parses what the guest sends):
+- `CONNECT host:port` opens a tunnel (HTTPS and any other TCP). The name is checked against the
+  sandbox's policy, resolved by the gateway, each address checked again (so a name resolving to a
+  private address is refused), and the connection goes to an address that passed (never resolved
+  again, so the name cannot be rebound between check and connect). When the guest starts TLS the
+  server name it asks for (SNI) is read, and must be one the policy admits at that address. For
+  a host one of the sandbox's secrets is bound to, the proxy ends the guest's TLS itself, with a
+  certificate from the sandbox's CA, reads the requests and fills in the secrets (forward.py).
+- `GET http://host/...` (any method, absolute URI): one request, forwarded with `Connection:
+  close`; no secret goes over plain HTTP (a request carrying a placeholder is refused).
+- `GET https://host/...`: the same, but the proxy speaks TLS to the host and fills in the
+  secrets bound to it: what the WASM runtime's `sandgate.fetch` sends.
 
-The head is parsed here (a request line and header lines, bounded); the rest is relayed as bytes.
-A plain-HTTP request is forwarded with `Connection: close`: a keep-alive connection could
-otherwise carry a second request to another host past the check.
+Which sandbox a connection is from is decided before it is read (a microVM's or WASM sandbox's
+own handoff socket) or from the first request (a pod's `Proxy-Authorization`, by `find`).
+A refusal answers an HTTP error whose body says why, is counted and logged once
+(`SandboxNetwork.refuse`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
-import socket
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from urllib.parse import urlsplit
+import time
+from collections.abc import Callable
 
-from gateway.egress.policy import IPAddress, host_addresses, refusal
+import h11
 
-log = logging.getLogger(__name__)
+from gateway.egress import forward, tls
+from gateway.egress.network import Connection, SandboxNetwork
+from gateway.egress.policy import IPAddress, normal_name
+from gateway.egress.streams import PlainStream, next_event, send
+from gateway.egress.upstream import Refused, admitted, authority, close, connect
+from guest_agent.wire import ProtocolError
+
+log = logging.getLogger("sandgate.egress")
 
 #: The largest request head taken (request line and headers).
 MAX_HEAD_BYTES = 16 << 10
 #: How long a client has to send its request head.
 HEAD_TIMEOUT_S = 30.0
-#: How long connecting to the upstream may take, all of its addresses together.
-CONNECT_TIMEOUT_S = 10.0
 RELAY_CHUNK = 64 << 10
-#: Hop-by-hop headers not forwarded (RFC 9110 7.6.1), plus the proxy's own. Transfer-Encoding
-#: stays: the body is relayed as bytes, framed as the client framed it.
-HOP_BY_HOP = frozenset({"connection", "proxy-connection", "keep-alive", "proxy-authorization",
-                        "proxy-authenticate", "te", "trailer", "upgrade"})
+
+#: Which sandbox a request is from, for listeners shared by several (pods); raises Refused(407).
+Find = Callable[[h11.Request], SandboxNetwork]
 
 
-class Refused(Exception):
-    """A request the proxy will not carry out: an HTTP status and the reason for its body."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What one request asks for: an upstream, and the head to send it (None for CONNECT, which
-    answers 200 and relays bytes as they come)."""
-
-    host: str
-    port: int
-    forward_head: bytes | None
-
-
-def plan(head: bytes) -> Plan:
-    """Read a request head (up to and including its blank line).
-
-    Raises:
-        Refused: 400 for a malformed head or a target that is not `host:port` (CONNECT) or an
-            absolute http:// URI.
-    """
-    try:
-        text = head.decode("ascii")
-    except UnicodeDecodeError:
-        raise Refused(400, "the request head is not ASCII") from None
-    lines = text.split("\r\n")
-    request_line, header_lines = lines[0], [line for line in lines[1:] if line]
-    parts = request_line.split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise Refused(400, f"not an HTTP/1.x request line: {request_line[:100]!r}")
-    method, target, version = parts
-    headers: list[tuple[str, str]] = []
-    for line in header_lines:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise Refused(400, f"a malformed header line: {line[:100]!r}")
-        headers.append((name, value.strip()))
-    if method == "CONNECT":
-        host, port = _authority(target, default_port=None)
-        return Plan(host, port, None)
-    url = urlsplit(target)
-    if url.scheme != "http" or not url.netloc:
-        raise Refused(400, "a proxy request needs an absolute http:// URI (use CONNECT for https)")
-    host, port = _authority(url.netloc, default_port=80)
-    named = {token.strip().lower() for name, value in headers if name.lower() == "connection"
-             for token in value.split(",")}
-    kept = [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP | named]
-    if not any(n.lower() == "host" for n, _ in kept):
-        kept.insert(0, ("Host", url.netloc))
-    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-    forwarded = [f"{method} {path} {version}", *(f"{n}: {v}" for n, v in kept), "Connection: close", "", ""]
-    return Plan(host, port, "\r\n".join(forwarded).encode("ascii"))
-
-
-def _authority(authority: str, default_port: int | None) -> tuple[str, int]:
-    if "@" in authority:
-        raise Refused(400, "user information in the target is not accepted")
-    try:
-        parts = urlsplit(f"//{authority}")
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        host, port = None, None
-    port = port if port is not None else default_port
-    if not host or port is None or not 0 < port < 65536:
-        raise Refused(400, f"the target must be host:port, not {authority[:100]!r}")
-    return host, port
-
-
-async def resolve(host: str, port: int) -> list[IPAddress]:
-    """`host`'s addresses (an IP literal is its own), by the gateway's resolver."""
-    try:
-        return [ipaddress.ip_address(host)]
-    except ValueError:
-        pass
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise Refused(502, f"cannot resolve {host!r}: {exc}") from None
-    return [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos]
-
-
-def allowed(addresses: Iterable[IPAddress], host_own: Iterable[IPAddress]) -> list[IPAddress]:
-    """The addresses a sandbox may connect to, in order.
-
-    Raises:
-        Refused: 403 naming why the first address is refused, when none is allowed.
-    """
-    own = frozenset(host_own)
-    addresses = list(dict.fromkeys(addresses))
-    reasons = [(address, refusal(address, own)) for address in addresses]
-    ok = [address for address, why in reasons if why is None]
-    if not ok:
-        why = next((why for _, why in reasons if why), "no address")
-        raise Refused(403, f"sandboxes may reach public addresses only: {why}")
-    return ok
-
-
-async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, label: str,
-                 host_own: Callable[[], Iterable[IPAddress]] = host_addresses) -> None:
-    """Serve one client connection (one request; then bytes both ways until both ends close).
-
-    Args:
-        label: who the client is, for the log (the sandbox).
-        host_own: the host's own addresses, refused like private ones.
-    """
-    what = "?"
+async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, find: Find) -> None:
+    """Serve one client connection (a tunnel, or requests), then close it."""
+    client = PlainStream(reader, writer)
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    network: SandboxNetwork | None = None
+    target = "?"
     try:
         try:
             async with asyncio.timeout(HEAD_TIMEOUT_S):
-                head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            raise Refused(431, f"the request head is over {MAX_HEAD_BYTES} bytes") from None
-        except (asyncio.IncompleteReadError, TimeoutError):
+                request = await next_event(client, conn)
+        except TimeoutError:
             return
-        request = plan(head)
-        what = f"{request.host}:{request.port}"
-        addresses = allowed(await resolve(request.host, request.port), host_own())
-        upstream = await _connect(addresses, request.port)
-    except Refused as exc:
-        log.info("egress %s: refused %s (%d): %s", label, what, exc.status, exc.reason)
-        body = f"sandgate egress: {exc.reason}\n".encode()
-        with contextlib.suppress(ConnectionError, OSError):
-            writer.write(f"HTTP/1.1 {exc.status} Refused\r\nContent-Type: text/plain\r\nContent-Length: "
-                         f"{len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        await _close(writer)
-        return
-    except BaseException:
-        await _close(writer)
-        raise
-    up_reader, up_writer = upstream
-    try:
-        if request.forward_head is None:
-            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        except h11.RemoteProtocolError as exc:
+            raise Refused(exc.error_status_hint, f"not an HTTP/1.1 proxy request: {exc}") from None
+        if not isinstance(request, h11.Request):
+            return
+        network = find(request)
+        target = request.target.decode("ascii", "replace")[:200]
+        if request.method == b"CONNECT":
+            await tunnel(client, conn, request, network)
         else:
-            up_writer.write(request.forward_head)
-        await asyncio.gather(_pipe(reader, up_writer, writer), _pipe(up_reader, writer, up_writer))
+            await forward.serve(client, conn, request, network)
+    except Refused as exc:
+        if network is not None:
+            network.refuse(target, exc.reason)
+        else:
+            log.info("egress: refused %s (%d): %s", target, exc.status, exc.reason)
+        with contextlib.suppress(ConnectionError, OSError, h11.LocalProtocolError):
+            forward.answer_error(client, conn, exc.status, exc.reason, request_id=None)
+            await client.drain()
     finally:
-        await _close(writer)
-        await _close(up_writer)
+        await close(writer)
 
 
-async def _connect(addresses: list[IPAddress], port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    last: Exception | None = None
+def sni_refusal(network: SandboxNetwork, name: str | None, address: IPAddress, port: int,
+                server_name: str | None) -> str | None:
+    """Why a TLS client may not ask for `server_name` on a tunnel to `address` (CONNECT named
+    `name`, or an address), or None. Only a policy of rules cares, and only where a name rule
+    admitted the address: the name asked for must be the one the tunnel was opened to (or, to an
+    address, one this sandbox resolved to it) and admitted itself."""
+    policy = network.policy
+    host_own = network.egress.host_own()
+    if policy.mode != "rules" or policy.address_refusal(address, port, (), host_own) is None:
+        return None
+    if not server_name:
+        return "a TLS connection admitted by a name rule must name its server (SNI)"
     try:
-        async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            for address in addresses:
-                try:
-                    return await asyncio.open_connection(str(address), port, limit=RELAY_CHUNK)
-                except OSError as exc:
-                    last = exc
-    except TimeoutError:
-        raise Refused(504, f"connecting to {addresses[0]} port {port} timed out") from None
-    raise Refused(502, f"cannot connect to {addresses[0]} port {port}: {last}")
+        asked = normal_name(server_name)
+    except ProtocolError:
+        return f"the TLS server name {server_name[:100]!r} is not a host name"
+    if name is not None and asked != name:
+        return f"the TLS server name {asked} does not match the tunnel's host {name}"
+    if name is None and asked not in network.resolutions.names(address, time.monotonic()):
+        return f"the TLS server name {asked} was not resolved to {address} by this sandbox"
+    return policy.address_refusal(address, port, [asked], host_own)
 
 
-async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, src_writer: asyncio.StreamWriter) -> None:
-    """Copy `src` to `dst` until end of input, then half-close `dst`. On an error, both ends of
-    the connection are aborted, so the other direction ends too."""
+async def tunnel(client: PlainStream, conn: h11.Connection, request: h11.Request, network: SandboxNetwork) -> None:
+    host, port = authority(request.target.decode("ascii", "replace"), default_port=None)
+    name, addresses = await admitted(network, host, port)
+    if name is not None and network.secrets.intercepts(name):
+        await intercept(client, conn, network, name, addresses, port)
+        return
+    reader, writer, address = await connect(network, name, addresses, port)
+    connection = Connection(address, port, (name,) if name else (), _aborter(client.writer, writer))
+    network.open.add(connection)
+    try:
+        send(client, conn, h11.Response(status_code=200, headers=[], reason=b"Connection established"))
+        first = conn.trailing_data[0]
+        await asyncio.gather(_client_to_upstream(client, writer, network, name, address, port, first),
+                             _pipe(reader, client.writer, writer, network, inbound=True))
+    finally:
+        network.open.discard(connection)
+        await close(writer)
+
+
+async def intercept(client: PlainStream, conn: h11.Connection, network: SandboxNetwork, name: str,
+                    addresses: list[IPAddress], port: int) -> None:
+    """A tunnel to a host a secret is bound to: TLS ends here, requests are forwarded one by one."""
+    reader, writer, address = await connect(network, name, addresses, port, tls_name=name)
+    connection = Connection(address, port, (name,), _aborter(client.writer, writer))
+    network.open.add(connection)
+    try:
+        send(client, conn, h11.Response(status_code=200, headers=[], reason=b"Connection established"))
+        first = conn.trailing_data[0] or await client.read()
+        if not tls.looks_like_tls(first):
+            network.refuse(f"{name}:{port}", "a secret's host is reached over TLS only")
+            return
+        peek = tls.ServerNamePeek()
+        seen = first
+        while not peek.feed(first):
+            first = await client.read()
+            if not first:
+                return
+            seen += first
+        if peek.server_name is not None and normal_name(peek.server_name) != name:
+            network.refuse(f"{name}:{port}", f"the TLS server name {peek.server_name[:100]} does not match {name}")
+            return
+        guest = tls.ServerTLS(client.reader, client.writer, network.ca.server_context(name))
+        try:
+            await guest.handshake(seen)
+        except (OSError, ConnectionError) as exc:  # ssl.SSLError included: e.g. the guest does not trust the CA
+            network.refuse(f"{name}:{port}", f"the guest's TLS handshake failed: {exc}")
+            return
+        await forward.serve_intercepted(guest, network, forward.Origin("https", name, port),
+                                        forward.Upstream(reader, writer, network))
+    finally:
+        network.open.discard(connection)
+        await close(writer)
+
+
+async def _client_to_upstream(client: PlainStream, upstream: asyncio.StreamWriter, network: SandboxNetwork,
+                              name: str | None, address: IPAddress, port: int, first: bytes) -> None:
+    """Relay the guest's bytes; if they start TLS, the server name it asks for is checked first."""
+    try:
+        data = first or await client.read()
+        if data and tls.looks_like_tls(data):
+            peek = tls.ServerNamePeek()
+            held = bytearray(data)
+            while not peek.feed(data):
+                data = await client.read()
+                if not data:
+                    break
+                held += data
+            why = sni_refusal(network, name, address, port, peek.server_name)
+            if why is not None:
+                network.refuse(f"{name or address}:{port}", why)
+                client.writer.transport.abort()
+                upstream.transport.abort()
+                return
+            data = bytes(held)
+        if data:
+            network.counters.bytes_out += len(data)
+            upstream.write(data)
+            await upstream.drain()
+            await _pipe(client.reader, upstream, client.writer, network, inbound=False)
+        elif upstream.can_write_eof() and not upstream.is_closing():
+            upstream.write_eof()
+    except (ConnectionError, OSError):
+        client.writer.transport.abort()
+        upstream.transport.abort()
+
+
+async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, src_writer: asyncio.StreamWriter,
+                network: SandboxNetwork, *, inbound: bool) -> None:
+    """Copy `src` to `dst` until end of input, then half-close `dst`; count the bytes. On an
+    error, both ends are aborted, so the other direction ends too."""
     try:
         while data := await src.read(RELAY_CHUNK):
+            if inbound:
+                network.counters.bytes_in += len(data)
+            else:
+                network.counters.bytes_out += len(data)
             dst.write(data)
             await dst.drain()
         if dst.can_write_eof() and not dst.is_closing():
@@ -214,7 +210,10 @@ async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, src_writer
         src_writer.transport.abort()
 
 
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(ConnectionError, OSError):
-        await writer.wait_closed()
+def _aborter(*writers: asyncio.StreamWriter) -> Callable[[], None]:
+    def abort() -> None:
+        for writer in writers:
+            writer.transport.abort()
+    return abort
+
+

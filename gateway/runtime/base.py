@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from gateway.egress.network import SandboxNetwork
 from gateway.storage.volumes import VolumeBackend, VolumeMount
 from guest_agent.wire import ProtocolError
 
@@ -52,6 +53,10 @@ class SandboxSpec:
     #: Named volumes to mount (gateway/storage/volumes.py), already acquired for this sandbox; a
     #: runtime makes a sandbox with volumes cold (a warm one was started without them).
     volumes: tuple[VolumeMount, ...] = ()
+    #: The sandbox's network (gateway/egress/network.py: its policy, secrets and figures) when it
+    #: has one (`network` is then true): the runtime brings the sandbox's outbound connections
+    #: to the policy proxy with it. Not part of what a spec is compared or saved by.
+    egress: SandboxNetwork | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,10 @@ class Runtime(ABC):
     #: "local" (ext4 images on this host, kept by the gateway), a store of the runtime's own
     #: (`volume_backend`), or None for no volumes.
     volume_store: ClassVar[str | None] = None
+    #: Whether the sandbox's own TLS clients reach its secrets' hosts through the policy proxy,
+    #: which shows them certificates of the sandbox's CA: the gateway then has the agent trust it
+    #: (`guest.env`). False where the proxy itself speaks TLS for the guest (WASM's fetch).
+    guest_speaks_tls: ClassVar[bool] = True
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         """`config` is this runtime's table from the gateway config file (`[runtimes.<id>]`)."""

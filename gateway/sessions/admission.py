@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import Quotas, Settings
+from gateway.egress.policy import NetworkPolicy
+from gateway.egress.secrets import Secrets
 from gateway.runtime.base import Runtime, SandboxSpec
 from gateway.storage.mounts import MountSpec, parse_mounts
 from gateway.storage.patches import parse_files, parse_patches
@@ -32,7 +34,7 @@ from guest_agent.wire import field as wire_field
 
 #: The create body's fields the gateway reads itself; the rest are the runtime's options.
 CREATE_FIELDS = ("runtime", "ttl", "idle_timeout", "memory_mb", "cpu_seconds", "disk_mb", "network",
-                 "template", "metadata", "volumes", "files", "patches", "mounts")
+                 "secrets", "template", "metadata", "volumes", "files", "patches", "mounts")
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class CreateRequest:
     memory_mb: int
     cpu_seconds: float
     disk_mb: int
-    network: bool
+    network: NetworkPolicy
     template: str | None
     metadata: dict[str, str]
     options: dict[str, Any]
@@ -56,12 +58,14 @@ class CreateRequest:
     files: tuple[tuple[str, bytes], ...] = ()
     #: Host mounts: copied in after the files, synced back (gateway/storage/mount_sync.py).
     mounts: tuple[MountSpec, ...] = ()
+    #: Secrets the egress proxy fills in for their hosts; the guest gets placeholders.
+    secrets: Secrets = field(default_factory=Secrets)
 
     def spec(self, sandbox_id: str, tenant: str, created_at: float,
              volumes: tuple[VolumeMount, ...] = ()) -> SandboxSpec:
         """What the runtime is asked to create for this request, with the volumes acquired for it."""
         return SandboxSpec(sandbox_id=sandbox_id, tenant=tenant, memory_mb=self.memory_mb,
-                           cpu_seconds=self.cpu_seconds, disk_mb=self.disk_mb, network=self.network,
+                           cpu_seconds=self.cpu_seconds, disk_mb=self.disk_mb, network=self.network.has_network,
                            template=self.template, options=self.options, ttl_s=self.ttl,
                            idle_timeout_s=self.idle_timeout, created_at=created_at, volumes=volumes)
 
@@ -103,10 +107,14 @@ def check_create(
                                            f"{runtime.id!r}: its guest cannot start with less")
     cpu = _bounded(body, "cpu_seconds", limits.cpu_seconds, limits.max_cpu_seconds, float)
     disk = _bounded(body, "disk_mb", limits.disk_mb, limits.max_disk_mb, int)
-    network = wire_field(body, "network", bool, False)
-    if network and not settings.network.allows(tenant):
-        raise ProtocolError("forbidden", "this tenant may not create sandboxes with a network "
-                                         "(the operator's [network] settings)")
+    network = check_network(body.get("network"), settings, tenant)
+    secrets = Secrets.parse(body.get("secrets"))
+    for i, secret in enumerate(secrets.items):
+        for rule in secret.hosts:
+            why = network.name_refusal(rule.name, None) if rule.name is not None else \
+                None if network.has_network else "the sandbox has no network"
+            if why is not None:
+                raise ProtocolError("bad_request", f"secrets[{i}].hosts: {rule.text} cannot be reached: {why}")
     template = wire_field(body, "template", str, None)
     metadata = wire_field(body, "metadata", dict, {})
     if len(metadata) > 32 or not all(
@@ -121,11 +129,28 @@ def check_create(
     # WASM reaches only its preopens: a mount's copy goes under /work there.
     mounts = parse_mounts(body.get("mounts"), settings.storage.allowed_roots, work_only=runtime.id == "wasm")
     options = runtime.validate_options({k: v for k, v in body.items() if k not in CREATE_FIELDS})
-    runtime.check_create(template, network)
+    runtime.check_create(template, network.has_network)
     return CreateRequest(runtime=runtime, ttl=ttl, idle_timeout=idle, memory_mb=memory, cpu_seconds=cpu,
                          disk_mb=disk, network=network, template=template, metadata=metadata, options=options,
                          volumes=volumes, patches=patches, files=files,
-                         mounts=mounts)
+                         mounts=mounts, secrets=secrets)
+
+
+def check_network(value: Any, settings: Settings, tenant: str) -> NetworkPolicy:
+    """The network policy a create or `PATCH` asks for, if this tenant may have it.
+
+    Raises:
+        ProtocolError: `bad_request` for a malformed policy; `forbidden` for a network the tenant
+            may not have, or `"all"` when the operator has not allowed it to this tenant.
+    """
+    policy = NetworkPolicy.parse(value)
+    if policy.has_network and not settings.network.allows(tenant):
+        raise ProtocolError("forbidden", "this tenant may not create sandboxes with a network "
+                                         "(the operator's [network] settings)")
+    if policy.mode == "all" and not settings.network.allows_all(tenant):
+        raise ProtocolError("forbidden", "network \"all\" (private networks too) is not allowed to this tenant: "
+                                         "the operator names the tenants that may in [network] all_tenants")
+    return policy
 
 
 def _bounded(body: Mapping[str, Any], name: str, default: float, maximum: float, kind: type) -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -24,6 +25,8 @@ from typing import Any
 import pluggy
 
 from gateway.config import Settings
+from gateway.egress.network import Egress, upstream_context
+from gateway.egress.resolver import Resolver, parse_nameservers
 from gateway.functions.code_cache import CodeCache
 from gateway.functions.deployed import FunctionRegistry
 from gateway.runtime.agent_client import AgentClient
@@ -65,6 +68,9 @@ class SandboxManager(OpRouter):
         self.volumes = VolumeRegistry(settings.storage, {})
         #: Why a volume store is missing here, by store name (GET /v1/runtimes lists it).
         self.volume_stores_unavailable: dict[str, str] = {}
+        #: Sandboxes' networks: the resolver, upstream trust and each sandbox's policy and figures.
+        self.egress = Egress(resolver=Resolver(parse_nameservers(settings.network.nameservers)),
+                             upstream_tls=upstream_context(settings.network.upstream_ca_file))
 
     # -- start and stop ----------------------------------------------------------------------
 
@@ -148,6 +154,9 @@ class SandboxManager(OpRouter):
             raise ProtocolError("unavailable", f"runtime {runtime.id!r} cannot mount volumes here: {why}")
         # Volumes before the quota: a missing or busy volume must not cost a rate token.
         spec = request.spec(sandbox_id, tenant, now, self.volumes.acquire(tenant, sandbox_id, store, request.volumes))
+        if request.network.has_network:
+            spec = dataclasses.replace(spec, egress=self.egress.attach(sandbox_id, tenant, request.network,
+                                                                       request.secrets))
         self._creating[tenant] = self._creating.get(tenant, 0) + 1
         try:
             # Only now, with every option checked: a bad request never costs a quota or rate token.
@@ -160,6 +169,7 @@ class SandboxManager(OpRouter):
                 await backend.destroy()
                 raise
             try:
+                await self._guest_env(agent, spec, runtime)
                 await patches.apply(lambda op, args: agent.request(op, **args), request.patches, request.files)
                 mounts = tuple(mount_sync.MountState(m) for m in request.mounts)
                 for mount in request.mounts:
@@ -174,6 +184,8 @@ class SandboxManager(OpRouter):
                 raise
         except BaseException:
             await self.volumes.release(sandbox_id)
+            if spec.egress is not None:
+                self.egress.detach(spec.egress)
             raise
         finally:
             self._creating[tenant] -= 1
@@ -185,6 +197,18 @@ class SandboxManager(OpRouter):
         sandbox.spawn(self._watch(sandbox), f"watch-{sandbox_id}")
         self.pm.hook.sandgate_sandbox_created(sandbox_id=sandbox_id, tenant=tenant, runtime=runtime.id)
         return sandbox
+
+    @staticmethod
+    async def _guest_env(agent: AgentClient, spec: SandboxSpec, runtime: Runtime) -> None:
+        """Give the guest its secrets' placeholders (and, where its own TLS clients meet the
+        proxy's certificates, the sandbox's CA)."""
+        network = spec.egress
+        if network is None or not network.secrets:
+            return
+        args: dict[str, Any] = {"set": network.secrets.env()}
+        if runtime.guest_speaks_tls:
+            args["ca_pem"] = network.ca.cert_pem
+        await agent.request("guest.env", **args)
 
     @staticmethod
     async def _start_tracking(agent: AgentClient, spec: SandboxSpec, mounts: tuple[mount_sync.MountState, ...]) -> None:
@@ -314,6 +338,8 @@ class SandboxManager(OpRouter):
         # without reading stdin, sent a large exec.input) would never take it.
         await sandbox.agent.close()
         await self.volumes.release(sandbox.id)
+        if sandbox.spec.egress is not None:
+            self.egress.detach(sandbox.spec.egress)
         self.pm.hook.sandgate_sandbox_destroyed(sandbox_id=sandbox.id, tenant=sandbox.tenant,
                                                 runtime=sandbox.runtime.id, reason=reason)
 
@@ -344,6 +370,7 @@ class SandboxManager(OpRouter):
             try:
                 await sandbox.backend.restart_agent()
                 sandbox.agent = await self._connect(sandbox.backend)
+                await self._guest_env(sandbox.agent, sandbox.spec, sandbox.runtime)
                 # The new agent's tracker starts empty: track again and pin the mounts at now. What
                 # the stopped exec changed in a mount before the restart is not synced back.
                 await self._start_tracking(sandbox.agent, sandbox.spec, sandbox.mounts)

@@ -1,7 +1,7 @@
 """Run by QEMU for each connection a guest opens to the egress proxy's address (`guestfwd`'s
 `cmd:`, which gives the command the connection as stdin, stdout and stderr): hands the connection
-to the gateway (`gateway.egress.handoff.HandoffListener`, over the Unix socket named by the argument, with
-`egress.PROXY_KIND` as the datagram's byte) and exits.
+to the gateway (`gateway.egress.handoff.HandoffListener`, over the Unix socket named by the first argument, the
+second being the datagram's byte: what the connection is for, `egress.PROXY_KIND` or `DNS_KIND`) and exits.
 
 One process per connection, so it must start fast and say nothing: standard library only, run
 with `python -I -S`, and silent (its stderr is the guest's connection). When the gateway is gone
@@ -23,7 +23,7 @@ def main() -> int:
             handoff.settimeout(SEND_TIMEOUT_S)
             # (socket.send_fds would drop the address: Python 3.11 does not pass it on.)
             fds = array.array("i", [0])
-            handoff.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], 0, sys.argv[1])
+            handoff.sendmsg([sys.argv[2].encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], 0, sys.argv[1])
     except BaseException:  # nothing may reach stderr: it is the guest's connection
         return 1
     return 0

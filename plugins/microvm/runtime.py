@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gateway.egress.network import SandboxNetwork
 from gateway.runtime.base import Backend, ByteChannel, CachedImage, NotConfigured, Progress, Runtime, SandboxSpec
 from gateway.runtime.pool import WarmPool
 from guest_agent import languages as language_table
@@ -357,7 +358,7 @@ class MicrovmRuntime(Runtime):
             machine.kernel_cmdline()  # too long a command line: bad_request now, not a failed boot
         vm = self.pool.take() if machine == self.pool_machine else None
         if vm is None:
-            vm = await self.start_vm(machine)
+            vm = await self.start_vm(machine, spec.egress)
         backend = MicrovmBackend(self, vm, spec)
         try:
             await backend.setup()
@@ -378,8 +379,9 @@ class MicrovmRuntime(Runtime):
             raise
         return vm
 
-    async def start_vm(self, machine: Machine) -> Vm:
-        """A VM whose agent answers: cloned, restored or booted, whichever works first."""
+    async def start_vm(self, machine: Machine, network: SandboxNetwork | None = None) -> Vm:
+        """A VM whose agent answers: cloned, restored or booted, whichever works first.
+        `network`: whose policy its connections are judged by (a machine with a network)."""
         # A snapshot's VM had no volume disks, and a restored VM cannot gain virtio-mmio devices:
         # a VM with volumes boots cold.
         snapshot = None if machine.volumes else find_snapshot(machine)
@@ -392,7 +394,7 @@ class MicrovmRuntime(Runtime):
             workdir = self.work_root / secrets.token_hex(8)
             vm: Vm | None = None
             try:
-                vm = await Vm.start(machine, workdir, boot)
+                vm = await Vm.start(machine, workdir, boot, network)
                 await vm.wait_agent(timeout)
                 return vm
             except (ProtocolError, OSError) as exc:

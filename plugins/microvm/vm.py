@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.egress import proxy
+from gateway.egress import dns, proxy
 from gateway.egress.handoff import HandoffListener
+from gateway.egress.network import SandboxNetwork
 from gateway.runtime.agent_client import call_once
 from gateway.runtime.base import ByteChannel, StreamChannel
 from gateway.storage.volumes import VolumeMount
@@ -195,10 +196,13 @@ def _die_with_parent() -> None:
 class Vm:
     """A running QEMU process. Made by `Vm.start`; `kill` ends it and removes its folder's files."""
 
-    def __init__(self, machine: Machine, workdir: Path, boot: Boot) -> None:
+    def __init__(self, machine: Machine, workdir: Path, boot: Boot, network: SandboxNetwork | None = None) -> None:
+        if machine.network and network is None:
+            raise ValueError("a VM with a network needs the sandbox's network (its policy)")
         self.machine = machine
         self.workdir = workdir
         self.boot = boot
+        self.network = network
         self.console = workdir / "console.log"
         self.proc: asyncio.subprocess.Process | None = None
         self.stderr_tail = bytearray()
@@ -222,8 +226,8 @@ class Vm:
         self._migration_changed = asyncio.Event()
 
     @classmethod
-    async def start(cls, machine: Machine, workdir: Path, boot: Boot) -> Vm:
-        vm = cls(machine, workdir, boot)
+    async def start(cls, machine: Machine, workdir: Path, boot: Boot, network: SandboxNetwork | None = None) -> Vm:
+        vm = cls(machine, workdir, boot, network)
         try:
             await vm._spawn()
         except BaseException:
@@ -242,11 +246,12 @@ class Vm:
         incoming_fd = None
         try:
             await self._attach_agent(agent_ours)  # first: from here on `kill` closes every "ours"
-            if self.machine.network:
-                label = self.workdir.name
-                self._egress = HandoffListener.bind(
-                    self.workdir / "egress.sock", label,
-                    {egress.PROXY_KIND: lambda reader, writer: proxy.handle(reader, writer, label)})
+            if self.network is not None:
+                network = self.network
+                self._egress = HandoffListener.bind(self.workdir / "egress.sock", network.sandbox_id, {
+                    egress.PROXY_KIND: lambda reader, writer: proxy.handle(reader, writer, lambda _request: network),
+                    egress.DNS_KIND: lambda reader, writer: dns.serve_tcp(reader, writer, network),
+                })
                 self._egress.start()
             if self.boot.incoming is not None:
                 incoming_fd = os.open(self.boot.incoming, os.O_RDONLY | os.O_CLOEXEC)

@@ -521,6 +521,7 @@ class WasmRuntime(Runtime):
     min_memory_mb = MIN_MEMORY_MB
     #: Volumes are ext4 images the sandbox's disk holder loop-mounts and the launcher preopens.
     volume_store = "local"
+    guest_speaks_tls = False  # `sandgate.fetch`: the proxy makes the TLS connection
 
     def languages(self) -> dict[str, list[str]]:
         return {"default": sorted({"python", "javascript", *self.modules, *self.compiled_languages()})}

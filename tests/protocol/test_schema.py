@@ -79,7 +79,7 @@ def test_the_websocket_session_answers_every_client_leg_op_and_no_other() -> Non
 
 
 def test_binary_fields_are_the_schemas_bin_fields() -> None:
-    assert set(BINARY_FIELDS) == {"data", "stdin", "entropy"}
+    assert set(BINARY_FIELDS) == {"data", "stdin", "entropy", "ca_pem"}
     assert describe()["binary_fields"] == list(BINARY_FIELDS)
 
 

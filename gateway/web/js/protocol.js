@@ -3,6 +3,7 @@
 export const PROTOCOL = {
  "bearer_prefix": "sandgate.bearer.",
  "binary_fields": [
+  "ca_pem",
   "data",
   "entropy",
   "stdin"
@@ -666,6 +667,28 @@ export const PROTOCOL = {
    },
    "idempotent": false,
    "leg": "both",
+   "liveness": false,
+   "nested": false,
+   "stream": false
+  },
+  "guest.env": {
+   "capability": null,
+   "control": false,
+   "fields": {
+    "ca_pem": {
+     "max": 65536,
+     "required": false,
+     "type": "bin"
+    },
+    "set": {
+     "default": {},
+     "max": 64,
+     "required": false,
+     "type": "map"
+    }
+   },
+   "idempotent": false,
+   "leg": "agent",
    "liveness": false,
    "nested": false,
    "stream": false
