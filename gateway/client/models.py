@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gateway.client.errors import SandgateError, error_from_wire
 
 Fd = Literal["stdout", "stderr", "pty"]
+#: A sandbox's network policy as the gateway takes it: "none", "public", "all",
+#: {"allow": [...], "deny": [...]}, or true/false (wave 1's "public"/"none").
+NetworkPolicy = bool | str | Mapping[str, Sequence[str]]
 
 
 def _float(value: Any) -> float | None:
@@ -298,6 +301,9 @@ class Metrics:
     guest: dict[str, Any]
     host: dict[str, Any]
     restarts: int
+    #: The sandbox's network figures (bytes_in, bytes_out, connections, refusals, dns_queries), or
+    #: None without a network.
+    network: dict[str, Any] | None = None
 
     @property
     def uptime_s(self) -> float | None:
@@ -318,9 +324,11 @@ class Metrics:
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> Metrics:
         guest, host = data.get("guest"), data.get("host")
+        network = data.get("network")
         return cls(guest=dict(guest) if isinstance(guest, dict) else {},
                    host=dict(host) if isinstance(host, dict) else {},
-                   restarts=_int(data.get("restarts")) or 0)
+                   restarts=_int(data.get("restarts")) or 0,
+                   network=dict(network) if isinstance(network, dict) else None)
 
 
 # -- serverless: invoke, test mode, deployed functions, executions, the code cache ----------------

@@ -29,6 +29,7 @@ from gateway.client.models import (
     FunctionInfo,
     InvokeResult,
     Metrics,
+    NetworkPolicy,
     SandboxInfo,
     TestReport,
     VolumeInfo,
@@ -233,7 +234,8 @@ class Sandbox:
     def create(cls, runtime: str | None = None, *, url: str | None = None, api_key: str | None = None,
                client: Client | None = None, ttl: float | None = None, idle_timeout: float | None = None,
                memory_mb: int | None = None, cpu_seconds: float | None = None, disk_mb: int | None = None,
-               network: bool | None = None, template: str | None = None,
+               network: NetworkPolicy | None = None, secrets: Sequence[Mapping[str, Any]] | None = None,
+               template: str | None = None,
                metadata: Mapping[str, str] | None = None, **options: Any) -> Sandbox:
         """Create a sandbox (arguments as `AsyncSandbox.create`).
 
@@ -248,7 +250,7 @@ class Sandbox:
             return await AsyncSandbox.create(
                 runtime, url=url, api_key=api_key, client=client._async if client else None, ttl=ttl,
                 idle_timeout=idle_timeout, memory_mb=memory_mb, cpu_seconds=cpu_seconds, disk_mb=disk_mb,
-                network=network, template=template, metadata=metadata, **options)
+                network=network, secrets=secrets, template=template, metadata=metadata, **options)
 
         return cls(_run(make()))
 
@@ -289,8 +291,16 @@ class Sandbox:
         _run(self._async.close())
 
     def metrics(self) -> Metrics:
-        """CPU, memory, disk and uptime, from the guest and from the host."""
+        """CPU, memory, disk and uptime, from the guest and from the host; network figures."""
         return _run(self._async.metrics())
+
+    def set_network(self, policy: NetworkPolicy) -> None:
+        """Change the sandbox's network policy (as `AsyncSandbox.set_network`)."""
+        _run(self._async.set_network(policy))
+
+    def network(self) -> dict[str, Any]:
+        """The policy, secrets (names and hosts), network figures and recent refusals."""
+        return _run(self._async.network())
 
     def exec(self, command: str | Sequence[str] | None = None, *, code: str | None = None,
              code_ref: str | None = None, language: str | None = None, stdin: bytes | str | None = None,

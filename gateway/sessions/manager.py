@@ -31,7 +31,7 @@ from gateway.functions.code_cache import CodeCache
 from gateway.functions.deployed import FunctionRegistry
 from gateway.runtime.agent_client import AgentClient
 from gateway.runtime.base import Backend, NotConfigured, Runtime, SandboxSpec
-from gateway.sessions.admission import TenantQuota, check_create
+from gateway.sessions.admission import TenantQuota, check_create, check_network
 from gateway.sessions.replay import ReplayBudget
 from gateway.sessions.routing import OpRouter
 from gateway.sessions.sandbox import Sandbox
@@ -197,6 +197,29 @@ class SandboxManager(OpRouter):
         sandbox.spawn(self._watch(sandbox), f"watch-{sandbox_id}")
         self.pm.hook.sandgate_sandbox_created(sandbox_id=sandbox_id, tenant=tenant, runtime=runtime.id)
         return sandbox
+
+    async def update(self, sandbox: Sandbox, body: Mapping[str, Any]) -> None:
+        """`PATCH /v1/sandboxes/{id}`: change a running sandbox. `network`: its policy, within what
+        the tenant may have; open connections the new policy refuses are ended.
+
+        Raises:
+            ProtocolError: `bad_request` for an unknown field or a malformed policy, `forbidden`
+                as at create, `unsupported` to give a network to a sandbox created without one.
+        """
+        unknown = set(body) - {"network"}
+        if unknown:
+            raise ProtocolError("bad_request", f"cannot change {sorted(unknown)} (PATCH takes: network)")
+        if "network" in body:
+            policy = check_network(body["network"], self.settings, sandbox.tenant)
+            network = sandbox.spec.egress
+            if network is None:
+                if policy.has_network:
+                    raise ProtocolError("unsupported", "this sandbox was created without a network, and a running "
+                                                       "sandbox cannot be given one: create it with a policy "
+                                                       "(e.g. {\"allow\": []}) to open it later")
+                return
+            network.set_policy(policy)
+            await sandbox.backend.network_changed(policy.to_wire())
 
     @staticmethod
     async def _guest_env(agent: AgentClient, spec: SandboxSpec, runtime: Runtime) -> None:

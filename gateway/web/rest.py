@@ -83,6 +83,25 @@ async def get_sandbox(request: web.Request) -> web.Response:
     return web.json_response((await sandbox_of(request)).describe())
 
 
+@routes.patch("/v1/sandboxes/{sandbox_id}")
+async def update_sandbox(request: web.Request) -> web.Response:
+    """Change a running sandbox (its network policy); answers the sandbox as it is now."""
+    sandbox = await sandbox_of(request)
+    await request.app[MANAGER].update(sandbox, await json_body(request))
+    return web.json_response(sandbox.describe())
+
+
+@routes.get("/v1/sandboxes/{sandbox_id}/network")
+async def sandbox_network(request: web.Request) -> web.Response:
+    """The sandbox's policy, its secrets (never their values), its network figures and its recent
+    refusals, each with the reason."""
+    sandbox = await sandbox_of(request)
+    if sandbox.spec.egress is None:
+        return web.json_response({"policy": "none", "secrets": [], "metrics": None, "open_connections": 0,
+                                  "recent_refusals": []})
+    return web.json_response(sandbox.spec.egress.describe())
+
+
 @routes.delete("/v1/sandboxes/{sandbox_id}")
 async def delete_sandbox(request: web.Request) -> web.Response:
     await request.app[MANAGER].destroy(await sandbox_of(request), "api")

@@ -435,9 +435,30 @@ export class Gateway {
   }
 
   /**
+   * Change a running sandbox's network policy; open connections it refuses are ended.
+   * @param {string} id
+   * @param {string|{allow?: string[], deny?: string[]}} policy "none", "public", "all" or rules
+   * @returns {Promise<any>} the sandbox's description
+   */
+  setNetwork(id, policy) {
+    return this.rest("PATCH", `/v1/sandboxes/${encodeURIComponent(id)}`, { network: policy });
+  }
+
+  /**
+   * A sandbox's policy, secrets (names and hosts, never values), network figures and recent refusals.
+   * @param {string} id
+   * @returns {Promise<any>}
+   */
+  network(id) {
+    return this.rest("GET", `/v1/sandboxes/${encodeURIComponent(id)}/network`);
+  }
+
+  /**
    * Create a sandbox and open a session on it.
    * @param {{runtime?: string, ttl?: number, idle_timeout?: number, memory_mb?: number,
-   *          cpu_seconds?: number, disk_mb?: number, metadata?: Record<string, string>}} [spec]
+   *          cpu_seconds?: number, disk_mb?: number, metadata?: Record<string, string>,
+   *          network?: string|{allow?: string[], deny?: string[]},
+   *          secrets?: {env: string, value: string, hosts: string[]}[]}} [spec]
    * @returns {Promise<Sandbox>}
    */
   async createSandbox(spec = {}) {
