@@ -3,7 +3,7 @@ the gateway's DNS server (over TCP through the restricted network), reaches the 
 and nothing else, sends its secret's placeholder over HTTPS that the gateway fills in for the
 bound host only, and a PATCH changes what it reaches while it runs.
 
-"The internet" is the test upstream (tests/net/upstream.py): servers on 203.0.113.10/.11 in a
+"The internet" is the test upstream (tests/net/upstream.py): servers on 203.0.113.x in a
 network namespace, names from a DNS server of its own, which the gateway is configured to ask.
 One sandbox answers many questions: a network VM boots cold.
 """
