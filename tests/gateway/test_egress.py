@@ -264,6 +264,8 @@ async def test_an_allowlisted_name_is_reachable_and_nothing_else(upstream: Upstr
         assert box.network.counters.connections == 2 and box.network.counters.bytes_in > 0
         reasons = [r["reason"] for r in box.network.describe()["recent_refusals"]]
         assert len(reasons) == 4 and all("allow list" in r or "no address" in r for r in reasons), reasons
+    async with Sandbox(upstream, "public") as box:
+        assert (await box.dns(f"nowhere.{API}")).header.rcode == RCODE.NXDOMAIN  # admitted, but no such name
 
 
 async def test_names_resolving_to_refused_ranges_are_refused(upstream: Upstream) -> None:
