@@ -41,6 +41,7 @@ from .timers import Scheduler
 from .watch import WatchRegistry
 
 if TYPE_CHECKING:
+    from .netconn import Connections
     from .system import SandboxCgroup
 
 from . import protocol
@@ -135,6 +136,13 @@ class Agent:
             "fs.watch": lambda rid, m: self.watches.start(Stream(self.channel, rid), m),
             "fs.unwatch": lambda rid, m: self.watches.stop(m["watch_id"]),
         }
+        self._net: Connections | None = None
+        if self.features.sockets:
+            from .netconn import Connections
+
+            self._net = Connections(channel, self._spawn_thread)
+            self._handlers.update({"net.connect": self._net.connect, "net.send": self._net.send,
+                                   "net.credit": self._net.credit, "net.close": self._net.close})
         if self.features.system:
             from . import system  # now, so a snapshot holds it loaded: see system.py
 
@@ -173,6 +181,8 @@ class Agent:
             return
         self._closed = True
         self.watches.close()
+        if self._net is not None:
+            self._net.shutdown()
         with self._lock:
             records = [rec for rec in self._execs.values() if rec.running]
             pgids = set(self._pgids)
