@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import Quotas, Settings
+from gateway.ports.registry import check_port
 from gateway.runtime.base import Runtime, SandboxSpec
 from gateway.storage.mounts import MountSpec, parse_mounts
 from gateway.storage.patches import parse_files, parse_patches
@@ -32,7 +33,7 @@ from guest_agent.wire import field as wire_field
 
 #: The create body's fields the gateway reads itself; the rest are the runtime's options.
 CREATE_FIELDS = ("runtime", "ttl", "idle_timeout", "memory_mb", "cpu_seconds", "disk_mb", "network",
-                 "template", "metadata", "volumes", "files", "patches", "mounts")
+                 "template", "metadata", "volumes", "files", "patches", "mounts", "ports")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class CreateRequest:
     files: tuple[tuple[str, bytes], ...] = ()
     #: Host mounts: copied in after the files, synced back (gateway/storage/mount_sync.py).
     mounts: tuple[MountSpec, ...] = ()
+    #: Ports to publish once the sandbox runs (gateway/ports).
+    ports: tuple[int, ...] = ()
 
     def spec(self, sandbox_id: str, tenant: str, created_at: float,
              volumes: tuple[VolumeMount, ...] = ()) -> SandboxSpec:
@@ -120,12 +123,27 @@ def check_create(
     files = parse_files(body.get("files"))
     # WASM reaches only its preopens: a mount's copy goes under /work there.
     mounts = parse_mounts(body.get("mounts"), settings.storage.allowed_roots, work_only=runtime.id == "wasm")
+    ports = _ports(body.get("ports"), runtime, settings.ports.max_per_sandbox)
     options = runtime.validate_options({k: v for k, v in body.items() if k not in CREATE_FIELDS})
     runtime.check_create(template, network)
     return CreateRequest(runtime=runtime, ttl=ttl, idle_timeout=idle, memory_mb=memory, cpu_seconds=cpu,
                          disk_mb=disk, network=network, template=template, metadata=metadata, options=options,
                          volumes=volumes, patches=patches, files=files,
-                         mounts=mounts)
+                         mounts=mounts, ports=ports)
+
+
+def _ports(value: Any, runtime: Runtime, most: int) -> tuple[int, ...]:
+    """`"ports": [8000, ...]`: distinct port numbers, as many as a sandbox may publish, on a runtime
+    whose guests can publish them (capability `ports`)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > most:
+        raise ProtocolError("bad_request", f"'ports' is a list of at most {most} port numbers")
+    ports = tuple(dict.fromkeys(check_port(v) for v in value))
+    if ports and "ports" not in runtime.capabilities:
+        raise ProtocolError("unsupported", f"runtime {runtime.id!r} cannot publish ports (its guests have no "
+                                           "sockets to serve them)")
+    return ports
 
 
 def _bounded(body: Mapping[str, Any], name: str, default: float, maximum: float, kind: type) -> Any:
