@@ -13,7 +13,7 @@
 """
 
 from gateway.client import errors
-from gateway.client.aio import AsyncClient, AsyncExecution, AsyncFiles, AsyncSandbox, AsyncWatch
+from gateway.client.aio import AsyncClient, AsyncExecution, AsyncFiles, AsyncPorts, AsyncSandbox, AsyncWatch
 from gateway.client.errors import SandgateError
 from gateway.client.models import (
     CacheEntry,
@@ -31,6 +31,7 @@ from gateway.client.models import (
     NetworkPolicy,
     Output,
     OutputLost,
+    PortInfo,
     SandboxInfo,
     Started,
     TestOutcome,
@@ -39,12 +40,13 @@ from gateway.client.models import (
     VolumeInfo,
     WatchEvent,
 )
-from gateway.client.sync import Client, Execution, Files, Sandbox, Watch
+from gateway.client.sync import Client, Execution, Files, Ports, Sandbox, Watch
 
 __all__ = [
     "AsyncClient",
     "AsyncExecution",
     "AsyncFiles",
+    "AsyncPorts",
     "AsyncSandbox",
     "AsyncWatch",
     "CacheEntry",
@@ -65,6 +67,8 @@ __all__ = [
     "NetworkPolicy",
     "Output",
     "OutputLost",
+    "PortInfo",
+    "Ports",
     "Sandbox",
     "SandboxInfo",
     "SandgateError",

@@ -58,6 +58,7 @@ from gateway.client.models import (
     Metrics,
     NetworkPolicy,
     OutputLost,
+    PortInfo,
     SandboxInfo,
     Started,
     TestReport,
@@ -522,6 +523,7 @@ class AsyncSandbox:
         self.client = client
         self.info = info
         self.files = AsyncFiles(self)
+        self.ports = AsyncPorts(self)
         self._owns_client = owns_client
         self._conn: Connection | None = None
 
@@ -1100,6 +1102,46 @@ class AsyncWatch:
                 if item.error is not None:
                     raise item.error
         raise StopAsyncIteration
+
+
+class AsyncPorts:
+    """The sandbox's published ports: its TCP servers (a dev server, a notebook, an API) served by the
+    gateway at `/v1/sandboxes/{id}/ports/{port}/`, for HTTP and WebSockets (microVM and pod; a WASM
+    sandbox has no sockets and raises `Unsupported`). A port may also be published at create:
+    `AsyncSandbox.create(..., ports=[8000])`."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    def _path(self, *more: str) -> str:
+        return "/".join([f"/v1/sandboxes/{quote(self._sandbox.id, safe='')}/ports", *more])
+
+    async def publish(self, port: int) -> PortInfo:
+        """Publish `port` (again: the same URL and token).
+
+        Returns:
+            The port, with its URL and token (`preview_url` for a browser).
+
+        Raises:
+            Unsupported: the sandbox's runtime cannot publish ports. BadRequest: no port number.
+            QuotaExceeded: the sandbox has as many published ports as it may.
+        """
+        answer = await self._sandbox.client._json("POST", self._path(), json={"port": port})
+        return PortInfo.from_wire(answer, self._sandbox.client.url)
+
+    async def list(self) -> builtins.list[PortInfo]:
+        """The published ports, with their tokens."""
+        answer = await self._sandbox.client._json("GET", self._path())
+        ports = answer.get("ports")
+        return [PortInfo.from_wire(p, self._sandbox.client.url) for p in ports or () if isinstance(p, dict)]
+
+    async def unpublish(self, port: int) -> None:
+        """Unpublish `port`: its token stops working and its open connections are cut.
+
+        Raises:
+            NotFound: the port is not published.
+        """
+        await self._sandbox.client._json("DELETE", self._path(str(int(port))))
 
 
 class AsyncFiles:

@@ -593,6 +593,37 @@ class VolumeInfo:
                    created_at=_float(data.get("created_at")), raw=dict(data))
 
 
+@dataclass(frozen=True)
+class PortInfo:
+    """A published port (`POST /v1/sandboxes/{id}/ports`): its number, its URL on the gateway and
+    its token (None where the gateway shows none, as in a sandbox's description).
+
+    Attributes:
+        url: the port's absolute URL (the gateway's address and `/v1/sandboxes/{id}/ports/{port}/`):
+            HTTP and WebSocket requests under it reach the sandbox's port, with the API key.
+        token: opens the URL without the API key: `preview_url` carries it.
+    """
+
+    port: int
+    url: str
+    token: str | None
+    connections: int = 0
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def preview_url(self) -> str:
+        """The URL to hand to a browser: `?token=` makes the gateway set the port's cookie (and
+        drop the token from the address bar), so the page and its assets load without a key."""
+        return f"{self.url}?token={self.token}" if self.token else self.url
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any], base_url: str = "") -> PortInfo:
+        token = data.get("token")
+        return cls(port=_int(data.get("port")) or 0, url=base_url + str(data.get("url") or ""),
+                   token=token if isinstance(token, str) else None, connections=_int(data.get("connections")) or 0,
+                   raw=dict(data))
+
+
 #: The states in which an execution has ended.
 FINISHED_STATES = frozenset({"completed", "failed", "cancelled", "timeout"})
 

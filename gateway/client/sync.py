@@ -17,7 +17,15 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mappin
 from types import TracebackType
 from typing import IO, Any, TypeVar
 
-from gateway.client.aio import DEFAULT_MAX_OUTPUT, AsyncClient, AsyncExecution, AsyncFiles, AsyncSandbox, AsyncWatch
+from gateway.client.aio import (
+    DEFAULT_MAX_OUTPUT,
+    AsyncClient,
+    AsyncExecution,
+    AsyncFiles,
+    AsyncPorts,
+    AsyncSandbox,
+    AsyncWatch,
+)
 from gateway.client.errors import ConnectionLost, NotFound
 from gateway.client.models import (
     CacheEntry,
@@ -30,6 +38,7 @@ from gateway.client.models import (
     InvokeResult,
     Metrics,
     NetworkPolicy,
+    PortInfo,
     SandboxInfo,
     TestReport,
     VolumeInfo,
@@ -217,6 +226,7 @@ class Sandbox:
     def __init__(self, inner: AsyncSandbox) -> None:
         self._async = inner
         self.files = Files(inner.files)
+        self.ports = Ports(inner.ports)
 
     @property
     def id(self) -> str:
@@ -463,6 +473,25 @@ class Watch:
 
     def __iter__(self) -> Iterator[WatchEvent]:
         return _iterate(self._async)
+
+
+class Ports:
+    """Sync form of `AsyncPorts`: the sandbox's published ports."""
+
+    def __init__(self, inner: AsyncPorts) -> None:
+        self._async = inner
+
+    def publish(self, port: int) -> PortInfo:
+        """Publish `port` (again: the same URL and token); see `AsyncPorts.publish`."""
+        return _run(self._async.publish(port))
+
+    def list(self) -> builtins.list[PortInfo]:
+        """The published ports, with their tokens."""
+        return _run(self._async.list())
+
+    def unpublish(self, port: int) -> None:
+        """Unpublish `port`: its token stops working."""
+        _run(self._async.unpublish(port))
 
 
 class Files:

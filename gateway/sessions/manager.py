@@ -29,6 +29,7 @@ from gateway.egress.network import Egress, upstream_context
 from gateway.egress.resolver import Resolver, parse_nameservers
 from gateway.functions.code_cache import CodeCache
 from gateway.functions.deployed import FunctionRegistry
+from gateway.ports.registry import PortRegistry
 from gateway.runtime.agent_client import AgentClient
 from gateway.runtime.base import Backend, NotConfigured, Runtime, SandboxSpec
 from gateway.sessions.admission import TenantQuota, check_create, check_network
@@ -192,7 +193,9 @@ class SandboxManager(OpRouter):
         sandbox = Sandbox(id=sandbox_id, tenant=tenant, runtime=runtime, spec=spec, backend=backend,
                           agent=agent, ttl=request.ttl, idle_timeout=request.idle_timeout,
                           metadata=request.metadata, created_at=now, replay_budget=self._sandbox_budget(),
-                          owner=owner, mounts=mounts)
+                          owner=owner, mounts=mounts, ports=PortRegistry(self.settings.ports))
+        for port in request.ports:
+            sandbox.ports.publish(port)
         self._sandboxes[sandbox_id] = sandbox
         sandbox.spawn(self._watch(sandbox), f"watch-{sandbox_id}")
         self.pm.hook.sandgate_sandbox_created(sandbox_id=sandbox_id, tenant=tenant, runtime=runtime.id)
@@ -259,6 +262,11 @@ class SandboxManager(OpRouter):
             raise ProtocolError("not_found", "no such sandbox")
         return sandbox
 
+    def find(self, sandbox_id: str) -> Sandbox | None:
+        """The sandbox with this id whoever's it is, if this gateway holds it: for a published
+        port's token, which names a sandbox without naming its tenant. Never adopts."""
+        return self._sandboxes.get(sandbox_id)
+
     async def lookup(self, tenant: str, sandbox_id: str) -> Sandbox:
         """`get`, and on a miss adopt the sandbox from a runtime that finds it (a pod made by
         another gateway replica, or by this one before a restart: Kubernetes labels are the
@@ -305,7 +313,8 @@ class SandboxManager(OpRouter):
         idle = spec.idle_timeout_s if spec.idle_timeout_s is not None else limits.idle_timeout_s
         sandbox = Sandbox(id=sandbox_id, tenant=tenant, runtime=runtime, spec=spec, backend=backend, agent=agent,
                           ttl=ttl, idle_timeout=idle, metadata={}, created_at=created_at,
-                          created_mono=time.monotonic() - age, replay_budget=self._sandbox_budget())
+                          created_mono=time.monotonic() - age, replay_budget=self._sandbox_budget(),
+                          ports=PortRegistry(self.settings.ports))
         self._sandboxes[sandbox_id] = sandbox
         self.volumes.adopt(sandbox_id, spec.volumes)  # its mounts count against other mounts here too
         sandbox.spawn(self._watch(sandbox), f"watch-{sandbox_id}")

@@ -69,7 +69,7 @@ async def list_runtimes(request: web.Request) -> web.Response:
 async def create_sandbox(request: web.Request) -> web.Response:
     tenant = tenant_of(request)
     sandbox = await request.app[MANAGER].create(tenant, await json_body(request))
-    return web.json_response(sandbox.describe(), status=201)
+    return web.json_response(sandbox.describe(port_tokens=True), status=201)
 
 
 @routes.get("/v1/sandboxes")
