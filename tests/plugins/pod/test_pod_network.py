@@ -25,7 +25,6 @@ from urllib.parse import urlsplit
 import pytest
 
 from gateway.config import Limits, NetworkAccess, Settings
-from gateway.egress.policy import NetworkPolicy
 from gateway.testing.conformance import AUTH, KEY, Gateway
 from gateway.web.app import MANAGER, create_app
 from plugins.pod import egress
@@ -195,12 +194,14 @@ async def test_a_pod_reaches_its_allowlist_through_the_proxy_with_its_secret_fil
         assert 'proxy-authenticate: Basic realm="sandgate egress"' in connect[name], connect
     assert connect["right"][0] == "HTTP/1.1 200 Connection established"
 
-    # A policy change (what PATCH /v1/sandboxes/{id} does) applies at once, and is kept on the pod for
-    # a replica that adopts it later.
-    policy = NetworkPolicy.parse({"allow": [API, OTHER]})
-    assert backend.network is not None
-    backend.network.set_policy(policy)
-    await backend.network_changed(policy.to_wire())
+    described = await (await client.get(f"/v1/sandboxes/{sid}/network", headers=AUTH)).json()
+    # (Four fetches above, and the CONNECT with the right credentials that sent no TLS after it.)
+    assert described["metrics"]["refusals"] == 5 and VALUE not in json.dumps(described), described
+    assert {r["target"] for r in described["recent_refusals"]} >= {f"{OTHER}:{TLS_PORT}", f"{OTHER_ADDRESS}:{TLS_PORT}"}
+
+    # A policy change applies at once, and is kept on the pod for a replica that adopts it later.
+    resp = await client.patch(f"/v1/sandboxes/{sid}", json={"network": {"allow": [API, OTHER]}}, headers=AUTH)
+    assert resp.status == 200, await resp.text()
     changed = kube_cluster.api("GET", f"/api/v1/namespaces/{ns}/pods/{meta['name']}")
     assert json.loads(changed["metadata"]["annotations"][m.NETWORK_POLICY]) == {"allow": [API, OTHER], "deny": []}
     after = await probe(gateway, sid, [
