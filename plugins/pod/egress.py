@@ -41,6 +41,7 @@ from urllib.parse import quote
 import h11
 
 from gateway.egress import proxy
+from gateway.egress.handoff import MAX_CONNECTIONS, READ_LIMIT
 from gateway.egress.network import SandboxNetwork
 from gateway.egress.policy import NetworkPolicy, Rule
 from gateway.egress.secrets import PLACEHOLDER_BYTES, PLACEHOLDER_PREFIX, Secret, Secrets
@@ -59,6 +60,11 @@ SECRETS_KEY = "secrets.json"
 NOT_HERE = ("no sandbox on this gateway has these proxy credentials: a wrong token, or the sandbox moved to another "
             "gateway replica (processes started since then have its address in HTTPS_PROXY)")
 _TOKEN_BYTES = 24
+#: Connections one sandbox may hold open through the proxy at once (a microVM's cap, handoff.py).
+MAX_PER_SANDBOX = MAX_CONNECTIONS
+#: Connections the listener holds at once, sandboxes' and those still to say whose they are (each
+#: may wait proxy.HEAD_TIMEOUT_S for its request): past it a new one is closed at once.
+MAX_OPEN = 4096
 
 
 def new_token() -> str:
@@ -119,12 +125,16 @@ class ProxyListener:
         self._held: dict[str, Holder] = {}
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.StreamWriter] = set()
+        #: Open connections by sandbox id, once `find` said whose they are.
+        self._open: dict[str, int] = {}
+        #: Connections closed at once for being over MAX_OPEN.
+        self.overflowed = 0
         #: Compared against when no sandbox is held under the id, so that costs the same time.
         self._decoy = new_token()
 
     async def start(self) -> int:
         """Listen; returns the port (the one bound, when asked for 0)."""
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=READ_LIMIT)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 
@@ -161,13 +171,33 @@ class ProxyListener:
         return network
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._clients) >= MAX_OPEN:
+            self.overflowed += 1
+            writer.transport.abort()
+            return
         self._clients.add(writer)
+        counted: list[str] = []
+
+        def find(request: h11.Request) -> SandboxNetwork:
+            network = self.find(request)
+            if self._open.get(network.sandbox_id, 0) >= MAX_PER_SANDBOX:
+                raise Refused(429, f"this sandbox has {MAX_PER_SANDBOX} connections open through the proxy already")
+            self._open[network.sandbox_id] = self._open.get(network.sandbox_id, 0) + 1
+            counted.append(network.sandbox_id)
+            return network
+
         try:
-            await proxy.handle(reader, writer, self.find)
+            await proxy.handle(reader, writer, find)
+        except (ConnectionError, OSError):
+            pass  # the sandbox or the upstream went away mid-way: the connection is closed either way
         except Exception:  # one connection's failure must not be the listener's
             log.exception("pod egress: a proxy connection failed")
         finally:
             self._clients.discard(writer)
+            for sandbox_id in counted:
+                self._open[sandbox_id] -= 1
+                if not self._open[sandbox_id]:
+                    del self._open[sandbox_id]
 
 
 # -- what outlives the replica --------------------------------------------------------------------

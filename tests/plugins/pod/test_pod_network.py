@@ -25,6 +25,11 @@ from urllib.parse import urlsplit
 import pytest
 
 from gateway.config import Limits, NetworkAccess, Settings
+from gateway.egress import proxy
+from gateway.egress.network import Egress
+from gateway.egress.policy import NetworkPolicy
+from gateway.egress.secrets import Secrets
+from gateway.runtime.base import SandboxSpec
 from gateway.testing.conformance import AUTH, KEY, Gateway
 from gateway.web.app import MANAGER, create_app
 from plugins.pod import egress
@@ -277,3 +282,65 @@ async def test_a_replica_that_adopts_the_sandbox_serves_its_network_and_another_
     resp = await client.delete(f"/v1/sandboxes/{sid}", headers=AUTH)
     assert resp.status == 204
     assert pods(kube_cluster, ns) == [] and secret_gone(kube_cluster, ns, secret)
+
+
+async def test_the_listener_bounds_each_sandboxs_connections_and_its_own(
+    egress_upstream: Upstream, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sandbox cannot hold more than MAX_PER_SANDBOX connections through its replica's proxy (429
+    past it, until one closes), and the listener closes connections past MAX_OPEN at once, whoever's
+    (one that has not said whose it is yet costs a task and a socket for up to 30 s)."""
+    monkeypatch.setattr(egress, "MAX_PER_SANDBOX", 3)
+    monkeypatch.setattr(egress, "MAX_OPEN", 5)
+    ended: asyncio.Queue[None] = asyncio.Queue()
+    handle = proxy.handle
+
+    async def handle_and_say(*args: Any) -> None:
+        try:
+            await handle(*args)
+        finally:
+            ended.put_nowait(None)  # the listener counts the connection out before it next waits
+
+    monkeypatch.setattr(proxy, "handle", handle_and_say)
+    listener = egress.ProxyListener("127.0.0.1", 0)
+    port = await listener.start()
+    network = Egress().attach("sb_bounded", "tenant-a", NetworkPolicy.parse("public"), Secrets())
+    holder = PodBackend.__new__(PodBackend)  # only its token and network are read
+    holder.proxy_token = egress.new_token()
+    holder.spec = SandboxSpec(sandbox_id="sb_bounded", tenant="tenant-a", memory_mb=256, cpu_seconds=60,
+                              disk_mb=512, network=True, egress=network)
+    listener.hold("sb_bounded", holder)
+    auth = base64.b64encode(f"sb_bounded:{holder.proxy_token}".encode()).decode()
+
+    async def tunnel() -> tuple[str, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"CONNECT {ADDRESS}:{PORT} HTTP/1.1\r\nHost: {ADDRESS}:{PORT}\r\n"
+                     f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+        return (await reader.readuntil(b"\r\n")).decode().strip(), writer
+
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(3):
+            status, writer = await tunnel()
+            writers.append(writer)
+            assert status == "HTTP/1.1 200 Connection established"
+        refused, writer = await tunnel()
+        writers.append(writer)
+        assert refused.startswith("HTTP/1.1 429"), refused
+        await ended.get()
+        writers[0].close()  # one tunnel ends: the sandbox may open another
+        await ended.get()
+        status, writer = await tunnel()
+        writers.append(writer)
+        assert status == "HTTP/1.1 200 Connection established"
+        # Three tunnels and two silent connections fill MAX_OPEN; the next is closed unanswered.
+        # (The listener takes connections in the order they came, so the silent two count first.)
+        for _ in range(2):
+            writers.append((await asyncio.open_connection("127.0.0.1", port))[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writers.append(writer)
+        assert await reader.read() == b"" and listener.overflowed == 1
+    finally:
+        for writer in writers:
+            writer.close()
+        await listener.close()
