@@ -344,3 +344,25 @@ async def test_the_listener_bounds_each_sandboxs_connections_and_its_own(
         for writer in writers:
             writer.close()
         await listener.close()
+
+
+async def test_no_network_means_no_proxy_and_no_listener_means_no_network(
+    aiohttp_client: Callable[..., Awaitable[Any]], pod_config: dict[str, Any], egress_upstream: Upstream,
+    kube_cluster: KubeCluster, kube_namespace: str,
+) -> None:
+    """A sandbox with "none" is not under the egress policy and its processes are told of no proxy; a
+    gateway without `egress_listen` refuses a network at create, before anything is made."""
+    client = await aiohttp_client(create_app(gateway_settings(pod_config, egress_upstream)))
+    sid = (await Gateway(client, "pod", {}).create())["id"]
+    [pod] = pods(kube_cluster, kube_namespace)
+    assert pod["metadata"]["labels"][m.NETWORK] == "false" and m.NETWORK_POLICY not in pod["metadata"]["annotations"]
+    done = await Gateway(client, "pod", {}).exec(sid, command="env")
+    assert "PROXY" not in done["stdout"].upper(), done
+    assert (await client.delete(f"/v1/sandboxes/{sid}", headers=AUTH)).status == 204
+
+    no_egress = {k: v for k, v in pod_config.items() if k != "egress_listen"}
+    other = await aiohttp_client(create_app(gateway_settings(no_egress, egress_upstream)))
+    resp = await other.post("/v1/sandboxes", json={"runtime": "pod", "network": {"allow": [API]}}, headers=AUTH)
+    error = (await resp.json())["error"]
+    assert resp.status == 501 and error["code"] == "unsupported" and "egress_listen" in error["message"], error
+    assert pods(kube_cluster, kube_namespace) == []
