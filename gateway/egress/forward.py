@@ -257,6 +257,8 @@ def answer_error(client: Stream, conn: h11.Connection, status: int, reason: str,
     if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return
     body = f"sandgate egress: {reason}\n".encode()
-    send(client, conn, h11.Response(status_code=status, headers=[
-        (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(body)),
-        (b"connection", b"close")]), h11.Data(data=body), h11.EndOfMessage())
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(body)),
+               (b"connection", b"close")]
+    if status == 407:  # a listener shared by sandboxes (pods') asks for their credentials (RFC 9110 11.7.1)
+        headers.append((b"proxy-authenticate", b'Basic realm="sandgate egress"'))
+    send(client, conn, h11.Response(status_code=status, headers=headers), h11.Data(data=body), h11.EndOfMessage())

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from gateway.egress.network import SandboxNetwork
+from gateway.egress.network import Egress, SandboxNetwork
 from gateway.storage.volumes import VolumeBackend, VolumeMount
 from guest_agent.wire import ProtocolError
 
@@ -157,6 +157,13 @@ class Backend(ABC):
         state does not. The default refuses, and the sandbox is then marked failed."""
         raise ProtocolError("unsupported", "this runtime cannot restart its agent")
 
+    def guest_env(self) -> dict[str, str]:
+        """Variables every exec of the sandbox gets besides its secrets' placeholders, sent with
+        `guest.env` when the sandbox is handed out, its agent restarted or the sandbox adopted:
+        how a runtime's guest learns, at that moment, where its policy proxy is (a pod's
+        HTTPS_PROXY, with its credentials). Called by SandboxManager. The default: none."""
+        return {}
+
     async def network_changed(self, policy: Any) -> None:
         """The sandbox's network policy changed (`PATCH`; `policy` in its wire form). The gateway
         enforces it already; a runtime that keeps the policy with the sandbox, for a gateway
@@ -210,6 +217,10 @@ class Runtime(ABC):
     #: "local" (ext4 images on this host, kept by the gateway), a store of the runtime's own
     #: (`volume_backend`), or None for no volumes.
     volume_store: ClassVar[str | None] = None
+    #: The gateway's egress (resolver, upstream trust, every sandbox's network by id), given by
+    #: SandboxManager when it takes the runtime: a runtime that adopts sandboxes (`load_state`)
+    #: attaches their kept network to it. None outside a gateway.
+    egress: Egress | None = None
     #: Whether the sandbox's own TLS clients reach its secrets' hosts through the policy proxy,
     #: which shows them certificates of the sandbox's CA: the gateway then has the agent trust it
     #: (`guest.env`). False where the proxy itself speaks TLS for the guest (WASM's fetch).

@@ -72,6 +72,8 @@ class SandboxManager(OpRouter):
         #: Sandboxes' networks: the resolver, upstream trust and each sandbox's policy and figures.
         self.egress = Egress(resolver=Resolver(parse_nameservers(settings.network.nameservers)),
                              upstream_tls=upstream_context(settings.network.upstream_ca_file))
+        for runtime in self.runtimes.values():
+            runtime.egress = self.egress
 
     # -- start and stop ----------------------------------------------------------------------
 
@@ -170,7 +172,7 @@ class SandboxManager(OpRouter):
                 await backend.destroy()
                 raise
             try:
-                await self._guest_env(agent, spec, runtime)
+                await self._guest_env(agent, spec, runtime, backend)
                 await patches.apply(lambda op, args: agent.request(op, **args), request.patches, request.files)
                 mounts = tuple(mount_sync.MountState(m) for m in request.mounts)
                 for mount in request.mounts:
@@ -225,16 +227,19 @@ class SandboxManager(OpRouter):
             await sandbox.backend.network_changed(policy.to_wire())
 
     @staticmethod
-    async def _guest_env(agent: AgentClient, spec: SandboxSpec, runtime: Runtime) -> None:
+    async def _guest_env(agent: AgentClient, spec: SandboxSpec, runtime: Runtime, backend: Backend) -> None:
         """Give the guest its secrets' placeholders (and, where its own TLS clients meet the
-        proxy's certificates, the sandbox's CA)."""
+        proxy's certificates, the sandbox's CA), and what the runtime's guest needs to reach the
+        proxy (`Backend.guest_env`)."""
         network = spec.egress
-        if network is None or not network.secrets:
-            return
-        args: dict[str, Any] = {"set": network.secrets.env()}
-        if runtime.guest_speaks_tls:
-            args["ca_pem"] = network.ca.cert_pem
-        await agent.request("guest.env", **args)
+        variables = backend.guest_env()
+        args: dict[str, Any] = {}
+        if network is not None and network.secrets:
+            variables.update(network.secrets.env())
+            if runtime.guest_speaks_tls:
+                args["ca_pem"] = network.ca.cert_pem
+        if variables or args:
+            await agent.request("guest.env", set=variables, **args)
 
     @staticmethod
     async def _start_tracking(agent: AgentClient, spec: SandboxSpec, mounts: tuple[mount_sync.MountState, ...]) -> None:
@@ -296,16 +301,25 @@ class SandboxManager(OpRouter):
         raise ProtocolError("not_found", "no such sandbox")
 
     async def _adopt(self, runtime: Runtime, backend: Backend, sandbox_id: str, tenant: str) -> Sandbox:
-        try:
-            agent = await self._connect(backend)
-        except BaseException:
-            await backend.destroy()
-            raise
         limits = self.settings.limits
         spec = getattr(backend, "spec", None)
         if not isinstance(spec, SandboxSpec):
             spec = SandboxSpec(sandbox_id=sandbox_id, tenant=tenant, memory_mb=limits.memory_mb,
                                cpu_seconds=limits.cpu_seconds, disk_mb=limits.disk_mb)
+        try:
+            agent = await self._connect(backend)
+            try:
+                # The network the runtime kept (`load_state` attached it): its placeholders and
+                # where this gateway's proxy is, for the adopted guest's execs from now.
+                await self._guest_env(agent, spec, runtime, backend)
+            except BaseException:
+                await agent.close()
+                raise
+        except BaseException:
+            await backend.destroy()
+            if spec.egress is not None:
+                self.egress.detach(spec.egress)
+            raise
         # The sandbox keeps the life it was created with; the age is carried over to this clock.
         created_at = spec.created_at if spec.created_at is not None else time.time()
         age = max(0.0, time.time() - created_at)
@@ -402,7 +416,7 @@ class SandboxManager(OpRouter):
             try:
                 await sandbox.backend.restart_agent()
                 sandbox.agent = await self._connect(sandbox.backend)
-                await self._guest_env(sandbox.agent, sandbox.spec, sandbox.runtime)
+                await self._guest_env(sandbox.agent, sandbox.spec, sandbox.runtime, sandbox.backend)
                 # The new agent's tracker starts empty: track again and pin the mounts at now. What
                 # the stopped exec changed in a mount before the restart is not synced back.
                 await self._start_tracking(sandbox.agent, sandbox.spec, sandbox.mounts)

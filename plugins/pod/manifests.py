@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import re
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any
 
 from gateway.runtime.base import SandboxSpec
 from gateway.storage.volumes import Volume, VolumeMount
 from guest_agent.languages import canonical
+from plugins.pod import egress
 from plugins.pod.settings import PodSettings
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -31,11 +34,21 @@ EXPIRES_AT = "sandgate.dev/expires-at"
 SPEC = "sandgate.dev/spec"
 VOLUME_ID = "sandgate.dev/volume-id"
 VOLUME_NAME = "sandgate.dev/volume-name"
+#: A network sandbox's policy (its wire form, JSON), for a replica that adopts it.
+NETWORK_POLICY = "sandgate.dev/network-policy"
+#: The name of the Secret holding a sandbox's secrets, when it has any.
+SECRETS = "sandgate.dev/secrets"
 
 SANDBOX_SELECTOR = f"{MANAGED_BY}=sandgate,{COMPONENT}=sandbox"
 LEASE_SELECTOR = f"{MANAGED_BY}=sandgate,{COMPONENT}=gateway-lease"
 #: The namespace-wide policy that isolates every sandbox pod (the chart ships the same one).
 DENY_POLICY = "sandgate-sandboxes-deny-all"
+#: The namespace-wide policy that lets network sandboxes reach the gateways' egress port (the chart
+#: ships it too).
+EGRESS_POLICY = "sandgate-sandboxes-egress"
+#: A pod's resolver: its own loopback, where nothing answers, so a lookup fails at once instead of
+#: waiting for a cluster DNS the NetworkPolicies do not let it reach. Names are the proxy's to resolve.
+NO_DNS = {"nameservers": ["127.0.0.1"], "options": [{"name": "attempts", "value": "1"}]}
 AGENT_CONTAINER = "sandbox"
 AGENT_DIR = "/opt/sandgate"
 AGENT_VOLUME_MOUNT = "/mnt/sandgate-agent"
@@ -89,7 +102,7 @@ def sandbox_labels(settings: PodSettings, spec: SandboxSpec | None) -> dict[str,
         labels[POOL] = "true"
     else:
         labels.update({SANDBOX_ID: label_value(spec.sandbox_id), TENANT: label_value(spec.tenant),
-                       NETWORK: "true" if spec.network else "false"})
+                       NETWORK: "true" if spec.egress is not None else "false"})
     return labels
 
 
@@ -98,13 +111,19 @@ def sandbox_annotations(settings: PodSettings, spec: SandboxSpec | None, now: da
     annotations = {CREATED_AT: timestamp(now), EXPIRES_AT: timestamp(now + datetime.timedelta(seconds=ttl))}
     if spec is not None:
         annotations.update({SANDBOX_ID: spec.sandbox_id, TENANT: spec.tenant, SPEC: spec_json(spec)})
+        if spec.egress is not None:
+            annotations[NETWORK_POLICY] = egress.policy_annotation(spec.egress.policy)
+            if spec.egress.secrets:
+                annotations[SECRETS] = secret_name(spec.sandbox_id)
     return annotations
 
 
-def spec_json(spec: SandboxSpec) -> str:
-    import json
-    from dataclasses import asdict
+def secret_name(sandbox_id: str) -> str:
+    """The name of the Secret holding a sandbox's secrets (a DNS subdomain whatever the id)."""
+    return "sandgate-secrets-" + hashlib.sha256(sandbox_id.encode()).hexdigest()[:32]
 
+
+def spec_json(spec: SandboxSpec) -> str:
     return json.dumps({"memory_mb": spec.memory_mb, "cpu_seconds": spec.cpu_seconds, "disk_mb": spec.disk_mb,
                        "network": spec.network, "template": spec.template, "ttl_s": spec.ttl_s,
                        "idle_timeout_s": spec.idle_timeout_s, "created_at": spec.created_at,
@@ -231,6 +250,8 @@ def pod_spec(settings: PodSettings, *, image: str, memory_mb: int, disk_mb: int,
             c["imagePullPolicy"] = settings.image_pull_policy
     spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        "dnsPolicy": "None",
+        "dnsConfig": NO_DNS,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": max(settings.delete_grace_s, 1),
@@ -295,7 +316,7 @@ def sandbox_resource(settings: PodSettings, name: str, spec: SandboxSpec, now: d
 
 def deny_policy(namespace: str) -> dict[str, Any]:
     """Every sandbox pod isolated both ways: selected, with no rule allowing anything. Policies
-    add up, so a sandbox that asks for network gets its own `egress_policy` on top."""
+    add up: `egress_policy` opens the one way out a network sandbox has."""
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -306,25 +327,45 @@ def deny_policy(namespace: str) -> dict[str, Any]:
     }
 
 
-def egress_policy(settings: PodSettings, name: str, spec: SandboxSpec) -> dict[str, Any]:
-    """For a sandbox created with `network: true`: egress to the internet (not to private ranges
-    or metadata endpoints) and DNS to the cluster's resolver. Ingress stays denied."""
+def egress_policy(settings: PodSettings, port: int, gateway_namespace: str) -> dict[str, Any]:
+    """Sandbox pods with a network (`NETWORK: "true"`) may open TCP connections to the gateway pods
+    (`egress_gateway_labels`) on the egress port, and nothing else: not DNS (the proxy resolves),
+    not each other, not the internet. Ingress stays denied. Any gateway pod, not only the one
+    holding the sandbox: a sandbox changes replica when another one adopts it."""
+    peer: dict[str, Any] = {"podSelector": {"matchLabels": dict(settings.egress_gateway_labels)}}
+    if gateway_namespace != settings.namespace:
+        # The namespace's name label is set by Kubernetes 1.21 and later; on older clusters the
+        # gateway's namespace needs it set by hand.
+        peer["namespaceSelector"] = {"matchLabels": {"kubernetes.io/metadata.name": gateway_namespace}}
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": {"name": name, "namespace": settings.namespace,
-                     "labels": {MANAGED_BY: "sandgate", COMPONENT: "sandbox-network", GATEWAY: settings.gateway_id,
-                                SANDBOX_ID: label_value(spec.sandbox_id)},
-                     "annotations": {SANDBOX_ID: spec.sandbox_id}},
+        "metadata": {"name": EGRESS_POLICY, "namespace": settings.namespace,
+                     "labels": {MANAGED_BY: "sandgate", COMPONENT: "sandbox-network"}},
         "spec": {
-            "podSelector": {"matchLabels": {SANDBOX_ID: label_value(spec.sandbox_id), COMPONENT: "sandbox"}},
+            "podSelector": {"matchLabels": {MANAGED_BY: "sandgate", COMPONENT: "sandbox", NETWORK: "true"}},
             "policyTypes": ["Egress"],
-            "egress": [
-                {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": list(settings.egress_except)}}]},
-                {"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
-                 "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
-            ],
+            "egress": [{"to": [peer], "ports": [{"protocol": "TCP", "port": port}]}],
         },
+    }
+
+
+def secret_manifest(settings: PodSettings, spec: SandboxSpec, pod: Mapping[str, Any],
+                    data: Mapping[str, str]) -> dict[str, Any]:
+    """The Secret holding a sandbox's secrets (`data`: plugins/pod/egress.py writes it), owned by
+    its pod so that the cluster's garbage collector removes it with the pod whatever happens."""
+    meta = pod["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {"name": secret_name(spec.sandbox_id), "namespace": settings.namespace,
+                     "labels": {MANAGED_BY: "sandgate", COMPONENT: "sandbox-secrets",
+                                SANDBOX_ID: label_value(spec.sandbox_id)},
+                     "annotations": {SANDBOX_ID: spec.sandbox_id},
+                     "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
+                                          "uid": meta["uid"]}]},
+        "data": dict(data),
     }
 
 

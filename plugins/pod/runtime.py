@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import importlib
 import json
@@ -27,14 +28,18 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from gateway.egress.network import SandboxNetwork
+from gateway.egress.policy import NetworkPolicy
+from gateway.egress.secrets import Secrets
 from gateway.runtime.agent_client import call_once
 from gateway.runtime.base import Backend, ByteChannel, NotConfigured, Runtime, SandboxSpec
 from gateway.runtime.pool import WarmPool
 from gateway.storage.volumes import VolumeBackend
 from guest_agent.wire import ProtocolError
+from plugins.pod import egress
 from plugins.pod import manifests as m
 from plugins.pod.channel import StreamChannel
-from plugins.pod.settings import PodSettings
+from plugins.pod.settings import IN_CLUSTER_NAMESPACE, PodSettings
 from plugins.pod.watcher import PodWatcher, is_running, problem, summary
 
 if TYPE_CHECKING:
@@ -76,9 +81,17 @@ class PodBackend(Backend):
         self.image = image
         #: The agent-sandbox `Sandbox` owning the pod, in that mode.
         self.sandbox_name = sandbox_name
-        #: The sandbox's egress NetworkPolicy (named like its pod or Sandbox at creation).
-        self.policy = (sandbox_name or pod) if spec is not None and spec.network else None
+        #: The password of the sandbox's proxy URL (plugins/pod/egress.py), new with each replica
+        #: that holds it.
+        self.proxy_token = egress.new_token()
+        #: The Secret holding the sandbox's secrets, once there is one.
+        self.secret: str | None = None
         self._channel: StreamChannel | None = None
+
+    @property
+    def network(self) -> SandboxNetwork | None:
+        """The sandbox's network (policy, secrets, figures), when it has one."""
+        return self.spec.egress if self.spec is not None else None
 
     @property
     def label(self) -> str:
@@ -105,6 +118,25 @@ class PodBackend(Backend):
     def channel(self) -> ByteChannel:
         assert self._channel is not None, "connect() first"
         return self._channel
+
+    def guest_env(self) -> dict[str, str]:
+        """A network sandbox's processes reach the policy proxy through this replica's listener,
+        with the sandbox's credentials (plugins/pod/egress.py)."""
+        listener = self.runtime.listener
+        if self.network is None or self.spec is None or listener is None:
+            return {}
+        host, port = self.runtime.settings.proxy_address(listener.port)
+        return egress.proxy_env(egress.proxy_url(host, port, self.spec.sandbox_id, self.proxy_token))
+
+    async def network_changed(self, policy: Any) -> None:
+        """Keep the pod's copy of the policy current, for a replica that adopts the sandbox later
+        (the gateway enforces the new policy already)."""
+        if self.network is None:
+            return
+        await self.runtime._api("save the sandbox's network policy", self.runtime.kube.call(
+            self.runtime.kube.core.patch_namespaced_pod, self.pod, self.runtime.settings.namespace,
+            {"metadata": {"annotations": {m.NETWORK_POLICY: egress.policy_annotation(self.network.policy)}}},
+            _content_type="application/merge-patch+json"))
 
     async def wait_agent(self, timeout: float) -> None:
         """Ping the agent until it answers, so a warm-pool pod hands out an agent that already
@@ -163,10 +195,12 @@ class PodBackend(Backend):
                 "tenant": self.spec.tenant if self.spec else None}
 
     async def destroy(self) -> None:
+        if self.runtime.listener is not None and self.spec is not None:
+            self.runtime.listener.release(self.spec.sandbox_id, self)
         if self._channel is not None:
             with contextlib.suppress(*API_ERRORS):
                 await self._channel.close()
-        await self.runtime.remove(self.pod, sandbox_name=self.sandbox_name, policy=self.policy)
+        await self.runtime.remove(self.pod, sandbox_name=self.sandbox_name, secret=self.secret)
 
 
 class PodRuntime(Runtime):
@@ -184,6 +218,8 @@ class PodRuntime(Runtime):
         self._watcher: PodWatcher | None = None
         self.kube_error: type[Exception] = Exception
         self.pool: WarmPool[PodBackend] | None = None
+        #: This replica's egress port (`egress_listen`), when pod sandboxes may have a network.
+        self.listener: egress.ProxyListener | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.misses = MissCache(MISS_CACHE_SIZE, MISS_TTL_S)
         self._finds = asyncio.Semaphore(MAX_FINDS_RUNNING)
@@ -224,7 +260,12 @@ class PodRuntime(Runtime):
             await self._api("take this gateway's Lease", self.kube.call(
                 self.kube.coordination.create_namespaced_lease, self.settings.namespace,
                 m.lease_manifest(self.settings, _now())))
-            await self._ensure_deny_policy()
+            await self._ensure_policy(m.deny_policy(self.settings.namespace))
+            if self.settings.egress:
+                self.listener = egress.ProxyListener(*self.settings.listen_address())
+                await self.listener.start()
+                await self._ensure_policy(m.egress_policy(self.settings, self.listener.port, _gateway_namespace(
+                    self.settings.namespace)))
             if self.settings.mode == "agent-sandbox":
                 await self._api("list agent-sandbox Sandboxes (are its CRDs installed?)", self._list_sandboxes())
             self._watcher = PodWatcher(self.kube, f"{m.SANDBOX_SELECTOR},{m.GATEWAY}={self.settings.gateway_id}")
@@ -257,6 +298,8 @@ class PodRuntime(Runtime):
         await self._close_client()
 
     async def _close_client(self) -> None:
+        if self.listener is not None:
+            await self.listener.close()
         if self._watcher is not None:
             await self._watcher.stop()
         if self._kube is not None:
@@ -273,12 +316,13 @@ class PodRuntime(Runtime):
             raise ProtocolError("unavailable", f"Kubernetes: cannot {what}: the API server did not answer "
                                                f"({type(exc).__name__}: {exc})") from None
 
-    async def _ensure_deny_policy(self) -> None:
+    async def _ensure_policy(self, policy: dict[str, Any]) -> None:
+        """Make a namespace-wide NetworkPolicy unless it is there (the chart's, or another replica's)."""
         try:
             await self.kube.call(self.kube.networking.create_namespaced_network_policy, self.settings.namespace,
-                                 m.deny_policy(self.settings.namespace))
+                                 policy)
         except self.kube_error as exc:
-            if getattr(exc, "status", 0) != 409:  # 409: the chart (or another replica) made it
+            if getattr(exc, "status", 0) != 409:
                 raise
 
     async def _renew_lease_forever(self) -> None:
@@ -320,7 +364,7 @@ class PodRuntime(Runtime):
         return list(listing.get("items") or [])
 
     async def sweep(self, now: datetime.datetime | None = None) -> list[str]:
-        """Remove what no live gateway owns: sandbox pods (and Sandboxes, and egress policies) whose
+        """Remove what no live gateway owns: sandbox pods (and their Sandboxes and Secrets) whose
         gateway's Lease is gone or stale, anything past its expiry annotation, and stale Leases
         with nothing left. Called at start and every `sweep_interval_s`; returns what it removed.
         `now` lets tests look into the future instead of waiting."""
@@ -342,9 +386,6 @@ class PodRuntime(Runtime):
             kube.core.list_namespaced_pod, ns, label_selector=m.SANDBOX_SELECTOR))).get("items") or []
         sandboxes = (await self._api("list Sandboxes", self._list_sandboxes())
                      if self.settings.mode == "agent-sandbox" else [])
-        policies = (await self._api("list sandbox NetworkPolicies", kube.call(
-            kube.networking.list_namespaced_network_policy, ns,
-            label_selector=f"{m.MANAGED_BY}=sandgate,{m.COMPONENT}=sandbox-network,{m.GATEWAY}"))).get("items") or []
         for sandbox in sandboxes:
             if orphaned(sandbox):
                 removed.append(f"sandbox/{sandbox['metadata']['name']}")
@@ -355,10 +396,12 @@ class PodRuntime(Runtime):
                 removed.append(f"pod/{pod['metadata']['name']}")
                 await self._delete(kube.core.delete_namespaced_pod, pod["metadata"]["name"], ns,
                                    grace_period_seconds=self.settings.delete_grace_s)
-        for policy in policies:
-            if orphaned(policy):
-                removed.append(f"networkpolicy/{policy['metadata']['name']}")
-                await self._delete(kube.networking.delete_namespaced_network_policy, policy["metadata"]["name"], ns)
+                # (Owned by the pod, so a garbage collector would take it too: not every cluster runs one
+                # promptly, and an orphan's secrets should not wait.)
+                secret = (pod["metadata"].get("annotations") or {}).get(m.SECRETS)
+                if secret:
+                    removed.append(f"secret/{secret}")
+                    await self._delete(kube.core.delete_namespaced_secret, secret, ns)
         owners = {((p.get("metadata") or {}).get("labels") or {}).get(m.GATEWAY) for p in pods if not orphaned(p)}
         for lease in leases:
             gateway = ((lease.get("metadata") or {}).get("labels") or {}).get(m.GATEWAY)
@@ -390,6 +433,10 @@ class PodRuntime(Runtime):
 
     def check_create(self, template: str | None, network: bool) -> None:
         self._image(template)
+        if network and not self.settings.egress:
+            raise ProtocolError("unsupported", "pod sandboxes reach the network only through the gateway's egress "
+                                               "proxy, which is off here: set [runtimes.pod] egress_listen "
+                                               "(docs/kubernetes.md)")
 
     def languages(self) -> dict[str, list[str]]:
         """By template: a language of `[runtimes.pod] languages` runs in its image (and python, in
@@ -399,28 +446,49 @@ class PodRuntime(Runtime):
                 if lang not in self.settings.templates}
 
     def _poolable(self, spec: SandboxSpec) -> bool:
-        # A sandbox with volumes starts cold: a warm pod cannot gain a volume.
-        return (self.pool is not None and self.settings.mode == "pod" and not spec.network and spec.template is None
+        # A sandbox with volumes starts cold: a warm pod cannot gain a volume. A network it can: the
+        # claim's labels let the egress policy select it, guest.env gives it the proxy.
+        return (self.pool is not None and self.settings.mode == "pod" and spec.template is None
                 and not spec.volumes
                 and (spec.memory_mb, spec.disk_mb) == (self.settings.pool_memory_mb, self.settings.pool_disk_mb))
 
     async def create(self, spec: SandboxSpec) -> Backend:
         self.misses.forget(spec.sandbox_id)
         image = self._image(spec.template)
+        if spec.network and (spec.egress is None or self.listener is None):
+            raise ProtocolError("unsupported", "a pod sandbox's network needs the gateway's egress proxy "
+                                               "([runtimes.pod] egress_listen) and the sandbox's policy")
+        backend: PodBackend | None = None
         if self._poolable(spec):
             assert self.pool is not None
             warm = self.pool.take()
             if warm is not None:
                 try:
-                    await self._api("claim a warm pod", self.kube.call(
+                    pod = await self._api("claim a warm pod", self.kube.call(
                         self.kube.core.patch_namespaced_pod, warm.pod, self.settings.namespace,
                         m.claim_patch(self.settings, spec, _now()), _content_type="application/merge-patch+json"))
                     warm.spec = spec
-                    return warm
+                    await self._save_secrets(warm, pod)
+                    backend = warm
                 except ProtocolError as exc:
                     log.warning("pod runtime: a warm pod could not be claimed, starting cold: %s", exc.message)
                     await asyncio.shield(warm.destroy())
-        return await self._start(spec, image, spec.memory_mb, spec.disk_mb)
+        if backend is None:
+            backend = await self._start(spec, image, spec.memory_mb, spec.disk_mb)
+        if self.listener is not None and spec.egress is not None:
+            self.listener.hold(spec.sandbox_id, backend)
+        return backend
+
+    async def _save_secrets(self, backend: PodBackend, pod: Mapping[str, Any]) -> None:
+        """Keep the sandbox's secrets in a Secret owned by its pod, for a replica that adopts it."""
+        spec = backend.spec
+        if spec is None or spec.egress is None or not spec.egress.secrets:
+            return
+        manifest = m.secret_manifest(self.settings, spec, pod,
+                                     egress.secret_data(egress.secrets_document(spec.egress.secrets)))
+        await self._api("keep the sandbox's secrets in a Secret", self.kube.call(
+            self.kube.core.create_namespaced_secret, self.settings.namespace, manifest))
+        backend.secret = manifest["metadata"]["name"]
 
     async def _make_pooled(self) -> PodBackend:
         backend = await self._start(None, self.settings.sandbox_image, self.settings.pool_memory_mb,
@@ -441,20 +509,20 @@ class PodRuntime(Runtime):
         sandbox_name = name if self.settings.mode == "agent-sandbox" else None
         backend = PodBackend(self, name, spec, image, sandbox_name=sandbox_name)
         try:
-            if spec is not None and spec.network:
-                await self._api("create the sandbox's egress NetworkPolicy", kube.call(
-                    kube.networking.create_namespaced_network_policy, ns, m.egress_policy(self.settings, name, spec)))
             if sandbox_name is not None:
                 assert spec is not None
                 await self._api("create the agent-sandbox Sandbox", kube.call(
                     kube.custom.create_namespaced_custom_object, m.SANDBOX_GROUP, m.SANDBOX_VERSION, ns,
                     m.SANDBOX_PLURAL, m.sandbox_resource(self.settings, name, spec, now, image=image)))
-                backend.pod = (await self._wait_ready(lambda w: w.find_labelled(
-                    m.SANDBOX_ID, m.label_value(spec.sandbox_id)), f"Sandbox {ns}/{name}"))["metadata"]["name"]
+                pod = await self._wait_ready(lambda w: w.find_labelled(
+                    m.SANDBOX_ID, m.label_value(spec.sandbox_id)), f"Sandbox {ns}/{name}")
+                backend.pod = pod["metadata"]["name"]
+                await self._save_secrets(backend, pod)
             else:
-                await self._api("create the sandbox pod", kube.call(
+                pod = await self._api("create the sandbox pod", kube.call(
                     kube.core.create_namespaced_pod, ns,
                     m.pod_manifest(self.settings, name, spec, now, image=image, memory_mb=memory_mb, disk_mb=disk_mb)))
+                await self._save_secrets(backend, pod)
                 await self._wait_ready(lambda w: w.find(name), f"pod {ns}/{name}")
             await backend.connect()
         except BaseException:
@@ -485,7 +553,7 @@ class PodRuntime(Runtime):
 
     # -- remove ----------------------------------------------------------------------------------
 
-    async def remove(self, pod: str, *, sandbox_name: str | None, policy: str | None) -> None:
+    async def remove(self, pod: str, *, sandbox_name: str | None, secret: str | None) -> None:
         """Delete a sandbox's objects and wait (on the watch) until its pod is gone; a pod that is
         still there after DELETE_WAIT_S is deleted with no grace period. Never raises for objects
         already gone."""
@@ -493,8 +561,8 @@ class PodRuntime(Runtime):
         if sandbox_name is not None:
             await self._delete(kube.custom.delete_namespaced_custom_object, m.SANDBOX_GROUP, m.SANDBOX_VERSION, ns,
                                m.SANDBOX_PLURAL, sandbox_name)
-        if policy is not None:
-            await self._delete(kube.networking.delete_namespaced_network_policy, policy, ns)
+        if secret is not None:
+            await self._delete(kube.core.delete_namespaced_secret, secret, ns)
         # Also with a Sandbox: no garbage collector may run (and it would take its time).
         await self._delete(kube.core.delete_namespaced_pod, pod, ns, grace_period_seconds=self.settings.delete_grace_s)
 
@@ -575,6 +643,7 @@ class PodRuntime(Runtime):
                                volumes=m.parse_volumes(fields.get("volumes")))
         except (ValueError, KeyError, TypeError):
             return None
+        kept = await self._kept_network(sandbox_id, annotations)
         patch = {"metadata": {"resourceVersion": pod["metadata"]["resourceVersion"],
                               "labels": {m.GATEWAY: self.settings.gateway_id}}}
         try:
@@ -598,7 +667,52 @@ class PodRuntime(Runtime):
         except TimeoutError:
             raise ProtocolError("unavailable", f"pod {ns}/{name} adopted but never seen by the watch") from None
         await backend.connect(resync=self.settings.channel == "attach")
+        if kept is not None and self.egress is not None and self.listener is not None:
+            policy, secrets = kept
+            backend.spec = dataclasses.replace(spec, network=True,
+                                               egress=self.egress.attach(sandbox_id, spec.tenant, policy, secrets))
+            backend.secret = annotations.get(m.SECRETS) or None
+            self.listener.hold(sandbox_id, backend)
+        else:
+            backend.spec = dataclasses.replace(spec, network=False)
         return backend
+
+    async def _kept_network(self, sandbox_id: str,
+                            annotations: Mapping[str, str]) -> tuple[NetworkPolicy, Secrets] | None:
+        """The policy and secrets a pod keeps for the replica that adopts it; None for a sandbox
+        without a network, or one this replica cannot give its network (it goes on without)."""
+        text = annotations.get(m.NETWORK_POLICY)
+        if text is None:
+            return None
+        if self.listener is None or self.egress is None:
+            log.warning("pod runtime: sandbox %s has a network, and this gateway has no egress listener "
+                        "([runtimes.pod] egress_listen): adopted without one", sandbox_id)
+            return None
+        try:
+            policy = egress.parse_policy(text)
+        except ValueError as exc:
+            log.warning("pod runtime: sandbox %s: its stored network policy is unreadable (%s): adopted without "
+                        "a network", sandbox_id, exc)
+            return None
+        name = annotations.get(m.SECRETS)
+        if not name:
+            return policy, Secrets()
+        try:
+            secret = await self.kube.call(self.kube.core.read_namespaced_secret, name, self.settings.namespace)
+            return policy, egress.parse_secrets(egress.document_of(secret))
+        except self.kube_error as exc:
+            if getattr(exc, "status", 0) != 404:
+                raise ProtocolError("unavailable", f"Kubernetes: cannot read sandbox {sandbox_id}'s secrets: "
+                                                   f"{exc}") from None
+            why = "its Secret is gone"
+        except API_ERRORS as exc:
+            raise ProtocolError("unavailable", f"Kubernetes: cannot read sandbox {sandbox_id}'s secrets: "
+                                               f"{exc}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            why = f"its Secret is unreadable ({type(exc).__name__})"  # never the message: it may quote a value
+        log.warning("pod runtime: sandbox %s: %s; adopted with its network policy and without its secrets",
+                    sandbox_id, why)
+        return policy, Secrets()
 
 
 class MissCache:
@@ -630,6 +744,15 @@ class MissCache:
 
     def forget(self, key: str) -> None:
         self._expiry.pop(key, None)
+
+
+def _gateway_namespace(sandbox_namespace: str) -> str:
+    """The gateway's own namespace (its service account's, in a cluster), else the sandboxes'."""
+    try:
+        with open(IN_CLUSTER_NAMESPACE) as f:
+            return f.read().strip() or sandbox_namespace
+    except OSError:
+        return sandbox_namespace
 
 
 def _number(value: Any) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
@@ -17,12 +18,15 @@ from guest_agent import languages as language_table
 #: The agent image the Helm chart and helm/Dockerfile.agent build: the guest agent and msgpack at
 #: /opt/sandgate, on a python3 base.
 DEFAULT_AGENT_IMAGE = f"ghcr.io/sandgate/sandgate-agent:{__version__}"
-#: Where cloud metadata endpoints and private networks live: a sandbox that asks for network gets
-#: the internet, not the cluster or the node's credentials.
-DEFAULT_EGRESS_EXCEPT = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10")
+#: The labels of the gateway pods the chart makes (its selector labels but the release's): the
+#: sandboxes' egress NetworkPolicy admits traffic to pods with these only.
+DEFAULT_GATEWAY_LABELS = {"app.kubernetes.io/name": "sandgate", "app.kubernetes.io/component": "gateway"}
 IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|Ki|Mi|Gi)?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+WILDCARDS = ("0.0.0.0", "::")
 _DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
@@ -66,7 +70,16 @@ class PodSettings:
     max_ttl_s: float = 24 * 3600.0
     lease_duration_s: float = 30.0
     sweep_interval_s: float = 60.0
-    egress_except: tuple[str, ...] = DEFAULT_EGRESS_EXCEPT
+    #: Where this gateway listens for its sandbox pods' connections to the policy proxy
+    #: ("host:port"; port 0: any free port). Empty: pod sandboxes get no network.
+    egress_listen: str = ""
+    #: How this gateway's sandbox pods reach that listener: an IP address (a pod resolves no names),
+    #: with a port or without (then the listener's). Empty: $POD_IP (the chart sets it from the
+    #: pod's status), else the listen address when it is not a wildcard.
+    egress_proxy: str = ""
+    #: The labels of the gateway pods, to which (on the listener's port) the sandboxes' egress
+    #: NetworkPolicy admits network sandboxes, and nowhere else.
+    egress_gateway_labels: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_GATEWAY_LABELS))
     delete_grace_s: int = 1
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Mapping[str, Any], ...] = ()
@@ -82,6 +95,23 @@ class PodSettings:
     @property
     def sandbox_image(self) -> str:
         return self.image or self.agent_image
+
+    @property
+    def egress(self) -> bool:
+        """Whether pod sandboxes may have a network (through this gateway's egress listener)."""
+        return bool(self.egress_listen)
+
+    def listen_address(self) -> tuple[str, int]:
+        """`egress_listen` as (host, port)."""
+        host, port = _host_port(self.egress_listen, "egress_listen")
+        assert port is not None, "checked by from_config"
+        return host, port
+
+    def proxy_address(self, bound_port: int) -> tuple[str, int]:
+        """The (address, port) sandbox pods reach this gateway's egress listener at, the listener
+        being bound to `bound_port`. `from_config` made sure there is one."""
+        host, port = _host_port(self.egress_proxy, "egress_proxy")
+        return host, port if port is not None else bound_port
 
     def __post_init__(self) -> None:
         # Types only: the bounds in _check need from_config's namespace and gateway_id.
@@ -99,6 +129,8 @@ class PodSettings:
                 values[name] = f"{values[name]:g}"
         if not values.get("gateway_id"):
             values["gateway_id"] = _gateway_id()
+        if values.get("egress_listen") and not values.get("egress_proxy"):
+            values["egress_proxy"] = _default_proxy(values["egress_listen"])
         if isinstance(values.get("languages"), Mapping):  # aliases (js, golang, c++) name their language
             values["languages"] = {language_table.canonical(k) if isinstance(k, str) else k: v
                                    for k, v in values["languages"].items()}
@@ -140,8 +172,66 @@ class PodSettings:
             raise ConfigError(f"[runtimes.pod] storage_class {self.storage_class!r} is not a storage class name")
         if self.volume_bind_timeout_s < 0:
             raise ConfigError(f"[runtimes.pod] volume_bind_timeout_s must be >= 0, not {self.volume_bind_timeout_s!r}")
+        if self.egress_listen:
+            _, port = _host_port(self.egress_listen, "egress_listen")
+            if port is None:
+                raise ConfigError(f"[runtimes.pod] egress_listen must be host:port, not {self.egress_listen!r}")
+            host, _ = _host_port(self.egress_proxy, "egress_proxy")
+            if host in WILDCARDS:
+                raise ConfigError(f"[runtimes.pod] egress_proxy {self.egress_proxy!r}: a sandbox pod cannot reach a "
+                                  "wildcard address")
+            if not self.egress_gateway_labels:
+                raise ConfigError("[runtimes.pod] egress_gateway_labels: the gateway pods' labels are needed for the "
+                                  "sandboxes' egress NetworkPolicy")
+            for key, value in self.egress_gateway_labels.items():
+                if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+                    raise ConfigError(f"[runtimes.pod] egress_gateway_labels: {key!r}: {value!r} is not a label")
+        elif self.egress_proxy:
+            raise ConfigError("[runtimes.pod] egress_proxy needs egress_listen (the listener it reaches)")
         if self.pool_size and self.mode != "pod":
             raise ConfigError("[runtimes.pod] pool_size needs mode = 'pod' (agent-sandbox has SandboxWarmPool)")
+
+
+def _host_port(text: str, name: str) -> tuple[str, int | None]:
+    """An IP address with an optional port ("10.0.0.5", "10.0.0.5:3128", "[fd00::5]:3128", "::"),
+    the address normalised; the port None when not given.
+
+    Raises:
+        ConfigError: naming `name`, for anything else (a host name among them: pods resolve none).
+    """
+    shown = f"[runtimes.pod] {name} {text!r}"
+    try:
+        return str(ipaddress.ip_address(text)), None
+    except ValueError:
+        pass
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]") if host.startswith("[") else host
+    try:
+        address = str(ipaddress.ip_address(host))
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"{shown}: an IP address and a port (pods resolve no names), e.g. 0.0.0.0:3128") from None
+    if not sep or not 0 <= number < 65536:
+        raise ConfigError(f"{shown}: the port must be 0 to 65535")
+    return address, number
+
+
+def _default_proxy(listen: Any) -> str:
+    """Where sandbox pods reach the listener on `listen` when `egress_proxy` does not say: the listen
+    address itself unless it is a wildcard, else $POD_IP (the chart sets it from the downward API)."""
+    if not isinstance(listen, str):
+        return ""  # check_fields refuses it
+    host, port = _host_port(listen, "egress_listen")
+    if port is None:
+        return ""  # _check says what is wrong
+    if host not in WILDCARDS:
+        return host
+    pod_ip = os.environ.get("POD_IP", "").strip()
+    if not pod_ip:
+        raise ConfigError(f"[runtimes.pod] egress_proxy: egress_listen {listen!r} listens on every address; set "
+                          "egress_proxy to the address sandbox pods reach this gateway at, or POD_IP (the Helm chart "
+                          "sets it from the pod's status)")
+    return pod_ip
 
 
 def _default_namespace() -> str:

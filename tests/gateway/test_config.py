@@ -62,12 +62,12 @@ def test_bad_settings_are_refused(tmp_path: Path) -> None:
 def test_pod_settings_are_typed_like_the_gateways() -> None:
     with pytest.raises(ConfigError, match=r"\[runtimes.pod\] pool_size must be an integer, not '2'"):
         PodSettings.from_config({"namespace": "ns", "pool_size": "2"})
-    with pytest.raises(ConfigError, match=r"\[runtimes.pod\] egress_except must be a list of strings"):
-        PodSettings.from_config({"namespace": "ns", "egress_except": "10.0.0.0/8"})
+    with pytest.raises(ConfigError, match=r"\[runtimes.pod\] egress_gateway_labels must be a table of strings"):
+        PodSettings.from_config({"namespace": "ns", "egress_gateway_labels": "app=gateway"})
     with pytest.raises(ConfigError, match=r"unknown setting 'pool_sise' \(did you mean 'pool_size'\?\)"):
         PodSettings.from_config({"namespace": "ns", "pool_sise": 1})
-    settings = PodSettings.from_config({"namespace": "ns", "cpu_limit": 2, "egress_except": ["10.0.0.0/8"]})
-    assert settings.cpu_limit == "2" and settings.egress_except == ("10.0.0.0/8",)
+    settings = PodSettings.from_config({"namespace": "ns", "cpu_limit": 2, "tolerations": [{"key": "k"}]})
+    assert settings.cpu_limit == "2" and settings.tolerations == ({"key": "k"},)
 
 
 def test_no_keys_means_loopback_and_a_generated_key() -> None:

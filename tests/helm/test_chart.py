@@ -39,6 +39,7 @@ EVERYTHING: dict[str, Any] = {
     "autoscaling": {"enabled": True},
     "networkPolicy": {"apiServerCIDRs": ["10.0.0.1/32"], "ingressFrom": [{"podSelector": {}}]},
     "service": {"sessionAffinity": "ClientIP"},
+    "egress": {"port": 13128, "exceptCIDRs": ["10.0.0.0/8", "fd00::/8"]},
 }
 
 
@@ -70,8 +71,8 @@ def test_lint_is_clean() -> None:
 def test_defaults_render_a_hardened_gateway() -> None:
     objects = render()
     assert sorted(o["kind"] for o in objects) == sorted([
-        "ConfigMap", "Deployment", "NetworkPolicy", "NetworkPolicy", "PodDisruptionBudget", "Role", "RoleBinding",
-        "Service", "ServiceAccount"])
+        "ConfigMap", "Deployment", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "PodDisruptionBudget", "Role",
+        "RoleBinding", "Service", "ServiceAccount"])
     [deployment] = by_kind(objects, "Deployment")
     assert deployment["spec"]["replicas"] == 3
     pod = deployment["spec"]["template"]["spec"]
@@ -98,7 +99,8 @@ def test_role_grants_only_what_the_runtime_calls() -> None:
         "/pods": ["create", "get", "list", "watch", "patch", "delete"],
         "/pods/exec": ["create", "get"],
         "/persistentvolumeclaims": ["create", "list", "watch", "delete"],
-        "networking.k8s.io/networkpolicies": ["create", "list", "delete"],
+        "networking.k8s.io/networkpolicies": ["create"],
+        "/secrets": ["create", "get", "delete"],
         "coordination.k8s.io/leases": ["create", "list", "patch", "delete"],
     }
     everything = rules(EVERYTHING)
@@ -110,7 +112,8 @@ def test_role_grants_only_what_the_runtime_calls() -> None:
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "sg-sandgate", "namespace": "sandgate"}]
 
 
-def test_the_gateway_accepts_the_config_the_chart_writes(tmp_path: Path) -> None:
+def test_the_gateway_accepts_the_config_the_chart_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POD_IP", "10.244.1.7")  # what the Deployment gives each replica
     for values in ({}, EVERYTHING):
         path = tmp_path / "sandgate.toml"
         path.write_text(gateway_toml(render(values)))
@@ -119,12 +122,60 @@ def test_the_gateway_accepts_the_config_the_chart_writes(tmp_path: Path) -> None
         pod = PodSettings.from_config(settings.runtimes["pod"])
         expected_namespace = values.get("sandboxes", {}).get("namespace", "sandgate")
         assert pod.namespace == expected_namespace and pod.agent_image == "ghcr.io/sandgate/sandgate-agent:0.1.0"
+    assert pod.listen_address() == ("0.0.0.0", 13128) and pod.proxy_address(13128) == ("10.244.1.7", 13128)
+    assert dict(pod.egress_gateway_labels) == {"app.kubernetes.io/name": "sandgate", "app.kubernetes.io/instance": "sg",
+                                               "app.kubernetes.io/component": "gateway"}
     assert pod.mode == "agent-sandbox" and pod.channel == "attach" and pod.runtime_class_name == "gvisor"
     assert dict(pod.templates) == {"python": "python:3.12-slim"}
     assert dict(pod.languages) == {"go": "golang:1.22-bookworm"}
     assert pod.tolerations == ({"key": "sandboxes", "operator": "Exists", "effect": "NoSchedule"},)
     assert settings.limits.ttl_s == 600 and settings.quotas.max_sandboxes == 5
     assert tomllib.loads(gateway_toml(render(EVERYTHING)))["allowed_origins"] == ["https://ide.example.com"]
+    off = tomllib.loads(gateway_toml(render({"egress": {"enabled": False}})))["runtimes"]["pod"]
+    assert "egress_listen" not in off and not PodSettings.from_config(off).egress
+
+
+def test_network_sandboxes_reach_their_gateways_proxy_port_only() -> None:
+    """The sandboxes' way out, as the chart writes it: the gateway pods admit network sandboxes on
+    the egress port (and reach the internet but the excepted ranges for them); sandboxes may reach
+    the gateway pods on that port and nothing else; each replica gives its own IP to its sandboxes."""
+    for values, same_namespace in (({}, True), (EVERYTHING, False)):
+        objects = render(values)
+        port = values.get("egress", {}).get("port", 3128)
+        policies = {p["metadata"]["name"]: p for p in by_kind(objects, "NetworkPolicy")}
+        gateway_labels = {"app.kubernetes.io/name": "sandgate", "app.kubernetes.io/instance": "sg",
+                          "app.kubernetes.io/component": "gateway"}
+        sandbox_network = {"app.kubernetes.io/managed-by": "sandgate", "app.kubernetes.io/component": "sandbox",
+                           "sandgate.dev/network": "true"}
+        gateway = policies["sg-sandgate"]["spec"]
+        [admitted] = [rule for rule in gateway["ingress"] if rule["ports"] == [{"port": port, "protocol": "TCP"}]]
+        [peer] = admitted["from"]
+        assert peer["podSelector"]["matchLabels"] == sandbox_network
+        assert ("namespaceSelector" not in peer) == same_namespace
+        out = policies["sandgate-sandboxes-egress"]
+        assert out["metadata"]["namespace"] == ("sandgate" if same_namespace else "sandboxes")
+        assert out["spec"]["podSelector"]["matchLabels"] == sandbox_network
+        assert out["spec"]["policyTypes"] == ["Egress"]
+        [rule] = out["spec"]["egress"]
+        assert rule["ports"] == [{"port": port, "protocol": "TCP"}], "one port: no DNS, nothing else"
+        [to] = rule["to"]
+        assert to["podSelector"]["matchLabels"] == gateway_labels
+        assert ("namespaceSelector" not in to) == same_namespace
+        [wide] = [r for r in gateway["egress"] if "ports" not in r]
+        blocks = {b["ipBlock"]["cidr"]: b["ipBlock"].get("except") for b in wide["to"]}
+        if same_namespace:
+            assert blocks == {"0.0.0.0/0": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
+                                            "100.64.0.0/10"], "::/0": ["fc00::/7", "fe80::/10"]}
+        else:
+            assert blocks == {"0.0.0.0/0": ["10.0.0.0/8"], "::/0": ["fd00::/8"]}
+        [deployment] = by_kind(objects, "Deployment")
+        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        assert {"name": "egress", "containerPort": port, "protocol": "TCP"} in container["ports"]
+        assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in container["env"]
+    off = render({"egress": {"enabled": False}})
+    assert sorted(p["metadata"]["name"] for p in by_kind(off, "NetworkPolicy")) == [
+        "sandgate-sandboxes-deny-all", "sg-sandgate"]
+    assert len(by_kind(off, "NetworkPolicy")[0]["spec"]["ingress"]) == 1
 
 
 @pytest.mark.parametrize("bad", [
@@ -138,6 +189,9 @@ def test_the_gateway_accepts_the_config_the_chart_writes(tmp_path: Path) -> None
     {"apiKeys": {"value": "a key without a tenant"}},
     {"image": {"pullPolicy": "Sometimes"}},
     {"networkPolicy": {"apiServerCIDRs": ["kubernetes.default"]}},
+    {"egress": {"port": 0}},
+    {"egress": {"exceptCIDRs": ["private networks"]}},
+    {"sandboxes": {"egressExcept": ["10.0.0.0/8"]}},  # gone: egress.exceptCIDRs is the gateway's
 ])
 def test_schema_refuses_bad_values(bad: dict[str, Any]) -> None:
     with helm.Chart.load(CHART) as chart:
@@ -184,16 +238,18 @@ def test_install_and_rbac(installed: dict[str, Any], kube_cluster: KubeCluster, 
     assert deployment["spec"]["replicas"] == 3
     pdb = kube_cluster.api("GET", f"/apis/policy/v1beta1/namespaces/{ns}/poddisruptionbudgets/sg-sandgate")
     assert pdb["spec"]["minAvailable"] == 1
-    kube_cluster.api("GET", f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies/sandgate-sandboxes-deny-all")
+    for policy in ("sandgate-sandboxes-deny-all", "sandgate-sandboxes-egress", "sg-sandgate"):
+        kube_cluster.api("GET", f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies/{policy}")
 
     token = kube_cluster.service_account_token(ns, "sg-sandgate")
     allowed = [("create", "pods", None), ("get", "pods", None), ("list", "pods", None), ("watch", "pods", None),
                ("patch", "pods", None), ("delete", "pods", None), ("create", "pods", "exec"), ("get", "pods", "exec"),
                ("create", "networkpolicies.networking.k8s.io", None),
-               ("delete", "networkpolicies.networking.k8s.io", None),
+               ("create", "secrets", None), ("get", "secrets", None), ("delete", "secrets", None),
                ("create", "leases.coordination.k8s.io", None), ("patch", "leases.coordination.k8s.io", None)]
     denied = [("create", "pods", "attach"), ("create", "pods", "portforward"), ("update", "pods", None),
-              ("get", "secrets", None), ("list", "secrets", None), ("create", "deployments.apps", None),
+              ("list", "secrets", None), ("watch", "secrets", None), ("update", "secrets", None),
+              ("delete", "networkpolicies.networking.k8s.io", None), ("create", "deployments.apps", None),
               ("update", "leases.coordination.k8s.io", None), ("create", "sandboxes.agents.x-k8s.io", None),
               ("create", "roles.rbac.authorization.k8s.io", None), ("delete", "namespaces", None)]
     for verb, resource, sub in allowed:
@@ -206,10 +262,14 @@ def test_install_and_rbac(installed: dict[str, Any], kube_cluster: KubeCluster, 
 async def test_the_runtime_works_with_the_charts_service_account(installed: dict[str, Any], kube_cluster: KubeCluster,
                                                                  kube_namespace: str, tmp_path: Path) -> None:
     """The pod runtime, authenticated as the chart's ServiceAccount: the Role is enough for a whole
-    sandbox life (Lease, watch, create, exec, destroy, sweep)."""
+    sandbox life (Lease, watch, create with a network and a secret, exec, adoption by a second
+    runtime reading the secret back, destroy, sweep)."""
+    from gateway.egress.network import Egress
+    from gateway.egress.policy import NetworkPolicy
+    from gateway.egress.secrets import Secrets
     from gateway.runtime.agent_client import AgentClient
     from gateway.runtime.base import SandboxSpec
-    from plugins.pod.runtime import PodRuntime
+    from plugins.pod.runtime import PodBackend, PodRuntime
 
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(json.dumps({
@@ -218,11 +278,17 @@ async def test_the_runtime_works_with_the_charts_service_account(installed: dict
                                                 "certificate-authority": str(kube_cluster.ca_file)}}],
         "users": [{"name": "sa", "user": {"token": kube_cluster.service_account_token(kube_namespace, "sg-sandgate")}}],
         "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa"}}]}))
-    runtime = PodRuntime({"kubeconfig": str(kubeconfig), "namespace": kube_namespace, "ready_timeout_s": 60.0})
-    await runtime.start()
+    config = {"kubeconfig": str(kubeconfig), "namespace": kube_namespace, "ready_timeout_s": 60.0,
+              "egress_listen": "127.0.0.1:0"}
+    first, second = PodRuntime(config), PodRuntime(config)
+    first.egress = second.egress = Egress()
+    await first.start()
+    await second.start()
     try:
-        backend = await runtime.create(SandboxSpec(sandbox_id="sb_chart", tenant="t", memory_mb=256,
-                                                   cpu_seconds=60, disk_mb=512, network=True))
+        secrets = Secrets.parse([{"env": "K", "value": "v", "hosts": ["api.example.com"]}])
+        network = first.egress.attach("sb_chart", "t", NetworkPolicy.parse({"allow": ["api.example.com"]}), secrets)
+        backend = await first.create(SandboxSpec(sandbox_id="sb_chart", tenant="t", memory_mb=256, cpu_seconds=60,
+                                                 disk_mb=512, network=True, egress=network))
         agent = AgentClient(backend.channel())
         try:
             await agent.start()
@@ -230,7 +296,13 @@ async def test_the_runtime_works_with_the_charts_service_account(installed: dict
             assert b"".join(e["data"] for e in events if e.get("ev") == "data") == b"10001\n"
         finally:
             await agent.close()
-            await backend.destroy()
-        assert await runtime.sweep() == []
+        state = await second.find("sb_chart")
+        assert state is not None
+        adopted = await second.load_state(state)
+        assert isinstance(adopted, PodBackend) and adopted.network is not None
+        assert adopted.network.secrets == secrets, "the secrets came back from their Secret"
+        await adopted.destroy()
+        assert await first.sweep() == [] and await second.sweep() == []
     finally:
-        await runtime.stop()
+        await second.stop()
+        await first.stop()

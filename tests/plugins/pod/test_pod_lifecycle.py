@@ -68,10 +68,13 @@ async def run_python(agent: AgentClient, code: str) -> tuple[bytes, bytes]:
 
 
 @contextmanager
-def gateway_process(tmp_path: Path, config: dict[str, Any]) -> Iterator[Served]:
+def gateway_process(tmp_path: Path, config: dict[str, Any], network: dict[str, Any] | None = None) -> Iterator[Served]:
     """`sandgate serve` with the pod runtime as the only runtime, in its own process (so a test can
-    kill it the way a node failure or an OOM kill would)."""
-    lines = [f'api_keys = "{KEY}:tenant-a"', 'default_runtime = "pod"', "[runtimes.pod]"]
+    kill it the way a node failure or an OOM kill would); `network`: its `[network]` table."""
+    lines = [f'api_keys = "{KEY}:tenant-a"', 'default_runtime = "pod"']
+    if network:
+        lines += ["[network]", *(f"{k} = {json.dumps(v)}" for k, v in network.items())]
+    lines.append("[runtimes.pod]")
     lines += [f"{k} = {json.dumps(v)}" for k, v in config.items() if not isinstance(v, dict)]
     for name, table in config.items():
         if isinstance(table, dict):
@@ -116,7 +119,8 @@ class TestThroughTheGateway(GatewayFixtures):
         assert main["resources"]["limits"]["memory"] == "300Mi"
         assert {v["name"]: v["emptyDir"].get("sizeLimit") for v in spec["volumes"]}["work"] == "200Mi"
         assert [c["name"] for c in spec["initContainers"]] == ["install-agent"]
-        assert policies(kube_cluster, ns) == sorted([m.DENY_POLICY, meta["name"]])
+        assert policies(kube_cluster, ns) == [m.DENY_POLICY, m.EGRESS_POLICY], "namespace-wide: none per sandbox"
+        assert meta["labels"][m.NETWORK] == "true" and json.loads(meta["annotations"][m.NETWORK_POLICY]) == "public"
 
         done = await gateway.exec(sid, command="id -u; touch /outside 2>/dev/null || echo read-only; pwd")
         assert done["stdout"] == "10001\nread-only\n/work\n", done
@@ -142,7 +146,7 @@ class TestThroughTheGateway(GatewayFixtures):
         assert resp.status == 204
         # destroy returned after the watch saw the pod go: nothing of it is left in the API.
         assert pods(kube_cluster, ns) == []
-        assert policies(kube_cluster, ns) == [m.DENY_POLICY]
+        assert policies(kube_cluster, ns) == [m.DENY_POLICY, m.EGRESS_POLICY]
 
     async def test_a_pod_that_cannot_start_fails_fast(self, gateway: Gateway, kube_cluster: KubeCluster,
                                                       kube_namespace: str) -> None:
@@ -269,9 +273,12 @@ async def test_orphans_of_a_dead_gateway_are_removed_at_start(pod_config: dict[s
                                                               kube_cluster: KubeCluster, kube_namespace: str) -> None:
     ns = kube_namespace
     with gateway_process(tmp_path, pod_config) as a:
-        a.call(KEY, "POST", "/v1/sandboxes", {"runtime": "pod", "network": True})
+        a.call(KEY, "POST", "/v1/sandboxes", {"runtime": "pod", "network": {"allow": ["api.example.com"]},
+                                              "secrets": [{"env": "K", "value": "v", "hosts": ["api.example.com"]}]})
         kill(a)
     [orphan] = pods(kube_cluster, ns)
+    secret = orphan["metadata"]["annotations"][m.SECRETS]
+    kube_cluster.api("GET", f"/api/v1/namespaces/{ns}/secrets/{secret}")
     leases = kube_cluster.api("GET", f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases")["items"]
     owner = orphan["metadata"]["labels"][m.GATEWAY]
     [lease] = [le for le in leases if le["metadata"]["labels"].get(m.GATEWAY) == owner]
@@ -283,7 +290,10 @@ async def test_orphans_of_a_dead_gateway_are_removed_at_start(pod_config: dict[s
 
     async with pod_runtime(pod_config) as b:  # its start sweeps
         kube_cluster.wait_pod(ns, orphan["metadata"]["name"], lambda p: p is None)
-        assert policies(kube_cluster, ns) == [m.DENY_POLICY], "the orphan's egress policy went with it"
+        with pytest.raises(urllib.error.HTTPError) as gone:
+            kube_cluster.api("GET", f"/api/v1/namespaces/{ns}/secrets/{secret}")
+        gone.value.close()
+        assert gone.value.code == 404, "the orphan's secrets went with it (no garbage collector runs here)"
         with pytest.raises(urllib.error.HTTPError) as missing:
             kube_cluster.api("GET", f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{lease['metadata']['name']}")
         missing.value.close()

@@ -87,11 +87,13 @@ def test_labels_hold_any_id() -> None:
 
 def test_the_pod_is_hardened() -> None:
     settings = PodSettings.from_config({"namespace": "ns", "runtime_class_name": "gvisor"})
-    spec = SandboxSpec(sandbox_id="sb_1", tenant="t", memory_mb=300, cpu_seconds=1, disk_mb=200, network=True)
+    spec = SandboxSpec(sandbox_id="sb_1", tenant="t", memory_mb=300, cpu_seconds=1, disk_mb=200)
     pod = m.pod_manifest(settings, "sandgate-1", spec, datetime.datetime.now(datetime.UTC),
                          image="python:3.12-slim", memory_mb=300, disk_mb=200)
     podspec = pod["spec"]
     assert podspec["automountServiceAccountToken"] is False and podspec["runtimeClassName"] == "gvisor"
+    assert podspec["dnsPolicy"] == "None" and podspec["dnsConfig"]["nameservers"] == ["127.0.0.1"], \
+        "the pod resolves nothing (the proxy does): no cluster DNS to wait for"
     assert podspec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     [main] = podspec["containers"]
     assert main["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
@@ -100,9 +102,21 @@ def test_the_pod_is_hardened() -> None:
     assert [c["name"] for c in podspec["initContainers"]] == ["install-agent"]
     own = m.pod_spec(settings, image=settings.agent_image, memory_mb=256, disk_mb=512)
     assert "initContainers" not in own, "the agent image carries the agent"
-    policy = m.egress_policy(settings, "sandgate-1", spec)
-    assert policy["spec"]["policyTypes"] == ["Egress"]
-    assert "169.254.0.0/16" in policy["spec"]["egress"][0]["to"][0]["ipBlock"]["except"]
+    assert pod["metadata"]["labels"][m.NETWORK] == "false" and m.NETWORK_POLICY not in pod["metadata"]["annotations"]
+
+
+def test_network_sandboxes_reach_the_gateway_pods_egress_port_and_nothing_else() -> None:
+    settings = PodSettings.from_config({"namespace": "sandboxes", "egress_listen": "0.0.0.0:3128",
+                                        "egress_proxy": "10.1.2.3", "egress_gateway_labels": {"app": "gw"}})
+    same = m.egress_policy(settings, 3128, "sandboxes")["spec"]
+    assert same["podSelector"]["matchLabels"] == {m.MANAGED_BY: "sandgate", m.COMPONENT: "sandbox", m.NETWORK: "true"}
+    assert same["policyTypes"] == ["Egress"], "ingress stays denied (deny_policy)"
+    assert same["egress"] == [{"to": [{"podSelector": {"matchLabels": {"app": "gw"}}}],
+                               "ports": [{"protocol": "TCP", "port": 3128}]}], "no DNS, no CIDRs: the gateway only"
+    other = m.egress_policy(settings, 3128, "sandgate")["spec"]["egress"][0]["to"][0]
+    assert other["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "sandgate"}}
+    deny = m.deny_policy("sandboxes")["spec"]
+    assert deny["policyTypes"] == ["Ingress", "Egress"] and "egress" not in deny and "ingress" not in deny
 
 
 @pytest.mark.parametrize("bad", [{"mode": "vm"}, {"channel": "ssh"}, {"namespace": "Bad_NS"}, {"cpu_limit": "lots"},
