@@ -5,7 +5,7 @@
 The path: guest TCP to 10.0.2.100:3128 -> QEMU's restricted slirp -> `guestfwd.py` (one process per
 connection, hands the socket to the gateway) -> the gateway's egress proxy (resolve, check,
 connect) -> the upstream, an HTTP server at 203.0.113.10 in a network namespace this script makes
-(needs root; tests/plugins/microvm/upstream.py).
+(needs root; tests/net/upstream.py).
 
 1. Connection setup through the forwarder, measured in the guest: connect to the proxy, send
    `CONNECT upstream`, until the proxy's `200` arrives (includes the helper process's start), `--n`
@@ -20,14 +20,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 from _common import AUTH, Gateway, banner, fmt_stats, settings_dict, stats_ms, write_results
 
-from tests.plugins.microvm.upstream import Upstream
+from tests.net.upstream import Upstream
 
 GUEST = r"""
 import json, socket, sys, time, urllib.request
@@ -37,7 +39,7 @@ connects = []
 for _ in range(n):
     start = time.perf_counter()
     with socket.create_connection(("10.0.2.100", 3128)) as s:
-        s.sendall(b"CONNECT %s HTTP/1.1\r\n\r\n" % target.encode())
+        s.sendall(b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target.encode(), target.encode()))
         head = b""
         while b"\r\n\r\n" not in head:
             head += s.recv(1000)
@@ -69,7 +71,7 @@ def host_download(url: str) -> float:
 
 async def main(n: int, mb: int) -> dict[str, Any]:
     size = mb << 20
-    upstream = Upstream()
+    upstream = Upstream(Path(tempfile.mkdtemp(prefix="sandgate-bench-upstream-")))
     upstream.start()
     try:
         settings = settings_dict(runtimes={"microvm": {"pool_size": 0}}, blocked=("wasm", "pod"),

@@ -24,6 +24,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.egress.resolver import parse_nameservers
+from guest_agent.schema import MAX_NET_WINDOW
+from guest_agent.wire import CHUNK_SIZE
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -325,6 +327,41 @@ class NetworkAccess:
 
 
 @dataclass(frozen=True)
+class Ports:
+    """Published ports (`[ports]`): how many, how many connections, and the bounds of what a client
+    or a guest server may make the gateway hold. Every number is > 0."""
+
+    #: Ports one sandbox may publish at once.
+    max_per_sandbox: int = 16
+    #: Proxied connections (an HTTP exchange or a WebSocket) open at once to one port, and to all
+    #: of a sandbox's ports; more are refused with 503 `unavailable` (retryable).
+    max_connections_per_port: int = 64
+    max_connections_per_sandbox: int = 128
+    #: Bytes of a guest server's output one connection may hold in the gateway (its credit window,
+    #: granted again as the client takes it): a slow client holds the guest back, not memory.
+    window_bytes: int = 256 << 10
+    #: The most a guest server's response head (status line and headers) may take.
+    max_header_bytes: int = 64 << 10
+    #: The largest WebSocket message either side may send through a port.
+    max_websocket_message_bytes: int = 4 << 20
+    #: Seconds an HTTP exchange may pass without a byte either way before it is cut (a WebSocket
+    #: may stay quiet: the sandbox's ttl bounds it).
+    idle_timeout_s: float = 300.0
+    #: Seconds the guest has to accept a connection.
+    connect_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        check_fields(self, "[ports] ")
+        check_positive(self, "[ports] ")
+        if not CHUNK_SIZE <= self.window_bytes <= MAX_NET_WINDOW:
+            raise ConfigError(f"[ports] window_bytes must be from {CHUNK_SIZE} to {MAX_NET_WINDOW}, "
+                              f"not {self.window_bytes}")
+        if self.max_connections_per_port > self.max_connections_per_sandbox:
+            raise ConfigError(f"[ports] max_connections_per_port = {self.max_connections_per_port} is above "
+                              f"max_connections_per_sandbox = {self.max_connections_per_sandbox}")
+
+
+@dataclass(frozen=True)
 class Settings:
     """The gateway's settings (README: Configuration); `load_settings` reads them."""
 
@@ -340,6 +377,7 @@ class Settings:
     network: NetworkAccess = field(default_factory=NetworkAccess)
     functions: Functions = field(default_factory=Functions)
     storage: Storage = field(default_factory=Storage)
+    ports: Ports = field(default_factory=Ports)
     #: `[runtimes.<id>]` tables, handed to each runtime's constructor.
     runtimes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: Entry-point names of runtime plugins not to load.
@@ -469,7 +507,7 @@ ENVIRONMENT: dict[str, tuple[str, typing.Callable[[str], Any]]] = {
 FILE_SETTINGS = ("host", "port", "api_keys", "allowed_origins", "default_runtime", "reap_interval_s",
                  "client_send_timeout_s", "keepalive_s", "http_header_timeout_s", "http_idle_timeout_s",
                  "max_connections_per_address", "runtimes")
-FILE_TABLES = ("limits", "quotas", "network", "functions", "storage", "plugins")
+FILE_TABLES = ("limits", "quotas", "network", "functions", "storage", "ports", "plugins")
 
 
 def _from_table(data: Mapping[str, Any]) -> Settings:
@@ -485,7 +523,7 @@ def _from_table(data: Mapping[str, Any]) -> Settings:
         for runtime_id, table in values["runtimes"].items():
             _table(table, f"[runtimes.{runtime_id}]")
     for name, cls in (("limits", Limits), ("quotas", Quotas), ("network", NetworkAccess), ("functions", Functions),
-                      ("storage", Storage)):
+                      ("storage", Storage), ("ports", Ports)):
         if name in data:
             table = _table(data[name], f"[{name}]")
             check_keys(table, (f.name for f in fields(cls)), f"[{name}]")

@@ -41,6 +41,7 @@ from .timers import Scheduler
 from .watch import WatchRegistry
 
 if TYPE_CHECKING:
+    from .netconn import Connections
     from .system import SandboxCgroup
 
 from . import protocol
@@ -136,6 +137,13 @@ class Agent:
             "fs.unwatch": lambda rid, m: self.watches.stop(m["watch_id"]),
             "guest.env": lambda rid, m: sandbox_env.apply(m),
         }
+        self._net: Connections | None = None
+        if self.features.sockets:
+            from .netconn import Connections
+
+            self._net = Connections(channel, self._spawn_thread)
+            self._handlers.update({"net.connect": self._net.connect, "net.send": self._net.send,
+                                   "net.credit": self._net.credit, "net.close": self._net.close})
         if self.features.system:
             from . import system  # now, so a snapshot holds it loaded: see system.py
 
@@ -174,6 +182,8 @@ class Agent:
             return
         self._closed = True
         self.watches.close()
+        if self._net is not None:
+            self._net.shutdown()
         with self._lock:
             records = [rec for rec in self._execs.values() if rec.running]
             pgids = set(self._pgids)

@@ -36,6 +36,9 @@ class Features:
     #: The agent owns its (virtual) machine: it may set the clock, reseed entropy and set the
     #: sandbox's limits (`guest.setup`). Only by `--vm`, never detected.
     system: bool = False
+    #: TCP sockets and `selectors` work (not under WASI): published ports reach the guest's
+    #: loopback through the agent (`net.connect`).
+    sockets: bool = False
     #: The language table's programs found on the agent's PATH at start (program -> path): the
     #: languages they make whole run as processes (`exec.<language>`). Looked up once: a program
     #: installed later (say, by a pip or apt-get of the sandbox's own) is not offered.
@@ -61,6 +64,8 @@ class Features:
         if self.threads:
             caps.append("exec.concurrent")
         caps += ["fs", "fs.watch", "metrics"]
+        if self.sockets:
+            caps.append("net.connect")
         if self.system:
             caps.append("guest.setup")
         return caps
@@ -92,6 +97,7 @@ def detect(*, single_thread: bool = False, system: bool = False) -> Features:
         pty=pty,
         async_exc=threads and _has_async_exc(),
         system=system,
+        sockets=threads and sys.platform != "wasi" and _importable("_socket") and _importable("select"),
         programs=languages.find_programs(shutil.which) if processes else {},
     )
 

@@ -293,6 +293,14 @@ def _changes_rules(args: dict[str, Any]) -> None:
         raise ProtocolError("bad_request", "'advance' moves the pinned name given as 'since' forward")
 
 
+#: A net.connect's default window (bytes the agent may send ahead of the gateway's credit), and the
+#: most a window or one grant may be: what one connection may hold in the gateway's memory.
+NET_WINDOW = 256 * 1024
+MAX_NET_WINDOW = 16 << 20
+_CONN_ID = Field("conn_id", (str,), "the connection (the id the gateway gave it in net.connect)", required=True,
+                 low=1, high=MAX_EXEC_ID)
+
+
 # ---------------------------------------------------------------------------------------------
 # The ops (docs/protocol.md §3)
 # ---------------------------------------------------------------------------------------------
@@ -445,6 +453,29 @@ _OPS: tuple[Op, ...] = (
         Field("tag", (str,), "client leg: the latest watch with this tag, instead of watch_id", low=1, high=MAX_TAG,
               leg=CLIENT)),
        capability="fs.watch", nested=True, rules=_needs_watch),
+    # -- published ports (agent leg only: the gateway proxies HTTP and WebSocket traffic over these)
+    Op("net.connect", "open a TCP connection to 127.0.0.1:`port` inside the guest; its bytes stream back, "
+       "at most the credit the gateway granted (`window`, then `net.credit`)",
+       "stream: `start{}`, `data{data, eof?}`... (`eof`: the guest's side shut down its writing), `end{error?}` "
+       "once both directions are shut down, after net.close, or on a failure (`unavailable`: nothing listens, "
+       "or the connection was reset)",
+       (_CONN_ID,
+        Field("port", (int,), "the TCP port on the guest's loopback", required=True, low=1, high=65535),
+        Field("window", (int,), "bytes of data the agent may send before the gateway grants more",
+              default=NET_WINDOW, low=CHUNK_SIZE, high=MAX_NET_WINDOW)),
+       leg=AGENT, capability="net.connect", stream=True),
+    Op("net.send", "write bytes to a connection (then, with `eof`, shut down its writing side)",
+       "`{}` once the bytes are written to the guest's socket (the gateway sends the next chunk then)",
+       (_CONN_ID,
+        Field("data", (bytes,), "the bytes (absent: none, with `eof`)", high=MAX_WRITE_CHUNK,
+              over_code="frame_too_large"),
+        Field("eof", (bool,), "after the bytes, shut down the writing side (half-close)", default=False)),
+       leg=AGENT, capability="net.connect"),
+    Op("net.credit", "let a connection send `bytes` more of data", "`{}`",
+       (_CONN_ID, Field("bytes", (int,), "bytes of credit to add", required=True, low=1, high=MAX_NET_WINDOW)),
+       leg=AGENT, capability="net.connect"),
+    Op("net.close", "close a connection at once, both ways; its stream ends", "`{}`", (_CONN_ID,),
+       leg=AGENT, capability="net.connect"),
     # -- agent leg only
     Op("guest.env", "the sandbox's environment for every exec from now (secrets' placeholders) and the CA it "
                     "trusts for their hosts", "`ca_bundle`: the bundle's path, or null",
@@ -541,11 +572,12 @@ _NONE = type(None)
 #: (fs.watch); `change` (fs.watch) carries `change`, `path`, `dir` and, for a move, `src`; `end` carries `exit_code`,
 #: `signal`, `duration_ms`, `error`, `truncated`, `files` (exec.start: what it changed, `check_files`)
 #: or `bytes`, `error` (fs.read);
-#: `display` (exec.start, Python) carries one MIME `bundle` (`check_display`).
+#: `display` (exec.start, Python) carries one MIME `bundle` (`check_display`); a net.connect's `data`
+#: carries no fd and, on its last, `eof`.
 EVENT_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "start": {"exec_id": (str,), "pid": (int, _NONE), "size": (int, _NONE), "watch_id": (str,), "backend": (str,),
               "entries": (int,)},
-    "data": {"fd": (str,), "data": (bytes,)},
+    "data": {"fd": (str,), "data": (bytes,), "eof": (bool,)},
     "display": {"bundle": (dict,)},
     "end": {"exit_code": (int, _NONE), "signal": (str, int, _NONE), "duration_ms": (int, float, _NONE),
             "error": (dict, _NONE), "truncated": (bool,), "bytes": (int,), "files": (dict,)},

@@ -13,7 +13,7 @@
 """
 
 from gateway.client import errors
-from gateway.client.aio import AsyncClient, AsyncExecution, AsyncFiles, AsyncSandbox, AsyncWatch
+from gateway.client.aio import AsyncClient, AsyncExecution, AsyncFiles, AsyncPorts, AsyncSandbox, AsyncWatch
 from gateway.client.errors import SandgateError
 from gateway.client.models import (
     CacheEntry,
@@ -28,8 +28,10 @@ from gateway.client.models import (
     FunctionInfo,
     InvokeResult,
     Metrics,
+    NetworkPolicy,
     Output,
     OutputLost,
+    PortInfo,
     SandboxInfo,
     Started,
     TestOutcome,
@@ -38,12 +40,13 @@ from gateway.client.models import (
     VolumeInfo,
     WatchEvent,
 )
-from gateway.client.sync import Client, Execution, Files, Sandbox, Watch
+from gateway.client.sync import Client, Execution, Files, Ports, Sandbox, Watch
 
 __all__ = [
     "AsyncClient",
     "AsyncExecution",
     "AsyncFiles",
+    "AsyncPorts",
     "AsyncSandbox",
     "AsyncWatch",
     "CacheEntry",
@@ -61,8 +64,11 @@ __all__ = [
     "FunctionInfo",
     "InvokeResult",
     "Metrics",
+    "NetworkPolicy",
     "Output",
     "OutputLost",
+    "PortInfo",
+    "Ports",
     "Sandbox",
     "SandboxInfo",
     "SandgateError",

@@ -56,7 +56,9 @@ from gateway.client.models import (
     FunctionInfo,
     InvokeResult,
     Metrics,
+    NetworkPolicy,
     OutputLost,
+    PortInfo,
     SandboxInfo,
     Started,
     TestReport,
@@ -141,11 +143,13 @@ class AsyncClient:
     async def create_sandbox(self, runtime: str | None = None, *, ttl: float | None = None,
                              idle_timeout: float | None = None, memory_mb: int | None = None,
                              cpu_seconds: float | None = None, disk_mb: int | None = None,
-                             network: bool | None = None, template: str | None = None,
+                             network: NetworkPolicy | None = None,
+                             secrets: Sequence[Mapping[str, Any]] | None = None, template: str | None = None,
                              metadata: Mapping[str, str] | None = None, **options: Any) -> AsyncSandbox:
         """Create a sandbox (`POST /v1/sandboxes`); see `AsyncSandbox.create` for the arguments."""
         body: dict[str, Any] = {"runtime": runtime, "ttl": ttl, "idle_timeout": idle_timeout, "memory_mb": memory_mb,
                                 "cpu_seconds": cpu_seconds, "disk_mb": disk_mb, "network": network,
+                                "secrets": [dict(s) for s in secrets] if secrets is not None else None,
                                 "template": template, "metadata": dict(metadata) if metadata is not None else None,
                                 **options}
         data = await self._json("POST", "/v1/sandboxes", json={k: v for k, v in body.items() if v is not None})
@@ -519,6 +523,7 @@ class AsyncSandbox:
         self.client = client
         self.info = info
         self.files = AsyncFiles(self)
+        self.ports = AsyncPorts(self)
         self._owns_client = owns_client
         self._conn: Connection | None = None
 
@@ -535,7 +540,8 @@ class AsyncSandbox:
     def create(cls, runtime: str | None = None, *, url: str | None = None, api_key: str | None = None,
                client: AsyncClient | None = None, ttl: float | None = None, idle_timeout: float | None = None,
                memory_mb: int | None = None, cpu_seconds: float | None = None, disk_mb: int | None = None,
-               network: bool | None = None, template: str | None = None,
+               network: NetworkPolicy | None = None, secrets: Sequence[Mapping[str, Any]] | None = None,
+               template: str | None = None,
                metadata: Mapping[str, str] | None = None, **options: Any) -> _Creating:
         """Create a sandbox. `await` the result, or use it as `async with AsyncSandbox.create() as sb:`.
 
@@ -544,7 +550,11 @@ class AsyncSandbox:
             url, api_key: the gateway and key (default: `$SANDGATE_URL`, `$SANDGATE_API_KEY`).
             client: an `AsyncClient` to share (then `url`/`api_key` are not used).
             ttl: absolute lifetime in seconds; idle_timeout: seconds without activity before reaping.
-            memory_mb, cpu_seconds, disk_mb, network, template: limits and options, up to the gateway's maxima.
+            memory_mb, cpu_seconds, disk_mb, template: limits and options, up to the gateway's maxima.
+            network: `"none"` (the default), `"public"`, `"all"` (if the operator allows it) or
+                `{"allow": [...], "deny": [...]}` (names, `*.domain`, addresses, CIDRs, `host:port`).
+            secrets: `[{"env": "API_KEY", "value": "...", "hosts": ["api.example.com"]}]`: the
+                sandbox sees a placeholder; the gateway fills in the value for those hosts only.
             metadata: string labels kept with the sandbox.
             **options: runtime-specific options, passed on as they are.
 
@@ -560,7 +570,7 @@ class AsyncSandbox:
 
         def make(api: AsyncClient) -> Awaitable[AsyncSandbox]:
             return api.create_sandbox(runtime, ttl=ttl, idle_timeout=idle_timeout, memory_mb=memory_mb,
-                                      cpu_seconds=cpu_seconds, disk_mb=disk_mb, network=network,
+                                      cpu_seconds=cpu_seconds, disk_mb=disk_mb, network=network, secrets=secrets,
                                       template=template, metadata=metadata, **options)
 
         return _Creating(_with_client(client, url, api_key, make))
@@ -621,8 +631,24 @@ class AsyncSandbox:
             await self.client.close()
 
     async def metrics(self) -> Metrics:
-        """CPU, memory, disk and uptime, from the guest and from the host."""
+        """CPU, memory, disk and uptime, from the guest and from the host; network figures."""
         return Metrics.from_wire(await self.client._json("GET", f"/v1/sandboxes/{quote(self.id, safe='')}/metrics"))
+
+    async def set_network(self, policy: NetworkPolicy) -> None:
+        """Change the sandbox's network policy (`PATCH`): new connections follow it at once, and
+        open ones it refuses are ended.
+
+        Raises:
+            BadRequest: a malformed policy. Forbidden: one the tenant may not have.
+            Unsupported: a network for a sandbox created without one.
+        """
+        data = await self.client._json("PATCH", f"/v1/sandboxes/{quote(self.id, safe='')}", json={"network": policy})
+        self.info = SandboxInfo.from_wire(data)
+
+    async def network(self) -> dict[str, Any]:
+        """The policy, the secrets (names and hosts only), the network figures and the recent
+        refusals with their reasons (`GET /v1/sandboxes/{id}/network`)."""
+        return dict(await self.client._json("GET", f"/v1/sandboxes/{quote(self.id, safe='')}/network"))
 
     @property
     def broken(self) -> bool:
@@ -1076,6 +1102,46 @@ class AsyncWatch:
                 if item.error is not None:
                     raise item.error
         raise StopAsyncIteration
+
+
+class AsyncPorts:
+    """The sandbox's published ports: its TCP servers (a dev server, a notebook, an API) served by the
+    gateway at `/v1/sandboxes/{id}/ports/{port}/`, for HTTP and WebSockets (microVM and pod; a WASM
+    sandbox has no sockets and raises `Unsupported`). A port may also be published at create:
+    `AsyncSandbox.create(..., ports=[8000])`."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    def _path(self, *more: str) -> str:
+        return "/".join([f"/v1/sandboxes/{quote(self._sandbox.id, safe='')}/ports", *more])
+
+    async def publish(self, port: int) -> PortInfo:
+        """Publish `port` (again: the same URL and token).
+
+        Returns:
+            The port, with its URL and token (`preview_url` for a browser).
+
+        Raises:
+            Unsupported: the sandbox's runtime cannot publish ports. BadRequest: no port number.
+            QuotaExceeded: the sandbox has as many published ports as it may.
+        """
+        answer = await self._sandbox.client._json("POST", self._path(), json={"port": port})
+        return PortInfo.from_wire(answer, self._sandbox.client.url)
+
+    async def list(self) -> builtins.list[PortInfo]:
+        """The published ports, with their tokens."""
+        answer = await self._sandbox.client._json("GET", self._path())
+        ports = answer.get("ports")
+        return [PortInfo.from_wire(p, self._sandbox.client.url) for p in ports or () if isinstance(p, dict)]
+
+    async def unpublish(self, port: int) -> None:
+        """Unpublish `port`: its token stops working and its open connections are cut.
+
+        Raises:
+            NotFound: the port is not published.
+        """
+        await self._sandbox.client._json("DELETE", self._path(str(int(port))))
 
 
 class AsyncFiles:

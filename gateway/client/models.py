@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gateway.client.errors import SandgateError, error_from_wire
 
 Fd = Literal["stdout", "stderr", "pty"]
+#: A sandbox's network policy as the gateway takes it: "none", "public", "all",
+#: {"allow": [...], "deny": [...]}, or true/false (wave 1's "public"/"none").
+NetworkPolicy = bool | str | Mapping[str, Sequence[str]]
 
 
 def _float(value: Any) -> float | None:
@@ -298,6 +301,9 @@ class Metrics:
     guest: dict[str, Any]
     host: dict[str, Any]
     restarts: int
+    #: The sandbox's network figures (bytes_in, bytes_out, connections, refusals, dns_queries), or
+    #: None without a network.
+    network: dict[str, Any] | None = None
 
     @property
     def uptime_s(self) -> float | None:
@@ -318,9 +324,11 @@ class Metrics:
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> Metrics:
         guest, host = data.get("guest"), data.get("host")
+        network = data.get("network")
         return cls(guest=dict(guest) if isinstance(guest, dict) else {},
                    host=dict(host) if isinstance(host, dict) else {},
-                   restarts=_int(data.get("restarts")) or 0)
+                   restarts=_int(data.get("restarts")) or 0,
+                   network=dict(network) if isinstance(network, dict) else None)
 
 
 # -- serverless: invoke, test mode, deployed functions, executions, the code cache ----------------
@@ -583,6 +591,37 @@ class VolumeInfo:
                    used_bytes=_int(data.get("used_bytes")),
                    mounted_by=[dict(m) for m in mounted if isinstance(m, dict)] if isinstance(mounted, list) else [],
                    created_at=_float(data.get("created_at")), raw=dict(data))
+
+
+@dataclass(frozen=True)
+class PortInfo:
+    """A published port (`POST /v1/sandboxes/{id}/ports`): its number, its URL on the gateway and
+    its token (None where the gateway shows none, as in a sandbox's description).
+
+    Attributes:
+        url: the port's absolute URL (the gateway's address and `/v1/sandboxes/{id}/ports/{port}/`):
+            HTTP and WebSocket requests under it reach the sandbox's port, with the API key.
+        token: opens the URL without the API key: `preview_url` carries it.
+    """
+
+    port: int
+    url: str
+    token: str | None
+    connections: int = 0
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def preview_url(self) -> str:
+        """The URL to hand to a browser: `?token=` makes the gateway set the port's cookie (and
+        drop the token from the address bar), so the page and its assets load without a key."""
+        return f"{self.url}?token={self.token}" if self.token else self.url
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any], base_url: str = "") -> PortInfo:
+        token = data.get("token")
+        return cls(port=_int(data.get("port")) or 0, url=base_url + str(data.get("url") or ""),
+                   token=token if isinstance(token, str) else None, connections=_int(data.get("connections")) or 0,
+                   raw=dict(data))
 
 
 #: The states in which an execution has ended.

@@ -17,7 +17,15 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mappin
 from types import TracebackType
 from typing import IO, Any, TypeVar
 
-from gateway.client.aio import DEFAULT_MAX_OUTPUT, AsyncClient, AsyncExecution, AsyncFiles, AsyncSandbox, AsyncWatch
+from gateway.client.aio import (
+    DEFAULT_MAX_OUTPUT,
+    AsyncClient,
+    AsyncExecution,
+    AsyncFiles,
+    AsyncPorts,
+    AsyncSandbox,
+    AsyncWatch,
+)
 from gateway.client.errors import ConnectionLost, NotFound
 from gateway.client.models import (
     CacheEntry,
@@ -29,6 +37,8 @@ from gateway.client.models import (
     FunctionInfo,
     InvokeResult,
     Metrics,
+    NetworkPolicy,
+    PortInfo,
     SandboxInfo,
     TestReport,
     VolumeInfo,
@@ -216,6 +226,7 @@ class Sandbox:
     def __init__(self, inner: AsyncSandbox) -> None:
         self._async = inner
         self.files = Files(inner.files)
+        self.ports = Ports(inner.ports)
 
     @property
     def id(self) -> str:
@@ -233,7 +244,8 @@ class Sandbox:
     def create(cls, runtime: str | None = None, *, url: str | None = None, api_key: str | None = None,
                client: Client | None = None, ttl: float | None = None, idle_timeout: float | None = None,
                memory_mb: int | None = None, cpu_seconds: float | None = None, disk_mb: int | None = None,
-               network: bool | None = None, template: str | None = None,
+               network: NetworkPolicy | None = None, secrets: Sequence[Mapping[str, Any]] | None = None,
+               template: str | None = None,
                metadata: Mapping[str, str] | None = None, **options: Any) -> Sandbox:
         """Create a sandbox (arguments as `AsyncSandbox.create`).
 
@@ -248,7 +260,7 @@ class Sandbox:
             return await AsyncSandbox.create(
                 runtime, url=url, api_key=api_key, client=client._async if client else None, ttl=ttl,
                 idle_timeout=idle_timeout, memory_mb=memory_mb, cpu_seconds=cpu_seconds, disk_mb=disk_mb,
-                network=network, template=template, metadata=metadata, **options)
+                network=network, secrets=secrets, template=template, metadata=metadata, **options)
 
         return cls(_run(make()))
 
@@ -289,8 +301,16 @@ class Sandbox:
         _run(self._async.close())
 
     def metrics(self) -> Metrics:
-        """CPU, memory, disk and uptime, from the guest and from the host."""
+        """CPU, memory, disk and uptime, from the guest and from the host; network figures."""
         return _run(self._async.metrics())
+
+    def set_network(self, policy: NetworkPolicy) -> None:
+        """Change the sandbox's network policy (as `AsyncSandbox.set_network`)."""
+        _run(self._async.set_network(policy))
+
+    def network(self) -> dict[str, Any]:
+        """The policy, secrets (names and hosts), network figures and recent refusals."""
+        return _run(self._async.network())
 
     def exec(self, command: str | Sequence[str] | None = None, *, code: str | None = None,
              code_ref: str | None = None, language: str | None = None, stdin: bytes | str | None = None,
@@ -453,6 +473,25 @@ class Watch:
 
     def __iter__(self) -> Iterator[WatchEvent]:
         return _iterate(self._async)
+
+
+class Ports:
+    """Sync form of `AsyncPorts`: the sandbox's published ports."""
+
+    def __init__(self, inner: AsyncPorts) -> None:
+        self._async = inner
+
+    def publish(self, port: int) -> PortInfo:
+        """Publish `port` (again: the same URL and token); see `AsyncPorts.publish`."""
+        return _run(self._async.publish(port))
+
+    def list(self) -> builtins.list[PortInfo]:
+        """The published ports, with their tokens."""
+        return _run(self._async.list())
+
+    def unpublish(self, port: int) -> None:
+        """Unpublish `port`: its token stops working."""
+        _run(self._async.unpublish(port))
 
 
 class Files:

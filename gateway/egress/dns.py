@@ -79,7 +79,7 @@ async def answer(query: bytes, network: SandboxNetwork) -> bytes | None:
         return bytes(reply.pack())
     if question.qtype in (QTYPE.A, QTYPE.AAAA):
         try:
-            addresses = await network.egress.resolver.resolve(name)
+            addresses = await network.resolve(name)
         except ResolveError as exc:
             reply.header.rcode = RCODE.NXDOMAIN if exc.missing else RCODE.SERVFAIL
             return bytes(reply.pack())
@@ -92,7 +92,6 @@ async def answer(query: bytes, network: SandboxNetwork) -> bytes | None:
             (dropped if network.address_refusal(address, None, [name]) else kept).append(address)
         if dropped:
             network.refuse(f"dns {name}", f"answers dropped (refused ranges): {', '.join(map(str, dropped))}")
-        network.resolved(name, kept)
         for address in kept:
             rdata = A(str(address)) if version == 4 else AAAA(str(address))
             reply.add_answer(RR(question.qname, question.qtype, rdata=rdata, ttl=ANSWER_TTL_S))

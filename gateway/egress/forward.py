@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import h11
 
-from gateway.egress.network import Connection, SandboxNetwork
+from gateway.egress.network import MAX_BUFFERED_BYTES, Connection, SandboxNetwork
 from gateway.egress.secrets import Leak, Redactor, StreamFiller
 from gateway.egress.streams import PlainStream, Stream, next_event, send
 from gateway.egress.tls import ServerTLS
@@ -25,7 +25,7 @@ from gateway.egress.upstream import Refused, admitted, authority, close, connect
 #: The largest request head taken (request line and headers), on either side.
 MAX_HEAD_BYTES = 16 << 10
 #: A request body up to this size is read whole, its secrets filled and its length set; a larger
-#: one is streamed (chunked) so the proxy never holds more.
+#: one (or one past the sandbox's share, network.MAX_BUFFERED_BYTES) is streamed, chunked.
 MAX_BUFFERED_BODY = 1 << 20
 READ_CHUNK = 64 << 10
 #: Marks the proxy's own refusals (`answer_error`), so a client can tell them from an upstream's
@@ -170,7 +170,7 @@ async def exchange(client: Stream, conn: h11.Connection, request: h11.Request, t
     target = fill(target)
     if conn.they_are_waiting_for_100_continue:
         send(client, conn, h11.InformationalResponse(status_code=100, headers=[]))
-    body, ended = await _read_some(client, conn)
+    body, ended = await _read_some(client, conn, network)
     filler = StreamFiller(secrets, secrets_host)
     try:
         if ended:
@@ -204,21 +204,27 @@ async def exchange(client: Stream, conn: h11.Connection, request: h11.Request, t
     await _relay_response(client, conn, request, network, upstream)
 
 
-async def _read_some(client: Stream, conn: h11.Connection) -> tuple[bytes, bool]:
-    """Up to MAX_BUFFERED_BODY bytes of the request's body, and whether that is all of it."""
+async def _read_some(client: Stream, conn: h11.Connection, network: SandboxNetwork) -> tuple[bytes, bool]:
+    """Up to MAX_BUFFERED_BODY bytes of the request's body (less when the sandbox's other
+    connections hold its share), and whether that is all of it."""
     body = bytearray()
+    limit = max(0, min(MAX_BUFFERED_BODY, MAX_BUFFERED_BYTES - network.buffered))
     try:
-        while len(body) <= MAX_BUFFERED_BODY:
+        while True:
             event = await next_event(client, conn)
             if isinstance(event, h11.Data):
                 body += event.data
+                network.buffered += len(event.data)
+                if len(body) > limit:
+                    return bytes(body), False
             elif isinstance(event, h11.EndOfMessage):
                 return bytes(body), True
             else:
                 raise Refused(400, "the request body ended early")
     except h11.RemoteProtocolError as exc:
         raise Refused(400, f"a malformed request: {exc}") from None
-    return bytes(body), False
+    finally:
+        network.buffered -= len(body)
 
 
 async def _relay_response(client: Stream, conn: h11.Connection, request: h11.Request, network: SandboxNetwork,

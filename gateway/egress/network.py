@@ -10,6 +10,7 @@ the certificates of their hosts, and the figures its metrics show.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import ssl
@@ -32,6 +33,12 @@ RESOLUTION_TTL_S = 600.0
 MAX_RESOLUTIONS = 4096
 #: Refusals kept for `GET /v1/sandboxes/{id}/network`.
 RECENT_REFUSALS = 50
+#: Names one sandbox may have the gateway resolve at once (its DNS queries and proxy requests
+#: together): a guest cannot turn the gateway into a flood of queries to the operator's resolver.
+MAX_RESOLVING = 8
+#: Request bytes one sandbox's connections may have the proxy hold at once to fill in secrets;
+#: past it, bodies stream (filled piece by piece) instead of being read whole.
+MAX_BUFFERED_BYTES = 4 << 20
 #: Refusal log lines per sandbox: this many, then one a LOG_EVERY_S (a guest that loops on a
 #: refused name must not fill the gateway's log); the rest are counted only.
 LOG_BURST = 20
@@ -95,6 +102,10 @@ class SandboxNetwork:
         default_factory=lambda: collections.deque(maxlen=RECENT_REFUSALS))
     open: set[Connection] = field(default_factory=set)
     _ca: SandboxCA | None = None
+    #: Held while a name of this sandbox's is being resolved (MAX_RESOLVING at once).
+    resolving: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_RESOLVING))
+    #: Request body bytes the proxy holds for this sandbox now (MAX_BUFFERED_BYTES at most).
+    buffered: int = 0
     _log_allowance: float = LOG_BURST
     _log_checked: float = field(default_factory=time.monotonic)
     _log_skipped: int = 0
@@ -124,6 +135,18 @@ class SandboxNetwork:
         skipped, self._log_skipped = self._log_skipped, 0
         log.info("egress sandbox=%s tenant=%s refused %s: %s%s", self.sandbox_id, self.tenant, target, reason,
                  f" ({skipped} more refusals not logged)" if skipped else "")
+
+    async def resolve(self, name: str) -> list[IPAddress]:
+        """`name`'s addresses by the gateway's resolver, remembered as resolved by this sandbox
+        (the policy judges them, not this).
+
+        Raises:
+            ResolveError: as `Resolver.resolve`.
+        """
+        async with self.resolving:
+            addresses = await self.egress.resolver.resolve(name)
+        self.resolved(name, addresses)
+        return addresses
 
     def name_refusal(self, name: str, port: int | None) -> str | None:
         return self.policy.name_refusal(name, port)

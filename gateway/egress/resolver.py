@@ -46,14 +46,19 @@ class Resolver:
         if not self.nameservers:
             return await _system(name)
         found: list[IPAddress] = []
-        errors: list[str] = []
-        for qtype in ("A", "AAAA"):
-            try:
-                found += await self._ask(name, qtype)
-            except ResolveError as exc:
-                errors.append(str(exc))
+        errors: list[ResolveError] = []
+        answers = await asyncio.gather(self._ask(name, "A"), self._ask(name, "AAAA"), return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, ResolveError):
+                errors.append(answer)
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                found += answer
         if not found:
-            raise ResolveError(errors[0] if errors else f"{name} has no address", missing=not errors)
+            # No such name (or no address of either family) unless a server failed to answer.
+            missing = all(error.missing for error in errors)
+            raise ResolveError(str(errors[0]) if errors else f"{name} has no address", missing=missing)
         return found
 
     async def _ask(self, name: str, qtype: str) -> list[IPAddress]:

@@ -74,11 +74,9 @@ async def admitted(network: SandboxNetwork, host: str, port: int) -> tuple[str |
         if why is not None:
             raise Refused(403, why)
     try:
-        addresses = await network.egress.resolver.resolve(name or host)
+        addresses = await network.resolve(name) if name is not None else [ipaddress.ip_address(host)]
     except ResolveError as exc:
         raise Refused(502, str(exc)) from None
-    if name is not None:
-        network.resolved(name, addresses)
     names = [name] if name is not None else []
     reasons = [(address, network.address_refusal(address, port, names)) for address in dict.fromkeys(addresses)]
     ok = [address for address, why in reasons if why is None]

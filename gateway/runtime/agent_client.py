@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.runtime.base import ByteChannel
 from guest_agent.protocol import GATEWAY, AgentLeg, Reply, StreamEvent, event_size
@@ -26,6 +26,7 @@ STREAM_QUEUE_BYTES = 256 * 1024
 #: Frames of one sandbox's channel decoded per turn of the event loop before its reader lets the
 #: other tasks run; a stream's queue holds as many events (so its consumer's turn is as short).
 TURN_EVENTS = 8
+S = TypeVar("S", bound="AgentStream")
 
 class AgentStream:
     """The events of one stream op, in order, ending with `end` (always, even if the guest dies).
@@ -158,12 +159,25 @@ class AgentClient:
 
     async def stream(self, op: str, **fields: Any) -> AgentStream:
         """Send a stream request; iterate the returned stream for its events."""
+        return await self.open_stream(op, lambda client, rid: AgentStream(client, rid, self.stream_queue_bytes,
+                                                                          self.turn_events), **fields)
+
+    async def open_stream(self, op: str, make: Callable[[AgentClient, int], S], **fields: Any) -> S:
+        """Send a stream request whose events go to the stream `make(self, request_id)` returns: an
+        `AgentStream` or a subclass that takes its events its own way (a published port's
+        connection, gateway/ports/tunnel.py, which bounds them by credit instead of waiting)."""
         self._check_open()
         request_id = self._leg.send_request(op, fields)
-        stream = self._streams[request_id] = AgentStream(self, request_id, self.stream_queue_bytes,
-                                                                   self.turn_events)
+        stream = self._streams[request_id] = make(self, request_id)
         await self._flush()
         return stream
+
+    async def notify(self, op: str, **fields: Any) -> None:
+        """Send a request whose answer nobody waits for (its reply is dropped when it comes): a
+        connection's credit, which must not cost a round trip per grant. Raises what sending raises."""
+        self._check_open()
+        self._leg.forget(self._leg.send_request(op, fields))
+        await self._flush()
 
     def _check_open(self) -> None:
         if self.closed.done():

@@ -157,6 +157,11 @@ class Backend(ABC):
         state does not. The default refuses, and the sandbox is then marked failed."""
         raise ProtocolError("unsupported", "this runtime cannot restart its agent")
 
+    async def network_changed(self, policy: Any) -> None:
+        """The sandbox's network policy changed (`PATCH`; `policy` in its wire form). The gateway
+        enforces it already; a runtime that keeps the policy with the sandbox, for a gateway
+        that adopts it later (pods), saves it here. The default does nothing."""
+
     async def host_metrics(self) -> dict[str, Any]:
         """Host-side figures (rss_bytes, cpu_s of the sandbox's processes). Called for `metrics`."""
         return {}

@@ -25,6 +25,7 @@ from typing import Any
 from gateway.config import Quotas, Settings
 from gateway.egress.policy import NetworkPolicy
 from gateway.egress.secrets import Secrets
+from gateway.ports.registry import check_port
 from gateway.runtime.base import Runtime, SandboxSpec
 from gateway.storage.mounts import MountSpec, parse_mounts
 from gateway.storage.patches import parse_files, parse_patches
@@ -34,7 +35,7 @@ from guest_agent.wire import field as wire_field
 
 #: The create body's fields the gateway reads itself; the rest are the runtime's options.
 CREATE_FIELDS = ("runtime", "ttl", "idle_timeout", "memory_mb", "cpu_seconds", "disk_mb", "network",
-                 "secrets", "template", "metadata", "volumes", "files", "patches", "mounts")
+                 "secrets", "template", "metadata", "volumes", "files", "patches", "mounts", "ports")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class CreateRequest:
     mounts: tuple[MountSpec, ...] = ()
     #: Secrets the egress proxy fills in for their hosts; the guest gets placeholders.
     secrets: Secrets = field(default_factory=Secrets)
+    #: Ports to publish once the sandbox runs (gateway/ports).
+    ports: tuple[int, ...] = ()
 
     def spec(self, sandbox_id: str, tenant: str, created_at: float,
              volumes: tuple[VolumeMount, ...] = ()) -> SandboxSpec:
@@ -128,12 +131,13 @@ def check_create(
     files = parse_files(body.get("files"))
     # WASM reaches only its preopens: a mount's copy goes under /work there.
     mounts = parse_mounts(body.get("mounts"), settings.storage.allowed_roots, work_only=runtime.id == "wasm")
+    ports = _ports(body.get("ports"), runtime, settings.ports.max_per_sandbox)
     options = runtime.validate_options({k: v for k, v in body.items() if k not in CREATE_FIELDS})
     runtime.check_create(template, network.has_network)
     return CreateRequest(runtime=runtime, ttl=ttl, idle_timeout=idle, memory_mb=memory, cpu_seconds=cpu,
                          disk_mb=disk, network=network, template=template, metadata=metadata, options=options,
                          volumes=volumes, patches=patches, files=files,
-                         mounts=mounts, secrets=secrets)
+                         mounts=mounts, secrets=secrets, ports=ports)
 
 
 def check_network(value: Any, settings: Settings, tenant: str) -> NetworkPolicy:
@@ -151,6 +155,20 @@ def check_network(value: Any, settings: Settings, tenant: str) -> NetworkPolicy:
         raise ProtocolError("forbidden", "network \"all\" (private networks too) is not allowed to this tenant: "
                                          "the operator names the tenants that may in [network] all_tenants")
     return policy
+
+
+def _ports(value: Any, runtime: Runtime, most: int) -> tuple[int, ...]:
+    """`"ports": [8000, ...]`: distinct port numbers, as many as a sandbox may publish, on a runtime
+    whose guests can publish them (capability `ports`)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > most:
+        raise ProtocolError("bad_request", f"'ports' is a list of at most {most} port numbers")
+    ports = tuple(dict.fromkeys(check_port(v) for v in value))
+    if ports and "ports" not in runtime.capabilities:
+        raise ProtocolError("unsupported", f"runtime {runtime.id!r} cannot publish ports (its guests have no "
+                                           "sockets to serve them)")
+    return ports
 
 
 def _bounded(body: Mapping[str, Any], name: str, default: float, maximum: float, kind: type) -> Any:

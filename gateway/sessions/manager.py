@@ -29,9 +29,10 @@ from gateway.egress.network import Egress, upstream_context
 from gateway.egress.resolver import Resolver, parse_nameservers
 from gateway.functions.code_cache import CodeCache
 from gateway.functions.deployed import FunctionRegistry
+from gateway.ports.registry import PortRegistry
 from gateway.runtime.agent_client import AgentClient
 from gateway.runtime.base import Backend, NotConfigured, Runtime, SandboxSpec
-from gateway.sessions.admission import TenantQuota, check_create
+from gateway.sessions.admission import TenantQuota, check_create, check_network
 from gateway.sessions.replay import ReplayBudget
 from gateway.sessions.routing import OpRouter
 from gateway.sessions.sandbox import Sandbox
@@ -192,11 +193,36 @@ class SandboxManager(OpRouter):
         sandbox = Sandbox(id=sandbox_id, tenant=tenant, runtime=runtime, spec=spec, backend=backend,
                           agent=agent, ttl=request.ttl, idle_timeout=request.idle_timeout,
                           metadata=request.metadata, created_at=now, replay_budget=self._sandbox_budget(),
-                          owner=owner, mounts=mounts)
+                          owner=owner, mounts=mounts, ports=PortRegistry(self.settings.ports))
+        for port in request.ports:
+            sandbox.ports.publish(port)
         self._sandboxes[sandbox_id] = sandbox
         sandbox.spawn(self._watch(sandbox), f"watch-{sandbox_id}")
         self.pm.hook.sandgate_sandbox_created(sandbox_id=sandbox_id, tenant=tenant, runtime=runtime.id)
         return sandbox
+
+    async def update(self, sandbox: Sandbox, body: Mapping[str, Any]) -> None:
+        """`PATCH /v1/sandboxes/{id}`: change a running sandbox. `network`: its policy, within what
+        the tenant may have; open connections the new policy refuses are ended.
+
+        Raises:
+            ProtocolError: `bad_request` for an unknown field or a malformed policy, `forbidden`
+                as at create, `unsupported` to give a network to a sandbox created without one.
+        """
+        unknown = set(body) - {"network"}
+        if unknown:
+            raise ProtocolError("bad_request", f"cannot change {sorted(unknown)} (PATCH takes: network)")
+        if "network" in body:
+            policy = check_network(body["network"], self.settings, sandbox.tenant)
+            network = sandbox.spec.egress
+            if network is None:
+                if policy.has_network:
+                    raise ProtocolError("unsupported", "this sandbox was created without a network, and a running "
+                                                       "sandbox cannot be given one: create it with a policy "
+                                                       "(e.g. {\"allow\": []}) to open it later")
+                return
+            network.set_policy(policy)
+            await sandbox.backend.network_changed(policy.to_wire())
 
     @staticmethod
     async def _guest_env(agent: AgentClient, spec: SandboxSpec, runtime: Runtime) -> None:
@@ -235,6 +261,11 @@ class SandboxManager(OpRouter):
         if sandbox is None or not secrets.compare_digest(sandbox.tenant, tenant):
             raise ProtocolError("not_found", "no such sandbox")
         return sandbox
+
+    def find(self, sandbox_id: str) -> Sandbox | None:
+        """The sandbox with this id whoever's it is, if this gateway holds it: for a published
+        port's token, which names a sandbox without naming its tenant. Never adopts."""
+        return self._sandboxes.get(sandbox_id)
 
     async def lookup(self, tenant: str, sandbox_id: str) -> Sandbox:
         """`get`, and on a miss adopt the sandbox from a runtime that finds it (a pod made by
@@ -282,7 +313,8 @@ class SandboxManager(OpRouter):
         idle = spec.idle_timeout_s if spec.idle_timeout_s is not None else limits.idle_timeout_s
         sandbox = Sandbox(id=sandbox_id, tenant=tenant, runtime=runtime, spec=spec, backend=backend, agent=agent,
                           ttl=ttl, idle_timeout=idle, metadata={}, created_at=created_at,
-                          created_mono=time.monotonic() - age, replay_budget=self._sandbox_budget())
+                          created_mono=time.monotonic() - age, replay_budget=self._sandbox_budget(),
+                          ports=PortRegistry(self.settings.ports))
         self._sandboxes[sandbox_id] = sandbox
         self.volumes.adopt(sandbox_id, spec.volumes)  # its mounts count against other mounts here too
         sandbox.spawn(self._watch(sandbox), f"watch-{sandbox_id}")

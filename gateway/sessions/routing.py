@@ -156,7 +156,8 @@ class OpRouter(ABC):
         if "exec.concurrent" in sandbox.capabilities or not sandbox.running_execs():
             guest = await self.request(sandbox, "metrics", {})
         host = await sandbox.backend.host_metrics()
-        return {"guest": guest, "host": host, "restarts": sandbox.restarts}
+        network = sandbox.spec.egress.counters.as_dict() if sandbox.spec.egress is not None else None
+        return {"guest": guest, "host": host, "network": network, "restarts": sandbox.restarts}
 
     async def read_file(self, sandbox: Sandbox, path: str, offset: int = 0, length: int | None = None) -> AgentStream:
         self._check_usable(sandbox, "fs.read")

@@ -15,6 +15,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.config import Ports
+from gateway.ports.registry import PortRegistry
 from gateway.runtime.agent_client import AgentClient
 from gateway.runtime.base import Backend, Runtime, SandboxSpec
 from gateway.sessions.execs import ExecRecord
@@ -57,6 +59,8 @@ class Sandbox:
     owner: str | None = None
     #: Host mounts (gateway/storage/mount_sync.py), in the create's order.
     mounts: tuple[MountState, ...] = ()
+    #: Published ports (gateway/ports): the manager gives it the gateway's `[ports]` bounds.
+    ports: PortRegistry = field(default_factory=lambda: PortRegistry(Ports()))
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -74,13 +78,16 @@ class Sandbox:
 
     @property
     def active(self) -> bool:
-        """Open sessions and running execs are activity: the idle reaper leaves the sandbox be."""
-        return self.sessions > 0 or bool(self.running_execs())
+        """Open sessions, running execs and open connections to its ports are activity: the idle
+        reaper leaves the sandbox be."""
+        return self.sessions > 0 or bool(self.running_execs()) or self.ports.open_connections > 0
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, *, port_tokens: bool = False) -> dict[str, Any]:
+        """The sandbox as the REST API shows it; its ports' tokens only with `port_tokens` (the
+        create's answer, to the tenant that asked for the ports)."""
         return {
             "id": self.id,
             "runtime": self.runtime.id,
@@ -101,6 +108,7 @@ class Sandbox:
             "languages": self.languages(),
             "metadata": self.metadata,
             "execs_running": len(self.running_execs()),
+            "ports": [p.describe(self.id, with_token=port_tokens) for p in self.ports.list()],
             "ws_url": f"/v1/sandboxes/{self.id}/ws",
         }
 

@@ -12,7 +12,7 @@ from gateway.config import Settings
 from gateway.plugins import collect_runtimes, get_plugin_manager
 from gateway.protocol.client import CLOSE_GOING_AWAY
 from gateway.sessions.manager import SandboxManager
-from gateway.web import ide, rest, rest_functions, rest_volumes, ws
+from gateway.web import ide, rest, rest_functions, rest_ports, rest_volumes, ws
 from gateway.web.context import MANAGER, PLUGINS, SESSIONS, SETTINGS, Closable, error_response
 from guest_agent.wire import ProtocolError
 
@@ -73,6 +73,7 @@ def create_app(
     rest.add_routes(app)
     rest_functions.add_routes(app)
     rest_volumes.add_routes(app)
+    rest_ports.add_routes(app)
     ws.add_routes(app)
     ide.add_routes(app)  # the browser IDE at / and its static files
     app.cleanup_ctx.append(_manager_lifecycle)

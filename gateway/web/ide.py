@@ -30,10 +30,12 @@ CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".mjs": "text/j
                  ".png": "image/png", ".svg": "image/svg+xml"}
 
 #: The page runs only its own scripts and talks only to its own origin (REST and WebSocket). Styles
-#: allow 'unsafe-inline' because xterm.js sets its theme through a <style> element it creates.
+#: allow 'unsafe-inline' because xterm.js sets its theme through a <style> element it creates. Frames:
+#: its own origin only, for the preview of a published port (a sandboxed iframe: gateway/ports).
 CSP = "; ".join([
     "default-src 'none'", "script-src 'self'", "style-src 'self' 'unsafe-inline'", "img-src 'self' data: blob:",
-    "connect-src 'self'", "font-src 'self'", "base-uri 'none'", "form-action 'none'", "frame-ancestors 'none'",
+    "connect-src 'self'", "font-src 'self'", "frame-src 'self'", "base-uri 'none'", "form-action 'none'",
+    "frame-ancestors 'none'",
 ])
 PAGE_HEADERS = {
     "Content-Security-Policy": CSP,

@@ -69,7 +69,7 @@ async def list_runtimes(request: web.Request) -> web.Response:
 async def create_sandbox(request: web.Request) -> web.Response:
     tenant = tenant_of(request)
     sandbox = await request.app[MANAGER].create(tenant, await json_body(request))
-    return web.json_response(sandbox.describe(), status=201)
+    return web.json_response(sandbox.describe(port_tokens=True), status=201)
 
 
 @routes.get("/v1/sandboxes")
@@ -81,6 +81,25 @@ async def list_sandboxes(request: web.Request) -> web.Response:
 @routes.get("/v1/sandboxes/{sandbox_id}")
 async def get_sandbox(request: web.Request) -> web.Response:
     return web.json_response((await sandbox_of(request)).describe())
+
+
+@routes.patch("/v1/sandboxes/{sandbox_id}")
+async def update_sandbox(request: web.Request) -> web.Response:
+    """Change a running sandbox (its network policy); answers the sandbox as it is now."""
+    sandbox = await sandbox_of(request)
+    await request.app[MANAGER].update(sandbox, await json_body(request))
+    return web.json_response(sandbox.describe())
+
+
+@routes.get("/v1/sandboxes/{sandbox_id}/network")
+async def sandbox_network(request: web.Request) -> web.Response:
+    """The sandbox's policy, its secrets (never their values), its network figures and its recent
+    refusals, each with the reason."""
+    sandbox = await sandbox_of(request)
+    if sandbox.spec.egress is None:
+        return web.json_response({"policy": "none", "secrets": [], "metrics": None, "open_connections": 0,
+                                  "recent_refusals": []})
+    return web.json_response(sandbox.spec.egress.describe())
 
 
 @routes.delete("/v1/sandboxes/{sandbox_id}")

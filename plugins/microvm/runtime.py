@@ -162,7 +162,7 @@ class MicrovmRuntime(Runtime):
 
     id = "microvm"
     description = "QEMU microvm with its own Linux kernel: processes, PTY, shell, Python; KVM or TCG"
-    capabilities = frozenset({"network"})
+    capabilities = frozenset({"network", "ports"})
     #: Each volume an ext4 image of the gateway's "local" store, attached as a virtio-blk disk.
     volume_store = "local"
 

@@ -174,7 +174,7 @@ class PodRuntime(Runtime):
 
     id = "pod"
     description = "Kubernetes pods (or agent-sandbox Sandboxes), the agent over the API server's exec/attach"
-    capabilities = frozenset({"network"})
+    capabilities = frozenset({"network", "ports"})
     volume_store = "kubernetes"
 
     def __init__(self, config: Mapping[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """The egress core without a VM: the policy and secrets (sans-I/O, with Hypothesis), and the real
 policy proxy and DNS server in this process, in front of the test upstream ("the internet" on
-203.0.113.10/.11 in a network namespace, with its own DNS server and CA: tests/net/upstream.py).
+203.0.113.x in a network namespace, with its own DNS server and CA: tests/net/upstream.py).
 
 The guest's view through real sandboxes is in tests/plugins/microvm/test_network.py (microVM),
 tests/plugins/pod/ (pods) and tests/plugins/wasm/ (WASM's fetch).
@@ -9,6 +9,7 @@ tests/plugins/pod/ (pods) and tests/plugins/wasm/ (WASM's fetch).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import ssl
@@ -164,14 +165,27 @@ class Sandbox:
         self.port = 0
 
     async def __aenter__(self) -> Sandbox:
-        self.server = await asyncio.start_server(
-            lambda r, w: proxy.handle(r, w, lambda _request: self.network), "127.0.0.1", 0)
+        self.handlers: set[asyncio.Task[None]] = set()
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = int(self.server.sockets[0].getsockname()[1])
         return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        # The outermost frame of a connection's task: a cancel (the sandbox going) ends it quietly.
+        with contextlib.suppress(asyncio.CancelledError):
+            await proxy.handle(reader, writer, lambda _request: self.network)
+        self.handlers.discard(task)
 
     async def __aexit__(self, *exc: object) -> None:
         self.network.egress.detach(self.network)
         self.server.close()
+        # A connection the test left open ends with the sandbox, as a runtime's listener ends them.
+        for task in list(self.handlers):
+            task.cancel()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
         await self.server.wait_closed()
 
     async def ask(self, head: bytes) -> bytes:
@@ -250,6 +264,8 @@ async def test_an_allowlisted_name_is_reachable_and_nothing_else(upstream: Upstr
         assert box.network.counters.connections == 2 and box.network.counters.bytes_in > 0
         reasons = [r["reason"] for r in box.network.describe()["recent_refusals"]]
         assert len(reasons) == 4 and all("allow list" in r or "no address" in r for r in reasons), reasons
+    async with Sandbox(upstream, "public") as box:
+        assert (await box.dns(f"nowhere.{API}")).header.rcode == RCODE.NXDOMAIN  # admitted, but no such name
 
 
 async def test_names_resolving_to_refused_ranges_are_refused(upstream: Upstream) -> None:

@@ -129,3 +129,32 @@ async def test_js_functions_on_the_example_runtime(aiohttp_server: Callable[...,
         output = (await proc.communicate())[0].decode()
     assert proc.returncode == 0, output
     _passed(output, 6)
+
+
+async def test_js_ports(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> None:
+    """tests/js/ports.test.mjs: `sandbox.ports` against an in-process gateway whose runtime (the
+    agent as a host process, tests/gateway/test_ports.py's) publishes ports; the "sandbox's server"
+    is one of this test's on the host's loopback."""
+    from aiohttp import web
+
+    from tests.gateway.test_ports import _Plugin
+
+    async def serve_page(request: web.Request) -> web.Response:
+        return web.Response(text=f"served {request.path}")
+
+    node = _node()
+    guest_app = web.Application()
+    guest_app.router.add_get("/{tail:.*}", serve_page)
+    guest = await aiohttp_server(guest_app, host="127.0.0.1")
+    app = create_app(settings(blocked_plugins=("wasm", "microvm", "pod"), default_runtime="local-ports"),
+                     plugins=[_Plugin()])
+    server = await aiohttp_server(app)
+    env = {**os.environ, "SANDGATE_TEST_URL": f"http://127.0.0.1:{server.port}", "SANDGATE_TEST_KEY": LOCAL_KEY,
+           "SANDGATE_TEST_PORT": str(guest.port)}
+    flags = await asyncio.to_thread(_websocket_flags, node)
+    proc = await asyncio.create_subprocess_exec(node, *flags, "--test", str(ROOT / "tests" / "js" / "ports.test.mjs"),
+                                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    async with asyncio.timeout(110):
+        output = (await proc.communicate())[0].decode()
+    assert proc.returncode == 0, output
+    _passed(output, 1)

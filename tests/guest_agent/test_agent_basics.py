@@ -32,6 +32,7 @@ HOST_CAPABILITIES = [
     "fs",
     "fs.watch",
     "metrics",
+    "net.connect",
 ]
 
 

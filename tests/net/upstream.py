@@ -1,9 +1,9 @@
 """A stand-in for "the internet": HTTP and HTTPS servers on public-looking addresses (TEST-NET-3,
-203.0.113.10 and .11, documentation ranges) inside a network namespace made here, joined to the
-host by a veth pair, and a DNS server on the host's loopback that gives test names those
-addresses (and some refused ones). The egress proxy sees addresses that are neither private nor
-the host's, as real upstreams would be; no packet leaves the machine. Needs root and iproute2;
-`Upstream.start` says why not.
+203.0.113.0/24, a documentation range: .10 and .11 of a /28 this process holds alone, ADDRESS and
+OTHER_ADDRESS) inside a network namespace made here, joined to the host by a veth pair, and a DNS
+server on the host's loopback that gives test names those addresses (and some refused ones). The
+egress proxy sees addresses that are neither private nor the host's, as real upstreams would be;
+no packet leaves the machine. Needs root and iproute2; `Upstream.start` says why not.
 
 The servers answer:
 - `GET /hello`: a line naming the address;
@@ -15,12 +15,13 @@ The servers answer:
 HTTPS uses a certificate from `TestCA` for the test names and both addresses.
 
 Names (`Names`): api. and other. -> .10 and .11; private. -> 10.20.30.40; loopback. -> 127.0.0.1;
-mixed. -> 203.0.113.10 and 10.20.30.40 (an answer the rebinding guard must trim).
+mixed. -> ADDRESS and 10.20.30.40 (an answer the rebinding guard must trim).
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
 import ipaddress
 import json
 import os
@@ -38,9 +39,28 @@ from cryptography.x509.oid import NameOID
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 from dnslib.server import BaseResolver, DNSServer
 
-ADDRESS = "203.0.113.10"
-OTHER_ADDRESS = "203.0.113.11"
-HOST_SIDE = "203.0.113.1"
+
+def _take_slot() -> int:
+    """A /28 of TEST-NET-3 for this process alone (a lock file held while the process lives), so
+    test runs on one machine at once (a developer's and CI's, or helpers') get their own routes."""
+    for slot in range(16):
+        fd = os.open(f"/tmp/sandgate-upstream-slot-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        _SLOT_LOCKS.append(fd)  # held, never closed: the slot is this process's until it exits
+        return slot
+    raise RuntimeError("16 test upstreams are in use on this machine")
+
+
+_SLOT_LOCKS: list[int] = []
+_BASE = 16 * _take_slot()
+ADDRESS = f"203.0.113.{_BASE + 10}"
+OTHER_ADDRESS = f"203.0.113.{_BASE + 11}"
+HOST_SIDE = f"203.0.113.{_BASE + 1}"
+PREFIX = 28
 PORT = 8080
 TLS_PORT = 8443
 DOMAIN = "sgtest.example"
@@ -60,6 +80,9 @@ lock = threading.Lock()
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # As servers meant to be fast do: otherwise a keep-alive answer's second segment waits for the
+    # client's delayed ACK (40 ms), and every figure through the upstream would measure that.
+    disable_nagle_algorithm = True
 
     def answer(self, status, body, kind="text/plain"):
         self.send_response(status)
@@ -229,10 +252,10 @@ class Upstream:
             raise UnavailableHere(f"`ip netns add` failed: {exc.stderr.strip()}") from None
         try:
             self._ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", self.name)
-            self._ip("addr", "add", f"{HOST_SIDE}/24", "dev", host_if)
+            self._ip("addr", "add", f"{HOST_SIDE}/{PREFIX}", "dev", host_if)
             self._ip("link", "set", host_if, "up")
-            for args in (("addr", "add", f"{ADDRESS}/24", "dev", ns_if),
-                         ("addr", "add", f"{OTHER_ADDRESS}/24", "dev", ns_if),
+            for args in (("addr", "add", f"{ADDRESS}/{PREFIX}", "dev", ns_if),
+                         ("addr", "add", f"{OTHER_ADDRESS}/{PREFIX}", "dev", ns_if),
                          ("link", "set", ns_if, "up"), ("link", "set", "lo", "up")):
                 self._ip("netns", "exec", self.name, "ip", *args)
             config = json.dumps([[ADDRESS, OTHER_ADDRESS], PORT, TLS_PORT, str(self.ca.server_file), str(self.record)])

@@ -150,4 +150,5 @@ def test_flags() -> None:
     assert control == {"exec.input", "exec.close_stdin", "exec.signal", "exec.resize"}
     assert {name for name, op in OPS.items() if op.liveness} == {"hello", "ping", "sandbox.info"}
     assert all(op.nested for op in OPS.values() if op.control or (op.leg == schema.BOTH and op.liveness))
-    assert {name for name, op in OPS.items() if op.stream} == {"exec.start", "exec.attach", "fs.read", "fs.watch"}
+    assert {name for name, op in OPS.items() if op.stream} == {"exec.start", "exec.attach", "fs.read", "fs.watch",
+                                                                   "net.connect"}

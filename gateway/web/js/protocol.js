@@ -809,6 +809,103 @@ export const PROTOCOL = {
    "nested": true,
    "stream": false
   },
+  "net.close": {
+   "capability": "net.connect",
+   "control": false,
+   "fields": {
+    "conn_id": {
+     "max": 64,
+     "min": 1,
+     "required": true,
+     "type": "str"
+    }
+   },
+   "idempotent": false,
+   "leg": "agent",
+   "liveness": false,
+   "nested": false,
+   "stream": false
+  },
+  "net.connect": {
+   "capability": "net.connect",
+   "control": false,
+   "fields": {
+    "conn_id": {
+     "max": 64,
+     "min": 1,
+     "required": true,
+     "type": "str"
+    },
+    "port": {
+     "max": 65535,
+     "min": 1,
+     "required": true,
+     "type": "int"
+    },
+    "window": {
+     "default": 262144,
+     "max": 16777216,
+     "min": 65536,
+     "required": false,
+     "type": "int"
+    }
+   },
+   "idempotent": false,
+   "leg": "agent",
+   "liveness": false,
+   "nested": false,
+   "stream": true
+  },
+  "net.credit": {
+   "capability": "net.connect",
+   "control": false,
+   "fields": {
+    "bytes": {
+     "max": 16777216,
+     "min": 1,
+     "required": true,
+     "type": "int"
+    },
+    "conn_id": {
+     "max": 64,
+     "min": 1,
+     "required": true,
+     "type": "str"
+    }
+   },
+   "idempotent": false,
+   "leg": "agent",
+   "liveness": false,
+   "nested": false,
+   "stream": false
+  },
+  "net.send": {
+   "capability": "net.connect",
+   "control": false,
+   "fields": {
+    "conn_id": {
+     "max": 64,
+     "min": 1,
+     "required": true,
+     "type": "str"
+    },
+    "data": {
+     "max": 524288,
+     "required": false,
+     "type": "bin"
+    },
+    "eof": {
+     "default": false,
+     "required": false,
+     "type": "bool"
+    }
+   },
+   "idempotent": false,
+   "leg": "agent",
+   "liveness": false,
+   "nested": false,
+   "stream": false
+  },
   "ping": {
    "capability": null,
    "control": false,

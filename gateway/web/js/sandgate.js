@@ -435,9 +435,30 @@ export class Gateway {
   }
 
   /**
+   * Change a running sandbox's network policy; open connections it refuses are ended.
+   * @param {string} id
+   * @param {string|{allow?: string[], deny?: string[]}} policy "none", "public", "all" or rules
+   * @returns {Promise<any>} the sandbox's description
+   */
+  setNetwork(id, policy) {
+    return this.rest("PATCH", `/v1/sandboxes/${encodeURIComponent(id)}`, { network: policy });
+  }
+
+  /**
+   * A sandbox's policy, secrets (names and hosts, never values), network figures and recent refusals.
+   * @param {string} id
+   * @returns {Promise<any>}
+   */
+  network(id) {
+    return this.rest("GET", `/v1/sandboxes/${encodeURIComponent(id)}/network`);
+  }
+
+  /**
    * Create a sandbox and open a session on it.
    * @param {{runtime?: string, ttl?: number, idle_timeout?: number, memory_mb?: number,
-   *          cpu_seconds?: number, disk_mb?: number, metadata?: Record<string, string>}} [spec]
+   *          cpu_seconds?: number, disk_mb?: number, metadata?: Record<string, string>,
+   *          network?: string|{allow?: string[], deny?: string[]},
+   *          secrets?: {env: string, value: string, hosts: string[]}[]}} [spec]
    * @returns {Promise<Sandbox>}
    */
   async createSandbox(spec = {}) {
@@ -819,6 +840,7 @@ export class Sandbox extends Emitter {
     this.id = id;
     this.codec = codec;
     this.files = new Files(this);
+    this.ports = new Ports(this);
     /** Resolves once the first connection said hello; rejects with why it could not. */
     this.ready = this.#open().then(
       () => {
@@ -1694,6 +1716,50 @@ export class Watch extends Stream {
 }
 
 /** `sandbox.files`: the fs ops (docs/protocol.md §3); paths are relative to the sandbox's root. */
+/**
+ * A published port as the client shows it: its absolute `url` on the gateway, its `token`, and the
+ * `previewUrl` to open in a browser (its `?token=` becomes the port's cookie, then leaves the address bar).
+ * @typedef {{port: number, url: string, token: string, previewUrl: string, connections: number}} PublishedPort
+ */
+
+/**
+ * The sandbox's published ports (`sandbox.ports`): its servers, served by the gateway at
+ * `/v1/sandboxes/{id}/ports/{port}/` for HTTP and WebSockets (microVM and pod; WASM has no sockets).
+ */
+export class Ports {
+  #sandbox;
+  /** @param {Sandbox} sandbox */
+  constructor(sandbox) {
+    this.#sandbox = sandbox;
+  }
+
+  #path(suffix = "") {
+    return `/v1/sandboxes/${encodeURIComponent(this.#sandbox.id)}/ports${suffix}`;
+  }
+
+  /** @param {any} wire @returns {PublishedPort} */
+  #port(wire) {
+    const url = this.#sandbox.gateway.url + wire.url;
+    return { port: wire.port, url, token: wire.token, previewUrl: `${url}?token=${encodeURIComponent(wire.token)}`,
+      connections: wire.connections ?? 0 };
+  }
+
+  /** Publish `port` (again: the same URL and token). @param {number} port @returns {Promise<PublishedPort>} */
+  async publish(port) {
+    return this.#port(await this.#sandbox.gateway.rest("POST", this.#path(), { port }));
+  }
+
+  /** The published ports, with their tokens. @returns {Promise<PublishedPort[]>} */
+  async list() {
+    return (await this.#sandbox.gateway.rest("GET", this.#path())).ports.map((/** @type {any} */ p) => this.#port(p));
+  }
+
+  /** Unpublish `port`: its token stops working and its connections are cut. @param {number} port */
+  async unpublish(port) {
+    await this.#sandbox.gateway.rest("DELETE", this.#path(`/${Number(port)}`));
+  }
+}
+
 export class Files {
   #sandbox;
   /** @param {Sandbox} sandbox */

@@ -37,6 +37,8 @@ const ui = {
   editor: $("editor"), terminal: $("terminal"), terminalTitle: $("terminal-title"),
   terminalNote: $("terminal-note"), status: $("status"), richOutput: $("rich-output"),
   richItems: $("rich-items"), richClear: $("rich-clear"),
+  previewPort: $("preview-port"), previewOpen: $("preview-open"), previewTab: $("preview-tab"),
+  previewClose: $("preview-close"), previewFrame: $("preview-frame"),
 };
 
 /** @type {Gateway | null} */
@@ -90,6 +92,38 @@ function showConnection(state, detail = {}) {
   const usable = state === "open" || state === "reconnecting";
   for (const button of [ui.save, ui.runPython, ui.refresh, ui.upload, ui.destroy]) button.disabled = !usable;
   ui.runJs.disabled = !usable || !canRunJavaScript();
+  ui.previewOpen.disabled = !usable || !canPublishPorts();
+}
+
+/** Whether the sandbox's runtime publishes ports (microVM, pod; WASM has no sockets). */
+function canPublishPorts() {
+  return (sandbox?.capabilities ?? new Set()).has("ports");
+}
+
+// ------------------------------------------------------------------------------------------------
+// Preview of a published port
+// ------------------------------------------------------------------------------------------------
+
+/**
+ * Publish the port in the field and show it: the frame opens the port's preview URL, whose
+ * `?token=` the gateway turns into the port's cookie. The frame is sandboxed without
+ * allow-same-origin (the page is the sandbox's, and must not reach this one's key), so the browser
+ * sends that cookie with the frame's page but not with what the page loads itself; "new tab" opens
+ * the page on its own, where its assets and scripts load as on a site.
+ */
+async function showPreview() {
+  if (!sandbox) return;
+  const port = Number(ui.previewPort.value);
+  const published = await sandbox.ports.publish(port);
+  ui.previewFrame.src = published.previewUrl;
+  ui.previewTab.href = published.previewUrl;
+  ui.previewFrame.hidden = ui.previewTab.hidden = ui.previewClose.hidden = false;
+  say(`Port ${port} is published at ${published.url}`);
+}
+
+function hidePreview() {
+  ui.previewFrame.removeAttribute("src");
+  ui.previewFrame.hidden = ui.previewTab.hidden = ui.previewClose.hidden = true;
 }
 
 function canRunJavaScript() {
@@ -441,6 +475,7 @@ async function bind(sb) {
 
 function unbind() {
   window.clearInterval(metricsTimer);
+  hidePreview();
   mode = null;
   if (sandbox) {
     const old = sandbox;
@@ -715,6 +750,8 @@ ui.runPython.addEventListener("click", guarded(() => runFile("python")));
 ui.runJs.addEventListener("click", guarded(() => runFile("javascript")));
 ui.stop.addEventListener("click", stop);
 ui.richClear.addEventListener("click", clearDisplay);
+ui.previewOpen.addEventListener("click", guarded(showPreview));
+ui.previewClose.addEventListener("click", hidePreview);
 ui.editor.addEventListener("keydown", editorKeys);
 ui.editor.addEventListener("input", () => { ui.editor.dataset.dirty = "1"; });
 

@@ -2,7 +2,7 @@
 its loopback services and private ranges are out of reach; public addresses are reachable through
 the gateway's egress proxy, and only through it; an operator can forbid the network per tenant.
 
-"Public" is an HTTP server the test starts at 203.0.113.10 in a network namespace of its own
+"Public" is an HTTP server the test starts on 203.0.113.0/24 in a network namespace of its own
 (upstream.py, needs root): nothing leaves the machine. Each network sandbox boots cold (a network
 VM does not fit the template's snapshot), so these tests are few and each asks many questions.
 """
@@ -29,7 +29,7 @@ from gateway.config import ConfigError, Limits, NetworkAccess, Settings, load_se
 from gateway.testing.conformance import AUTH, KEY, MSGPACK, OTHER_AUTH, OTHER_KEY, Gateway, WsClient
 from gateway.web.app import MANAGER, create_app
 from plugins.microvm import egress
-from tests.net.upstream import HOST_SIDE, Upstream
+from tests.net.upstream import ADDRESS, HOST_SIDE, Upstream
 
 pytestmark = [pytest.mark.microvm, pytest.mark.usefixtures("microvm_image")]
 
@@ -217,12 +217,12 @@ async def test_a_guest_reaches_public_addresses_through_the_proxy_and_nothing_el
     # tools send it, several connections at once.
     assert results["proxied"][upstream_host] == "HTTP/1.1 200 Connection established"
     fetched = results["fetched"]
-    assert fetched[f"{upstream.url}/hello"] == "hello from 203.0.113.10\n"
+    assert fetched[f"{upstream.url}/hello"] == f"hello from {ADDRESS}\n"
     assert fetched[f"{upstream.url}/bytes/3000000"] == 3000000
     assert "403" in fetched["http://169.254.169.254/latest/meta-data/"], fetched
     # A tool that is not Python finds the proxy in its environment too (busybox wget, as curl would).
     wget = await gateway.exec(sid, command=["wget", "-q", "-O", "-", f"{upstream.url}/hello"])
-    assert wget["stdout"] == "hello from 203.0.113.10\n", wget
+    assert wget["stdout"] == f"hello from {ADDRESS}\n", wget
     vm = gateway.client.app[MANAGER]._sandboxes[sid].backend.vm
     resp = await gateway.client.delete(f"/v1/sandboxes/{sid}", headers=AUTH)
     assert resp.status == 204
