@@ -23,8 +23,7 @@ from hypothesis import strategies as st
 
 from gateway.config import Limits, NetworkAccess, Settings
 from gateway.egress import forward
-from gateway.egress.policy import NetworkPolicy
-from gateway.testing.conformance import KEY, Gateway, output
+from gateway.testing.conformance import AUTH, KEY, Gateway, output
 from gateway.web.app import MANAGER, create_app
 from plugins.wasm import fetch, launcher
 from plugins.wasm.guest.sandgate import wire
@@ -212,7 +211,8 @@ except sandgate.FetchError as e:
         assert event.get("ev") != "end", event
         if event.get("ev") == "data" and b"reading" in event["data"]:
             break
-    assert network.set_policy(NetworkPolicy.parse({"allow": [OTHER]})) == 1
+    patched = await gateway.client.patch(f"/v1/sandboxes/{sid}", json={"network": {"allow": [OTHER]}}, headers=AUTH)
+    assert patched.status == 200 and network.counters.refusals == 2  # the cut read counts as a refusal
     assert output(await ws.collect(request_id)) == b"cut: error\n"
     await ws.ws.close()
     after = await run(gateway, sid, code)
