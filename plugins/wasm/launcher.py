@@ -346,9 +346,12 @@ def fetch_door(args: argparse.Namespace) -> Callable[..., int]:
         if not made:
             import socket
 
-            from plugins.wasm.fetch import Door
+            from plugins.wasm.fetch import HOST_FAULT, Door
 
-            handoff = socket.socket(fileno=args.handoff_fd) if args.handoff_fd is not None else None
+            try:
+                handoff = socket.socket(fileno=args.handoff_fd) if args.handoff_fd is not None else None
+            except OSError:  # not a socket: the guest's call fails (an OSError there), never a trap
+                return HOST_FAULT
             made.append(Door(handoff, args.fetch_max_bytes))
         return made[0](caller, *frame)
 

@@ -14,6 +14,8 @@ import asyncio
 import json
 import logging
 import struct
+import subprocess
+import sys
 from typing import Any
 
 import msgpack
@@ -25,7 +27,8 @@ from gateway.config import Limits, NetworkAccess, Settings
 from gateway.egress import forward
 from gateway.testing.conformance import AUTH, KEY, Gateway, output
 from gateway.web.app import MANAGER, create_app
-from plugins.wasm import fetch, launcher
+from plugins.wasm import artifacts, fetch, launcher
+from plugins.wasm.agent_dir import stage_agent_dir
 from plugins.wasm.guest.sandgate import wire
 from tests.net.upstream import ADDRESS, API, LOOPBACK, OTHER, OTHER_ADDRESS, PORT, PRIVATE, TLS_PORT, Upstream
 
@@ -133,6 +136,17 @@ print(json.dumps({{"key": key, "env": dict(os.environ), "bound": bound, "elsewhe
         "import os\nfor d, _, fs in os.walk('/work'):\n"
         "    for f in fs: print(open(os.path.join(d, f), errors='replace').read())"))
     assert key in files["stdout"] and SECRET_VALUE not in files["stdout"]
+    # An exec stopped in the middle of a fetch restarts the agent (a new launcher): the sandbox keeps
+    # its network and its secrets' placeholders.
+    stuck = await gateway.exec(sid, language="python", timeout=1,
+                               code=f"import sandgate; sandgate.fetch('http://{API}:{PORT}/slow', timeout=60)")
+    assert stuck["error"]["code"] == "timeout", stuck
+    again = await run(gateway, sid, f"""
+print(json.dumps(probe("https://{API}:{TLS_PORT}/echo/b", headers={{"X-Again": os.environ["API_KEY"]}})))
+""")
+    assert again["status"] == 200 and json.loads(again["body"])["headers"]["X-Again"] == key
+    assert [r for r in upstream.received() if r["path"] == "/echo/b"][-1]["headers"]["X-Again"] == SECRET_VALUE
+    assert gateway.client.app[MANAGER].get("tenant-a", sid).restarts == 1
 
 
 async def test_urllib_fetches_through_the_door(gateway: Gateway, upstream: Upstream) -> None:
@@ -268,6 +282,22 @@ print(json.dumps(sum(1 for _ in range(100) if "refused" in probe("http://{OTHER}
     # Responses the guest dropped unread (closed, timed out, past the cap) end quietly on the gateway:
     # no fault to log (a guest doing it in a loop would fill the gateway's log).
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ((), "refused: sandgate egress refused the request (403): the sandbox has no network (this launcher was "
+         "given no handoff socket)"),
+    (("--handoff-fd", "97"), "error: the host could not answer"),  # not an open fd
+])
+def test_a_launcher_without_a_working_handoff_fails_the_fetch_not_the_guest(options: tuple[str, ...],
+                                                                            expected: str) -> None:
+    code = ("import sandgate\ntry:\n    sandgate.fetch('http://example.org/')\nexcept sandgate.FetchError as e:\n"
+            "    print(e.kind + ': ' + str(e))")
+    done = subprocess.run([sys.executable, "-m", "plugins.wasm.launcher", "--agent-dir", str(stage_agent_dir()),
+                           *options, "--", "python", "-c", code], env=artifacts.child_env(), capture_output=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().startswith(expected), done.stdout
 
 
 def test_the_launcher_and_the_proxy_agree_on_the_refusal_mark() -> None:

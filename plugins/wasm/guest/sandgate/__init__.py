@@ -300,6 +300,8 @@ class _PatchingLoader:
         _urllib.patch(module)
 
     def __getattr__(self, name: str) -> Any:  # get_source and the rest, for tracebacks
+        if name == "_loader":
+            raise AttributeError(name)
         return getattr(self._loader, name)
 
 
