@@ -20,5 +20,5 @@ class TestMicrovmPorts(GatewayFixtures):
 
     async def test_ports_without_a_network(self, gateway: Gateway) -> None:
         sandbox = await gateway.create(ports=[8000])
-        assert not sandbox["network"]  # no network device: the ports travel over the agent's channel
+        assert sandbox["network"] == "none"  # no network device: the ports travel over the agent's channel
         await check_ports(gateway, sandbox, http_port=8000, ws_port=8001)
