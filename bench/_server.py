@@ -30,7 +30,7 @@ TENANT = "bench"
 
 
 def build_settings(raw: Mapping[str, Any]) -> Any:
-    from gateway.config import Limits, Quotas, Settings, Storage
+    from gateway.config import Limits, NetworkAccess, Quotas, Settings, Storage
 
     wasm: dict[str, Any] = {"pool_size": int(raw.get("pool_size", 0)),
                             "pool_refill_per_s": float(raw.get("refill_per_s", 4.0))}
@@ -45,6 +45,7 @@ def build_settings(raw: Mapping[str, Any]) -> Any:
         blocked_plugins=tuple(raw.get("blocked", ("microvm", "pod"))),
         client_send_timeout_s=float(raw.get("client_send_timeout_s", 30.0)),
         storage=Storage(**raw.get("storage", {})),
+        network=NetworkAccess(**raw.get("network", {})),  # name servers and CA of a test upstream
         **raw.get("settings", {}),  # any other Settings field, as is (bench/soak.py)
     )
 

@@ -18,7 +18,7 @@ import h11
 
 from gateway.egress.network import MAX_BUFFERED_BYTES, Connection, SandboxNetwork
 from gateway.egress.secrets import Leak, Redactor, StreamFiller
-from gateway.egress.streams import Stream, next_event, send
+from gateway.egress.streams import PlainStream, Stream, next_event, send
 from gateway.egress.tls import ServerTLS
 from gateway.egress.upstream import Refused, admitted, authority, close, connect
 
@@ -28,11 +28,14 @@ MAX_HEAD_BYTES = 16 << 10
 #: one (or one past the sandbox's share, network.MAX_BUFFERED_BYTES) is streamed, chunked.
 MAX_BUFFERED_BODY = 1 << 20
 READ_CHUNK = 64 << 10
+#: Marks the proxy's own refusals (`answer_error`), so a client can tell them from an upstream's
+#: answer (the WASM launcher's fetch does); never forwarded from an upstream, which could forge one.
+REFUSAL_HEADER = (b"sandgate-egress", b"refused")
 #: Hop-by-hop headers not forwarded (RFC 9110 7.6.1), plus the proxy's own and the framing the
 #: proxy sets itself.
 HOP_BY_HOP = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"proxy-authorization",
                         b"proxy-authenticate", b"te", b"trailer", b"upgrade", b"expect",
-                        b"content-length", b"transfer-encoding"})
+                        b"content-length", b"transfer-encoding", REFUSAL_HEADER[0]})
 #: How long an idle intercepted connection is kept open between requests.
 IDLE_TIMEOUT_S = 120.0
 
@@ -80,14 +83,20 @@ def origin_of(request: h11.Request) -> Origin:
     return Origin(url.scheme, host.lower(), port)
 
 
-async def serve(client: Stream, conn: h11.Connection, request: h11.Request, network: SandboxNetwork) -> None:
-    """One absolute-URI request: its own upstream connection, `Connection: close` both ways."""
+async def serve(client: PlainStream, conn: h11.Connection, request: h11.Request, network: SandboxNetwork) -> None:
+    """One absolute-URI request: its own upstream connection, `Connection: close` both ways. A
+    policy change that ends it ends the client's connection too: an answer cut short must not
+    look whole to the client (a body framed by the upstream's close would)."""
     origin = origin_of(request)
     name, addresses = await admitted(network, origin.host, origin.port)
     https = origin.scheme == "https"
     reader, writer, address = await connect(network, name, addresses, origin.port,
                                             tls_name=(name or origin.host) if https else None)
-    connection = Connection(address, origin.port, (name,) if name else (), writer.transport.abort)
+    def abort() -> None:
+        writer.transport.abort()
+        client.writer.transport.abort()
+
+    connection = Connection(address, origin.port, (name,) if name else (), abort)
     network.open.add(connection)
     try:
         url = urlsplit(request.target.decode("ascii", "replace"))
@@ -258,7 +267,7 @@ def answer_error(client: Stream, conn: h11.Connection, status: int, reason: str,
         return
     body = f"sandgate egress: {reason}\n".encode()
     headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(body)),
-               (b"connection", b"close")]
+               (b"connection", b"close"), REFUSAL_HEADER]
     if status == 407:  # a listener shared by sandboxes (pods') asks for their credentials (RFC 9110 11.7.1)
         headers.append((b"proxy-authenticate", b'Basic realm="sandgate egress"'))
     send(client, conn, h11.Response(status_code=status, headers=headers), h11.Data(data=body), h11.EndOfMessage())

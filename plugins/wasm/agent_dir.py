@@ -1,6 +1,7 @@
-"""The folder a WASM sandbox sees read-only at /sandgate: the guest agent's sources and msgpack's
+"""The folder a WASM sandbox sees read-only at /sandgate: the guest agent's sources, msgpack's
 pure-Python files (the guest cannot load C extensions; MSGPACK_PUREPYTHON=1 makes msgpack use
-its fallback directly).
+its fallback directly) and the modules of plugins/wasm/guest as top-level packages (`sandgate`:
+fetch through the host door).
 
 It is built once per content and kept under the cache root, keyed by the hash of what it holds,
 so every sandbox shares one copy and an edited agent gets a new folder instead of changing the
@@ -16,7 +17,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from plugins.common import agent_files, cache_root
+from plugins.common import agent_files, cache_root, py_files
 from plugins.wasm.artifacts import child_env, file_sha256, wasm_path
 
 
@@ -35,6 +36,14 @@ def _precompile(folder: Path) -> None:
     if proc.returncode != 0:
         err = (proc.stderr or proc.stdout).decode(errors="replace").strip()[-2000:]
         raise RuntimeError(f"precompiling the agent folder failed ({proc.returncode}): {err}")
+
+
+GUEST_MODULES = Path(__file__).with_name("guest")
+
+
+def guest_files() -> dict[str, Path]:
+    """plugins/wasm/guest's packages, at the folder's top (the guest imports `sandgate`)."""
+    return {rel.as_posix(): GUEST_MODULES / rel for rel in py_files(GUEST_MODULES) if len(rel.parts) > 1}
 
 
 def _parents_needing_init(files: dict[str, Path]) -> set[str]:
@@ -69,7 +78,7 @@ def stage_agent_dir(extra_packages: Iterable[str] = (), precompile: bool = True)
     run, ~0.3 s, or the python module's first compile if the cache lacks it), since a read-only
     /sandgate could otherwise never hold bytecode and every sandbox start would compile the
     agent and msgpack again (~50 ms of guest CPU each time)."""
-    files = agent_files(extra_packages)
+    files = {**agent_files(extra_packages), **guest_files()}
     empty_inits = _parents_needing_init(files)
     digest = hashlib.sha256()
     if precompile:  # bytecode is the guest CPython's: a new one makes a new folder

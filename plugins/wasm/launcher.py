@@ -26,6 +26,10 @@ Options:
                       normal exit), with the process's CPU seconds: the guest cannot write there
   --parent-pid PID    die with SIGKILL when the parent dies (prctl PDEATHSIG); exit at once if the
                       parent is not PID any more (it died before the prctl)
+  --handoff-fd N      python mode: the sandbox's handoff socket (a Unix datagram socket the gateway
+                      serves): `sandgate.fetch` and urllib in the guest send each request through
+                      it (plugins/wasm/fetch.py); without it they are refused (no network)
+  --fetch-max-bytes N the largest response body a fetch may read (default 64 MiB)
 
 The python argv's first item is ignored (the guest runs `python.wasm`): `-- python -m guest_agent`,
 `-- python -c CODE`, `-- python /work/script.py`, or `-- python` for a REPL on stdin. The guest
@@ -80,7 +84,8 @@ TICK_SECONDS = 0.01  # one epoch tick per 10 ms of guest CPU
 IDLE_POLL_MAX = 0.2  # the CPU ticker backs off to this while the guest is idle
 NO_DEADLINE = 1 << 62
 WASI_EPERM = 63
-HOST_CALL_UNAVAILABLE = -1  # what `host.call` answers: this runtime offers no host calls
+HOST_CALL_UNAVAILABLE = -1  # what `host.call` answers outside python mode: no host calls there
+DEFAULT_FETCH_MAX_BYTES = 64 << 20
 
 PYTHON_ARGV0_DEFAULT = ("python",)
 ZIP_GUEST = "/usr/local/lib"
@@ -127,6 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--env-file", help="guest env: a host file holding a JSON object of strings")
     p.add_argument("--status-fd", type=int, help="fd for the exit report (not the guest's stderr)")
     p.add_argument("--parent-pid", type=int, help="die with the parent (parent-death signal)")
+    p.add_argument("--handoff-fd", type=int, help="python mode: the handoff socket fetches go through")
+    p.add_argument("--fetch-max-bytes", type=int, default=DEFAULT_FETCH_MAX_BYTES,
+                   help="the largest response body a fetch reads")
     p.add_argument("argv", nargs="*", help="python mode: the guest argv, after --")
     args = p.parse_args(argv)
     if args.mode == "javascript" and (args.code is None) == (args.code_file is None):
@@ -149,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--memory-bytes must be positive")
     if args.cpu_seconds is not None and args.cpu_seconds <= 0:
         p.error("--cpu-seconds must be positive")
+    if args.fetch_max_bytes <= 0:
+        p.error("--fetch-max-bytes must be positive")
     return args
 
 
@@ -302,8 +312,9 @@ def _first_line(text: str) -> str:
 # Building the store and linker.
 
 
-def _linker(engine: wasmtime.Engine) -> wasmtime.Linker:
-    """WASI, plus refusals that close holes in wasmtime's WASI, plus the `host.call` stub."""
+def _linker(engine: wasmtime.Engine, door: Callable[..., int] | None = None) -> wasmtime.Linker:
+    """WASI, plus refusals that close holes in wasmtime's WASI, plus `host.call`: `door` (python
+    mode's fetch, plugins/wasm/fetch.py), else a stub that answers "no host"."""
     import wasmtime
 
     i32 = wasmtime.ValType.i32()
@@ -319,8 +330,32 @@ def _linker(engine: wasmtime.Engine) -> wasmtime.Linker:
     # through /work: both are refused.
     linker.define_func("wasi_snapshot_preview1", "path_symlink", _ft([i32] * 5, [i32]), refuse)
     linker.define_func("wasi_snapshot_preview1", "path_link", _ft([i32] * 7, [i32]), refuse)
-    linker.define_func("host", "call", _ft([i32] * 4, [i32]), lambda *_a: HOST_CALL_UNAVAILABLE)
+    if door is None:
+        linker.define_func("host", "call", _ft([i32] * 4, [i32]), lambda *_a: HOST_CALL_UNAVAILABLE)
+    else:
+        linker.define_func("host", "call", _ft([i32] * 4, [i32]), door, access_caller=True)
     return linker
+
+
+def fetch_door(args: argparse.Namespace) -> Callable[..., int]:
+    """Python mode's `host.call`: plugins/wasm/fetch.py's Door, made (and imported) on the first
+    call, so a sandbox that never fetches never pays for it."""
+    made: list[Callable[..., int]] = []
+
+    def call(caller: object, *frame: int) -> int:
+        if not made:
+            import socket
+
+            from plugins.wasm.fetch import HOST_FAULT, Door
+
+            try:
+                handoff = socket.socket(fileno=args.handoff_fd) if args.handoff_fd is not None else None
+            except OSError:  # not a socket: the guest's call fails (an OSError there), never a trap
+                return HOST_FAULT
+            made.append(Door(handoff, args.fetch_max_bytes))
+        return made[0](caller, *frame)
+
+    return call
 
 
 def _ft(params: list[wasmtime.ValType], results: list[wasmtime.ValType]) -> wasmtime.FuncType:
@@ -396,9 +431,18 @@ PYTHON_PRELUDE = (
 )
 
 
-def python_argv(argv: list[str]) -> list[str]:
+#: Added to the prelude when the guest can fetch (a handoff socket and the agent's folder, where
+#: the `sandgate` module is): urllib.request then fetches through the door (sandgate.install).
+FETCH_PRELUDE = "__import__('sandgate').install(); "
+
+
+def python_argv(argv: list[str], fetch: bool = False) -> list[str]:
     """The WASI argv for the caller's `python ...` command line (argv[0] is ignored)."""
-    return [argv[0], "-c", PYTHON_PRELUDE, *argv[1:]]
+    prelude = PYTHON_PRELUDE
+    if fetch:
+        run = "_s.exit(__import__('_reactor')"
+        prelude = prelude.replace(run, FETCH_PRELUDE + run)
+    return [argv[0], "-c", prelude, *argv[1:]]
 
 
 def run_python(args: argparse.Namespace) -> Outcome:
@@ -406,8 +450,9 @@ def run_python(args: argparse.Namespace) -> Outcome:
     the WASI argv and returns its exit status (sys.exit may also end it through proc_exit)."""
     engine = artifacts.new_engine()
     module = artifacts.load_module(engine, "python", TerminalProgress())
-    store = _store(engine, args, python_argv(args.argv))
-    linker = _linker(engine)
+    fetch = args.handoff_fd is not None and args.agent_dir is not None
+    store = _store(engine, args, python_argv(args.argv, fetch))
+    linker = _linker(engine, fetch_door(args))
     ticker = CpuTicker(engine, _budget_ticks(args))
 
     def body() -> Outcome:

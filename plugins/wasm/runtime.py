@@ -11,6 +11,12 @@ new launcher gets what is left; a finished one is charged from its exit report o
 from /proc just before), a one-shot run gets the memory the agent's launcher leaves of memory_mb,
 and one one-shot run at a time. Launchers get an explicit minimal environment, report on a pipe of
 their own (fd --status-fd, never the guest's stderr), and die with the gateway.
+
+Network: the guest has no sockets; its agent's launcher gets the sandbox's handoff socket, and
+every `sandgate.fetch` (or urllib request) the guest makes arrives on it as a connection the
+gateway's policy proxy serves under the sandbox's network (plugins/wasm/fetch.py). Every sandbox
+has the socket, pooled ones included: the network is attached when a create takes the sandbox,
+and one without a network has every request refused.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -30,6 +37,10 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from gateway.egress import proxy
+from gateway.egress.handoff import HandoffListener
+from gateway.egress.network import SandboxNetwork
+from gateway.egress.upstream import Refused
 from gateway.runtime.agent_client import call_once
 from gateway.runtime.base import Backend, ByteChannel, CachedImage, Progress, Runtime, SandboxSpec, StreamChannel
 from gateway.runtime.pool import WarmPool
@@ -39,6 +50,7 @@ from plugins.common import CACHE_ENV, TerminalProgress, cache_root, gateway_work
 from plugins.wasm import artifacts, cprograms, interpreters, jail, runno
 from plugins.wasm.agent_dir import stage_agent_dir
 from plugins.wasm.disk import WORK_ROOT_ENV, DiskHolder, VolumeImage
+from plugins.wasm.fetch import FETCH_KIND
 from plugins.wasm.settings import WasmSettings
 
 log = logging.getLogger(__name__)
@@ -55,6 +67,8 @@ JS_MIN_MEMORY_MB = 16
 #: initial linear memory is 640 pages (40 MiB). Measured: 39 cannot instantiate, 40 boots the
 #: agent and runs an exec (and a JavaScript run, which gets JS_MIN_MEMORY_MB).
 MIN_MEMORY_MB = 40
+#: What a fetch from a sandbox without a network is told (the policy "none" says the same).
+NO_NETWORK = "the sandbox has no network"
 
 
 class Launcher:
@@ -73,16 +87,17 @@ class Launcher:
         self._stderr_task = asyncio.create_task(self._drain(proc.stderr))
 
     @classmethod
-    async def spawn(cls, args: list[str], env: Mapping[str, str]) -> Launcher:
-        """Start `python -m plugins.wasm.launcher args`, with only `env` for environment. Must run
-        on the event loop's thread (see DiskHolder.start: the parent-death signal)."""
+    async def spawn(cls, args: list[str], env: Mapping[str, str], pass_fds: tuple[int, ...] = ()) -> Launcher:
+        """Start `python -m plugins.wasm.launcher args`, with only `env` for environment (and
+        `pass_fds` inherited). Must run on the event loop's thread (see DiskHolder.start: the
+        parent-death signal)."""
         status_r, status_w = os.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "plugins.wasm.launcher", "--status-fd", str(status_w),
                 "--parent-pid", str(os.getpid()), *args,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                pass_fds=(status_w,), env=dict(env),
+                pass_fds=(status_w, *pass_fds), env=dict(env),
                 start_new_session=True,  # a terminal's ^C reaches the gateway, which then cleans up
             )
         except BaseException:
@@ -253,6 +268,31 @@ class WasmBackend(Backend):
         self._stop_compile = asyncio.Event()
         self._destroyed = False
         self._channel: ByteChannel | None = None
+        #: The sandbox's network, attached when a create takes the sandbox (`attach`).
+        self.network: SandboxNetwork | None = None
+        #: The gateway's end of the handoff socket the agent's launchers fetch through, and theirs.
+        self._handoff: HandoffListener | None = None
+        self._handoff_end: socket.socket | None = None
+
+    def attach(self, spec: SandboxSpec) -> None:
+        """Make this backend `spec`'s sandbox: its fetches are served under its network from now."""
+        self.network = spec.egress
+        if self._handoff is not None:
+            self._handoff.label = spec.sandbox_id
+
+    def _network(self, _request: object) -> SandboxNetwork:
+        if self.network is None:
+            raise Refused(403, NO_NETWORK)
+        return self.network
+
+    def handoff_fd(self) -> int:
+        """The launchers' end of the handoff socket (made, and served, on first use)."""
+        if self._handoff_end is None:
+            listener, end = HandoffListener.pair(
+                "wasm", {FETCH_KIND: lambda reader, writer: proxy.handle(reader, writer, self._network)})
+            listener.start()
+            self._handoff, self._handoff_end = listener, end
+        return self._handoff_end.fileno()
 
     def cpu_remaining(self) -> float:
         """The budget a new launcher gets; `guest_died` (cpu_limit) when none is left."""
@@ -264,6 +304,7 @@ class WasmBackend(Backend):
         return left
 
     def launcher_args(self, mode: str, memory_bytes: int, cpu_seconds: float) -> list[str]:
+        """The options every launcher of this sandbox gets (its folders and limits)."""
         preopens = [f"--preopen={self.holder.reach(v.folder)}:{guest}{':ro' if v.readonly else ''}"
                     for v, guest in self.volumes]
         return ["--mode", mode, "--work", str(self.holder.path), "--agent-dir", str(self.runtime.agent_dir),
@@ -276,8 +317,11 @@ class WasmBackend(Backend):
         async with self.runtime.boot_slots:
             args = self.launcher_args("python", self.memory_mb << 20, self.cpu_remaining())
             fs_roots = [arg for _, guest in self.volumes for arg in ("--fs-root", guest)]
-            self.launcher = await Launcher.spawn([*args, "--", "python", "-m", "guest_agent", "--root", "/work",
-                                                  *fs_roots], self.runtime.launcher_env)
+            handoff = self.handoff_fd()
+            fetch = ["--handoff-fd", str(handoff),
+                     "--fetch-max-bytes", str(self.runtime.settings.fetch_max_response_mb << 20)]
+            self.launcher = await Launcher.spawn([*args, *fetch, "--", "python", "-m", "guest_agent", "--root",
+                                                  "/work", *fs_roots], self.runtime.launcher_env, (handoff,))
             self._channel = self.launcher.channel()
             await self.launcher.wait_ready()
 
@@ -300,6 +344,12 @@ class WasmBackend(Backend):
     async def destroy(self) -> None:
         await self._retire(self.launcher)
         await self._retire(self.oneshot_launcher)
+        if self._handoff is not None:
+            await self._handoff.close()  # ends the fetches it serves
+            self._handoff = None
+        if self._handoff_end is not None:
+            self._handoff_end.close()
+            self._handoff_end = None
         await self.holder.stop()
         await asyncio.to_thread(shutil.rmtree, self.work, True)
         await asyncio.to_thread(shutil.rmtree, volumes_folder(self.work), True)
@@ -517,7 +567,8 @@ class WasmRuntime(Runtime):
     id = "wasm"
     description = ("CPython 3.15, QuickJS, Ruby 3.2 and PHP 8.2 on wasmtime; in-process Python, one-shot "
                    "JavaScript, Ruby and PHP")
-    capabilities = frozenset()
+    #: `network`: outbound HTTP through `sandgate.fetch` and urllib (no sockets, no ports).
+    capabilities = frozenset({"network"})
     min_memory_mb = MIN_MEMORY_MB
     #: Volumes are ext4 images the sandbox's disk holder loop-mounts and the launcher preopens.
     volume_store = "local"
@@ -701,8 +752,6 @@ class WasmRuntime(Runtime):
         return backend
 
     def check_create(self, template: str | None, network: bool) -> None:
-        if network:
-            raise ProtocolError("unsupported", "WASM sandboxes have no network")
         if template is not None:
             raise ProtocolError("unsupported", "the WASM runtime has no templates")
 
@@ -712,8 +761,10 @@ class WasmRuntime(Runtime):
         if wanted == (self.default_memory_mb, self.default_cpu_seconds, self.default_disk_mb) and not spec.volumes:
             warm = self.pool.take()
             if warm is not None:
+                warm.attach(spec)
                 return warm
         backend = await self.new_backend(*wanted, spec.volumes)
+        backend.attach(spec)
         try:
             await backend.boot()
         except BaseException:

@@ -58,6 +58,8 @@ class WasmSettings:
     compile_concurrency: int = 0
     #: The compiled C/C++ programs kept (by source); the least recently run go first beyond it.
     compiled_cache_mb: int = 1024
+    #: The largest response body one `sandgate.fetch` (or urllib request) reads (plugins/wasm/fetch.py).
+    fetch_max_response_mb: int = 64
 
 
     def __post_init__(self) -> None:

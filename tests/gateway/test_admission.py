@@ -33,7 +33,7 @@ async def gateway(aiohttp_client: Any) -> TestClient[Any, Any]:
     ("body", "code"),
     [
         ({"template": "nope"}, "unsupported"),
-        ({"network": True}, "unsupported"),
+        ({"network": "all"}, "forbidden"),
         ({"network": "yes"}, "bad_request"),
         ({"memory_mb": -5}, "bad_request"),
         ({"ttl": True}, "bad_request"),
