@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
 import h11
@@ -92,6 +91,7 @@ async def serve(client: PlainStream, conn: h11.Connection, request: h11.Request,
     https = origin.scheme == "https"
     reader, writer, address = await connect(network, name, addresses, origin.port,
                                             tls_name=(name or origin.host) if https else None)
+
     def abort() -> None:
         writer.transport.abort()
         client.writer.transport.abort()
@@ -129,7 +129,7 @@ async def serve_intercepted(guest: ServerTLS, network: SandboxNetwork, origin: O
         except Refused as exc:
             network.refuse(f"{origin.host}:{origin.port}", exc.reason)
             with contextlib.suppress(ConnectionError, OSError, h11.LocalProtocolError):
-                answer_error(guest, conn, exc.status, exc.reason, request_id=None)
+                answer_error(guest, conn, exc.status, exc.reason)
                 await guest.drain()
             return
         if conn.states != {h11.CLIENT: h11.DONE, h11.SERVER: h11.DONE} or \
@@ -261,7 +261,7 @@ async def _relay_response(client: Stream, conn: h11.Connection, request: h11.Req
         raise Refused(502, f"the upstream broke HTTP/1.1: {exc}") from None
 
 
-def answer_error(client: Stream, conn: h11.Connection, status: int, reason: str, request_id: Any) -> None:
+def answer_error(client: Stream, conn: h11.Connection, status: int, reason: str) -> None:
     """An error answer whose body says why, if nothing of an answer was sent yet."""
     if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return

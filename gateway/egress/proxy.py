@@ -76,7 +76,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fin
         else:
             log.info("egress: refused %s (%d): %s", target, exc.status, exc.reason)
         with contextlib.suppress(ConnectionError, OSError, h11.LocalProtocolError):
-            forward.answer_error(client, conn, exc.status, exc.reason, request_id=None)
+            forward.answer_error(client, conn, exc.status, exc.reason)
             await client.drain()
     except ConnectionError:
         pass  # a side went away mid-answer (the guest dropped a response, a policy change cut it): no fault
