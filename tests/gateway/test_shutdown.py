@@ -53,11 +53,17 @@ def _alive(pid: int) -> bool:
     return "zombie" not in status
 
 
-def _wait_running(gateway: Served, sandbox_id: str) -> None:
-    """Until the gateway reports the exec running (one request after another, within a deadline)."""
+def _wait_printed(gateway: Served, sandbox_id: str) -> None:
+    """Until the sandbox's exec has printed `started` (one request after another, within a deadline).
+    Not just until it counts as running: it does from the moment the gateway sent it, before its
+    guest ran a line, and a SIGTERM then would find no output to answer with."""
     deadline = time.monotonic() + DEADLINE
-    while gateway.call(KEY, "GET", f"/v1/sandboxes/{sandbox_id}")["execs_running"] != 1:
-        assert time.monotonic() < deadline, "the exec never started"
+    while True:
+        listed = gateway.call(KEY, "GET", f"/v1/sandboxes/{sandbox_id}/executions")["executions"]
+        if listed and gateway.call(KEY, "GET", f"/v1/sandboxes/{sandbox_id}/executions/{listed[0]['id']}")[
+                "stdout"] == "started\n":
+            return
+        assert time.monotonic() < deadline, "the exec never printed"
 
 
 def test_sigterm_ends_in_flight_rest_and_websocket_execs_and_stops_their_guests(tmp_path: Path) -> None:
@@ -75,7 +81,7 @@ def test_sigterm_ends_in_flight_rest_and_websocket_execs_and_stops_their_guests(
             ws.send(json.dumps({"id": 1, "op": "exec.start", "code": SPIN}))
             started = [json.loads(ws.recv(timeout=DEADLINE)) for _ in range(2)]
             assert started[1]["ev"] == "data" and base64.b64decode(started[1]["data"]) == b"started\n", started
-            _wait_running(gateway, rest_sb)
+            _wait_printed(gateway, rest_sb)
             guests = _children(gateway.proc.pid)
             assert guests, "the sandboxes' launchers run under the gateway"
 
