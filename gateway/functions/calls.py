@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.functions import harness
 from gateway.protocol.paths import check_path
-from gateway.sessions.execs import ExecRecord, OutputCollector, refused_before_start
+from gateway.sessions.execs import ExecRecord, OutputCollector
 from guest_agent import schema
 from guest_agent.wire import MAX_WRITE_CHUNK, ProtocolError
 
@@ -115,7 +115,7 @@ async def run_call(manager: SandboxManager, sandbox: Sandbox, *, language: str, 
                                       remember_code=False)
     await record.done.wait()
     end = record.end or {}
-    if not record.start_seen and refused_before_start(end):
+    if record.refused:
         raise ProtocolError.from_wire(end["error"])
     finished = end.get("exit_code") == 0 and not end.get("error") and not end.get("signal") and not record.cancelled
     found = None

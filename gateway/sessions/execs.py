@@ -59,6 +59,8 @@ class ExecRecord:
         self.on_end: Callable[[], Awaitable[dict[str, Any]]] | None = None
         #: Why a cancelled pump ended the exec (a destroy's reason; a shutdown says so).
         self.cancel_error = ProtocolError("guest_died", "the sandbox was closed")
+        #: The gateway ended it (a destroy or the shutdown cancelled its pump), not the agent.
+        self.stopped_by_gateway = False
         self.send_timeout = send_timeout
         self.subscribers: list[Subscriber] = []
         self.done = asyncio.Event()
@@ -76,6 +78,16 @@ class ExecRecord:
     @property
     def running(self) -> bool:
         return not self.done.is_set()
+
+    @property
+    def refused(self) -> bool:
+        """The agent refused the exec before it ran (a missing cwd): its requester gets a plain
+        error instead of an exec result. Never so when the gateway stopped it: a destroy or the
+        shutdown can come after the agent took the exec and before its `start` came through, so
+        the exec may well have run (and a shutdown's `unavailable` must not read as "not run,
+        retry")."""
+        return (not self.start_seen and not self.stopped_by_gateway and self.end is not None
+                and refused_before_start(self.end))
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -164,6 +176,7 @@ class ExecRecord:
             # client that stopped reading (a blocked send, or the lock held by its attach replay)
             # and hold the destroy up; every session of the sandbox is closed with 4404 anyway.
             if self._settle(_end_with(self.cancel_error)):
+                self.stopped_by_gateway = True
                 assert self.end is not None
                 self.buffer.append(self.end)
                 self._retire()

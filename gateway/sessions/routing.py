@@ -28,7 +28,7 @@ from gateway.config import Settings
 from gateway.functions.code_cache import CodeCache
 from gateway.runtime.agent_client import AgentClient, AgentStream
 from gateway.sessions import watches
-from gateway.sessions.execs import ExecRecord, OutputCollector, Subscriber, refused_before_start
+from gateway.sessions.execs import ExecRecord, OutputCollector, Subscriber
 from gateway.sessions.sandbox import Sandbox
 from gateway.sessions.watches import WatchRecord
 from gateway.storage import mount_sync
@@ -357,7 +357,7 @@ class OpRouter(ABC):
                                        default_timeout=self.settings.limits.exec_timeout_s)
         await record.done.wait()
         end = record.end or {}
-        if not record.start_seen and refused_before_start(end):  # a missing cwd: a plain error
+        if record.refused:  # a missing cwd: a plain error
             raise ProtocolError.from_wire(end["error"])
         result: dict[str, Any] = {
             "exec_id": record.exec_id,

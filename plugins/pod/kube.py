@@ -92,12 +92,19 @@ class Kube:
         async with resp:
             if resp.status != 200:
                 raise _error(resp.status, await resp.read())
-            while line := await resp.content.readline():
-                event = json.loads(line)
-                obj = event.get("object") or {}
-                if event.get("type") == "ERROR":
-                    raise KubeError(int(obj.get("code", 500)), str(obj.get("reason", "")), str(obj.get("message", "")))
-                yield str(event.get("type")), obj
+            ended = False
+            try:
+                while line := await resp.content.readline():
+                    event = json.loads(line)
+                    obj = event.get("object") or {}
+                    if event.get("type") == "ERROR":
+                        raise KubeError(int(obj.get("code", 500)), str(obj.get("reason", "")),
+                                        str(obj.get("message", "")))
+                    yield str(event.get("type")), obj
+                ended = True
+            finally:
+                if not ended:  # left mid-stream: stopped, cancelled, an error event, a bad line
+                    await _drop(resp)
 
     async def open_stream(self, fn: ApiCall, *args: Any, **kwargs: Any) -> aiohttp.ClientWebSocketResponse:
         """An exec/attach WebSocket (v4.channel.k8s.io), open. A refused upgrade raises KubeError."""
@@ -107,6 +114,26 @@ class Kube:
         except aiohttp.WSServerHandshakeError as exc:
             raise KubeError(exc.status, "Upgrade refused", exc.message) from None
         return ws
+
+
+async def _drop(resp: aiohttp.ClientResponse) -> None:
+    """Close a response's connection at once, mid-stream, and wait until it is closed.
+
+    Released half-read, aiohttp would close it gracefully: a TLS close_notify, then a wait for the
+    apiserver's (up to asyncio's 30 s) that nothing awaits; the connector no longer holds the
+    connection, so `close` neither aborts it nor waits for it. A stopping runtime (`PodWatcher.stop`,
+    then `close`) would return with that socket open, and an event loop that ends before the
+    apiserver answers leaves it open for the garbage collector (ResourceWarning: unclosed transport).
+    Nothing is lost by aborting: the stream is abandoned either way."""
+    connection = resp.connection
+    protocol = connection.protocol if connection is not None else None
+    if protocol is None or protocol.transport is None:
+        return
+    closed = protocol.closed  # done once the socket is closed (connection_lost)
+    protocol.abort()
+    if closed is not None:
+        with contextlib.suppress(aiohttp.ClientConnectionError):  # it broke meanwhile: closed too
+            await closed
 
 
 def _error(status: int, body: bytes) -> KubeError:

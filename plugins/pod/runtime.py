@@ -473,6 +473,9 @@ class PodRuntime(Runtime):
                 except ProtocolError as exc:
                     log.warning("pod runtime: a warm pod could not be claimed, starting cold: %s", exc.message)
                     await asyncio.shield(warm.destroy())
+                except BaseException:  # cancelled mid-claim: taken from the pool, the pod is ours alone
+                    await asyncio.shield(warm.destroy())
+                    raise
         if backend is None:
             backend = await self._start(spec, image, spec.memory_mb, spec.disk_mb)
         if self.listener is not None and spec.egress is not None:

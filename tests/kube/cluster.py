@@ -80,6 +80,19 @@ class KubeCluster:
     #: the test kubelet's log (pod starts, exits, exec sessions); worth reading when a pod misbehaves
     kubelet_log: Path
     _ssl: ssl.SSLContext = field(repr=False, default_factory=ssl.create_default_context)
+    #: the kube-apiserver's process id (`apiserver_paused`)
+    apiserver_pid: int = 0
+
+    @contextlib.contextmanager
+    def apiserver_paused(self) -> Iterator[None]:
+        """The kube-apiserver stopped (SIGSTOP) for the block, resumed (SIGCONT) after: an apiserver
+        that answers nothing for now, as a busy one answers late. Its connections stay up (the
+        kernel keeps them), so a client that waits on it waits until the block ends."""
+        os.kill(self.apiserver_pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(self.apiserver_pid, signal.SIGCONT)
 
     # Plain REST, for fixtures and tests that need no client library.
 
@@ -394,7 +407,8 @@ def running_cluster(binaries: Binaries, *, log: Callable[[str], None] = print,
         kubeconfig.chmod(0o600)
         cluster = KubeCluster(kubeconfig=kubeconfig, server=server, admin_token=tokens["admin"], ca_file=pki["ca.crt"],
                               kubectl=binaries.kubectl, node_name=NODE_NAME, apiserver_start_seconds=apiserver_seconds,
-                              workdir=workdir, kubelet_log=workdir / "kubelet.log", _ssl=ctx)
+                              workdir=workdir, kubelet_log=workdir / "kubelet.log", _ssl=ctx,
+                              apiserver_pid=apiserver.proc.pid)
         cluster.create_service_account("default", "default")
 
         config = workdir / "kubelet.json"

@@ -10,7 +10,7 @@ so tests/plugins/pod and tests/helm just ask for them:
 - `kube_cluster` (session): etcd, kube-apiserver and the test kubelet, its Node Ready. A
   `tests.kube.cluster.KubeCluster`: kubeconfig, server, admin_token, ca_file, kubectl, node_name,
   api(), kubectl_run(), create_namespace(), create_service_account(), service_account_token(),
-  can_i(), wait_pod(), kubelet_log.
+  can_i(), wait_pod(), kubelet_log, apiserver_paused().
 - `kube_namespace` (function): a fresh namespace with its `default` ServiceAccount; its pods are
   deleted at the end of the test (no namespace controller runs here to do it).
 - `kube_binaries` (session): the built binaries (tests.kube.build.Binaries).

@@ -26,6 +26,7 @@ from gateway.runtime.base import SandboxSpec
 from gateway.testing.conformance import AUTH, Gateway, GatewayFixtures, output
 from guest_agent.wire import ProtocolError
 from plugins.pod import manifests as m
+from plugins.pod.channel import StreamChannel
 from plugins.pod.kube import Kube
 from plugins.pod.runtime import PodBackend, PodRuntime
 from tests.kube.cluster import KubeCluster
@@ -329,6 +330,27 @@ async def test_warm_pool_claims_by_relabelling(pod_config: dict[str, Any], kube_
         finally:
             await agent.close()
             await backend.destroy()
+
+
+async def test_a_create_cancelled_while_it_claims_a_warm_pod_removes_that_pod(
+        pod_config: dict[str, Any], kube_cluster: KubeCluster, kube_namespace: str) -> None:
+    """Once `create` took a warm pod out of the pool, nothing else holds it (its pod, its agent's
+    stream): a create cancelled while it claims the pod (a gateway stopping mid-create) must remove
+    it. Before the fix it was dropped: the pod ran on, its stream open, nobody's."""
+    async with pod_runtime({**pod_config, "pool_size": 1}) as runtime:
+        assert runtime.pool is not None
+        await asyncio.wait_for(runtime.pool.wait_full(), 60)
+        [warm] = runtime.pool.ready
+        with kube_cluster.apiserver_paused():  # the claim waits on the apiserver: cancelled there
+            create = asyncio.create_task(runtime.create(spec_for("sb_cancelled_claim")))
+            await asyncio.sleep(0)  # one turn: its first step takes the warm pod and sends the claim
+            assert runtime.pool.ready == [] and not create.done()
+            create.cancel()
+        await asyncio.gather(create, return_exceptions=True)
+        assert create.cancelled()
+        assert warm.pod not in [p["metadata"]["name"] for p in pods(kube_cluster, kube_namespace)]
+        channel = warm.channel()
+        assert isinstance(channel, StreamChannel) and channel.ws.closed
 
 
 # -- agent-sandbox ----------------------------------------------------------------------------------
