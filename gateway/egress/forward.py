@@ -17,9 +17,10 @@ import h11
 
 from gateway.egress.network import MAX_BUFFERED_BYTES, Connection, SandboxNetwork
 from gateway.egress.secrets import Leak, Redactor, StreamFiller
-from gateway.egress.streams import PlainStream, Stream, next_event, send
+from gateway.egress.streams import PlainStream, Stream, send
 from gateway.egress.tls import ServerTLS
 from gateway.egress.upstream import Refused, admitted, authority, close, connect
+from gateway.http1 import HOP_BY_HOP, named_by_connection, next_event
 
 #: The largest request head taken (request line and headers), on either side.
 MAX_HEAD_BYTES = 16 << 10
@@ -30,11 +31,9 @@ READ_CHUNK = 64 << 10
 #: Marks the proxy's own refusals (`answer_error`), so a client can tell them from an upstream's
 #: answer (the WASM launcher's fetch does); never forwarded from an upstream, which could forge one.
 REFUSAL_HEADER = (b"sandgate-egress", b"refused")
-#: Hop-by-hop headers not forwarded (RFC 9110 7.6.1), plus the proxy's own and the framing the
-#: proxy sets itself.
-HOP_BY_HOP = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"proxy-authorization",
-                        b"proxy-authenticate", b"te", b"trailer", b"upgrade", b"expect",
-                        b"content-length", b"transfer-encoding", REFUSAL_HEADER[0]})
+#: Headers not forwarded: hop-by-hop ones, and the framing the proxy sets itself (it reads a body
+#: whole or re-chunks it, and answers a 100-continue itself).
+NOT_FORWARDED = HOP_BY_HOP | {"expect", "content-length"}
 #: How long an idle intercepted connection is kept open between requests.
 IDLE_TIMEOUT_S = 120.0
 
@@ -156,12 +155,11 @@ async def exchange(client: Stream, conn: h11.Connection, request: h11.Request, t
         except Leak as exc:
             raise Refused(403, str(exc)) from None
 
-    named = {token.strip().lower() for name, value in request.headers if name == b"connection"
-             for token in value.split(b",")}
     # raw_items: the names as the guest spelled them (h11 lower-cases them otherwise); some
-    # servers care.
-    headers = [(name, fill(value)) for name, value in request.headers.raw_items()
-               if name.lower() not in HOP_BY_HOP | named]
+    # servers care. Header names are ASCII tokens (h11 checked them).
+    raw = [(name.decode("ascii"), value) for name, value in request.headers.raw_items()]
+    dropped = NOT_FORWARDED | named_by_connection((name, value.decode("latin-1")) for name, value in raw)
+    headers = [(name.encode("ascii"), fill(value)) for name, value in raw if name.lower() not in dropped]
     if not any(name.lower() == b"host" for name, _ in headers):
         default = origin.port == (443 if origin.scheme == "https" else 80)
         headers.insert(0, (b"host", origin.host.encode() + (b"" if default else b":%d" % origin.port)))
@@ -240,8 +238,9 @@ async def _relay_response(client: Stream, conn: h11.Connection, request: h11.Req
             break
         if not isinstance(event, h11.Response):
             raise Refused(502, "the upstream closed without answering")
+        kept_length = set() if network.secrets else {"content-length"}  # a redacted body is re-chunked
         headers = [(name, redactor.redact(value)) for name, value in event.headers.raw_items()
-                   if name.lower() not in HOP_BY_HOP or (name.lower() == b"content-length" and not network.secrets)]
+                   if name.decode("ascii").lower() not in NOT_FORWARDED - kept_length]
         send(client, conn, h11.Response(status_code=event.status_code, headers=headers, reason=event.reason))
         while True:
             event = await next_event(upstream, upstream.conn)

@@ -32,8 +32,9 @@ import h11
 from gateway.egress import forward, tls
 from gateway.egress.network import Connection, SandboxNetwork
 from gateway.egress.policy import IPAddress, normal_name
-from gateway.egress.streams import PlainStream, next_event, send
+from gateway.egress.streams import PlainStream, send
 from gateway.egress.upstream import Refused, admitted, authority, close, connect
+from gateway.http1 import next_event
 from guest_agent.wire import ProtocolError
 
 log = logging.getLogger("sandgate.egress")

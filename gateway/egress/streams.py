@@ -1,5 +1,5 @@
 """The byte streams the policy proxy reads HTTP from and writes it to: a socket's asyncio pair,
-or TLS the proxy terminates (tls.ServerTLS); and `next_event`, which feeds one to h11."""
+or TLS the proxy terminates (tls.ServerTLS); h11 reads them with `gateway.http1.next_event`."""
 
 from __future__ import annotations
 
@@ -30,19 +30,6 @@ class PlainStream:
 
     async def drain(self) -> None:
         await self.writer.drain()
-
-
-async def next_event(stream: Stream, conn: h11.Connection) -> Any:
-    """The next h11 event of `conn`, reading from `stream` as it needs.
-
-    Raises:
-        h11.RemoteProtocolError: the peer broke HTTP/1.1 (h11's bounds included).
-    """
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        conn.receive_data(await stream.read())
 
 
 def send(stream: Stream, conn: h11.Connection, *events: Any) -> None:

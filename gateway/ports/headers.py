@@ -14,12 +14,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from gateway.http1 import HOP_BY_HOP, named_by_connection
+
 #: The cookie a `?token=` exchange sets (Path = the port's prefix, so ports never see each other's).
 PORT_COOKIE = "sandgate_port_token"
 #: The query parameter that carries a port's token.
 TOKEN_PARAM = "token"
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                        "transfer-encoding", "upgrade", "proxy-connection"})
 #: Set by the gateway only (a client's would be believed by the guest's server).
 _FORWARDED = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
                         "x-forwarded-prefix", "x-forwarded-port", "x-real-ip"})
@@ -29,12 +29,6 @@ _REQUEST_OWN = frozenset({"host", "content-length", "expect"})
 _WEBSOCKET_OWN = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol",
                             "sec-websocket-extensions", "sec-websocket-accept"})
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
-
-
-def _named_by_connection(headers: Iterable[tuple[str, str]]) -> set[str]:
-    """Headers a Connection header names: hop-by-hop as well (RFC 9110 §7.6.1)."""
-    return {token.strip().lower() for name, value in headers if name.lower() == "connection"
-            for token in value.split(",") if token.strip()}
 
 
 def without_port_cookie(cookie: str) -> str:
@@ -59,7 +53,7 @@ def to_guest(headers: Iterable[tuple[str, str]], *, port: int, prefix: str, forw
         websocket: for a WebSocket handshake (whose own headers websockets writes).
     """
     headers = list(headers)
-    dropped = HOP_BY_HOP | _FORWARDED | _REQUEST_OWN | _named_by_connection(headers)
+    dropped = HOP_BY_HOP | _FORWARDED | _REQUEST_OWN | named_by_connection(headers)
     if websocket:
         dropped |= _WEBSOCKET_OWN
     if drop_authorization:
@@ -82,7 +76,7 @@ def to_guest(headers: Iterable[tuple[str, str]], *, port: int, prefix: str, forw
 def to_client(headers: Iterable[tuple[str, str]], *, port: int, prefix: str) -> list[tuple[str, str]]:
     """The response headers the client gets (framing is left to the gateway's server)."""
     headers = list(headers)
-    dropped = HOP_BY_HOP | {"content-length"} | _named_by_connection(headers)
+    dropped = HOP_BY_HOP | {"content-length"} | named_by_connection(headers)
     out = []
     for name, value in headers:
         lower = name.lower()

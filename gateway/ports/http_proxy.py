@@ -17,6 +17,7 @@ import h11
 from aiohttp import web
 
 from gateway.config import Ports
+from gateway.http1 import next_event
 from gateway.ports import headers as hdr
 from gateway.ports.tunnel import GuestConnection
 from guest_agent.wire import CHUNK_SIZE, ProtocolError
@@ -83,18 +84,10 @@ async def _upload(request: web.Request, conn: GuestConnection, h: h11.Connection
         await conn.write(end)
 
 
-async def _next_event(h: h11.Connection, conn: GuestConnection) -> h11.Event | type[h11.PAUSED]:
-    while True:
-        event = h.next_event()
-        if event is not h11.NEED_DATA:
-            return event  # type: ignore[return-value]
-        h.receive_data(await conn.read())  # b"": the guest closed its side
-
-
 async def _response_head(h: h11.Connection, conn: GuestConnection) -> h11.Response:
     try:
         while True:
-            event = await _next_event(h, conn)
+            event = await next_event(conn, h)
             if isinstance(event, h11.Response):
                 return event
             if not isinstance(event, h11.InformationalResponse):  # 100 Continue and the like pass by
@@ -108,7 +101,7 @@ async def _response_head(h: h11.Connection, conn: GuestConnection) -> h11.Respon
 
 async def _body(h: h11.Connection, conn: GuestConnection, reply: web.StreamResponse) -> None:
     while True:
-        event = await _next_event(h, conn)
+        event = await next_event(conn, h)
         if isinstance(event, h11.Data):
             await reply.write(event.data)  # waits while the client's socket is full: backpressure
         elif isinstance(event, h11.EndOfMessage):
