@@ -46,23 +46,30 @@ LOG_EVERY_S = 10.0
 
 
 class Resolutions:
-    """Which names this sandbox resolved to which address, and until when (sans-I/O: `now` given)."""
+    """Which names this sandbox resolved to which address, and until when (sans-I/O: `now` given).
+    Looked up by address on every connection and DNS answer, so kept by address."""
 
     def __init__(self, ttl_s: float = RESOLUTION_TTL_S, limit: int = MAX_RESOLUTIONS) -> None:
         self.ttl_s = ttl_s
         self.limit = limit
-        self._until: collections.OrderedDict[tuple[IPAddress, str], float] = collections.OrderedDict()
+        #: (address, name) pairs, oldest first: the limit forgets from the front.
+        self._order: collections.OrderedDict[tuple[IPAddress, str], None] = collections.OrderedDict()
+        self._until: dict[IPAddress, dict[str, float]] = {}
 
     def record(self, name: str, addresses: Iterable[IPAddress], now: float) -> None:
         for address in addresses:
-            key = (address, name)
-            self._until.pop(key, None)
-            self._until[key] = now + self.ttl_s
-        while len(self._until) > self.limit:
-            self._until.popitem(last=False)
+            self._order.pop((address, name), None)
+            self._order[(address, name)] = None
+            self._until.setdefault(address, {})[name] = now + self.ttl_s
+        while len(self._order) > self.limit:
+            address, name = self._order.popitem(last=False)[0]
+            names = self._until[address]
+            del names[name]
+            if not names:
+                del self._until[address]
 
     def names(self, address: IPAddress, now: float) -> list[str]:
-        return [name for (a, name), until in self._until.items() if a == address and until > now]
+        return [name for name, until in self._until.get(address, {}).items() if until > now]
 
 
 @dataclass
