@@ -39,6 +39,8 @@ MAX_RESOLVING = 8
 #: Request bytes one sandbox's connections may have the proxy hold at once to fill in secrets;
 #: past it, bodies stream (filled piece by piece) instead of being read whole.
 MAX_BUFFERED_BYTES = 4 << 20
+#: How long the gateway host's own addresses (refused to every sandbox) are taken as read.
+HOST_ADDRESSES_S = 1.0
 #: Refusal log lines per sandbox: this many, then one a LOG_EVERY_S (a guest that loops on a
 #: refused name must not fill the gateway's log); the rest are counted only.
 LOG_BURST = 20
@@ -197,7 +199,7 @@ class Egress:
     resolver: Resolver = field(default_factory=Resolver)
     #: Trust for upstream TLS (the proxy's own connections to secrets' hosts and https:// URLs).
     upstream_tls: ssl.SSLContext = field(default_factory=ssl.create_default_context)
-    host_own: Callable[[], frozenset[IPAddress]] = host_addresses
+    host_own: Callable[[], frozenset[IPAddress]] = field(default_factory=lambda: _Recent(host_addresses))
     sandboxes: dict[str, SandboxNetwork] = field(default_factory=dict)
 
     def attach(self, sandbox_id: str, tenant: str, policy: NetworkPolicy, secrets: Secrets) -> SandboxNetwork:
@@ -212,6 +214,23 @@ class Egress:
         for connection in list(network.open):
             connection.abort()
         network.open.clear()
+
+
+class _Recent:
+    """`read()`'s answer, read again once it is HOST_ADDRESSES_S old: the host's addresses are
+    checked on every connection and DNS answer (a /proc read, ~0.2 ms), and an address added to
+    the host still counts within a second."""
+
+    def __init__(self, read: Callable[[], frozenset[IPAddress]]) -> None:
+        self._read = read
+        self._value: frozenset[IPAddress] = frozenset()
+        self._at = -HOST_ADDRESSES_S
+
+    def __call__(self) -> frozenset[IPAddress]:
+        now = time.monotonic()
+        if now - self._at >= HOST_ADDRESSES_S:
+            self._value, self._at = self._read(), now
+        return self._value
 
 
 def upstream_context(extra_ca_file: str | None) -> ssl.SSLContext:
