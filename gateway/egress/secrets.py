@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import secrets as random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,58 +141,50 @@ class Secrets:
         return _PLACEHOLDER.sub(replace, data)
 
 
-class StreamFiller:
-    """`Secrets.fill` over a body that arrives in pieces: a placeholder split between two pieces
-    is still found, at the cost of holding back a placeholder's length minus one byte until the
-    next piece (or `end`)."""
+class _Pieces:
+    """`substitute` over data that arrives in pieces: a match of `pattern` split between two
+    pieces is still found, at the cost of holding back `keep` bytes (the longest match's length
+    minus one) until the next piece or `end`."""
 
-    def __init__(self, secrets: Secrets, host: str | None) -> None:
-        self.secrets = secrets
-        self.host = host
+    def __init__(self, pattern: re.Pattern[bytes], keep: int, substitute: Callable[[bytes], bytes]) -> None:
+        self._pattern = pattern
+        self._keep = keep
+        self._substitute = substitute
         self._held = b""
 
     def feed(self, data: bytes) -> bytes:
         data = self._held + data
-        keep = _partial_tail(data)
-        self._held = data[len(data) - keep:] if keep else b""
-        return self.secrets.fill(data[:len(data) - keep], self.host)
+        cut = max(0, len(data) - self._keep)
+        # A match may start before the cut and end after it: cut before it.
+        for match in self._pattern.finditer(data):
+            if match.start() < cut < match.end():
+                cut = match.start()
+        self._held = data[cut:]
+        return self._substitute(data[:cut])
 
     def end(self) -> bytes:
         held, self._held = self._held, b""
-        return self.secrets.fill(held, self.host)
+        return self._substitute(held)
 
 
-def _partial_tail(data: bytes) -> int:
-    """How many bytes at the end of `data` could be the start of a placeholder."""
-    start = max(0, len(data) - PLACEHOLDER_BYTES + 1)
-    index = data.find(PLACEHOLDER_PREFIX[:1], start)
-    while index != -1:
-        tail = data[index:]
-        if _PLACEHOLDER.fullmatch(tail) is None and _could_begin(tail):
-            return len(data) - index
-        index = data.find(PLACEHOLDER_PREFIX[:1], index + 1)
-    return 0
+class StreamFiller(_Pieces):
+    """`Secrets.fill` over a body that arrives in pieces (raises `Leak` as it does)."""
 
-
-def _could_begin(tail: bytes) -> bool:
-    if len(tail) <= len(PLACEHOLDER_PREFIX):
-        return PLACEHOLDER_PREFIX.startswith(tail)
-    rest = tail[len(PLACEHOLDER_PREFIX):]
-    return tail.startswith(PLACEHOLDER_PREFIX) and all(c in b"0123456789abcdef" for c in rest)
+    def __init__(self, secrets: Secrets, host: str | None) -> None:
+        super().__init__(_PLACEHOLDER, PLACEHOLDER_BYTES - 1, lambda data: secrets.fill(data, host))
 
 
 class Redactor:
     """The other way, for what comes back from a bound host: each secret's value, should the host
     echo it (an error message, a debug endpoint), goes back to being its placeholder, so the
-    guest never sees a value. Works on pieces like `StreamFiller`, holding back the longest
-    value's length minus one byte."""
+    guest never sees a value. `feed`/`end` work on pieces as `StreamFiller` does."""
 
     def __init__(self, secrets: Secrets) -> None:
         self._swap = {item.value: item.placeholder for item in secrets.items}
         self._pattern = re.compile(b"|".join(re.escape(v) for v in sorted(self._swap, key=len, reverse=True))) \
             if self._swap else None
-        self._keep = max((len(v) for v in self._swap), default=1) - 1
-        self._held = b""
+        keep = max((len(v) for v in self._swap), default=1) - 1
+        self._pieces = _Pieces(self._pattern, keep, self.redact) if self._pattern is not None else None
 
     def redact(self, data: bytes) -> bytes:
         """Everything at once (a header value)."""
@@ -201,17 +193,7 @@ class Redactor:
         return self._pattern.sub(lambda m: self._swap[m.group()], data)
 
     def feed(self, data: bytes) -> bytes:
-        if self._pattern is None:
-            return data
-        data = self._held + data
-        cut = max(0, len(data) - self._keep)
-        # A match may start before the cut and end after it: cut before the last match that does.
-        for match in self._pattern.finditer(data):
-            if match.start() < cut < match.end():
-                cut = match.start()
-        self._held = data[cut:]
-        return self.redact(data[:cut])
+        return data if self._pieces is None else self._pieces.feed(data)
 
     def end(self) -> bytes:
-        held, self._held = self._held, b""
-        return self.redact(held)
+        return b"" if self._pieces is None else self._pieces.end()
