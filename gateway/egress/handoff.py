@@ -115,17 +115,3 @@ class HandoffListener:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def hand_over(sock: socket.socket, kind: bytes, connection_fd: int, address: str | None = None) -> None:
-    """The sender's side: pass `connection_fd` to the listener (`address`: its bound path, or None
-    for a connected socket pair). Standard library only, so guestfwd's helper can use the same
-    framing by hand."""
-    import array
-
-    fds = array.array("i", [connection_fd])
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
-    if address is None:
-        sock.sendmsg([kind], ancillary)
-    else:
-        sock.sendmsg([kind], ancillary, 0, address)

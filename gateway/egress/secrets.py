@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import secrets as random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,9 +112,6 @@ class Secrets:
     def intercepts(self, host: str) -> bool:
         """Whether TLS to `host` is intercepted: some secret is bound to it."""
         return any(item.bound_to(normal_name(host)) for item in self.items)
-
-    def values(self) -> Iterable[bytes]:
-        return (item.value for item in self.items)
 
     def fill(self, data: bytes, host: str | None) -> bytes:
         """`data` with the placeholders of the secrets bound to `host` replaced by their values.

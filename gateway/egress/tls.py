@@ -112,10 +112,3 @@ class ServerTLS:
             return False
         self._in.write(data)
         return True
-
-    def close_notify(self) -> None:
-        try:
-            self._tls.unwrap()
-        except ssl.SSLError:
-            pass
-        self.writer.write(self._out.read())
