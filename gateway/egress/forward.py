@@ -17,7 +17,7 @@ import h11
 
 from gateway.egress.network import MAX_BUFFERED_BYTES, Connection, SandboxNetwork
 from gateway.egress.secrets import Leak, Redactor, StreamFiller
-from gateway.egress.streams import PlainStream, Stream, send
+from gateway.egress.streams import READ_CHUNK, PlainStream, Stream, send
 from gateway.egress.tls import ServerTLS
 from gateway.egress.upstream import Refused, admitted, authority, close, connect
 from gateway.http1 import HOP_BY_HOP, named_by_connection, next_event
@@ -27,7 +27,6 @@ MAX_HEAD_BYTES = 16 << 10
 #: A request body up to this size is read whole, its secrets filled and its length set; a larger
 #: one (or one past the sandbox's share, network.MAX_BUFFERED_BYTES) is streamed, chunked.
 MAX_BUFFERED_BODY = 1 << 20
-READ_CHUNK = 64 << 10
 #: Marks the proxy's own refusals (`answer_error`), so a client can tell them from an upstream's
 #: answer (the WASM launcher's fetch does); never forwarded from an upstream, which could forge one.
 REFUSAL_HEADER = (b"sandgate-egress", b"refused")

@@ -19,14 +19,14 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
+from gateway.egress.streams import READ_CHUNK
+
 log = logging.getLogger(__name__)
 
 #: A sandbox may hold this many handed-over connections at once; more are closed as they arrive.
 MAX_CONNECTIONS = 256
 #: A Unix socket's path must fit `sun_path`.
 MAX_SOCKET_PATH = 107
-#: The largest request head a served connection's reader buffers at once.
-READ_LIMIT = 64 << 10
 
 #: Serves one connection; its reader and writer are closed by it (or by the listener's `close`).
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -99,7 +99,7 @@ class HandoffListener:
     async def _serve(fd: int, serve: Serve) -> None:
         sock = socket.socket(fileno=fd)
         try:
-            reader, writer = await asyncio.open_connection(sock=sock, limit=READ_LIMIT)
+            reader, writer = await asyncio.open_connection(sock=sock, limit=READ_CHUNK)
         except BaseException:
             sock.close()
             raise

@@ -32,7 +32,7 @@ import h11
 from gateway.egress import forward, tls
 from gateway.egress.network import Connection, SandboxNetwork
 from gateway.egress.policy import IPAddress, normal_name
-from gateway.egress.streams import PlainStream, send
+from gateway.egress.streams import READ_CHUNK, PlainStream, send
 from gateway.egress.upstream import Refused, admitted, authority, close, connect
 from gateway.http1 import next_event
 from guest_agent.wire import ProtocolError
@@ -43,8 +43,6 @@ log = logging.getLogger("sandgate.egress")
 MAX_HEAD_BYTES = 16 << 10
 #: How long a client has to send its request head.
 HEAD_TIMEOUT_S = 30.0
-RELAY_CHUNK = 64 << 10
-
 #: Which sandbox a request is from, for listeners shared by several (pods); raises Refused(407).
 Find = Callable[[h11.Request], SandboxNetwork]
 
@@ -199,7 +197,7 @@ async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, src_writer
     """Copy `src` to `dst` until end of input, then half-close `dst`; count the bytes. On an
     error, both ends are aborted, so the other direction ends too."""
     try:
-        while data := await src.read(RELAY_CHUNK):
+        while data := await src.read(READ_CHUNK):
             if inbound:
                 network.counters.bytes_in += len(data)
             else:

@@ -8,6 +8,8 @@ from typing import Any, Protocol
 
 import h11
 
+#: How much the proxy reads from a socket (or TLS) at once, and a stream reader's buffer: one
+#: size for every connection of the egress path.
 READ_CHUNK = 64 << 10
 
 

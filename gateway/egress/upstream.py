@@ -12,12 +12,11 @@ from urllib.parse import urlsplit
 from gateway.egress.network import SandboxNetwork
 from gateway.egress.policy import IPAddress, normal_name
 from gateway.egress.resolver import ResolveError
+from gateway.egress.streams import READ_CHUNK
 from guest_agent.wire import ProtocolError
 
 #: How long connecting to the upstream may take, all of its addresses (and TLS) together.
 CONNECT_TIMEOUT_S = 10.0
-READ_LIMIT = 64 << 10
-
 
 class Refused(Exception):
     """A request the proxy will not carry out: an HTTP status and the reason for its body."""
@@ -99,7 +98,7 @@ async def connect(network: SandboxNetwork, name: str | None, addresses: list[IPA
             for address in addresses:
                 try:
                     reader, writer = await asyncio.open_connection(
-                        str(address), port, limit=READ_LIMIT, ssl=context, server_hostname=tls_name)
+                        str(address), port, limit=READ_CHUNK, ssl=context, server_hostname=tls_name)
                 except OSError as exc:  # ssl.SSLError (a certificate refused) is an OSError
                     last = exc
                     continue

@@ -41,10 +41,11 @@ from urllib.parse import quote
 import h11
 
 from gateway.egress import proxy
-from gateway.egress.handoff import MAX_CONNECTIONS, READ_LIMIT
+from gateway.egress.handoff import MAX_CONNECTIONS
 from gateway.egress.network import SandboxNetwork
 from gateway.egress.policy import NetworkPolicy, Rule
 from gateway.egress.secrets import PLACEHOLDER_BYTES, PLACEHOLDER_PREFIX, Secret, Secrets
+from gateway.egress.streams import READ_CHUNK
 from gateway.egress.upstream import Refused
 from guest_agent.wire import ProtocolError
 
@@ -134,7 +135,7 @@ class ProxyListener:
 
     async def start(self) -> int:
         """Listen; returns the port (the one bound, when asked for 0)."""
-        self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=READ_LIMIT)
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=READ_CHUNK)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 
